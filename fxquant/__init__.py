@@ -1,0 +1,57 @@
+"""fxquant: quantize any PyTorch model without touching its code, fine-tune the quantization
+differentiably, export integer ONNX.
+
+The pipeline (each step takes the previous step's output):
+
+1. capture   `tracing.capture_model`: torch.fx symbolic trace (torch.export as a second front end)
+2. analyze   `analyze.analyze`: networkx view of the graph, annotations in `node.meta["fxquant"]`
+3. insert    `passes.insert`: learnable weight and activation quantizers (`quantizer.LearnableQuantizer`)
+   -> `prepare(model, example_inputs, config)` runs 1-3 on a copy of the model
+4. calibrate `calibrate(qm, batches)`: clamps from data, bits start high
+5. finetune  `finetune(qm, batches, teacher=model, ...)`: distillation + bit-width penalty
+6. freeze    `freeze(qm)`: integer bits, zero points and weight codes (ONNX Q/DQ arithmetic)
+7. export    `export_onnx(frozen, example_inputs, path)`: integer QDQ ONNX
+8. verify    `verify(frozen, path, batches)`: torch vs onnxruntime parity; `report(...)`: every quantizer
+
+Three contracts hold everywhere:
+
+1. a pass (`fxquant.passes`) is a plain function `GraphModule -> GraphModule` that changes the graph in
+   place and returns it; `run_passes` lints and recompiles after each;
+2. analysis only writes `node.meta["fxquant"]`;
+3. fine-tuning changes parameter values, never the graph.
+"""
+
+from __future__ import annotations
+
+from fxquant.analyze import to_networkx
+from fxquant.calibration import calibrate
+from fxquant.config import QuantConfig, QuantSpec
+from fxquant.errors import CaptureError, ConfigError, FxQuantError, PassError, PrepareError, StateError
+from fxquant.preparation import freeze, prepare
+from fxquant.quantizer import FrozenActivationQuantizer, FrozenWeight, LearnableQuantizer
+from fxquant.report import QuantReport, report
+from fxquant.utils import quantizers_enabled, set_quantizers_enabled
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QuantConfig",
+    "QuantSpec",
+    "prepare",
+    "calibrate",
+    "freeze",
+    "report",
+    "QuantReport",
+    "to_networkx",
+    "set_quantizers_enabled",
+    "quantizers_enabled",
+    "LearnableQuantizer",
+    "FrozenActivationQuantizer",
+    "FrozenWeight",
+    "FxQuantError",
+    "ConfigError",
+    "CaptureError",
+    "PrepareError",
+    "PassError",
+    "StateError",
+]

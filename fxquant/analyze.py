@@ -1,0 +1,536 @@
+"""Analysis: the FX graph as a `networkx` graph, and annotations of what gets quantized where.
+
+`analyze(gm, config)` only writes `node.meta["fxquant"]` (a `NodeAnnotation`); it never changes the graph. It decides:
+
+- which ops are quantized (conv 1d/2d/3d, conv-transpose, linear, matmul/bmm/mm, embedding, as module
+  calls already turned into functional calls by `functionalize_modules`, or user functional calls) and
+  the spec of each op's weight and input quantizers (overrides, first/last layer, defaults);
+- activation quantization points: one per producer tensor (shared by all its quantized consumers with the
+  same spec), at the inputs of quantized ops and, with `quantize_joins`, at the inputs of add/concat;
+- the sign of each tensor: provably non-negative when produced by ReLU, ReLU6, sigmoid, softmax, ... or
+  by shape-only ops of such tensors (found on the graph, never by module order or names);
+- groups of tensors that meet at add/concat joins (connected components on the networkx graph);
+- first and last quantized layers (no quantized layer before / after them in the graph).
+
+Insertion passes read these annotations (`passes/insert.py`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import difflib
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+import networkx as nx
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxquant.config import QuantConfig, QuantSpec, _check_weight_spec
+from fxquant.errors import ConfigError
+
+META_KEY = "fxquant"
+MODULE_META_KEY = "fxquant_module"
+"""`node.meta` key set by `functionalize_modules`: the module path a functional op came from."""
+
+
+@dataclass(frozen=True)
+class OpKindInfo:
+    """How to read a quantizable op: op kind, weight position, activation input positions."""
+
+    kind: str
+    weight_index: Optional[int]
+    input_indices: Tuple[int, ...]
+
+
+_CONV = OpKindInfo("conv", 1, (0,))
+_CONV_T = OpKindInfo("conv_transpose", 1, (0,))
+_LINEAR = OpKindInfo("linear", 1, (0,))
+_EMBEDDING = OpKindInfo("embedding", 1, ())
+_MATMUL = OpKindInfo("matmul", None, (0, 1))
+
+QUANTIZABLE_FUNCTIONS: Dict[Any, OpKindInfo] = {
+    F.conv1d: _CONV,
+    F.conv2d: _CONV,
+    F.conv3d: _CONV,
+    F.conv_transpose1d: _CONV_T,
+    F.conv_transpose2d: _CONV_T,
+    F.conv_transpose3d: _CONV_T,
+    F.linear: _LINEAR,
+    F.embedding: _EMBEDDING,
+    torch.matmul: _MATMUL,
+    operator.matmul: _MATMUL,
+    torch.bmm: _MATMUL,
+    torch.mm: _MATMUL,
+}
+QUANTIZABLE_METHODS: Dict[str, OpKindInfo] = {"matmul": _MATMUL, "bmm": _MATMUL, "mm": _MATMUL}
+
+_NONNEG_MODULES: Tuple[type, ...] = (
+    nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softmax, nn.Hardsigmoid, nn.Softplus,
+)
+_PASS_MODULES: Tuple[type, ...] = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity,
+    nn.Flatten, nn.Upsample, nn.PixelShuffle, nn.ZeroPad2d,
+)
+_NONNEG_FUNCTIONS: Set[Any] = {
+    F.relu, torch.relu, F.relu6, torch.sigmoid, F.sigmoid, F.softmax, torch.softmax, F.hardsigmoid,
+    torch.abs, torch.exp, F.softplus, torch.square,
+}
+_PASS_FUNCTIONS: Set[Any] = {
+    torch.flatten, torch.reshape, torch.permute, torch.transpose, operator.getitem, F.max_pool1d,
+    F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d, F.dropout, F.interpolate,
+    torch.squeeze, torch.unsqueeze, torch.cat, torch.concat, operator.add, torch.add, operator.mul,
+    torch.mul, torch.mean, torch.sum, torch.max, torch.amax, torch.chunk, torch.split, F.pad,
+}
+_NONNEG_METHODS: Set[str] = {"relu", "sigmoid", "softmax", "abs", "exp", "relu_", "sigmoid_"}
+_PASS_METHODS: Set[str] = {
+    "view", "reshape", "flatten", "permute", "transpose", "contiguous", "mean", "sum", "squeeze",
+    "unsqueeze", "expand", "repeat", "chunk", "split", "max", "amax", "__getitem__", "add", "mul",
+    "flip", "roll",
+}
+_JOIN_FUNCTIONS: Set[Any] = {operator.add, torch.add, operator.iadd, torch.cat, torch.concat}
+_JOIN_METHODS: Set[str] = {"add", "add_"}
+
+
+@dataclass
+class QuantOp:
+    """Annotation of a quantized op node.
+
+    Attributes:
+        kind: "conv", "conv_transpose", "linear", "matmul" or "embedding".
+        name: the user-facing name (module path, else node name).
+        weight_index: position of the weight parameter in `node.args` (None: no parameter weight).
+        weight_spec: spec of its weight quantizer (None: weight float).
+        channel_axis, block_axis: output-channel and input (block) axes of the weight.
+        input_indices: positions of activation inputs in `node.args` that are quantized.
+        input_spec: spec of the input quantizers (None: inputs float).
+        is_first, is_last: first / last quantized layer.
+        reason: why this spec ("default", "override 'glob'", "first layer", ...).
+    """
+
+    kind: str
+    name: str
+    weight_index: Optional[int]
+    weight_spec: Optional[QuantSpec]
+    channel_axis: Optional[int]
+    block_axis: Optional[int]
+    input_indices: Tuple[int, ...]
+    input_spec: Optional[QuantSpec]
+    is_first: bool = False
+    is_last: bool = False
+    reason: str = "default"
+
+
+@dataclass
+class ActPoint:
+    """One activation quantizer to insert after a producer node, serving `consumers`."""
+
+    consumers: Tuple[str, ...]
+    spec: QuantSpec
+    nonnegative: bool
+    join_group: Optional[int] = None
+
+
+@dataclass
+class TensorInfo:
+    """Annotation of a tensor-producing node: sign, join group, and quantizers to insert after it."""
+
+    nonnegative: bool = False
+    join_group: Optional[int] = None
+    points: List[ActPoint] = field(default_factory=list)
+
+
+@dataclass
+class NodeAnnotation:
+    """What analysis wrote on one node: `node.meta["fxquant"]`."""
+
+    op: Optional[QuantOp] = None
+    tensor: Optional[TensorInfo] = None
+
+
+def _tensor_info(
+    gm: fx.GraphModule,
+    node: fx.Node,
+    memo: Dict[str, bool],
+    group_of: Dict[str, int],
+    consumers_of: Dict[str, List[Tuple[str, QuantSpec]]],
+    config: QuantConfig,
+) -> TensorInfo:
+    info = TensorInfo(nonnegative=_is_nonnegative(gm, node, memo), join_group=group_of.get(node.name))
+    items = consumers_of.get(node.name, [])
+    specs: List[QuantSpec] = []
+    for _, spec in items:
+        if spec not in specs:
+            specs.append(spec)
+    for spec in specs:
+        consumers = tuple(dict.fromkeys(c for c, s in items if s == spec))
+        info.points.append(
+            ActPoint(
+                consumers=consumers,
+                spec=spec,
+                nonnegative=info.nonnegative,
+                join_group=info.join_group if config.share_join_scales else None,
+            )
+        )
+    return info
+
+
+def to_networkx(gm: fx.GraphModule) -> "nx.DiGraph":
+    """The FX graph as a `networkx.DiGraph`: one node per FX node (by name), edges producer -> user.
+
+    Node attributes: `op`, `target` (as a string), `fxquant` (the annotation, if any), `module` (the
+    originating module path if known), and `shape` (from shape propagation, if run).
+    """
+    g = nx.DiGraph()
+    for node in gm.graph.nodes:
+        tm = node.meta.get("tensor_meta")
+        shape = tuple(tm.shape) if hasattr(tm, "shape") else None
+        g.add_node(
+            node.name,
+            op=node.op,
+            target=_target_name(node),
+            fxquant=node.meta.get(META_KEY),
+            module=node.meta.get(MODULE_META_KEY),
+            shape=shape,
+        )
+        for inp in node.all_input_nodes:
+            g.add_edge(inp.name, node.name)
+    return g
+
+
+def _target_name(node: fx.Node) -> str:
+    t = node.target
+    if isinstance(t, str):
+        return t
+    return getattr(t, "__name__", str(t))
+
+
+def quantizable_info(node: fx.Node) -> Optional[OpKindInfo]:
+    """The op kind of a node if fxquant knows how to quantize it, else None."""
+    if node.op == "call_function":
+        return QUANTIZABLE_FUNCTIONS.get(node.target)
+    if node.op == "call_method":
+        return QUANTIZABLE_METHODS.get(str(node.target))
+    return None
+
+
+def _param_of(gm: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
+    """The parameter or buffer behind a `get_attr` node, else None."""
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        try:
+            value = gm.get_parameter(str(node.target))
+        except AttributeError:
+            try:
+                value = gm.get_buffer(str(node.target))
+            except AttributeError:
+                value = getattr(gm, str(node.target), None) if "." not in str(node.target) else None
+        return value if isinstance(value, torch.Tensor) else None
+    return None
+
+
+def _is_float_tensor(node: Any) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    tm = node.meta.get("tensor_meta")
+    return hasattr(tm, "dtype") and tm.dtype.is_floating_point
+
+
+def _names_of(gm: fx.GraphModule, node: fx.Node, weight: Any) -> Tuple[str, ...]:
+    """Candidate names for override matching: module path, weight owner, node name."""
+    names: List[str] = []
+    module = node.meta.get(MODULE_META_KEY)
+    if module:
+        names.append(module)
+    if isinstance(weight, fx.Node) and weight.op == "get_attr":
+        owner = str(weight.target).rpartition(".")[0]
+        if owner and owner not in names:
+            names.append(owner)
+        names.append(str(weight.target))
+    names.append(node.name)
+    return tuple(names)
+
+
+def _weight_axes(kind: str, weight_index: int, rank: int) -> Tuple[int, Optional[int]]:
+    """Output-channel axis and input (block) axis of a weight of the given rank."""
+    if kind == "conv_transpose":
+        return 1, 0
+    if kind == "matmul":
+        if rank < 2:
+            return 0, None
+        if weight_index == 1:  # x @ W, W is (..., K, N): channels are N
+            return rank - 1, rank - 2
+        return rank - 2, rank - 1  # W @ x, W is (..., M, K)
+    return 0, (1 if rank > 1 else None)
+
+
+def _is_nonnegative(gm: fx.GraphModule, node: fx.Node, memo: Dict[str, bool]) -> bool:
+    """Whether `node`'s output is provably >= 0, from the ops on the graph."""
+    if node.name in memo:
+        return memo[node.name]
+    memo[node.name] = False  # cycles cannot happen in a DAG, but be safe while recursing
+    result = False
+    tensor_inputs = [a for a in node.args if isinstance(a, fx.Node)]
+    for a in node.args:
+        if isinstance(a, (list, tuple)):
+            tensor_inputs.extend(x for x in a if isinstance(x, fx.Node))
+    first = tensor_inputs[0] if tensor_inputs else None
+
+    def all_inputs_nonneg() -> bool:
+        return bool(tensor_inputs) and all(_is_nonnegative(gm, a, memo) for a in tensor_inputs)
+
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        if isinstance(mod, _NONNEG_MODULES):
+            result = True
+        elif isinstance(mod, nn.Hardtanh):
+            result = mod.min_val >= 0 or (first is not None and _is_nonnegative(gm, first, memo))
+        elif isinstance(mod, _PASS_MODULES):
+            result = first is not None and _is_nonnegative(gm, first, memo)
+    elif node.op == "call_function":
+        if node.target in _NONNEG_FUNCTIONS:
+            result = True
+        elif node.target in (F.hardtanh, torch.clamp, torch.clip):
+            low = node.kwargs.get("min", node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else None))
+            result = (isinstance(low, (int, float)) and low >= 0) or all_inputs_nonneg()
+        elif node.target in _PASS_FUNCTIONS:
+            result = all_inputs_nonneg()
+    elif node.op == "call_method":
+        method = str(node.target)
+        if method in _NONNEG_METHODS:
+            result = True
+        elif method in ("clamp", "clamp_", "clip"):
+            low = node.kwargs.get("min", node.args[1] if len(node.args) > 1 else None)
+            result = (isinstance(low, (int, float)) and low >= 0) or all_inputs_nonneg()
+        elif method in _PASS_METHODS:
+            result = all_inputs_nonneg()
+    memo[node.name] = result
+    return result
+
+
+def _join_inputs(node: fx.Node) -> List[fx.Node]:
+    """Float tensor inputs of an add/concat join computed by the graph (not constants), if >= 2."""
+    is_join = (node.op == "call_function" and node.target in _JOIN_FUNCTIONS) or (
+        node.op == "call_method" and str(node.target) in _JOIN_METHODS
+    )
+    if not is_join:
+        return []
+    candidates: List[Any] = []
+    if node.target in (torch.cat, torch.concat):
+        seq = node.args[0] if node.args else node.kwargs.get("tensors", ())
+        candidates = list(seq) if isinstance(seq, (list, tuple)) else []
+    else:
+        candidates = list(node.args[:2])
+    inputs = [c for c in candidates if _is_float_tensor(c) and c.op != "get_attr"]
+    unique = list(dict.fromkeys(inputs))
+    return unique if len(unique) >= 2 else []
+
+
+def _match_override(
+    config: QuantConfig, names: Tuple[str, ...], used: Set[int]
+) -> Tuple[bool, Optional[QuantSpec], str]:
+    for i, (pattern, spec) in enumerate(config.overrides):
+        if any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            used.add(i)
+            return True, spec, f"override {pattern!r}"
+    return False, None, ""
+
+
+def _weight_spec_from(spec: QuantSpec, where: str) -> QuantSpec:
+    if spec.granularity is None:
+        spec = spec.replace(granularity="per_channel")
+    _check_weight_spec(where, spec)
+    return spec
+
+
+def _act_spec_from(spec: QuantSpec) -> QuantSpec:
+    # Activation quantizers are per tensor; an override's weight granularity does not apply to them.
+    return spec.replace(granularity="per_tensor", group_size=None, per_group_bits=False)
+
+
+def _fixed(spec: QuantSpec, bits: int) -> QuantSpec:
+    return spec.replace(
+        bits=bits, min_bits=min(spec.min_bits, bits), max_bits=max(spec.max_bits, bits), learn_bits=False
+    )
+
+
+def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
+    """Annotate `gm`'s nodes with `node.meta["fxquant"]` (QuantOp on ops, TensorInfo on producers).
+
+    Runs on a graph after `functionalize_modules` and shape propagation. Changes no node, edge or module.
+
+    Raises:
+        ConfigError: an override glob matches no quantizable op or join (with the available names), or a
+            per-group weight whose input axis is not divisible by `group_size`.
+    """
+    nodes = list(gm.graph.nodes)
+    for node in nodes:
+        node.meta.pop(META_KEY, None)
+    graph = to_networkx(gm)
+    memo: Dict[str, bool] = {}
+    used_overrides: Set[int] = set()
+    all_names: List[str] = []
+
+    # 1. Quantized ops and their specs.
+    ops: Dict[str, QuantOp] = {}
+    weighted: List[str] = []
+    for node in nodes:
+        info = quantizable_info(node)
+        if info is None:
+            continue
+        weight_index = info.weight_index
+        input_indices = list(info.input_indices)
+        if info.kind == "matmul":
+            weight_index = None
+            for i in (0, 1):
+                if i < len(node.args) and _param_of(gm, node.args[i]) is not None:
+                    weight_index = i
+                    input_indices.remove(i)
+                    break
+        weight = node.args[weight_index] if weight_index is not None and weight_index < len(node.args) else None
+        if weight_index is not None and _param_of(gm, weight) is None:
+            # A computed weight has no stored value to freeze: quantize it as an activation input.
+            if _is_float_tensor(weight):
+                input_indices.append(weight_index)
+            weight_index = None
+        input_indices = [i for i in input_indices if i < len(node.args) and _is_float_tensor(node.args[i])]
+        names = _names_of(gm, node, weight if weight_index is not None else None)
+        all_names.extend(names)
+        channel_axis: Optional[int] = None
+        block_axis: Optional[int] = None
+        if weight_index is not None:
+            param = _param_of(gm, weight)
+            assert param is not None
+            channel_axis, block_axis = _weight_axes(info.kind, weight_index, param.dim())
+            weighted.append(node.name)
+        ops[node.name] = QuantOp(
+            kind=info.kind,
+            name=names[0],
+            weight_index=weight_index,
+            weight_spec=None,
+            channel_axis=channel_axis,
+            block_axis=block_axis,
+            input_indices=tuple(input_indices),
+            input_spec=None,
+        )
+
+    weighted_set = set(weighted)
+    firsts = {n for n in weighted if not (nx.ancestors(graph, n) & weighted_set)}
+    lasts = {n for n in weighted if not (nx.descendants(graph, n) & weighted_set)}
+
+    for node in nodes:
+        op = ops.get(node.name)
+        if op is None:
+            continue
+        op.is_first = node.name in firsts
+        op.is_last = node.name in lasts
+        weight = node.args[op.weight_index] if op.weight_index is not None else None
+        names = _names_of(gm, node, weight)
+        matched, spec, reason = _match_override(config, names, used_overrides)
+        if matched:
+            weight_spec = None if spec is None else _weight_spec_from(spec, f"override for {op.name!r}")
+            input_spec = None if spec is None else _act_spec_from(spec)
+        else:
+            weight_spec = config.weight
+            input_spec = config.activation
+            reason = "default"
+            if (op.is_first or op.is_last) and config.first_last_bits is not None:
+                bits = config.first_last_bits
+                weight_spec = None if weight_spec is None else _fixed(weight_spec, bits)
+                input_spec = None if input_spec is None else _fixed(input_spec, bits)
+                reason = "first layer" if op.is_first else "last layer"
+            if weight_spec is not None and weight_spec.granularity is None:
+                weight_spec = weight_spec.replace(granularity="per_channel")
+        if op.weight_index is not None and weight_spec is not None:
+            _check_group_size(gm, node, op, weight_spec)
+        op.weight_spec = weight_spec if op.weight_index is not None else None
+        op.input_spec = input_spec if op.input_indices else None
+        op.reason = reason
+
+    # 2. Joins: groups of tensors meeting at add/concat.
+    join_graph = nx.Graph()
+    join_consumers: Dict[str, List[Tuple[str, Optional[QuantSpec]]]] = {}
+    for node in nodes:
+        inputs = _join_inputs(node)
+        if not inputs:
+            continue
+        names = (node.name,)
+        all_names.extend(names)
+        matched, spec, _ = _match_override(config, names, used_overrides)
+        join_spec = (None if spec is None else _act_spec_from(spec)) if matched else config.activation
+        for a in inputs:
+            join_graph.add_edge(a.name, inputs[0].name)
+            if config.quantize_joins and join_spec is not None:
+                join_consumers.setdefault(a.name, []).append((node.name, join_spec))
+    group_of: Dict[str, int] = {}
+    for gid, component in enumerate(nx.connected_components(join_graph)):
+        for name in component:
+            group_of[name] = gid
+
+    # 3. Activation quantization points per producer.
+    consumers_of: Dict[str, List[Tuple[str, QuantSpec]]] = {}
+    for node in nodes:
+        op = ops.get(node.name)
+        if op is None or op.input_spec is None:
+            continue
+        for i in op.input_indices:
+            producer = node.args[i]
+            assert isinstance(producer, fx.Node)
+            consumers_of.setdefault(producer.name, []).append((node.name, op.input_spec))
+    for producer, items in join_consumers.items():
+        for consumer, spec in items:
+            if spec is not None:
+                consumers_of.setdefault(producer, []).append((consumer, spec))
+
+    for node in nodes:
+        info: Optional[TensorInfo] = None
+        if _is_float_tensor(node):
+            info = _tensor_info(gm, node, memo, group_of, consumers_of, config)
+        if info is not None or node.name in ops:
+            node.meta[META_KEY] = NodeAnnotation(op=ops.get(node.name), tensor=info)
+
+    unused = [config.overrides[i][0] for i in range(len(config.overrides)) if i not in used_overrides]
+    if unused:
+        pattern = unused[0]
+        close = difflib.get_close_matches(pattern, sorted(set(all_names)), n=3, cutoff=0.3)
+        hint = f" Did you mean {close}?" if close else ""
+        available = sorted(set(all_names))
+        raise ConfigError(
+            f"override glob {pattern!r} matches no quantizable op or join in the model.{hint} "
+            f"Names it can match: {available[:20]}{' ...' if len(available) > 20 else ''}."
+        )
+    return gm
+
+
+def _check_group_size(gm: fx.GraphModule, node: fx.Node, op: QuantOp, spec: QuantSpec) -> None:
+    if spec.granularity != "per_group":
+        return
+    param = _param_of(gm, node.args[op.weight_index])  # type: ignore[index]
+    assert param is not None
+    if op.block_axis is None:
+        raise ConfigError(
+            f"weight of {op.name!r} (shape {tuple(param.shape)}) has no input axis to split into groups; "
+            "use granularity='per_channel' for it with an override."
+        )
+    size = param.shape[op.block_axis]
+    if size % spec.group_size:  # type: ignore[operator]
+        raise ConfigError(
+            f"weight of {op.name!r} has {size} inputs along axis {op.block_axis}, not divisible by "
+            f"group_size={spec.group_size}; pick a divisor of {size} or override this layer."
+        )
+
+
+def tensor_info(node: fx.Node) -> Optional[TensorInfo]:
+    """The TensorInfo annotation of a node, if analysis wrote one."""
+    value = node.meta.get(META_KEY)
+    return value.tensor if isinstance(value, NodeAnnotation) else None
+
+
+def quant_op(node: fx.Node) -> Optional[QuantOp]:
+    """The QuantOp annotation of a node, if it is a quantized op."""
+    value = node.meta.get(META_KEY)
+    return value.op if isinstance(value, NodeAnnotation) else None

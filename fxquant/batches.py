@@ -1,0 +1,101 @@
+"""Batches: how fxquant reads the iterables users pass to `calibrate`, `finetune` and `verify`.
+
+A batch is recognised as follows (`split_batch`):
+
+- a tensor: the model's single positional input; no target;
+- a dict: keyword arguments; no target;
+- a tuple or list `(inputs, target)` when its first element is itself a tuple, list or dict, or when it
+  has two elements and the model takes one required input (a DataLoader's `(x, y)`);
+- any other tuple or list: the model's positional inputs; no target.
+
+Batches are moved to the model's device; a finite iterable is cycled when more steps are asked.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
+
+import torch
+from torch import fx, nn
+
+from fxquant.errors import PrepareError
+
+Batch = Any
+
+
+def required_inputs(model: nn.Module) -> int:
+    """Number of positional inputs without a default (for a GraphModule: placeholders without default)."""
+    if isinstance(model, fx.GraphModule):
+        return sum(1 for n in model.graph.nodes if n.op == "placeholder" and not n.args)
+    return 1
+
+
+def split_batch(batch: Batch, n_required: int) -> Tuple[Tuple[Any, ...], Dict[str, Any], Optional[Any]]:
+    """`(args, kwargs, target)` of one batch (see the module docstring for the rules)."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}, None
+    if isinstance(batch, dict):
+        return (), dict(batch), None
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == 2 and isinstance(batch[0], (tuple, list, dict)):
+            inputs, target = batch
+            if isinstance(inputs, dict):
+                return (), dict(inputs), target
+            return tuple(inputs), {}, target
+        if len(batch) == 2 and n_required <= 1:
+            return (batch[0],), {}, batch[1]
+        return tuple(batch), {}, None
+    raise PrepareError(
+        f"a batch of type {type(batch).__name__} is not understood; give a tensor, a tuple of inputs, a dict "
+        "of keyword inputs, or an (inputs, target) pair."
+    )
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """Move tensors in nested tuples/lists/dicts to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU if it has none)."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def run_batch(model: nn.Module, batch: Batch, n_required: Optional[int] = None) -> Tuple[Any, Optional[Any]]:
+    """Run `model` on one batch (moved to its device); returns `(outputs, target)`."""
+    n = required_inputs(model) if n_required is None else n_required
+    args, kwargs, target = split_batch(batch, n)
+    device = model_device(model)
+    out = model(*to_device(args, device), **to_device(kwargs, device))
+    return out, (to_device(target, device) if target is not None else None)
+
+
+def cycle_batches(batches: Iterable[Batch], what: str = "batches") -> Iterator[Batch]:
+    """Iterate `batches` forever, restarting a finite iterable; an empty one is an error."""
+    if isinstance(batches, (torch.Tensor, dict)):
+        raise PrepareError(
+            f"{what} must be an iterable of batches (a list or a DataLoader), got a single {type(batches).__name__}; "
+            "wrap it in a list: [batch]."
+        )
+    while True:
+        empty = True
+        for b in batches:
+            empty = False
+            yield b
+        if empty:
+            raise PrepareError(f"{what} is empty; give at least one batch.")
+        if isinstance(batches, Iterator):
+            # A one-shot iterator (e.g. a generator) cannot restart; ask for a re-iterable one.
+            raise PrepareError(
+                f"{what} is a one-shot iterator that ran out; pass a list or a DataLoader so it can be cycled, "
+                "or fewer steps."
+            )

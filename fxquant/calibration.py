@@ -1,0 +1,121 @@
+"""Calibration: set quantizer clamps from data before fine-tuning (algorithms.md section 3).
+
+Weights: per-group min/max of the (BatchNorm-folded) weights. Activations: running min/max over a few
+batches, or a percentile of the observed values. Bits restart at each quantizer's initial bits (high
+precision); fine-tuning then descends to the target.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Dict, Iterable, List, Optional
+
+import torch
+from torch import fx
+
+from fxquant.batches import Batch, run_batch
+from fxquant.errors import ConfigError, PrepareError, StateError
+from fxquant.quantizer import KIND_WEIGHT, LearnableQuantizer, iter_learnable
+
+METHODS = ("minmax", "percentile")
+
+
+def calibrate(
+    qm: fx.GraphModule,
+    batches: Iterable[Batch],
+    num_batches: int = 8,
+    *,
+    method: str = "minmax",
+    percentile: float = 99.99,
+    bits: Optional[float] = None,
+) -> fx.GraphModule:
+    """Set every quantizer's clamps from data (in place) and return `qm`.
+
+    Args:
+        qm: a module returned by `fxq.prepare`.
+        batches: an iterable of batches (see `fxquant.batches`); the first `num_batches` are used.
+        num_batches: how many batches to observe.
+        method: `"minmax"` (running min/max) or `"percentile"` (the `percentile`-th and
+            `100 - percentile`-th percentiles of each activation, averaged over batches).
+        percentile: used with `method="percentile"`.
+        bits: restart every learnable bit-width here (default: each quantizer's initial bits are kept).
+
+    Raises:
+        ConfigError: unknown method or percentile outside (50, 100].
+        PrepareError: no batches.
+        StateError: `qm` has no quantizers (not prepared), or a quantizer saw no finite values.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"calibrate method={method!r} is unknown; expected one of {METHODS}.")
+    if not (50.0 < percentile <= 100.0):
+        raise ConfigError(f"calibrate percentile={percentile} must be in (50, 100], e.g. 99.99.")
+    if num_batches < 1:
+        raise ConfigError(f"calibrate num_batches={num_batches} must be at least 1.")
+    quantizers = iter_learnable(qm)
+    if not quantizers:
+        raise StateError("calibrate found no learnable quantizers; pass the module returned by fxq.prepare.")
+    was_training = qm.training
+    samples: Dict[str, List[torch.Tensor]] = {}
+    hooks = []
+    for name, q in quantizers:
+        if q.kind == KIND_WEIGHT:
+            continue
+        q.observed_min.fill_(float("inf"))
+        q.observed_max.fill_(float("-inf"))
+        q.observing = True
+        if method == "percentile":
+            samples[name] = []
+            hooks.append(q.register_forward_hook(_percentile_hook(samples[name], percentile)))
+    seen = 0
+    qm.eval()
+    try:
+        with torch.no_grad():
+            for batch in itertools.islice(batches, num_batches):
+                run_batch(qm, batch)
+                seen += 1
+    finally:
+        for h in hooks:
+            h.remove()
+        for _, q in quantizers:
+            q.observing = False
+        qm.train(was_training)
+    if seen == 0:
+        raise PrepareError("calibrate got no batches; give at least one batch of model inputs.")
+    for name, q in quantizers:
+        if q.kind == KIND_WEIGHT:
+            weight = _weight_of(qm, name)
+            if weight is not None:
+                q.init_from_tensor(weight)
+        elif method == "percentile":
+            stats = torch.stack([torch.stack(s) for s in samples[name]])  # (batches, 2)
+            q.load_observed(stats[:, 0].mean().reshape(q.param_shape), stats[:, 1].mean().reshape(q.param_shape))
+        else:
+            q.load_observed()
+        if bits is not None and q.learn_bits:
+            q.set_bits(bits)
+    return qm
+
+
+def _percentile_hook(store: List[torch.Tensor], percentile: float):  # noqa: ANN202 - torch hook signature
+    def hook(module: LearnableQuantizer, args, output) -> None:  # noqa: ANN001
+        x = args[0].detach().float().flatten()
+        if x.numel() > 1_000_000:
+            x = x[torch.randint(0, x.numel(), (1_000_000,), device=x.device)]
+        q = torch.tensor([1.0 - percentile / 100.0, percentile / 100.0], device=x.device)
+        store.append(torch.quantile(x, q).cpu())
+
+    return hook
+
+
+def _weight_of(qm: fx.GraphModule, quantizer_name: str) -> Optional[torch.Tensor]:
+    """The parameter a weight quantizer reads (its call node's get_attr input)."""
+    target = quantizer_name
+    for node in qm.graph.nodes:
+        if node.op == "call_module" and str(node.target) == target and node.args:
+            src = node.args[0]
+            if isinstance(src, fx.Node) and src.op == "get_attr":
+                obj = qm
+                for part in str(src.target).split("."):
+                    obj = getattr(obj, part)
+                return obj.detach()  # type: ignore[union-attr]
+    return None

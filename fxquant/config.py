@@ -1,0 +1,216 @@
+"""Configuration: `QuantSpec` (one quantizer) and `QuantConfig` (the whole model), frozen and validated.
+
+One spelling per option. Per-layer overrides are an ordered list of `(glob, QuantSpec | None)` pairs where
+the first match wins and `None` keeps the layer float. Validation happens in `__post_init__` so a bad value
+fails where it is written, not deep inside a pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Sequence, Tuple, Union
+
+from fxquant.errors import ConfigError
+
+Granularity = Literal["per_tensor", "per_channel", "per_group"]
+Mode = Literal["dither", "noise", "ste"]
+NoiseDistribution = Literal["uniform", "gaussian"]
+
+GRANULARITIES: Tuple[str, ...] = ("per_tensor", "per_channel", "per_group")
+MODES: Tuple[str, ...] = ("dither", "noise", "ste")
+NOISE_DISTRIBUTIONS: Tuple[str, ...] = ("uniform", "gaussian")
+MIN_SUPPORTED_BITS = 1
+MAX_SUPPORTED_BITS = 16
+
+
+def _check_bits(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"QuantSpec.{name}={value!r} is not a number; expected an integer in 1..16.")
+    if not (MIN_SUPPORTED_BITS <= value <= MAX_SUPPORTED_BITS):
+        raise ConfigError(
+            f"QuantSpec.{name}={value!r} is outside 1..16; integer runtimes hold 1 to 16 bits. "
+            f"Use a value between {MIN_SUPPORTED_BITS} and {MAX_SUPPORTED_BITS}."
+        )
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized.
+
+    Args:
+        bits: initial bit-width (after calibration training starts here and descends to a target).
+        min_bits: lower bound of the learned bit-width.
+        max_bits: upper bound of the learned bit-width.
+        granularity: clamps and step per tensor, per output channel, or per group of `group_size`
+            input channels. `None` picks the kind's default: per channel for weights, per tensor for
+            activations (activations support only per tensor).
+        group_size: block size along the input axis for `"per_group"`.
+        learn_bits: whether fine-tuning may change the bit-width.
+        learn_clamps: whether fine-tuning may change the clamp bounds (and so the step).
+        per_group_bits: one bit-width per channel/group instead of one per tensor (mixed precision
+            inside a tensor, as in DiffQ).
+
+    Example:
+        >>> QuantSpec(bits=4, min_bits=2, max_bits=8, granularity="per_channel")
+    """
+
+    bits: int = 8
+    min_bits: int = 2
+    max_bits: int = 8
+    granularity: Optional[Granularity] = None
+    group_size: Optional[int] = None
+    learn_bits: bool = True
+    learn_clamps: bool = True
+    per_group_bits: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("bits", "min_bits", "max_bits"):
+            _check_bits(name, getattr(self, name))
+        if self.min_bits > self.max_bits:
+            raise ConfigError(
+                f"QuantSpec.min_bits={self.min_bits} is greater than max_bits={self.max_bits}; "
+                "the learned bit-width lives in [min_bits, max_bits]. Swap them or lower min_bits."
+            )
+        if not (self.min_bits <= self.bits <= self.max_bits):
+            raise ConfigError(
+                f"QuantSpec.bits={self.bits} is outside [min_bits, max_bits]=[{self.min_bits}, "
+                f"{self.max_bits}]; the initial bit-width must be reachable. Widen the bounds or change bits."
+            )
+        if self.granularity is not None and self.granularity not in GRANULARITIES:
+            raise ConfigError(
+                f"QuantSpec.granularity={self.granularity!r} is unknown; expected one of {GRANULARITIES}."
+            )
+        if self.granularity == "per_group":
+            if self.group_size is None or isinstance(self.group_size, bool) or self.group_size < 1:
+                raise ConfigError(
+                    f"QuantSpec.group_size={self.group_size!r} is invalid for granularity='per_group'; "
+                    "give a positive integer such as group_size=32."
+                )
+        elif self.group_size is not None:
+            raise ConfigError(
+                f"QuantSpec.group_size={self.group_size} is only used with granularity='per_group' "
+                f"(got granularity={self.granularity!r}). Remove group_size or set granularity='per_group'."
+            )
+
+    def replace(self, **changes: object) -> "QuantSpec":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+OverrideSpec = Optional[QuantSpec]
+Override = Tuple[str, OverrideSpec]
+
+
+def _default_weight_spec() -> QuantSpec:
+    return QuantSpec(granularity="per_channel")
+
+
+def _default_activation_spec() -> QuantSpec:
+    return QuantSpec(granularity="per_tensor")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize in a model and how to train the quantizers.
+
+    Args:
+        weight: spec of weight quantizers (`None`: weights stay float).
+        activation: spec of activation quantizers (`None`: weight-only quantization).
+        mode: training mode of every quantizer: `"dither"` (GDNSQ: hard rounding forward, dithered
+            straight-through backward), `"noise"` (DiffQ: additive pseudo-quantization noise) or `"ste"`
+            (LSQ-style straight-through estimator).
+        noise: distribution of DiffQ's noise in `"noise"` mode: `"uniform"` (U[-1/2, 1/2], the paper) or
+            `"gaussian"` (N(0, 1/4), the reference code).
+        overrides: ordered `(glob, spec)` pairs matched against module paths and node names of quantized
+            ops; the first match wins; `spec=None` keeps the op float (no weight nor input quantizer).
+        first_last_bits: bits fixed for the first and last quantized layers (weights and inputs);
+            `None` treats them like every other layer.
+        quantize_joins: quantize the tensor inputs of add and concat joins (residuals), which integer
+            runtimes need to run the join and the ops before it as integer kernels.
+        share_join_scales: one quantizer (same scale and zero point) for all tensors meeting at a join.
+
+    Example:
+        >>> QuantConfig(weight=QuantSpec(bits=4), overrides=[("fc", None)], first_last_bits=None)
+    """
+
+    weight: Optional[QuantSpec] = field(default_factory=_default_weight_spec)
+    activation: Optional[QuantSpec] = field(default_factory=_default_activation_spec)
+    mode: Mode = "dither"
+    noise: NoiseDistribution = "uniform"
+    overrides: Sequence[Override] = ()
+    first_last_bits: Optional[int] = 8
+    quantize_joins: bool = True
+    share_join_scales: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(
+                f"QuantConfig.mode={self.mode!r} is unknown; expected one of {MODES} "
+                "('dither' = GDNSQ, 'noise' = DiffQ, 'ste' = LSQ-style)."
+            )
+        if self.noise not in NOISE_DISTRIBUTIONS:
+            raise ConfigError(
+                f"QuantConfig.noise={self.noise!r} is unknown; expected one of {NOISE_DISTRIBUTIONS}."
+            )
+        for kind in ("weight", "activation"):
+            spec = getattr(self, kind)
+            if spec is not None and not isinstance(spec, QuantSpec):
+                raise ConfigError(
+                    f"QuantConfig.{kind}={spec!r} is not a QuantSpec; pass fxq.QuantSpec(...) or None."
+                )
+        if self.activation is not None:
+            _check_activation_spec("QuantConfig.activation", self.activation)
+        if self.weight is not None:
+            _check_weight_spec("QuantConfig.weight", self.weight)
+        if self.first_last_bits is not None:
+            if isinstance(self.first_last_bits, bool) or not isinstance(self.first_last_bits, int):
+                raise ConfigError(
+                    f"QuantConfig.first_last_bits={self.first_last_bits!r} must be an integer in 2..16 or None."
+                )
+            if not (2 <= self.first_last_bits <= MAX_SUPPORTED_BITS):
+                raise ConfigError(
+                    f"QuantConfig.first_last_bits={self.first_last_bits} is outside 2..16; "
+                    "use 8 (the usual deployment choice) or None to learn them like the rest."
+                )
+        if isinstance(self.overrides, (str, bytes)) or not isinstance(self.overrides, Sequence):
+            raise ConfigError(
+                f"QuantConfig.overrides={self.overrides!r} must be a list of (glob, QuantSpec | None) pairs."
+            )
+        normalized = []
+        for item in self.overrides:
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+                raise ConfigError(
+                    f"QuantConfig.overrides entry {item!r} must be a (glob, QuantSpec | None) pair, "
+                    'e.g. ("features.0*", fxq.QuantSpec(bits=8)).'
+                )
+            pattern, spec = item
+            if spec is not None and not isinstance(spec, QuantSpec):
+                raise ConfigError(
+                    f"QuantConfig.overrides entry for {pattern!r} has spec {spec!r}; expected a QuantSpec or None."
+                )
+            normalized.append((pattern, spec))
+        object.__setattr__(self, "overrides", tuple(normalized))
+
+    def replace(self, **changes: object) -> "QuantConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check_activation_spec(where: str, spec: QuantSpec) -> None:
+    if spec.granularity not in (None, "per_tensor"):
+        raise ConfigError(
+            f"{where}.granularity={spec.granularity!r}: activations are quantized per tensor "
+            "(integer kernels take one activation scale). Use granularity='per_tensor' or leave it None."
+        )
+
+
+def _check_weight_spec(where: str, spec: QuantSpec) -> None:
+    if spec.min_bits < 2:
+        raise ConfigError(
+            f"{where}.min_bits={spec.min_bits}: weights are symmetric signed with zero point 0, which needs "
+            "at least 2 bits (codes -1, 0, 1). Use min_bits >= 2 for weights."
+        )
+
+
+SpecOrNone = Union[QuantSpec, None]

@@ -1,0 +1,30 @@
+"""Errors raised by fxquant: one base class, a few subclasses by pipeline step.
+
+Every message names the thing that is wrong (module, node, value), what was expected and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class FxQuantError(Exception):
+    """Base class of every error fxquant raises on purpose."""
+
+
+class ConfigError(FxQuantError, ValueError):
+    """An invalid configuration value (QuantSpec, QuantConfig, an override or a call argument)."""
+
+
+class CaptureError(FxQuantError, RuntimeError):
+    """The model could not be captured as an FX graph by any front end that was tried."""
+
+
+class PrepareError(FxQuantError, ValueError):
+    """The model or its inputs cannot be prepared (already prepared, wrong inputs, ...)."""
+
+
+class PassError(FxQuantError, RuntimeError):
+    """A graph pass failed; the message names the pass and the passes that ran before it."""
+
+
+class StateError(FxQuantError, RuntimeError):
+    """A step was called out of order (e.g. export before freeze, training before calibration)."""

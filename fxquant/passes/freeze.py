@@ -1,0 +1,58 @@
+"""Pass `freeze_quantizers`: learnable quantizers become frozen integer quantizers.
+
+Each weight quantizer and the float parameter it reads become one `FrozenWeight` (integer codes and
+scales, no input); each activation quantizer becomes a `FrozenActivationQuantizer` (integer bits and
+zero point). Float weights that no node reads any more are deleted, so a frozen state dict holds codes.
+Runs on a copy made by `fxquant.freeze`; the prepared module stays usable.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+from torch import fx, nn
+
+from fxquant.passes.insert import QUANTIZERS_ATTR, getattr_path
+from fxquant.quantizer import KIND_WEIGHT, FrozenActivationQuantizer, FrozenWeight, LearnableQuantizer
+
+
+def freeze_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
+    """Replace every `LearnableQuantizer` call in `gm` by its frozen counterpart."""
+    container = getattr(gm, QUANTIZERS_ATTR)
+    frozen: Dict[str, nn.Module] = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not str(node.target).startswith(QUANTIZERS_ATTR + "."):
+            continue
+        name = str(node.target)[len(QUANTIZERS_ATTR) + 1 :]
+        q = container[name]
+        if not isinstance(q, LearnableQuantizer):
+            continue
+        if q.kind == KIND_WEIGHT:
+            weight_node = node.args[0]
+            assert isinstance(weight_node, fx.Node) and weight_node.op == "get_attr"
+            if name not in frozen:
+                weight = getattr_path(gm, str(weight_node.target))
+                frozen[name] = FrozenWeight(q, weight)
+            node.args = ()
+            if not weight_node.users:
+                gm.graph.erase_node(weight_node)
+        elif name not in frozen:
+            frozen[name] = FrozenActivationQuantizer(q)
+    for name, module in frozen.items():
+        container[name] = module
+    _delete_unread_parameters(gm)
+    return gm
+
+
+def _delete_unread_parameters(gm: fx.GraphModule) -> None:
+    """Delete parameters that no get_attr reads and whose module no call_module runs."""
+    read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    called = [str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+    for path, _ in list(gm.named_parameters()):
+        if path in read or path.startswith(QUANTIZERS_ATTR + "."):
+            continue
+        if any(path.startswith(c + ".") for c in called):
+            continue
+        owner_path, _, attr = path.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        delattr(owner, attr)

@@ -1,0 +1,84 @@
+"""Pass `functionalize_modules`: module calls of quantizable layers become functional calls.
+
+`conv(x)` becomes `F.conv2d(x, get_attr conv.weight, get_attr conv.bias, stride, ...)`, and likewise for
+Conv1d/3d, ConvTranspose1d/2d/3d, Linear and Embedding. Afterwards every weight is an explicit graph
+edge, so weight quantizers are graph nodes like activation quantizers, and module calls and user
+functional calls are handled the same way. The module path is kept in `node.meta["fxquant_module"]`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxquant.analyze import MODULE_META_KEY
+
+_CONV_FUNCTIONS: Dict[type, Callable[..., Any]] = {
+    nn.Conv1d: F.conv1d,
+    nn.Conv2d: F.conv2d,
+    nn.Conv3d: F.conv3d,
+}
+_CONV_T_FUNCTIONS: Dict[type, Callable[..., Any]] = {
+    nn.ConvTranspose1d: F.conv_transpose1d,
+    nn.ConvTranspose2d: F.conv_transpose2d,
+    nn.ConvTranspose3d: F.conv_transpose3d,
+}
+
+
+def _functional_call(gm: fx.GraphModule, node: fx.Node, mod: nn.Module) -> Optional[Tuple[Any, List[Any]]]:
+    """The functional target and argument list for a module call, or None to leave it alone."""
+    if node.kwargs or len(node.args) != 1:
+        return None  # e.g. ConvTranspose with output_size: keep the module call (float)
+    path = str(node.target)
+    x = node.args[0]
+    graph = gm.graph
+    weight = graph.get_attr(f"{path}.weight")
+    bias = graph.get_attr(f"{path}.bias") if getattr(mod, "bias", None) is not None else None
+    if type(mod) in _CONV_FUNCTIONS:
+        conv = mod  # type: ignore[assignment]
+        padding: Any = conv.padding
+        if conv.padding_mode != "zeros":
+            x = graph.call_function(F.pad, (x, conv._reversed_padding_repeated_twice), {"mode": conv.padding_mode})
+            padding = 0
+        return _CONV_FUNCTIONS[type(mod)], [x, weight, bias, conv.stride, padding, conv.dilation, conv.groups]
+    if type(mod) in _CONV_T_FUNCTIONS:
+        ct = mod
+        if ct.padding_mode != "zeros":
+            return None
+        return _CONV_T_FUNCTIONS[type(mod)], [
+            x, weight, bias, ct.stride, ct.padding, ct.output_padding, ct.groups, ct.dilation,
+        ]
+    if type(mod) is nn.Linear:
+        return F.linear, [x, weight, bias]
+    if type(mod) is nn.Embedding:
+        emb = mod
+        return F.embedding, [
+            x, weight, emb.padding_idx, emb.max_norm, emb.norm_type, emb.scale_grad_by_freq, emb.sparse,
+        ]
+    return None
+
+
+def functionalize_modules(gm: fx.GraphModule) -> fx.GraphModule:
+    """Replace calls of Conv*/ConvTranspose*/Linear/Embedding modules by their functional form."""
+    kinds = tuple(_CONV_FUNCTIONS) + tuple(_CONV_T_FUNCTIONS) + (nn.Linear, nn.Embedding)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(str(node.target))
+        if type(mod) not in kinds:
+            continue
+        with gm.graph.inserting_before(node):
+            call = _functional_call(gm, node, mod)
+            if call is None:
+                continue
+            target, args = call
+            new = gm.graph.call_function(target, tuple(args))
+        new.meta = dict(node.meta)
+        new.meta[MODULE_META_KEY] = str(node.target)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    return gm

@@ -1,0 +1,179 @@
+"""Passes that put learnable quantizers into the graph, from the annotations written by `analyze`.
+
+- `insert_weight_quantizers`: `get_attr weight -> call_module quantizer -> op`; one quantizer per
+  parameter (tied weights share it), initialised to the weight's per-group absolute maximum.
+- `insert_activation_quantizers`: `producer -> call_module quantizer -> consumers`; one quantizer per
+  analysis `ActPoint` (shared by every consumer of that tensor with the same spec, and by a whole join
+  group when scales are shared at joins).
+
+Quantizer modules live in the `ModuleDict` `gm.fxq_quantizers`; call_module targets are
+`fxq_quantizers.<name>`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import fx, nn
+
+from fxquant.analyze import ActPoint, quant_op, tensor_info
+from fxquant.config import QuantConfig, QuantSpec
+from fxquant.quantizer import KIND_ACTIVATION, KIND_WEIGHT, LearnableQuantizer
+
+QUANTIZERS_ATTR = "fxq_quantizers"
+
+
+def quantizer_container(gm: fx.GraphModule) -> nn.ModuleDict:
+    """The `ModuleDict` holding `gm`'s quantizers (created on first use)."""
+    if not hasattr(gm, QUANTIZERS_ATTR):
+        gm.add_submodule(QUANTIZERS_ATTR, nn.ModuleDict())
+    container = getattr(gm, QUANTIZERS_ATTR)
+    assert isinstance(container, nn.ModuleDict)
+    return container
+
+
+def _safe_name(name: str, taken: nn.ModuleDict) -> str:
+    base = re.sub(r"[^0-9a-zA-Z_]", "_", name)
+    candidate, i = base, 1
+    while candidate in taken:
+        i += 1
+        candidate = f"{base}_{i}"
+    return candidate
+
+
+def _make_quantizer(
+    spec: QuantSpec, config: QuantConfig, kind: str, shape: Tuple[int, ...], served: Tuple[str, ...], *,
+    channel_axis: Optional[int] = None, block_axis: Optional[int] = None, nonnegative: bool = False,
+) -> LearnableQuantizer:
+    granularity = spec.granularity or ("per_channel" if kind == KIND_WEIGHT else "per_tensor")
+    if kind == KIND_WEIGHT and channel_axis is None:
+        granularity = "per_tensor"
+    return LearnableQuantizer(
+        kind=kind,
+        tensor_shape=shape,
+        bits=spec.bits,
+        min_bits=spec.min_bits,
+        max_bits=spec.max_bits,
+        granularity=granularity,
+        channel_axis=channel_axis if granularity != "per_tensor" else None,
+        block_axis=block_axis,
+        group_size=spec.group_size,
+        per_group_bits=spec.per_group_bits,
+        learn_bits=spec.learn_bits,
+        learn_clamps=spec.learn_clamps,
+        mode=config.mode,
+        noise=config.noise,
+        symmetric=kind == KIND_WEIGHT,
+        nonnegative=nonnegative,
+        served=served,
+    )
+
+
+def insert_weight_quantizers(gm: fx.GraphModule, *, config: QuantConfig) -> fx.GraphModule:
+    """Insert a weight quantizer between each annotated op and its weight parameter."""
+    container = quantizer_container(gm)
+    by_param: Dict[int, str] = {}
+    for node in list(gm.graph.nodes):
+        op = quant_op(node)
+        if op is None or op.weight_spec is None or op.weight_index is None:
+            continue
+        weight_node = node.args[op.weight_index]
+        assert isinstance(weight_node, fx.Node) and weight_node.op == "get_attr"
+        param = gm.get_parameter(str(weight_node.target)) if _is_param(gm, weight_node) else getattr_path(gm, str(weight_node.target))
+        name = by_param.get(id(param))
+        if name is None:
+            name = _safe_name(str(weight_node.target), container)
+            q = _make_quantizer(
+                op.weight_spec, config, KIND_WEIGHT, tuple(param.shape), (op.name,),
+                channel_axis=op.channel_axis, block_axis=op.block_axis,
+            )
+            q.to(device=param.device)
+            q.init_from_tensor(param.detach())
+            container[name] = q
+            by_param[id(param)] = name
+        else:
+            q = container[name]
+            q.served = q.served + (op.name,)
+        with gm.graph.inserting_after(weight_node):
+            qnode = gm.graph.call_module(f"{QUANTIZERS_ATTR}.{name}", (weight_node,))
+        node.replace_input_with(weight_node, qnode)
+    return gm
+
+
+def _is_param(gm: fx.GraphModule, node: fx.Node) -> bool:
+    try:
+        gm.get_parameter(str(node.target))
+        return True
+    except AttributeError:
+        return False
+
+
+def getattr_path(root: nn.Module, path: str) -> torch.Tensor:
+    """The tensor at a dotted attribute path."""
+    obj: object = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    assert isinstance(obj, torch.Tensor)
+    return obj
+
+
+def insert_activation_quantizers(gm: fx.GraphModule, *, config: QuantConfig) -> fx.GraphModule:
+    """Insert activation quantizers after annotated producers, rewiring only the annotated consumers."""
+    container = quantizer_container(gm)
+    nodes_by_name = {n.name: n for n in gm.graph.nodes}
+    # Join groups that share one quantizer: the shared quantizer is non-negative only if all members are.
+    group_nonneg: Dict[Tuple[int, QuantSpec], bool] = {}
+    for node in gm.graph.nodes:
+        info = tensor_info(node)
+        if info is None:
+            continue
+        for point in info.points:
+            if point.join_group is not None:
+                key = (point.join_group, point.spec)
+                group_nonneg[key] = group_nonneg.get(key, True) and point.nonnegative
+    shared: Dict[Tuple[int, QuantSpec], str] = {}
+    for node in list(gm.graph.nodes):
+        info = tensor_info(node)
+        if info is None or not info.points:
+            continue
+        tm = node.meta.get("tensor_meta")
+        shape = tuple(tm.shape) if tm is not None else ()
+        for point in info.points:
+            served = tuple(_display_name(nodes_by_name[c]) for c in point.consumers)
+            name = _activation_quantizer(container, config, node, point, served, shape, shared, group_nonneg)
+            with gm.graph.inserting_after(node):
+                qnode = gm.graph.call_module(f"{QUANTIZERS_ATTR}.{name}", (node,))
+            for consumer_name in point.consumers:
+                nodes_by_name[consumer_name].replace_input_with(node, qnode)
+    return gm
+
+
+def _display_name(node: fx.Node) -> str:
+    """The user-facing name of a consumer: its op's module path if it is a quantized op, else the node."""
+    op = quant_op(node)
+    return op.name if op is not None else node.name
+
+
+def _activation_quantizer(
+    container: nn.ModuleDict,
+    config: QuantConfig,
+    node: fx.Node,
+    point: ActPoint,
+    served: Tuple[str, ...],
+    shape: Tuple[int, ...],
+    shared: Dict[Tuple[int, QuantSpec], str],
+    group_nonneg: Dict[Tuple[int, QuantSpec], bool],
+) -> str:
+    key = (point.join_group, point.spec) if point.join_group is not None else None
+    if key is not None and key in shared:
+        q = container[shared[key]]
+        q.served = q.served + served
+        return shared[key]
+    nonneg = group_nonneg[key] if key is not None else point.nonnegative
+    name = _safe_name(f"act_{node.name}", container)
+    container[name] = _make_quantizer(point.spec, config, KIND_ACTIVATION, shape, served, nonnegative=nonneg)
+    if key is not None:
+        shared[key] = name
+    return name

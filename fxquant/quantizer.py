@@ -1,0 +1,560 @@
+"""Quantizer numerics first (pure functions), then the learnable and the frozen quantizer modules.
+
+Parametrisation (algorithms.md section 1), per group of elements:
+
+- continuous bit-width `b = min_bits + (max_bits - min_bits) * p`, with `p` a learnable parameter kept in
+  [0, 1] by a straight-through clamp (the value is clamped, the gradient always passes) and projected back
+  into [0, 1] after every optimizer step by `project_bits_`. A sigmoid was rejected: training starts at
+  `max_bits`, where a sigmoid is saturated and its gradient vanishes, so bits would never move.
+- asymmetric (activations): learnable clamps `lo <= 0 <= hi` (lo pinned at 0 for provably non-negative
+  tensors), step `s = (hi - lo) / (2^b - 1)`, integer zero point `zp = round(-lo / s)` snapped in training
+  too (straight-through), codes `[0, 2^B - 1]`.
+- symmetric (weights): learnable clamp `hi` (= max |w| at init, `lo = -hi`), `s = hi / (2^(b-1) - 1)`,
+  zero point 0, narrow-range codes `[-(2^(B-1) - 1), 2^(B-1) - 1]`.
+- the identity GDNSQ uses, `b = log2((hi - lo) / s + 1)`, holds by construction.
+
+Eval and frozen: integer bits `B = round(b)` and exactly ONNX QuantizeLinear/DequantizeLinear:
+`q = clamp(round_half_even(x / s) + zp, qmin, qmax)`, `x_hat = (q - zp) * s` (`fake_quantize`).
+
+This module knows nothing of graphs; passes decide where quantizers go.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from fxquant.errors import ConfigError, StateError
+
+MIN_STEP = 1e-9
+"""Smallest step: a dead group (hi == lo == 0) gets this step and one level instead of a division by 0."""
+
+KIND_WEIGHT = "weight"
+KIND_ACTIVATION = "activation"
+
+
+# --------------------------------------------------------------------------------------------------
+# Numerics: short pure functions.
+# --------------------------------------------------------------------------------------------------
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Round half to even forward, identity gradient backward."""
+    return x + (torch.round(x) - x).detach()
+
+
+def clamp_ste(x: Tensor, low: float, high: float) -> Tensor:
+    """Clamp forward, identity gradient backward (so a parameter at its bound can come back)."""
+    return x + (x.clamp(low, high) - x).detach()
+
+
+def grad_scale(x: Tensor, scale: float) -> Tensor:
+    """Identity forward, gradient multiplied by `scale` backward (LSQ gradient scaling)."""
+    return (x - x * scale).detach() + x * scale
+
+
+def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor) -> Tensor:
+    """Exactly ONNX QuantizeLinear followed by DequantizeLinear, in float.
+
+    `q = clamp(round_half_even(x / scale) + zero_point, qmin, qmax)`, returns `(q - zero_point) * scale`.
+    All arguments broadcast against `x`; `zero_point`, `qmin`, `qmax` hold integers (as floats).
+    """
+    q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+def quantize_codes(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor) -> Tensor:
+    """The integer codes `q` of `fake_quantize` (as floats holding integers)."""
+    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+
+
+def dequantize_codes(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+    """`(q - zero_point) * scale`: ONNX DequantizeLinear."""
+    return (q.to(scale.dtype) - zero_point) * scale
+
+
+def rounding_residual_with_dither(u: Tensor, step: Tensor) -> Tensor:
+    """`step * (round(u) - u)` with GDNSQ's dithered gradient w.r.t. the step.
+
+    Forward: `step * (round(u) - u)`. Backward: no gradient to `u` (straight-through: the caller adds
+    the identity path), and `d/dstep = (round(u) - u) + r / sqrt(3)` with `r` drawn i.i.d. from
+    {-1/2, +1/2}: the dither whose variance (1/12) matches uniform rounding noise.
+    """
+    residual = (torch.round(u) - u).detach()
+    r = (torch.randint(0, 2, u.shape, device=u.device) - 0.5).to(u.dtype)
+    dither = r / math.sqrt(3.0)
+    return step * residual + (step - step.detach()) * dither
+
+
+def rounding_residual_ste(u: Tensor, step: Tensor) -> Tensor:
+    """`step * (round(u) - u)` with the plain STE gradient `d/dstep = round(u) - u`."""
+    return step * (torch.round(u) - u).detach()
+
+
+def pseudo_quantization_noise(x: Tensor, step: Tensor, distribution: str) -> Tensor:
+    """DiffQ's additive noise `step * eps` with `eps ~ U[-1/2, 1/2]` or `N(0, 1/4)`."""
+    if distribution == "uniform":
+        eps = torch.rand_like(x) - 0.5
+    else:
+        eps = torch.randn_like(x) * 0.5
+    return step * eps
+
+
+def bits_storage_bytes(numel: int, bits: float) -> float:
+    """Bytes needed to store `numel` codes at `bits` bits each (packed)."""
+    return numel * bits / 8.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Group layout: which elements share clamps/step (and bits).
+# --------------------------------------------------------------------------------------------------
+
+
+def group_param_shape(
+    tensor_shape: Tuple[int, ...],
+    granularity: str,
+    channel_axis: Optional[int],
+    block_axis: Optional[int],
+    group_size: Optional[int],
+) -> Tuple[int, ...]:
+    """Shape of a per-group parameter that broadcasts (after block expansion) against the tensor."""
+    rank = len(tensor_shape)
+    if granularity == "per_tensor" or rank == 0:
+        return ()
+    shape = [1] * rank
+    if channel_axis is not None:
+        shape[channel_axis] = tensor_shape[channel_axis]
+    if granularity == "per_group":
+        assert block_axis is not None and group_size is not None  # guaranteed by resolve_layout
+        shape[block_axis] = tensor_shape[block_axis] // group_size
+    return tuple(shape)
+
+
+def expand_groups(param: Tensor, block_axis: Optional[int], group_size: Optional[int]) -> Tensor:
+    """Repeat a per-block parameter along the block axis so that it broadcasts against the tensor."""
+    if block_axis is None or group_size is None or param.dim() == 0 or group_size == 1:
+        return param
+    return param.repeat_interleave(group_size, dim=block_axis)
+
+
+def reduce_to_groups(
+    x: Tensor, param_shape: Tuple[int, ...], block_axis: Optional[int], group_size: Optional[int], op: str
+) -> Tensor:
+    """Reduce `x` (same shape as the quantized tensor) to the group shape with `op` in {"amax", "amin"}."""
+    if len(param_shape) == 0:
+        return x.amax() if op == "amax" else x.amin()
+    if block_axis is not None and group_size is not None and group_size > 1:
+        split = list(x.shape)
+        split[block_axis : block_axis + 1] = [split[block_axis] // group_size, group_size]
+        x = x.reshape(split)
+        x = x.amax(dim=block_axis + 1) if op == "amax" else x.amin(dim=block_axis + 1)
+    dims = [d for d, n in enumerate(param_shape) if n == 1 and x.shape[d] != 1]
+    if dims:
+        x = x.amax(dim=dims, keepdim=True) if op == "amax" else x.amin(dim=dims, keepdim=True)
+    return x
+
+
+# --------------------------------------------------------------------------------------------------
+# Modules.
+# --------------------------------------------------------------------------------------------------
+
+
+class LearnableQuantizer(nn.Module):
+    """A quantizer with learnable bit-width, clamps (hence step) and integer zero point.
+
+    Weight quantizers are symmetric (`symmetric=True`), activation quantizers asymmetric with `lo`
+    pinned at 0 when the tensor is provably non-negative (`nonnegative=True`).
+
+    States: `enabled=False` makes it the identity (exactly float); `observing=True` makes it record
+    running min/max (calibration) and pass values through; otherwise training mode uses `mode`'s
+    estimator and eval mode hard integer rounding.
+
+    Args:
+        kind: `"weight"` or `"activation"`.
+        tensor_shape: shape of the quantized tensor (weights) or of one example activation.
+        bits, min_bits, max_bits: initial bits and bounds.
+        granularity: `"per_tensor"`, `"per_channel"` or `"per_group"`.
+        channel_axis: output-channel axis (weights).
+        block_axis, group_size: axis and size of blocks for `"per_group"`.
+        per_group_bits: one bit-width per group instead of one per tensor.
+        learn_bits, learn_clamps: which parameters train.
+        mode: `"dither"`, `"noise"` or `"ste"`.
+        noise: `"uniform"` or `"gaussian"` (noise mode).
+        symmetric: signed symmetric codes with zero point 0 (weights).
+        nonnegative: pin `lo` at 0 (activations after ReLU, sigmoid, softmax, ...).
+        served: names of the graph nodes this quantizer serves (for reports).
+    """
+
+    def __init__(
+        self,
+        *,
+        kind: str,
+        tensor_shape: Tuple[int, ...],
+        bits: int,
+        min_bits: int,
+        max_bits: int,
+        granularity: str = "per_tensor",
+        channel_axis: Optional[int] = None,
+        block_axis: Optional[int] = None,
+        group_size: Optional[int] = None,
+        per_group_bits: bool = False,
+        learn_bits: bool = True,
+        learn_clamps: bool = True,
+        mode: str = "dither",
+        noise: str = "uniform",
+        symmetric: bool = False,
+        nonnegative: bool = False,
+        served: Tuple[str, ...] = (),
+    ) -> None:
+        super().__init__()
+        if symmetric and min_bits < 2:
+            raise ConfigError(f"symmetric quantizer needs min_bits >= 2, got {min_bits}")
+        self.kind = kind
+        self.tensor_shape = tuple(int(d) for d in tensor_shape)
+        self.min_bits = int(min_bits)
+        self.max_bits = int(max_bits)
+        self.granularity = granularity
+        self.channel_axis = channel_axis
+        self.block_axis = block_axis if granularity == "per_group" else None
+        self.group_size = group_size if granularity == "per_group" else None
+        self.per_group_bits = per_group_bits
+        self.learn_bits = learn_bits
+        self.learn_clamps = learn_clamps
+        self.mode = mode
+        self.noise = noise
+        self.symmetric = symmetric
+        self.nonnegative = nonnegative and not symmetric
+        self.served = tuple(served)
+        self.enabled = True
+        self.observing = False
+
+        self.param_shape = group_param_shape(
+            self.tensor_shape, granularity, channel_axis, self.block_axis, self.group_size
+        )
+        bits_shape = self.param_shape if per_group_bits else ()
+        span = self.max_bits - self.min_bits
+        p0 = 1.0 if span == 0 else (bits - self.min_bits) / span
+        self.bits_param = nn.Parameter(torch.full(bits_shape, float(p0)), requires_grad=learn_bits)
+        self.hi = nn.Parameter(torch.ones(self.param_shape), requires_grad=learn_clamps)
+        if symmetric:
+            self.lo = None
+        elif self.nonnegative:
+            self.register_buffer("lo", torch.zeros(self.param_shape))
+        else:
+            self.lo = nn.Parameter(-torch.ones(self.param_shape), requires_grad=learn_clamps)
+        # Whether the clamps hold data-derived values (set by calibration or the first forward pass).
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("observed_min", torch.full(self.param_shape, math.inf))
+        self.register_buffer("observed_max", torch.full(self.param_shape, -math.inf))
+
+    # ---- bits -------------------------------------------------------------------------------------
+
+    def bits(self) -> Tensor:
+        """Continuous bit-width in `[min_bits, max_bits]` (differentiable)."""
+        span = float(self.max_bits - self.min_bits)
+        return self.min_bits + span * clamp_ste(self.bits_param, 0.0, 1.0)
+
+    def integer_bits(self) -> Tensor:
+        """Integer bit-width used in eval and freeze: `round(b)` (half to even), within the bounds."""
+        with torch.no_grad():
+            return torch.round(self.bits()).clamp(self.min_bits, self.max_bits)
+
+    @torch.no_grad()
+    def set_bits(self, bits: float) -> None:
+        """Set the current bit-width (e.g. to restart from high precision)."""
+        span = self.max_bits - self.min_bits
+        p = 1.0 if span == 0 else (float(bits) - self.min_bits) / span
+        self.bits_param.fill_(min(max(p, 0.0), 1.0))
+
+    @torch.no_grad()
+    def project_bits_(self) -> None:
+        """Project the bits parameter back into its bounds (call after an optimizer step)."""
+        self.bits_param.clamp_(0.0, 1.0)
+        if self.hi is not None:
+            self.hi.clamp_(min=0.0)
+        if isinstance(self.lo, nn.Parameter):
+            self.lo.clamp_(max=0.0)
+
+    # ---- clamps and step --------------------------------------------------------------------------
+
+    def clamp_bounds(self) -> Tuple[Tensor, Tensor]:
+        """`(lo, hi)` with `lo <= 0 <= hi` (zero is always exactly representable)."""
+        hi = torch.clamp(self.hi, min=0.0)
+        if self.symmetric:
+            return -hi, hi
+        assert self.lo is not None
+        return torch.clamp(self.lo, max=0.0), hi
+
+    def _levels(self, bits: Tensor) -> Tensor:
+        """Number of steps between the clamps: `2^b - 1`, or `2^(b-1) - 1` on each side if symmetric."""
+        if self.symmetric:
+            return torch.pow(2.0, bits - 1.0) - 1.0
+        return torch.pow(2.0, bits) - 1.0
+
+    def _step(self, bits: Tensor) -> Tensor:
+        lo, hi = self.clamp_bounds()
+        span = hi if self.symmetric else hi - lo
+        return torch.clamp(span / self._levels(bits), min=MIN_STEP)
+
+    def step(self) -> Tensor:
+        """Continuous step (differentiable), one per group."""
+        return self._step(self.bits())
+
+    @torch.no_grad()
+    def integer_params(self) -> Dict[str, Tensor]:
+        """Eval/freeze parameters: integer bits, step, zero point and code range, per group.
+
+        Returns a dict with `bits`, `scale`, `zero_point`, `qmin`, `qmax` (float tensors holding integers
+        except `scale`), shaped like the group parameters (before block expansion).
+        """
+        bits = self.integer_bits()
+        scale = self._step(bits)
+        if self.symmetric:
+            qmax = self._levels(bits)
+            qmin = -qmax
+            zero_point = torch.zeros_like(scale)
+        else:
+            lo, _ = self.clamp_bounds()
+            qmax = self._levels(bits)
+            qmin = torch.zeros_like(qmax)
+            zero_point = torch.clamp(torch.round(-lo / scale), 0.0, None)
+            zero_point = torch.minimum(zero_point, qmax.expand_as(zero_point))
+        shape = scale.shape
+        return {
+            "bits": bits.expand(shape).clone(),
+            "scale": scale,
+            "zero_point": zero_point.expand(shape).clone(),
+            "qmin": qmin.expand(shape).clone(),
+            "qmax": qmax.expand(shape).clone(),
+        }
+
+    # ---- initialisation from data -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_from_tensor(self, x: Tensor) -> None:
+        """Set the clamps to the min/max of `x` per group (weights at insertion, activations on demand)."""
+        self.observed_min.fill_(math.inf)
+        self.observed_max.fill_(-math.inf)
+        self.observe(x)
+        self.load_observed()
+
+    @torch.no_grad()
+    def observe(self, x: Tensor) -> None:
+        """Accumulate running min/max of `x` per group."""
+        x = x.detach().to(self.observed_min.dtype)
+        if len(self.param_shape) > 0 and x.shape != self.tensor_shape and self.kind == KIND_WEIGHT:
+            raise StateError(f"weight quantizer for {self.served} expected shape {self.tensor_shape}, got {tuple(x.shape)}")
+        mx = reduce_to_groups(x, self.param_shape, self.block_axis, self.group_size, "amax")
+        mn = reduce_to_groups(x, self.param_shape, self.block_axis, self.group_size, "amin")
+        self.observed_max.copy_(torch.maximum(self.observed_max, mx.reshape(self.param_shape)))
+        self.observed_min.copy_(torch.minimum(self.observed_min, mn.reshape(self.param_shape)))
+
+    @torch.no_grad()
+    def load_observed(self, lo: Optional[Tensor] = None, hi: Optional[Tensor] = None) -> None:
+        """Copy observed (or given) bounds into the clamps and mark the quantizer initialized."""
+        lo = self.observed_min if lo is None else lo
+        hi = self.observed_max if hi is None else hi
+        if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            raise StateError(
+                f"quantizer for {', '.join(self.served) or 'a tensor'} saw no finite values during calibration; "
+                "check that the calibration batches reach this part of the model and contain no NaN/inf."
+            )
+        lo = torch.clamp(lo, max=0.0).to(self.hi.dtype)
+        hi = torch.clamp(hi, min=0.0).to(self.hi.dtype)
+        if self.symmetric:
+            self.hi.copy_(torch.maximum(hi, -lo))
+        else:
+            self.hi.copy_(hi)
+            if isinstance(self.lo, nn.Parameter):
+                self.lo.copy_(lo)
+        self.initialized.fill_(True)
+
+    # ---- forward ----------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        if self.observing:
+            self.observe(x)
+            return x
+        if not bool(self.initialized):
+            if self.kind == KIND_WEIGHT or self.training:
+                self.init_from_tensor(x)
+            else:
+                raise StateError(
+                    f"activation quantizer for {', '.join(self.served)} has no clamps yet: "
+                    "run fxq.calibrate(qm, batches) (or one training-mode forward pass) before evaluating."
+                )
+        if self.training:
+            return self._train_forward(x)
+        return self._eval_forward(x)
+
+    def _train_forward(self, x: Tensor) -> Tensor:
+        bits = self.bits()
+        step = expand_groups(self._step(bits), self.block_axis, self.group_size)
+        lo, hi = self.clamp_bounds()
+        lo = expand_groups(lo, self.block_axis, self.group_size)
+        hi = expand_groups(hi, self.block_axis, self.group_size)
+        if self.mode == "ste":
+            numel = max(x.numel() // max(step.numel(), 1), 1)
+            qmax = float(2 ** (self.max_bits - (1 if self.symmetric else 0)))
+            step = grad_scale(step, 1.0 / math.sqrt(numel * qmax))
+        if self.symmetric:
+            x_c = torch.minimum(torch.maximum(x, -hi), hi)
+            u = x_c / step
+        else:
+            # The zero point lives on the integer grid in training too (straight-through rounding).
+            zero_point = round_ste(-lo / step)
+            lo_grid = -zero_point * step
+            hi_grid = lo_grid + (hi - lo)
+            x_c = torch.minimum(torch.maximum(x, lo_grid), hi_grid)
+            u = x_c / step + zero_point
+        if self.mode == "noise":
+            return x_c + pseudo_quantization_noise(x_c, step, self.noise)
+        if self.mode == "dither":
+            return x_c + rounding_residual_with_dither(u, step)
+        return x_c + rounding_residual_ste(u, step)
+
+    def _eval_forward(self, x: Tensor) -> Tensor:
+        p = self.integer_params()
+        return fake_quantize(
+            x,
+            expand_groups(p["scale"], self.block_axis, self.group_size),
+            expand_groups(p["zero_point"], self.block_axis, self.group_size),
+            expand_groups(p["qmin"], self.block_axis, self.group_size),
+            expand_groups(p["qmax"], self.block_axis, self.group_size),
+        )
+
+    # ---- accounting -------------------------------------------------------------------------------
+
+    def group_numel(self) -> int:
+        """Elements per group (per bit-width entry)."""
+        total = math.prod(self.tensor_shape) if self.tensor_shape else 1
+        return total // max(self.bits_param.numel(), 1)
+
+    def size_bits(self) -> Tensor:
+        """Differentiable storage of the quantized tensor in bits: `sum(group_numel * b)`."""
+        return (self.bits() * self.group_numel()).sum()
+
+    def extra_repr(self) -> str:
+        return (
+            f"kind={self.kind}, shape={self.tensor_shape}, granularity={self.granularity}, "
+            f"bits=[{self.min_bits},{self.max_bits}], mode={self.mode}, symmetric={self.symmetric}, "
+            f"nonnegative={self.nonnegative}"
+        )
+
+
+class FrozenActivationQuantizer(nn.Module):
+    """Eval-only activation quantizer with integer bits and zero point: ONNX Q -> DQ exactly."""
+
+    def __init__(self, source: LearnableQuantizer) -> None:
+        super().__init__()
+        p = source.integer_params()
+        self.kind = source.kind
+        self.served = source.served
+        self.granularity = source.granularity
+        self.tensor_shape = source.tensor_shape
+        self.nonnegative = source.nonnegative
+        self.symmetric = source.symmetric
+        self.register_buffer("bits", p["bits"].to(torch.int64))
+        self.register_buffer("scale", p["scale"].detach().clone())
+        self.register_buffer("zero_point", p["zero_point"].to(torch.int64))
+        self.register_buffer("qmin", p["qmin"].to(torch.int64))
+        self.register_buffer("qmax", p["qmax"].to(torch.int64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fake_quantize(
+            x, self.scale, self.zero_point.to(self.scale.dtype), self.qmin.to(self.scale.dtype),
+            self.qmax.to(self.scale.dtype),
+        )
+
+
+class FrozenWeight(nn.Module):
+    """A frozen quantized weight: integer codes, per-group scales; forward returns `codes * scale`.
+
+    Replaces both the float parameter and its quantizer in a frozen graph; it takes no input. The codes
+    are stored as int8 (bits <= 8) or int16 (bits <= 16) so a frozen state dict is small.
+    """
+
+    def __init__(self, source: LearnableQuantizer, weight: Tensor) -> None:
+        super().__init__()
+        p = source.integer_params()
+        self.kind = source.kind
+        self.served = source.served
+        self.granularity = source.granularity
+        self.tensor_shape = source.tensor_shape
+        self.channel_axis = source.channel_axis
+        self.block_axis = source.block_axis
+        self.group_size = source.group_size
+        self.symmetric = True
+        max_bits = int(p["bits"].max().item())
+        code_dtype = torch.int8 if max_bits <= 8 else torch.int16
+        codes = quantize_codes(
+            weight.detach().to(p["scale"].dtype),
+            expand_groups(p["scale"], self.block_axis, self.group_size),
+            expand_groups(p["zero_point"], self.block_axis, self.group_size),
+            expand_groups(p["qmin"], self.block_axis, self.group_size),
+            expand_groups(p["qmax"], self.block_axis, self.group_size),
+        )
+        self.register_buffer("codes", codes.to(code_dtype))
+        self.register_buffer("bits", p["bits"].to(torch.int64))
+        self.register_buffer("scale", p["scale"].detach().clone())
+        self.register_buffer("qmax", p["qmax"].to(torch.int64))
+
+    def forward(self) -> Tensor:
+        scale = expand_groups(self.scale, self.block_axis, self.group_size)
+        return self.codes.to(scale.dtype) * scale
+
+
+def quantizer_summary(q: nn.Module) -> Dict[str, object]:
+    """A plain-dict summary of a learnable or frozen quantizer (used by reports)."""
+    if isinstance(q, LearnableQuantizer):
+        p = q.integer_params()
+        lo, hi = q.clamp_bounds()
+        bits_cont = q.bits().detach()
+        bits = p["bits"]
+        scale = p["scale"]
+        zero_point = p["zero_point"]
+        lo, hi = lo.detach(), hi.detach()
+        learn = q.learn_bits
+    else:
+        bits = q.bits.to(torch.float32)
+        bits_cont = bits
+        scale = q.scale
+        if isinstance(q, FrozenWeight):
+            zero_point = torch.zeros_like(scale)
+            hi = q.qmax.to(scale.dtype) * scale
+            lo = -hi
+        else:
+            zero_point = q.zero_point.to(scale.dtype)
+            lo = (q.qmin.to(scale.dtype) - zero_point) * scale
+            hi = (q.qmax.to(scale.dtype) - zero_point) * scale
+        learn = False
+    numel = math.prod(q.tensor_shape) if q.tensor_shape else 1
+    # numel-weighted mean bits over groups (bits is per tensor or per group)
+    mean_bits = float(bits.float().mean())
+    return {
+        "kind": q.kind,
+        "served": q.served,
+        "granularity": q.granularity,
+        "bits": mean_bits,
+        "bits_min": float(bits.min()),
+        "bits_max": float(bits.max()),
+        "bits_continuous": float(bits_cont.float().mean()),
+        "learn_bits": learn,
+        "step_min": float(scale.min()),
+        "step_max": float(scale.max()),
+        "lo_min": float(lo.min()),
+        "hi_max": float(hi.max()),
+        "zero_point_max": float(zero_point.max()),
+        "signed": bool(float(lo.min()) < 0.0),
+        "numel": numel,
+    }
+
+
+def iter_learnable(module: nn.Module) -> List[Tuple[str, LearnableQuantizer]]:
+    """All learnable quantizers in `module`, with their qualified names."""
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, LearnableQuantizer)]

@@ -1,0 +1,185 @@
+"""Reports: one row per quantizer (where, kind, bits, step, clamps, size) and model-size totals.
+
+Works on prepared modules (learnable quantizers) and frozen modules (integer quantizers); ONNX files are
+read by `fxquant.export` and summarised there. `QuantReport` prints as a table and converts to dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Set
+
+from torch import fx, nn
+
+from fxquant.errors import StateError
+from fxquant.passes.insert import QUANTIZERS_ATTR
+from fxquant.quantizer import KIND_WEIGHT, FrozenActivationQuantizer, FrozenWeight, LearnableQuantizer, quantizer_summary
+
+FLOAT_BITS = 32
+
+
+@dataclass
+class QuantizerRow:
+    """One quantizer in a report."""
+
+    name: str
+    serves: str
+    kind: str
+    granularity: str
+    bits: float
+    bits_continuous: float
+    bits_range: str
+    step_min: float
+    step_max: float
+    lo: float
+    hi: float
+    signed: bool
+    numel: int
+    bytes_at_bits: float
+
+
+@dataclass
+class QuantReport:
+    """A table of quantizers plus model-size totals."""
+
+    rows: List[QuantizerRow] = field(default_factory=list)
+    avg_weight_bits: float = 0.0
+    avg_activation_bits: float = 0.0
+    quantized_weight_numel: int = 0
+    float_param_numel: int = 0
+    size_bytes: float = 0.0
+    float_size_bytes: float = 0.0
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def compression(self) -> float:
+        """Float32 model size divided by the size at the learned bits."""
+        return self.float_size_bytes / self.size_bytes if self.size_bytes else 1.0
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain data (for JSON)."""
+        d = asdict(self)
+        d["compression"] = self.compression
+        return d
+
+    def __str__(self) -> str:
+        headers = ["quantizer", "serves", "kind", "gran", "bits", "b(cont)", "step", "clamp", "signed", "numel", "bytes"]
+        table = [headers]
+        for r in self.rows:
+            table.append([
+                r.name,
+                _shorten(r.serves, 28),
+                r.kind[:3],
+                r.granularity.replace("per_", ""),
+                r.bits_range,
+                f"{r.bits_continuous:.2f}",
+                _range(r.step_min, r.step_max),
+                f"[{r.lo:.3g}, {r.hi:.3g}]",
+                "yes" if r.signed else "no",
+                str(r.numel),
+                f"{r.bytes_at_bits:.0f}" if r.kind == KIND_WEIGHT else "-",
+            ])
+        widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append("")
+        lines.append(
+            f"weights: {self.quantized_weight_numel} quantized at {self.avg_weight_bits:.2f} bits on average; "
+            f"{self.float_param_numel} other parameters kept float32"
+        )
+        if self.avg_activation_bits:
+            lines.append(f"activations: {self.avg_activation_bits:.2f} bits on average (per quantizer)")
+        lines.append(
+            f"size: {self.size_bytes / 1024:.1f} KiB at the learned bits vs {self.float_size_bytes / 1024:.1f} KiB "
+            f"float32 ({self.compression:.2f}x smaller)"
+        )
+        return "\n".join(lines)
+
+
+def _shorten(s: str, n: int) -> str:
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def _range(a: float, b: float) -> str:
+    return f"{a:.3g}" if a == b else f"{a:.3g}..{b:.3g}"
+
+
+def _quantized_param_targets(gm: fx.GraphModule) -> Set[str]:
+    targets = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and str(node.target).startswith(QUANTIZERS_ATTR + ".") and node.args:
+            src = node.args[0]
+            if isinstance(src, fx.Node) and src.op == "get_attr":
+                targets.add(str(src.target))
+    return targets
+
+
+def report(module: Any) -> QuantReport:
+    """A report of every quantizer in a prepared or frozen module (or an exported `.onnx` file).
+
+    Raises:
+        StateError: the module has no fxquant quantizers.
+    """
+    if isinstance(module, (str, bytes)) or hasattr(module, "__fspath__") or type(module).__name__ == "ModelProto":
+        from fxquant.export import onnx_report  # the export floor reads ONNX files
+
+        return onnx_report(module)
+    if not isinstance(module, nn.Module) or not hasattr(module, QUANTIZERS_ATTR):
+        raise StateError(
+            f"report expects a module from fxq.prepare or fxq.freeze (or an .onnx path), got {type(module).__name__}."
+        )
+    container = getattr(module, QUANTIZERS_ATTR)
+    rows: List[QuantizerRow] = []
+    weight_bits_sum = 0.0
+    weight_numel = 0
+    act_bits: List[float] = []
+    for name, q in container.items():
+        if not isinstance(q, (LearnableQuantizer, FrozenActivationQuantizer, FrozenWeight)):
+            continue
+        s = quantizer_summary(q)
+        numel = int(s["numel"])  # type: ignore[arg-type]
+        bytes_at_bits = 0.0
+        if q.kind == KIND_WEIGHT:
+            bits = q.integer_bits() if isinstance(q, LearnableQuantizer) else q.bits.float()
+            per_group = numel / bits.numel()
+            bytes_at_bits = float(bits.float().sum()) * per_group / 8.0
+            weight_bits_sum += bytes_at_bits * 8.0
+            weight_numel += numel
+        else:
+            act_bits.append(float(s["bits"]))  # type: ignore[arg-type]
+        bmin, bmax = float(s["bits_min"]), float(s["bits_max"])  # type: ignore[arg-type]
+        bits_range = f"{bmin:.0f}" if bmin == bmax else f"{bmin:.0f}-{bmax:.0f}"
+        rows.append(
+            QuantizerRow(
+                name=name,
+                serves=", ".join(q.served),
+                kind=q.kind,
+                granularity=str(s["granularity"]),
+                bits=float(s["bits"]),  # type: ignore[arg-type]
+                bits_continuous=float(s["bits_continuous"]),  # type: ignore[arg-type]
+                bits_range=bits_range,
+                step_min=float(s["step_min"]),  # type: ignore[arg-type]
+                step_max=float(s["step_max"]),  # type: ignore[arg-type]
+                lo=float(s["lo_min"]),  # type: ignore[arg-type]
+                hi=float(s["hi_max"]),  # type: ignore[arg-type]
+                signed=bool(s["signed"]),
+                numel=numel,
+                bytes_at_bits=bytes_at_bits,
+            )
+        )
+    quantized = _quantized_param_targets(module)
+    other = sum(
+        p.numel() for n, p in module.named_parameters()
+        if not n.startswith(QUANTIZERS_ATTR + ".") and n not in quantized
+    )
+    size = weight_bits_sum / 8.0 + other * FLOAT_BITS / 8.0
+    float_size = (weight_numel + other) * FLOAT_BITS / 8.0
+    return QuantReport(
+        rows=rows,
+        avg_weight_bits=weight_bits_sum / weight_numel if weight_numel else 0.0,
+        avg_activation_bits=sum(act_bits) / len(act_bits) if act_bits else 0.0,
+        quantized_weight_numel=weight_numel,
+        float_param_numel=other,
+        size_bytes=size,
+        float_size_bytes=float_size,
+    )
