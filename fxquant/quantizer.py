@@ -513,12 +513,13 @@ def quantizer_summary(q: nn.Module) -> Dict[str, object]:
     """A plain-dict summary of a learnable or frozen quantizer (used by reports)."""
     if isinstance(q, LearnableQuantizer):
         p = q.integer_params()
-        lo, hi = q.clamp_bounds()
         bits_cont = q.bits().detach()
         bits = p["bits"]
         scale = p["scale"]
         zero_point = p["zero_point"]
-        lo, hi = lo.detach(), hi.detach()
+        # the clamps as the integer grid realises them (what eval and freeze compute)
+        lo = (p["qmin"] - zero_point) * scale
+        hi = (p["qmax"] - zero_point) * scale
         learn = q.learn_bits
     else:
         bits = q.bits.to(torch.float32)

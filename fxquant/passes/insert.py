@@ -75,6 +75,7 @@ def insert_weight_quantizers(gm: fx.GraphModule, *, config: QuantConfig) -> fx.G
     """Insert a weight quantizer between each annotated op and its weight parameter."""
     container = quantizer_container(gm)
     by_param: Dict[int, str] = {}
+    call_of: Dict[fx.Node, fx.Node] = {}
     for node in list(gm.graph.nodes):
         op = quant_op(node)
         if op is None or op.weight_spec is None or op.weight_index is None:
@@ -96,8 +97,11 @@ def insert_weight_quantizers(gm: fx.GraphModule, *, config: QuantConfig) -> fx.G
         else:
             q = container[name]
             q.served = q.served + (op.name,)
-        with gm.graph.inserting_after(weight_node):
-            qnode = gm.graph.call_module(f"{QUANTIZERS_ATTR}.{name}", (weight_node,))
+        qnode = call_of.get(weight_node)
+        if qnode is None:
+            with gm.graph.inserting_after(weight_node):
+                qnode = gm.graph.call_module(f"{QUANTIZERS_ATTR}.{name}", (weight_node,))
+            call_of[weight_node] = qnode
         node.replace_input_with(weight_node, qnode)
     return gm
 

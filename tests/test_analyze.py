@@ -1,0 +1,219 @@
+"""Analysis + insertion: golden quantizer placement on the test models, overrides, sign, joins, ties."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make
+from torch import nn
+
+import fxquant as fxq
+from fxquant.analyze import quant_op, tensor_info
+
+
+def layout(qm: torch.fx.GraphModule) -> Tuple[List[str], Dict[str, Tuple[Tuple[str, ...], bool]]]:
+    """(weight quantizer names in graph order, {activation quantizer: (served, nonnegative)})."""
+    weights, acts = [], {}
+    for node in qm.graph.nodes:
+        if node.op == "call_module" and str(node.target).startswith("fxq_quantizers."):
+            name = str(node.target).split(".", 1)[1]
+            q = qm.fxq_quantizers[name]
+            if q.kind == "weight":
+                weights.append(name)
+            else:
+                acts[name] = (q.served, q.nonnegative)
+    return weights, acts
+
+
+GOLDEN = {
+    "mlp": (
+        ["fc1_weight", "fc2_weight", "fc3_weight"],
+        {"act_x": (("fc1",), False), "act_relu": (("fc2",), True), "act_relu_1": (("fc3",), True)},
+    ),
+    "cnn": (
+        ["stem_weight", "conv1_weight", "conv2_weight", "branch_a_weight", "branch_b_weight", "head_weight"],
+        {
+            "act_x": (("stem",), False),
+            "act_relu": (("conv1", "add"), True),
+            "act_relu_1": (("conv2",), True),
+            "act_conv2d_2": (("add",), False),
+            "act_relu_2": (("branch_a", "branch_b"), True),
+            "act_relu_3": (("cat",), True),
+            "act_relu_4": (("cat",), True),
+            "act_flatten": (("head",), True),
+        },
+    ),
+    "depthwise": (
+        ["stem_weight", "dw_weight", "pw_weight", "fc_weight"],
+        {
+            "act_x": (("stem",), False),
+            "act_relu": (("dw",), True),
+            "act_relu6": (("pw",), True),
+            "act_mean": (("fc",), False),
+        },
+    ),
+    "transformer": (
+        ["q_weight", "k_weight", "v_weight", "proj_weight", "mlp1_weight", "mlp2_weight", "head_weight"],
+        {
+            "act_x": (("add",), False),
+            "act_ln1": (("q", "k", "v"), False),
+            "act_transpose": (("matmul",), False),
+            "act_transpose_2": (("matmul_1",), False),
+            "act_transpose_3": (("matmul",), False),
+            "act_softmax": (("matmul_1",), True),
+            "act_reshape_3": (("proj",), False),
+            "act_linear_3": (("add",), False),
+            "act_add": (("add_1",), False),
+            "act_ln2": (("mlp1",), False),
+            "act_gelu": (("mlp2",), False),
+            "act_linear_5": (("add_1",), False),
+            "act_mean": (("head",), False),
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_golden_placement(name: str) -> None:
+    model, x = make(name)
+    qm = fxq.prepare(model, x)
+    weights, acts = layout(qm)
+    assert weights == GOLDEN[name][0]
+    assert acts == GOLDEN[name][1]
+    # BatchNorm is folded away; no module of the user's model is called any more for quantized layers.
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in qm.modules())
+
+
+def test_joins_can_be_left_unquantized() -> None:
+    model, x = make("transformer")
+    _, acts = layout(fxq.prepare(model, x, fxq.QuantConfig(quantize_joins=False)))
+    assert sorted(acts) == sorted(
+        ["act_ln1", "act_transpose", "act_transpose_2", "act_transpose_3", "act_softmax", "act_reshape_3",
+         "act_ln2", "act_gelu", "act_mean"]
+    )
+    model, x = make("cnn")
+    _, acts = layout(fxq.prepare(model, x, fxq.QuantConfig(quantize_joins=False)))
+    assert acts["act_relu"] == (("conv1",), True)
+    assert len(acts) == 5
+
+
+def test_join_groups_share_one_quantizer_when_asked() -> None:
+    model, x = make("cnn")
+    qm = fxq.prepare(model, x, fxq.QuantConfig(share_join_scales=True))
+    targets = {}
+    for node in qm.graph.nodes:
+        if node.op == "call_function" and node.name in ("add", "cat"):
+            targets[node.name] = {str(a.target) for a in node.all_input_nodes}
+    assert len(targets["add"]) == 1 and len(targets["cat"]) == 1  # both inputs through one quantizer
+    # relu feeds conv1 too; the shared quantizer is signed because the conv2 branch is signed
+    shared = qm.get_submodule(next(iter(targets["add"])))
+    assert not shared.nonnegative
+
+
+def test_first_and_last_layers_fixed_at_8_bits() -> None:
+    model, x = make("mlp")
+    qm = fxq.prepare(model, x, fxq.QuantConfig(weight=fxq.QuantSpec(bits=4), activation=fxq.QuantSpec(bits=4)))
+    q = qm.fxq_quantizers
+    assert not q["fc1_weight"].learn_bits and float(q["fc1_weight"].integer_bits()) == 8
+    assert not q["fc3_weight"].learn_bits and float(q["fc3_weight"].integer_bits()) == 8
+    assert q["fc2_weight"].learn_bits and float(q["fc2_weight"].integer_bits()) == 4
+    assert float(q["act_x"].integer_bits()) == 8 and float(q["act_relu"].integer_bits()) == 4
+    ops = {n.name: quant_op(n) for n in qm.graph.nodes if quant_op(n) is not None}
+    assert ops["linear"].is_first and ops["linear_2"].is_last and ops["linear"].reason == "first layer"
+    qm2 = fxq.prepare(model, x, fxq.QuantConfig(weight=fxq.QuantSpec(bits=4), first_last_bits=None))
+    assert qm2.fxq_quantizers["fc1_weight"].learn_bits and float(qm2.fxq_quantizers["fc1_weight"].integer_bits()) == 4
+
+
+def test_overrides_first_match_wins_and_none_keeps_float() -> None:
+    model, x = make("mlp")
+    cfg = fxq.QuantConfig(
+        overrides=[("fc2", None), ("fc*", fxq.QuantSpec(bits=6, min_bits=6, max_bits=6))], first_last_bits=None
+    )
+    qm = fxq.prepare(model, x, cfg)
+    weights, acts = layout(qm)
+    assert weights == ["fc1_weight", "fc3_weight"]
+    assert set(acts) == {"act_x", "act_relu_1"}
+    assert float(qm.fxq_quantizers["fc1_weight"].integer_bits()) == 6
+    assert qm.fxq_quantizers["fc1_weight"].granularity == "per_channel"
+
+
+def test_override_that_matches_nothing_is_an_error_with_suggestions() -> None:
+    model, x = make("mlp")
+    with pytest.raises(fxq.ConfigError, match=r"override glob 'fc_2' matches no quantizable op .*Did you mean"):
+        fxq.prepare(model, x, fxq.QuantConfig(overrides=[("fc_2", None)]))
+
+
+def test_override_weight_spec_with_one_bit_is_refused() -> None:
+    model, x = make("mlp")
+    cfg = fxq.QuantConfig(overrides=[("fc2", fxq.QuantSpec(bits=1, min_bits=1))])
+    with pytest.raises(fxq.ConfigError, match=r"override for 'fc2'.min_bits=1: weights are symmetric"):
+        fxq.prepare(model, x, cfg)
+
+
+def test_per_group_needs_divisible_inputs() -> None:
+    model, x = make("mlp")
+    cfg = fxq.QuantConfig(weight=fxq.QuantSpec(granularity="per_group", group_size=5))
+    with pytest.raises(fxq.ConfigError, match=r"16 inputs along axis 1, not divisible by group_size=5"):
+        fxq.prepare(model, x, cfg)
+    qm = fxq.prepare(model, x, fxq.QuantConfig(weight=fxq.QuantSpec(granularity="per_group", group_size=8)))
+    assert tuple(qm.fxq_quantizers["fc1_weight"].hi.shape) == (32, 2)
+
+
+class Functional(nn.Module):
+    """Functional calls on parameters (no layer modules), as in timm-style or hand-written models."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w_conv = nn.Parameter(torch.randn(4, 3, 3, 3) * 0.2)
+        self.w_proj = nn.Parameter(torch.randn(4, 5) * 0.2)
+        self.emb = nn.Parameter(torch.randn(7, 4))
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(x, self.w_conv, padding=1).mean(dim=(2, 3))
+        y = torch.sigmoid(y)
+        z = torch.matmul(y, self.w_proj)
+        e = F.embedding(idx, self.emb).mean(dim=1)
+        return z + torch.matmul(e, self.w_proj)
+
+
+def test_functional_calls_and_tied_weights() -> None:
+    model = Functional().eval()
+    x, idx = torch.randn(2, 3, 6, 6), torch.randint(0, 7, (2, 3))
+    qm = fxq.prepare(model, (x, idx), fxq.QuantConfig(quantize_joins=False))
+    weights, acts = layout(qm)
+    # w_proj is used by two matmuls: one quantizer, called twice; channels are the last axis of a (K, N) weight
+    assert weights == ["w_conv", "w_proj", "emb"]
+    assert qm.fxq_quantizers["w_proj"].channel_axis == 1 and qm.fxq_quantizers["w_proj"].served == ("w_proj", "w_proj")
+    assert acts["act_sigmoid"][1] is True  # sigmoid output is provably non-negative
+    assert "act_idx" not in acts  # embedding indices are not quantized
+
+
+def test_analysis_only_writes_meta() -> None:
+    from fxquant.analyze import analyze
+    from fxquant.passes import run_passes
+    from fxquant.passes.functionalize import functionalize_modules
+    from fxquant.tracing import propagate_shapes
+
+    model, x = make("cnn")
+    gm = torch.fx.symbolic_trace(model)
+    run_passes(gm, (functionalize_modules,))
+    propagate_shapes(gm, x)
+    before = [(n.name, n.op, str(n.target), tuple(map(str, n.args))) for n in gm.graph.nodes]
+    analyze(gm, fxq.QuantConfig())
+    after = [(n.name, n.op, str(n.target), tuple(map(str, n.args))) for n in gm.graph.nodes]
+    assert before == after
+    relu = next(n for n in gm.graph.nodes if n.name == "relu")
+    info = tensor_info(relu)
+    assert info is not None and info.nonnegative and info.join_group is not None
+
+
+def test_to_networkx_has_every_node_and_annotations() -> None:
+    model, x = make("mlp")
+    qm = fxq.prepare(model, x)
+    g = fxq.to_networkx(qm)
+    assert set(g.nodes) == {n.name for n in qm.graph.nodes}
+    assert g.nodes["linear"]["fxquant"].op.kind == "linear"
+    assert g.has_edge("fxq_quantizers_act_x", "linear")

@@ -1,0 +1,69 @@
+"""QuantSpec / QuantConfig validation: every bad value is a ConfigError (a ValueError) that says why."""
+
+from __future__ import annotations
+
+import pytest
+
+import fxquant as fxq
+
+
+def test_defaults_are_w8a8_per_channel_weights() -> None:
+    cfg = fxq.QuantConfig()
+    assert cfg.weight is not None and cfg.weight.bits == 8 and cfg.weight.granularity == "per_channel"
+    assert cfg.activation is not None and cfg.activation.granularity == "per_tensor"
+    assert cfg.mode == "dither" and cfg.first_last_bits == 8
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(min_bits=6, max_bits=4, bits=4), r"min_bits=6 is greater than max_bits=4"),
+        (dict(bits=17, max_bits=16), r"bits=17 is outside 1\.\.16"),
+        (dict(bits=0, min_bits=0), r"bits=0 is outside 1\.\.16"),
+        (dict(max_bits=20), r"max_bits=20 is outside 1\.\.16"),
+        (dict(bits=9), r"bits=9 is outside \[min_bits, max_bits\]=\[2, 8\]"),
+        (dict(bits="8"), r"bits='8' is not a number"),
+        (dict(granularity="per_row"), r"granularity='per_row' is unknown"),
+        (dict(granularity="per_group"), r"group_size=None is invalid for granularity='per_group'"),
+        (dict(granularity="per_channel", group_size=8), r"group_size=8 is only used with granularity='per_group'"),
+    ],
+)
+def test_quant_spec_rejects(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        fxq.QuantSpec(**kwargs)
+
+
+def test_config_errors_are_fxquant_errors() -> None:
+    with pytest.raises(fxq.ConfigError):
+        fxq.QuantSpec(min_bits=5, max_bits=3, bits=4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(mode="lsq"), r"mode='lsq' is unknown; expected one of \('dither', 'noise', 'ste'\)"),
+        (dict(noise="laplace"), r"noise='laplace' is unknown"),
+        (dict(weight=8), r"QuantConfig.weight=8 is not a QuantSpec"),
+        (dict(first_last_bits=1), r"first_last_bits=1 is outside 2\.\.16"),
+        (dict(first_last_bits="8"), r"first_last_bits='8' must be an integer"),
+        (dict(overrides="fc"), r"overrides='fc' must be a list"),
+        (dict(overrides=[("fc",)]), r"overrides entry \('fc',\) must be a \(glob, QuantSpec \| None\) pair"),
+        (dict(overrides=[("fc", 4)]), r"overrides entry for 'fc' has spec 4"),
+        (
+            dict(activation=fxq.QuantSpec(granularity="per_channel")),
+            r"activations are quantized per tensor",
+        ),
+        (dict(weight=fxq.QuantSpec(bits=1, min_bits=1)), r"weights are symmetric signed .* at least 2 bits"),
+    ],
+)
+def test_quant_config_rejects(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        fxq.QuantConfig(**kwargs)
+
+
+def test_config_is_frozen_and_overrides_become_a_tuple() -> None:
+    cfg = fxq.QuantConfig(overrides=[("fc*", None)])
+    assert cfg.overrides == (("fc*", None),)
+    with pytest.raises(AttributeError):
+        cfg.mode = "ste"  # type: ignore[misc]
+    assert cfg.replace(mode="ste").mode == "ste"

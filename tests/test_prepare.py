@@ -1,0 +1,140 @@
+"""prepare / freeze end to end on the test models: fidelity, isolation from the user's model, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import make
+from torch import nn
+
+import fxquant as fxq
+
+HIGH = fxq.QuantConfig(
+    weight=fxq.QuantSpec(bits=16, min_bits=2, max_bits=16),
+    activation=fxq.QuantSpec(bits=16, min_bits=2, max_bits=16),
+    first_last_bits=16,
+)
+
+
+def test_high_bits_close_to_float_and_disabled_exact(model_and_inputs) -> None:
+    name, model, x = model_and_inputs
+    qm = fxq.prepare(model, x, HIGH)
+    fxq.calibrate(qm, [x])
+    qm.eval()
+    with torch.no_grad():
+        ref = model(x)
+        out = qm(x)
+        with fxq.quantizers_enabled(qm, False):
+            exact = qm(x)
+    # BatchNorm folding changes float rounding only; 16-bit quantizers change values by ~1e-4 relative
+    assert torch.allclose(exact, ref, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(out, ref, atol=2e-3 * float(ref.abs().max()))
+
+
+def test_frozen_equals_eval_prepared_exactly(model_and_inputs) -> None:
+    name, model, x = model_and_inputs
+    cfg = fxq.QuantConfig(weight=fxq.QuantSpec(bits=3), activation=fxq.QuantSpec(bits=4), first_last_bits=None)
+    qm = fxq.prepare(model, x, cfg)
+    fxq.calibrate(qm, [x, torch.randn_like(x)])
+    qm.eval()
+    frozen = fxq.freeze(qm)
+    with torch.no_grad():
+        assert torch.equal(frozen(x), qm(x))
+    assert not any(isinstance(m, fxq.LearnableQuantizer) for m in frozen.modules())
+    assert not any(p.requires_grad for p in frozen.parameters())
+    codes = [m.codes for m in frozen.modules() if isinstance(m, fxq.FrozenWeight)]
+    assert codes and all(c.dtype == torch.int8 and int(c.abs().max()) <= 3 for c in codes)
+    # the prepared module stays usable
+    qm.train()
+    qm(x).sum().backward()
+
+
+def test_user_model_is_not_modified_and_training_works() -> None:
+    model, x = make("cnn")
+    before = copy.deepcopy(model.state_dict())
+    qm = fxq.prepare(model, x, fxq.QuantConfig(weight=fxq.QuantSpec(bits=4)))
+    assert isinstance(qm, torch.fx.GraphModule) and not qm.training  # same mode as the model
+    qm.train()
+    fxq.calibrate(qm, [x])
+    opt = torch.optim.Adam(qm.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        loss = (qm(x) ** 2).mean()
+        loss.backward()
+        opt.step()
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not hasattr(model, "fxq_quantizers")
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def test_prepare_refuses_prepared_or_frozen_modules() -> None:
+    model, x = make("mlp")
+    qm = fxq.prepare(model, x)
+    with pytest.raises(fxq.PrepareError, match=r"already prepared by fxquant; prepare the original float model"):
+        fxq.prepare(qm, x)
+    fxq.calibrate(qm, [x])
+    frozen = fxq.freeze(qm)
+    with pytest.raises(fxq.PrepareError, match=r"already frozen by fxquant"):
+        fxq.prepare(frozen, x)
+    with pytest.raises(fxq.StateError, match=r"freeze expects a module returned by fxq.prepare"):
+        fxq.freeze(frozen)
+
+
+def test_freeze_refuses_uncalibrated_activations() -> None:
+    model, x = make("mlp")
+    qm = fxq.prepare(model, x)
+    with pytest.raises(fxq.StateError, match=r"was never calibrated; run fxq.calibrate"):
+        fxq.freeze(qm)
+
+
+class Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.gate = Gate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(self.fc(x))
+
+
+class Gate(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent control flow: symbolic tracing cannot follow it
+            return x
+        return -x
+
+
+def test_untraceable_model_error_names_module_line_and_fix() -> None:
+    with pytest.raises(fxq.CaptureError) as info:
+        fxq.prepare(Branchy(), torch.randn(2, 4), capture="symbolic_trace")
+    message = str(info.value)
+    assert "module 'gate' (Gate)" in message
+    assert "test_prepare.py" in message and "if x.sum() > 0" in message
+    assert "leaf_modules=['gate']" in message and "capture='export'" in message
+
+
+def test_leaf_modules_keep_untraceable_parts_float() -> None:
+    model = Branchy().eval()
+    x = torch.randn(2, 4)
+    qm = fxq.prepare(model, x, leaf_modules=["gate"], capture="symbolic_trace")
+    assert any(n.op == "call_module" and n.target == "gate" for n in qm.graph.nodes)
+    with pytest.raises(fxq.PrepareError, match=r"leaf_modules entry 'gaet' is not a submodule"):
+        fxq.prepare(model, x, leaf_modules=["gaet"], capture="symbolic_trace")
+
+
+def test_bad_inputs_are_clear_errors() -> None:
+    model, x = make("mlp")
+    with pytest.raises(fxq.PrepareError, match=r"example_inputs of type str is not supported"):
+        fxq.prepare(model, "x")
+    with pytest.raises(fxq.PrepareError, match=r"running example_inputs through the captured"):
+        fxq.prepare(model, torch.randn(2, 7))
+    with pytest.raises(fxq.PrepareError, match=r"keyword\(s\) \['y'\] that the model's forward does not take"):
+        fxq.prepare(model, {"x": x, "y": x})
+    with pytest.raises(fxq.PrepareError, match=r"config must be a fxq.QuantConfig"):
+        fxq.prepare(model, x, {"mode": "ste"})  # type: ignore[arg-type]
+    qm = fxq.prepare(model, {"x": x})  # keyword inputs work
+    assert qm.fxq_quantizers is not None

@@ -1,0 +1,162 @@
+"""Quantizer numerics: gradients in every mode, bounds, eval integer grid, ONNX Q/DQ arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fxquant.quantizer import LearnableQuantizer, fake_quantize
+
+
+def act_quantizer(mode: str, bits: int = 4, nonnegative: bool = False, **kw) -> LearnableQuantizer:
+    q = LearnableQuantizer(
+        kind="activation", tensor_shape=(8, 16), bits=bits, min_bits=2, max_bits=8, mode=mode,
+        nonnegative=nonnegative, **kw,
+    )
+    q.load_observed(torch.tensor(-1.0), torch.tensor(1.5))
+    return q
+
+
+def weight_quantizer(mode: str, bits: int = 4, granularity: str = "per_channel", **kw) -> LearnableQuantizer:
+    q = LearnableQuantizer(
+        kind="weight", tensor_shape=(6, 8), bits=bits, min_bits=2, max_bits=8, mode=mode,
+        granularity=granularity, channel_axis=0, block_axis=1, symmetric=True, **kw,
+    )
+    return q
+
+
+@pytest.mark.parametrize("mode", ["dither", "noise", "ste"])
+def test_gradients_reach_clamps_bits_and_input(mode: str) -> None:
+    q = act_quantizer(mode).train()
+    x = (torch.randn(8, 16) * 1.5).requires_grad_()  # some values beyond both clamps
+    # A loss that prefers more precision: the step (hence bits) must get gradient.
+    y = q(x)
+    loss = ((y - x.detach()) ** 2).sum() + y.sum()
+    loss.backward()
+    for name, p in [("lo", q.lo), ("hi", q.hi), ("bits", q.bits_param)]:
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0, f"{name} got no gradient in {mode}"
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+    assert float(q.step().detach()) > 0
+
+
+@pytest.mark.parametrize("mode", ["dither", "noise", "ste"])
+def test_weight_quantizer_gradients(mode: str) -> None:
+    w = torch.randn(6, 8)
+    q = weight_quantizer(mode, granularity="per_group", group_size=4, per_group_bits=True).train()
+    q.init_from_tensor(w)
+    w = w.clone().requires_grad_()
+    out = q(w)
+    ((out - 2 * w.detach()) ** 2).sum().backward()
+    assert q.hi.grad is not None and float(q.hi.grad.abs().sum()) > 0
+    assert q.bits_param.grad is not None and q.bits_param.grad.shape == (6, 2)
+    assert float(q.bits_param.grad.abs().sum()) > 0
+    assert w.grad is not None
+
+
+def test_bits_stay_in_bounds_and_come_back_from_the_edge() -> None:
+    q = act_quantizer("dither", bits=8).train()
+    with torch.no_grad():
+        q.bits_param.fill_(1.7)  # an optimizer overshot beyond max_bits
+    assert float(q.bits()) == 8.0
+    q(torch.randn(8, 16)).sum().backward()
+    assert q.bits_param.grad is not None  # the straight-through clamp still passes gradient
+    q.project_bits_()
+    assert float(q.bits_param) == 1.0
+    with torch.no_grad():
+        q.bits_param.fill_(-3.0)
+    assert float(q.bits()) == 2.0
+    q.set_bits(5)
+    assert float(q.bits()) == pytest.approx(5.0)
+
+
+def test_dither_gradient_on_step_is_residual_plus_dither() -> None:
+    torch.manual_seed(0)
+    from fxquant.quantizer import rounding_residual_with_dither
+
+    u = torch.tensor([0.2, 0.7, -1.4, 3.5])
+    step = torch.tensor(0.5, requires_grad=True)
+    out = rounding_residual_with_dither(u, step)
+    assert torch.allclose(out, 0.5 * (torch.round(u) - u))
+    out.sum().backward()
+    residual = (torch.round(u) - u).sum()
+    dither = float(step.grad) - float(residual)
+    # four draws of +-0.5/sqrt(3): the sum is a multiple of 1/sqrt(3) within +-2/sqrt(3)
+    k = dither * (3 ** 0.5)
+    assert abs(k - round(k)) < 1e-5 and abs(k) <= 2 + 1e-5
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_eval_takes_at_most_2_pow_b_values_and_is_integer_qdq(bits: int) -> None:
+    q = act_quantizer("dither", bits=bits).eval()
+    x = torch.linspace(-3, 3, 2001).reshape(1, -1)
+    y = q(x)
+    assert torch.unique(y).numel() <= 2**bits
+    p = q.integer_params()
+    s, zp = p["scale"], p["zero_point"]
+    assert float(zp) == round(float(zp))
+    codes = y / s + zp
+    assert torch.allclose(codes, torch.round(codes), atol=1e-4)
+    assert torch.equal(y, fake_quantize(x, s, zp, p["qmin"], p["qmax"]))
+    # exactly ONNX QuantizeLinear/DequantizeLinear: q = saturate(round(x/s) + zp), x_hat = (q - zp) * s
+    ref_q = torch.clamp(torch.round(x / s) + zp, 0, 2**bits - 1)
+    assert torch.equal(y, (ref_q - zp) * s)
+
+
+def test_weights_are_symmetric_narrow_range_per_channel() -> None:
+    w = torch.randn(6, 8)
+    q = weight_quantizer("dither", bits=3).eval()
+    q.init_from_tensor(w)
+    y = q(w)
+    p = q.integer_params()
+    assert p["scale"].shape == (6, 1) and torch.all(p["zero_point"] == 0)
+    codes = torch.round(y / p["scale"])
+    assert codes.abs().max() <= 3  # 2^(3-1) - 1
+    for row in range(6):
+        assert torch.unique(y[row]).numel() <= 7
+    # each channel's largest magnitude is exactly representable (clamp = absmax)
+    assert torch.allclose(y.abs().amax(dim=1), w.abs().amax(dim=1), rtol=1e-6)
+
+
+def test_nonnegative_activation_pins_lo_at_zero() -> None:
+    q = act_quantizer("dither", nonnegative=True)
+    assert not isinstance(q.lo, torch.nn.Parameter) and float(q.lo) == 0.0
+    q.eval()
+    assert float(q.integer_params()["zero_point"]) == 0.0
+
+
+def test_dead_group_gets_one_level_not_nan() -> None:
+    w = torch.zeros(6, 8)
+    w[0] = 1.0
+    q = weight_quantizer("dither", bits=4)
+    q.init_from_tensor(w)
+    for train in (True, False):
+        q.train(train)
+        y = q(w)
+        assert torch.isfinite(y).all() and torch.all(y[1:] == 0)
+
+
+def test_disabled_is_identity_and_uncalibrated_eval_is_refused() -> None:
+    q = LearnableQuantizer(kind="activation", tensor_shape=(4,), bits=8, min_bits=2, max_bits=8)
+    x = torch.randn(4)
+    q.enabled = False
+    assert torch.equal(q(x), x)
+    q.enabled = True
+    q.eval()
+    from fxquant.errors import StateError
+
+    with pytest.raises(StateError, match=r"has no clamps yet: run fxq.calibrate"):
+        q(x)
+    q.train()
+    q(x)  # the first training-mode pass initialises the clamps from data
+    assert bool(q.initialized)
+
+
+def test_zero_point_snapped_to_the_grid_in_training() -> None:
+    q = act_quantizer("ste", bits=3).train()
+    x = torch.linspace(-2, 2, 101)
+    y = q(x).detach()
+    lo, hi = q.clamp_bounds()
+    step = float(q.step())
+    zp = round(-float(lo) / step)
+    codes = y / step + zp
+    assert torch.allclose(codes, torch.round(codes), atol=1e-4)
