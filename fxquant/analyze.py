@@ -50,6 +50,10 @@ _CONV_T = OpKindInfo("conv_transpose", 1, (0,))
 _LINEAR = OpKindInfo("linear", 1, (0,))
 _EMBEDDING = OpKindInfo("embedding", 1, ())
 _MATMUL = OpKindInfo("matmul", None, (0, 1))
+_ADDMM = OpKindInfo("matmul", None, (1, 2))  # addmm(bias, x, W): x @ W + bias (HF GPT-2's Conv1D)
+_ATEN_EMBEDDING = OpKindInfo("embedding", 0, ())  # aten.embedding(weight, indices, ...)
+
+aten = torch.ops.aten
 
 QUANTIZABLE_FUNCTIONS: Dict[Any, OpKindInfo] = {
     F.conv1d: _CONV,
@@ -64,8 +68,25 @@ QUANTIZABLE_FUNCTIONS: Dict[Any, OpKindInfo] = {
     operator.matmul: _MATMUL,
     torch.bmm: _MATMUL,
     torch.mm: _MATMUL,
+    torch.addmm: _ADDMM,
+    # aten ops, as in graphs captured by torch.export
+    aten.conv1d.default: _CONV,
+    aten.conv2d.default: _CONV,
+    aten.conv3d.default: _CONV,
+    aten.conv1d.padding: _CONV,
+    aten.conv2d.padding: _CONV,
+    aten.conv3d.padding: _CONV,
+    aten.conv_transpose1d.default: _CONV_T,
+    aten.conv_transpose2d.input: _CONV_T,
+    aten.conv_transpose3d.input: _CONV_T,
+    aten.linear.default: _LINEAR,
+    aten.embedding.default: _ATEN_EMBEDDING,
+    aten.matmul.default: _MATMUL,
+    aten.bmm.default: _MATMUL,
+    aten.mm.default: _MATMUL,
+    aten.addmm.default: _ADDMM,
 }
-QUANTIZABLE_METHODS: Dict[str, OpKindInfo] = {"matmul": _MATMUL, "bmm": _MATMUL, "mm": _MATMUL}
+QUANTIZABLE_METHODS: Dict[str, OpKindInfo] = {"matmul": _MATMUL, "bmm": _MATMUL, "mm": _MATMUL, "addmm": _ADDMM}
 
 _NONNEG_MODULES: Tuple[type, ...] = (
     nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softmax, nn.Hardsigmoid, nn.Softplus,
@@ -79,6 +100,9 @@ _PASS_MODULES: Tuple[type, ...] = (
 _NONNEG_FUNCTIONS: Set[Any] = {
     F.relu, torch.relu, F.relu6, torch.sigmoid, F.sigmoid, F.softmax, torch.softmax, F.hardsigmoid,
     torch.abs, torch.exp, F.softplus, torch.square,
+    aten.relu.default, aten.relu_.default, aten.relu6.default, aten.sigmoid.default, aten.softmax.int,
+    aten._softmax.default, aten.hardsigmoid.default, aten.abs.default, aten.exp.default,
+    aten.softplus.default, aten.square.default, aten.sqrt.default, aten.rsqrt.default,
 }
 _PASS_FUNCTIONS: Set[Any] = {
     torch.flatten, torch.reshape, torch.permute, torch.transpose, operator.getitem, F.max_pool1d,
@@ -86,6 +110,18 @@ _PASS_FUNCTIONS: Set[Any] = {
     F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d, F.dropout, F.interpolate,
     torch.squeeze, torch.unsqueeze, torch.cat, torch.concat, operator.add, torch.add, operator.mul,
     torch.mul, torch.mean, torch.sum, torch.max, torch.amax, torch.chunk, torch.split, F.pad,
+    aten.flatten.using_ints, aten.reshape.default, aten.view.default, aten.permute.default, aten.transpose.int,
+    aten.t.default, aten.contiguous.default, aten.clone.default, aten.alias.default, aten.expand.default,
+    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default, aten.slice.Tensor,
+    aten.select.int, aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default, aten.cat.default,
+    aten.concat.default, aten.add.Tensor, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar,
+    aten.mean.dim, aten.mean.default, aten.sum.dim_IntList, aten.amax.default, aten.max_pool1d.default,
+    aten.max_pool2d.default, aten.max_pool3d.default, aten.max_pool2d_with_indices.default,
+    aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default, aten.adaptive_avg_pool1d.default,
+    aten.adaptive_avg_pool2d.default, aten.adaptive_avg_pool3d.default, aten.adaptive_max_pool2d.default,
+    aten.dropout.default, aten.upsample_nearest1d.vec, aten.upsample_nearest2d.vec, aten.upsample_nearest3d.vec,
+    aten.upsample_bilinear2d.vec, aten.pad.default, aten.constant_pad_nd.default, aten.to.dtype,
+    aten.to.dtype_layout, aten._to_copy.default, aten.pixel_shuffle.default, aten.repeat.default,
 }
 _NONNEG_METHODS: Set[str] = {"relu", "sigmoid", "softmax", "abs", "exp", "relu_", "sigmoid_"}
 _PASS_METHODS: Set[str] = {
@@ -93,7 +129,19 @@ _PASS_METHODS: Set[str] = {
     "unsqueeze", "expand", "repeat", "chunk", "split", "max", "amax", "__getitem__", "add", "mul",
     "flip", "roll",
 }
-_JOIN_FUNCTIONS: Set[Any] = {operator.add, torch.add, operator.iadd, torch.cat, torch.concat}
+_JOIN_FUNCTIONS: Set[Any] = {
+    operator.add, torch.add, operator.iadd, torch.cat, torch.concat, aten.add.Tensor, aten.add_.Tensor,
+    aten.cat.default, aten.concat.default,
+}
+_CAT_FUNCTIONS: Set[Any] = {torch.cat, torch.concat, aten.cat.default, aten.concat.default}
+# Pass-through ops whose scalar operands must be >= 0 for the result to stay non-negative (x * -1 is not).
+_SCALED_FUNCTIONS: Set[Any] = {
+    operator.mul, torch.mul, operator.truediv, torch.div, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor,
+    aten.div.Scalar,
+}
+_CLAMP_FUNCTIONS: Set[Any] = {
+    F.hardtanh, torch.clamp, torch.clip, aten.hardtanh.default, aten.clamp.default, aten.clip.default,
+}
 _JOIN_METHODS: Set[str] = {"add", "add_"}
 
 
@@ -240,10 +288,30 @@ def _is_float_tensor(node: Any) -> bool:
     return hasattr(tm, "dtype") and tm.dtype.is_floating_point
 
 
+def module_stack_path(node: fx.Node) -> str:
+    """The path of the innermost user module a node was recorded in (`nn_module_stack`), or ""."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path, _ = list(stack.values())[-1]
+    return str(path)
+
+
 def _names_of(gm: fx.GraphModule, node: fx.Node, weight: Any) -> Tuple[str, ...]:
-    """Candidate names for override matching: module path, weight owner, node name."""
+    """Candidate names for override matching: module path, weight owner, node name.
+
+    For aten ops (torch.export graphs) the module path comes from `nn_module_stack`: a weighted op is
+    named by the module that called it (`encoder.layer.0.attention.self.query`, also for tied weights),
+    an op without weight by that module's path and the node name (`...attention.self.matmul_1`).
+    """
     names: List[str] = []
     module = node.meta.get(MODULE_META_KEY)
+    if not module and isinstance(node.target, torch._ops.OpOverload):
+        path = module_stack_path(node)
+        if path and isinstance(weight, fx.Node):
+            module = path
+        elif path:
+            module = f"{path}.{node.name}"
     if module:
         names.append(module)
     if isinstance(weight, fx.Node) and weight.op == "get_attr":
@@ -294,9 +362,12 @@ def _is_nonnegative(gm: fx.GraphModule, node: fx.Node, memo: Dict[str, bool]) ->
     elif node.op == "call_function":
         if node.target in _NONNEG_FUNCTIONS:
             result = True
-        elif node.target in (F.hardtanh, torch.clamp, torch.clip):
+        elif node.target in _CLAMP_FUNCTIONS:
             low = node.kwargs.get("min", node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else None))
             result = (isinstance(low, (int, float)) and low >= 0) or all_inputs_nonneg()
+        elif node.target in _SCALED_FUNCTIONS:
+            scalars = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+            result = all(c >= 0 for c in scalars) and all_inputs_nonneg()
         elif node.target in _PASS_FUNCTIONS:
             result = all_inputs_nonneg()
     elif node.op == "call_method":
@@ -320,7 +391,7 @@ def _join_inputs(node: fx.Node) -> List[fx.Node]:
     if not is_join:
         return []
     candidates: List[Any] = []
-    if node.target in (torch.cat, torch.concat):
+    if node.target in _CAT_FUNCTIONS:
         seq = node.args[0] if node.args else node.kwargs.get("tensors", ())
         candidates = list(seq) if isinstance(seq, (list, tuple)) else []
     else:
@@ -386,7 +457,7 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
         input_indices = list(info.input_indices)
         if info.kind == "matmul":
             weight_index = None
-            for i in (0, 1):
+            for i in info.input_indices:
                 if i < len(node.args) and _param_of(gm, node.args[i]) is not None:
                     weight_index = i
                     input_indices.remove(i)
@@ -405,7 +476,9 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
         if weight_index is not None:
             param = _param_of(gm, weight)
             assert param is not None
-            channel_axis, block_axis = _weight_axes(info.kind, weight_index, param.dim())
+            right = info.kind == "matmul" and weight_index == info.input_indices[-1]
+            position = (1 if right else 0) if info.kind == "matmul" else weight_index
+            channel_axis, block_axis = _weight_axes(info.kind, position, param.dim())
             weighted.append(node.name)
         ops[node.name] = QuantOp(
             kind=info.kind,
@@ -534,3 +607,77 @@ def quant_op(node: fx.Node) -> Optional[QuantOp]:
     """The QuantOp annotation of a node, if it is a quantized op."""
     value = node.meta.get(META_KEY)
     return value.op if isinstance(value, NodeAnnotation) else None
+
+
+@dataclass(frozen=True)
+class FloatOp:
+    """An op or module that stays float in a prepared or frozen module, and why (for `fxq.report`)."""
+
+    name: str
+    op: str
+    reason: str
+
+
+FLOAT_MODULES_ATTR = "fxquant_float_modules"
+"""Set by capture (`fxquant.tracing`): `{module path: why it stayed a float leaf}`."""
+_FLOAT_KERNELS: Dict[Any, str] = {
+    F.scaled_dot_product_attention: "fused attention: its two matmuls stay float",
+    aten.scaled_dot_product_attention.default: "fused attention: its two matmuls stay float",
+    torch.einsum: "einsum is not quantized",
+    aten.einsum.default: "einsum is not quantized",
+    torch.baddbmm: "baddbmm is not quantized",
+    aten.baddbmm.default: "baddbmm is not quantized",
+}
+_NORM_NAMES = ("norm", "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm")
+
+
+def _reads_weight(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether `node` reads a parameter of rank >= 2 directly (also inside list arguments)."""
+    stack: List[Any] = list(node.args) + list(node.kwargs.values())
+    while stack:
+        a = stack.pop()
+        if isinstance(a, (list, tuple)):
+            stack.extend(a)
+        elif isinstance(a, fx.Node) and a.op == "get_attr":
+            value = _param_of(gm, a)
+            if isinstance(value, nn.Parameter) and value.dim() >= 2:
+                return True
+    return False
+
+
+def kept_float(gm: fx.GraphModule) -> List[FloatOp]:
+    """Ops and modules of a prepared or frozen module that compute in float although they could matter.
+
+    Lists: submodules kept as float leaves at capture (untraceable code, user `leaf_modules`); quantizable
+    ops an override keeps float; modules and ops that hold weights fxquant does not quantize (LSTM, GRU,
+    MultiheadAttention modules, aten.lstm, ...); fused attention and einsum kernels. Normalisation layers
+    (float by design) and weight-free elementwise ops are not listed. Reads the graph; changes nothing.
+    """
+    leaves: Dict[str, str] = dict(getattr(gm, FLOAT_MODULES_ATTR, {}) or {})
+    out = [FloatOp(path, "module", reason) for path, reason in leaves.items()]
+    for node in gm.graph.nodes:
+        op = quant_op(node)
+        if op is not None:
+            if op.weight_spec is None and op.input_spec is None:
+                out.append(FloatOp(op.name, _target_name(node), f"kept float by {op.reason}"))
+            continue
+        if node.op == "call_module":
+            target = str(node.target)
+            if target.startswith("fxq_quantizers.") or target in leaves:
+                continue
+            mod = gm.get_submodule(target)
+            if any(True for _ in mod.parameters()) and not isinstance(mod, _FLOAT_BY_DESIGN_MODULES):
+                out.append(FloatOp(target, type(mod).__name__, "module type not quantized by fxquant"))
+        elif node.op == "call_function":
+            name = _names_of(gm, node, None)[0]
+            if node.target in _FLOAT_KERNELS:
+                out.append(FloatOp(name, _target_name(node), _FLOAT_KERNELS[node.target]))
+            elif not any(k in _target_name(node) for k in _NORM_NAMES) and _reads_weight(gm, node):
+                out.append(FloatOp(name, _target_name(node), "op with weights not quantized by fxquant"))
+    return out
+
+
+_FLOAT_BY_DESIGN_MODULES: Tuple[type, ...] = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d,
+    nn.InstanceNorm2d, nn.InstanceNorm3d, nn.PReLU,
+)

@@ -56,7 +56,9 @@ def prepare(
         model: any `nn.Module`.
         example_inputs: a tensor, a tuple of positional arguments, or a dict of keyword arguments.
         config: what to quantize and how (default `QuantConfig()`: W8A8 per-channel weights).
-        capture: `"auto"` (symbolic trace, then the other front ends) or `"symbolic_trace"`.
+        capture: `"auto"` (symbolic trace, then torch.export, then symbolic trace with untraceable
+            submodules kept float), `"symbolic_trace"`, `"export"` or `"symbolic_trace_leaves"`
+            (see `fxquant.tracing`).
         leaf_modules: module paths to keep as opaque float calls (for code symbolic tracing rejects).
 
     Returns:
@@ -84,7 +86,7 @@ def prepare(
     if not isinstance(config, QuantConfig):
         raise PrepareError(f"config must be a fxq.QuantConfig, got {type(config).__name__}.")
     work = copy.deepcopy(model)
-    gm, front_end = capture_model(work, capture, leaf_modules)
+    gm, front_end = capture_model(work, capture, leaf_modules, example_inputs)
     propagate_shapes(gm, example_inputs)
     run_passes(gm, (functionalize_modules, fold_batchnorm))
     propagate_shapes(gm, example_inputs)

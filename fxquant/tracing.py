@@ -1,8 +1,23 @@
 """Capture: turn an unmodified `nn.Module` into a `torch.fx.GraphModule`, and propagate shapes.
 
-Front ends: `torch.fx.symbolic_trace` (with user leaf modules). The `torch.export` front end plugs in
-here as a second capture (`capture="export"`); `capture_model` tries them in order and, when all fail,
-raises one `CaptureError` that says what each said and what to do.
+Three front ends (`prepare(..., capture=...)`):
+
+- `"symbolic_trace"`: `torch.fx.symbolic_trace` with user leaf modules. Graphs of `F.*`/module calls.
+- `"export"`: `torch.export.export(model, args, kwargs, strict=False).module()`, re-wrapped as a plain
+  `fx.GraphModule` (so `train()`/`eval()` work). Graphs of aten ops (`aten.linear`, `aten.conv2d`, ...)
+  with parameters as `get_attr` nodes at their original paths and `node.meta["nn_module_stack"]`
+  naming the user's modules. The model is exported in eval mode (dropout off, BatchNorm on running
+  statistics, so BN folds), with the batch dimension dynamic where torch.export allows it.
+  Hugging Face `transformers` models need this front end.
+- `"symbolic_trace_leaves"`: symbolic trace that keeps every submodule it cannot trace as an opaque
+  float call (a leaf) and quantizes the rest; `gm.fxquant_float_modules` says which stayed float and why.
+
+`"auto"` (the default) tries symbolic trace, then torch.export, then the leaf fallback, and keeps the
+first that works. This order quantizes the most: export sees through code that symbolic tracing
+rejects (most of `transformers`), while the leaf fallback leaves whole submodules float, so it comes last
+(for data-dependent control flow, which neither of the others can capture). With user `leaf_modules`,
+`"auto"` skips torch.export (it has no leaves) so the user's leaves stay float. When every front end
+fails, one `CaptureError` lists what each said and what to do.
 
 This module does not analyze or change the graph; it only captures it and records shapes in
 `node.meta["tensor_meta"]`.
@@ -10,18 +25,27 @@ This module does not analyze or change the graph; it only captures it and record
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import traceback
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import warnings
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+import torch.fx._pytree as fx_pytree
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxquant.errors import CaptureError, PrepareError
 
 Inputs = Any
-CAPTURES: Tuple[str, ...] = ("auto", "symbolic_trace")
+CAPTURES: Tuple[str, ...] = ("auto", "symbolic_trace", "export", "symbolic_trace_leaves")
+FLOAT_MODULES_ATTR = "fxquant_float_modules"
+"""Attribute on a captured GraphModule: `{module path: why it stayed a float leaf}` (leaf fallback and
+user leaves)."""
+MAX_AUTO_LEAVES = 64
 
 
 def normalize_inputs(example_inputs: Inputs) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
@@ -104,27 +128,210 @@ def symbolic_trace_model(model: nn.Module, leaf_modules: Sequence[str] = ()) -> 
         if where[0]:
             fixes.append(f"keep it float as a leaf: prepare(..., leaf_modules=['{where[0]}'])")
         fixes.append("capture with torch.export instead: prepare(..., capture='export')")
-        raise CaptureError(
+        if where[0]:
+            fixes.append("let fxquant keep untraceable submodules float: prepare(..., capture='symbolic_trace_leaves')")
+        error = CaptureError(
             f"torch.fx.symbolic_trace failed in {module_desc} at {line}\n"
             f"  error: {type(e).__name__}: {e}\n"
             "  fix: " + "; or ".join(fixes) + "."
-        ) from e
+        )
+        error.fxq_module_path = where[0]  # type: ignore[attr-defined] - read by the leaf fallback
+        raise error from e
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)
 
 
+def _indent(text: str, prefix: str = "    ") -> str:
+    return "\n".join(prefix + line for line in str(text).splitlines())
+
+
+def symbolic_trace_with_leaves(
+    model: nn.Module, leaf_modules: Sequence[str] = (), max_leaves: int = MAX_AUTO_LEAVES
+) -> fx.GraphModule:
+    """Symbolic trace that turns each submodule it cannot trace into a float leaf, then retries.
+
+    The innermost module whose `forward` raised becomes a leaf (its whole call stays float; the rest of
+    the model is quantized). `gm.fxquant_float_modules` maps each such module path, and each user leaf,
+    to the reason.
+
+    Raises:
+        CaptureError: the failure is in the top-level `forward` (no submodule to keep float), or more
+            than `max_leaves` submodules fail.
+    """
+    leaves = list(leaf_modules)
+    reasons: Dict[str, str] = {name: "leaf_modules (user)" for name in leaf_modules}
+    while True:
+        try:
+            gm = symbolic_trace_model(model, leaves)
+            break
+        except CaptureError as e:
+            path = getattr(e, "fxq_module_path", "")
+            if not path or path in leaves or len(leaves) >= max_leaves + len(leaf_modules):
+                raise
+            cause = e.__cause__
+            reasons[path] = f"symbolic_trace failed: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+            leaves.append(path)
+    setattr(gm, FLOAT_MODULES_ATTR, reasons)
+    return gm
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    """Silence torch.export's warnings, log lines and failure graph dumps (printed to stderr).
+
+    The failure itself is reported in the `CaptureError`; the dumps would bury it.
+    """
+    names = ["torch"] + [n for n in logging.root.manager.loggerDict if n.startswith("torch.")]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _batch_dynamic_shapes(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    """`dynamic_shapes` for torch.export: dimension 0 of every tensor of 2+ rows is `Dim.AUTO`."""
+    from torch.export import Dim
+
+    def spec(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return {0: Dim.AUTO} if v.dim() >= 1 and v.shape[0] >= 2 else None
+        if isinstance(v, (list, tuple)):
+            return type(v)(spec(x) for x in v)
+        if isinstance(v, dict):
+            return {k: spec(x) for k, x in v.items()}
+        return None
+
+    return spec(args), spec(kwargs)
+
+
+def export_model(model: nn.Module, example_inputs: Inputs) -> fx.GraphModule:
+    """Capture with `torch.export.export(model, args, kwargs, strict=False).module()` (aten ops).
+
+    The model is exported in eval mode; the batch dimension is dynamic where torch.export allows it (a
+    static export is retried otherwise). The result is a plain `fx.GraphModule` named after the model's
+    class, called like the model (same positional and keyword arguments).
+
+    Raises:
+        CaptureError: torch.export failed; the message holds its error and the fixes.
+    """
+    args, kwargs = normalize_inputs(example_inputs)
+    was_training = model.training
+    model.eval()
+    try:
+        with _quiet_torch_logs():
+            try:
+                ep = torch.export.export(
+                    model, args, kwargs, dynamic_shapes=_batch_dynamic_shapes(args, kwargs), strict=False
+                )
+            except Exception:  # noqa: BLE001 - a dynamic batch is a nicety; retry static before giving up
+                ep = torch.export.export(model, args, kwargs, strict=False)
+            exported = ep.module()
+    except Exception as e:  # noqa: BLE001
+        frame = _user_frame(e)
+        line = f" at {frame.filename}:{frame.lineno}: {frame.line}" if frame else ""
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CaptureError(
+            f"torch.export.export(strict=False) failed{line}\n"
+            f"  error: {type(e).__name__}: {first}\n"
+            "  fix: make the failing code export-friendly (no data-dependent Python control flow: use "
+            "torch.where/torch.cond), or keep the submodule float: prepare(..., capture='symbolic_trace_leaves')."
+        ) from e
+    finally:
+        model.train(was_training)
+    # `.module()` gives a _StatefulGraphModule whose train()/eval() raise; a plain GraphModule over the same
+    # graph and submodules keeps the calling convention (pytree codegen) and trains normally.
+    gm = fx.GraphModule(exported, exported.graph, type(model).__name__)
+    gm.train(was_training)
+    return gm
+
+
 def capture_model(
-    model: nn.Module, capture: str = "auto", leaf_modules: Sequence[str] = ()
+    model: nn.Module,
+    capture: str = "auto",
+    leaf_modules: Sequence[str] = (),
+    example_inputs: Inputs = None,
 ) -> Tuple[fx.GraphModule, str]:
-    """Capture `model` with the requested front end; returns the graph module and the front end used."""
+    """Capture `model` with the requested front end; returns the graph module and the front end used.
+
+    Args:
+        model: the module to capture (fxquant's own copy; the export front end switches it to eval
+            mode while exporting and restores the mode).
+        capture: `"auto"`, `"symbolic_trace"`, `"export"` or `"symbolic_trace_leaves"` (module docstring).
+        leaf_modules: module paths kept as opaque float calls (symbolic trace front ends only).
+        example_inputs: the model's inputs (needed by `"export"` and `"auto"`).
+
+    Returns:
+        `(gm, front_end)` where `front_end` is the name of the front end that succeeded.
+
+    Raises:
+        PrepareError: unknown `capture`, or `leaf_modules` with `capture="export"`.
+        CaptureError: the front end (all of them, for `"auto"`) failed; lists what each said.
+    """
     if capture not in CAPTURES:
         raise PrepareError(f"capture={capture!r} is unknown; expected one of {CAPTURES}.")
-    return symbolic_trace_model(model, leaf_modules), "symbolic_trace"
+    if capture == "export" and leaf_modules:
+        raise PrepareError(
+            f"leaf_modules={list(leaf_modules)} cannot be used with capture='export' (torch.export has no leaf "
+            "modules); keep those layers float with overrides instead: QuantConfig(overrides=[('path*', None)])."
+        )
+    if capture == "symbolic_trace":
+        gm = symbolic_trace_model(model, leaf_modules)
+        if leaf_modules:
+            setattr(gm, FLOAT_MODULES_ATTR, {name: "leaf_modules (user)" for name in leaf_modules})
+        return gm, "symbolic_trace"
+    if capture == "symbolic_trace_leaves":
+        return symbolic_trace_with_leaves(model, leaf_modules), "symbolic_trace_leaves"
+    if capture == "export":
+        return export_model(model, example_inputs), "export"
+    failures: List[Tuple[str, CaptureError]] = []
+    try:
+        gm = symbolic_trace_model(model, leaf_modules)
+        if leaf_modules:
+            setattr(gm, FLOAT_MODULES_ATTR, {name: "leaf_modules (user)" for name in leaf_modules})
+        return gm, "symbolic_trace"
+    except CaptureError as e:
+        failures.append(("symbolic_trace", e))
+    if not leaf_modules:
+        try:
+            return export_model(model, example_inputs), "export"
+        except CaptureError as e:
+            failures.append(("export", e))
+    try:
+        return symbolic_trace_with_leaves(model, leaf_modules), "symbolic_trace_leaves"
+    except CaptureError as e:
+        failures.append(("symbolic_trace_leaves", e))
+    said = "\n".join(f"- {name}:\n{_indent(e)}" for name, e in failures)
+    raise CaptureError(
+        f"no front end could capture {type(model).__name__} (tried {', '.join(n for n, _ in failures)}):\n{said}\n"
+        "What to do: make the failing code traceable (no Python control flow on tensor values; torch.where or "
+        "torch.cond instead of `if`), or move it into a submodule so that it can stay float as a leaf, or "
+        "quantize the traceable parts separately."
+    ) from failures[-1][1]
 
 
 def placeholder_args(gm: fx.GraphModule, example_inputs: Inputs) -> Tuple[Any, ...]:
-    """Positional arguments for every placeholder of `gm`, from a tensor, tuple or dict of inputs."""
+    """Positional arguments for every placeholder of `gm`, from a tensor, tuple or dict of inputs.
+
+    For a torch.export graph (pytree calling convention) these are the flattened inputs in the order the
+    graph's input spec gives.
+    """
     args, kwargs = normalize_inputs(example_inputs)
+    in_spec = getattr(gm, "_in_spec", None)
+    if in_spec is not None:
+        try:
+            return tuple(fx_pytree.tree_flatten_spec((args, kwargs), in_spec))
+        except Exception as e:  # noqa: BLE001
+            raise PrepareError(
+                f"example_inputs do not match the inputs the model was exported with ({in_spec}): "
+                f"{type(e).__name__}: {e}. Pass the same positional and keyword arguments."
+            ) from e
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(args) > len(placeholders):
         raise PrepareError(

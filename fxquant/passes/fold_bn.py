@@ -1,41 +1,128 @@
 """Pass `fold_batchnorm`: fold eval-mode BatchNorm into the conv/linear that feeds it.
 
-Runs after `functionalize_modules`, on `F.conv*`/`F.conv_transpose*`/`F.linear` nodes whose only user is
-a BatchNorm module call. The folded weight and bias replace the layer's parameters (in fxquant's own copy
-of the model), so the weight quantizer sees the folded weight: what fine-tuning optimises is what is
-exported. A BatchNorm with no foldable producer stays float. Uses torch's own fusion formulas.
+Runs after `functionalize_modules`, on conv / conv-transpose / linear nodes (`F.*` calls, or aten ops in
+torch.export graphs) whose only user is a BatchNorm in eval form: a BatchNorm module call, an
+`F.batch_norm(..., training=False)` call, `aten.batch_norm(..., training=False)` or
+`aten._native_batch_norm_legit_no_training` (through its `getitem(0)`). The folded weight and bias replace
+the layer's parameters (in fxquant's own copy of the model), so the weight quantizer sees the folded
+weight: what fine-tuning optimises is what is exported. A BatchNorm with no foldable producer (or in
+training form, or with statistics that are not stored buffers) stays float. Uses torch's own fusion
+formulas.
 """
 
 from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
-_CONVS = {F.conv1d, F.conv2d, F.conv3d}
-_CONV_TS = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
+aten = torch.ops.aten
+
+_CONVS = {
+    F.conv1d, F.conv2d, F.conv3d, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+    aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding,
+}
+_CONV_TS = {
+    F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, aten.conv_transpose1d.default,
+    aten.conv_transpose2d.input, aten.conv_transpose3d.input,
+}
+_LINEARS = {F.linear, aten.linear.default}
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+@dataclass
+class _BatchNorm:
+    """One eval-mode BatchNorm found in the graph: its input, statistics, and the node to replace."""
+
+    input: Any
+    mean: torch.Tensor
+    var: torch.Tensor
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    eps: float
+    output: fx.Node
+    erase: List[fx.Node]
+
+
+def _tensor(gm: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
+    if node is None:
+        return None
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        raise LookupError("not a stored tensor")
+    obj: Any = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part)
+    if not isinstance(obj, torch.Tensor):
+        raise LookupError("not a tensor")
+    return obj
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if index < len(node.args):
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _as_batchnorm(gm: fx.GraphModule, node: fx.Node) -> Optional[_BatchNorm]:
+    """The eval-mode BatchNorm computed by `node`, or None."""
+    try:
+        if node.op == "call_module":
+            bn = gm.get_submodule(str(node.target))
+            if not isinstance(bn, _BNS) or bn.running_mean is None or bn.running_var is None:
+                return None
+            return _BatchNorm(node.args[0] if node.args else None, bn.running_mean, bn.running_var, bn.weight,
+                              bn.bias, bn.eps, node, [node])
+        if node.op != "call_function":
+            return None
+        if node.target is F.batch_norm:
+            if _arg(node, 5, "training", False):
+                return None
+            return _BatchNorm(
+                node.args[0], _tensor(gm, _arg(node, 1, "running_mean")), _tensor(gm, _arg(node, 2, "running_var")),
+                _tensor(gm, _arg(node, 3, "weight")), _tensor(gm, _arg(node, 4, "bias")),
+                float(_arg(node, 7, "eps", 1e-5)), node, [node],
+            )
+        if node.target is aten.batch_norm.default:
+            if _arg(node, 5, "training", False):
+                return None
+            return _BatchNorm(
+                node.args[0], _tensor(gm, node.args[3]), _tensor(gm, node.args[4]), _tensor(gm, node.args[1]),
+                _tensor(gm, node.args[2]), float(_arg(node, 7, "eps", 1e-5)), node, [node],
+            )
+        if node.target is aten._native_batch_norm_legit_no_training.default:
+            users = list(node.users)
+            if len(users) != 1 or users[0].target is not operator.getitem or users[0].args[1] != 0:
+                return None
+            return _BatchNorm(
+                node.args[0], _tensor(gm, node.args[3]), _tensor(gm, node.args[4]), _tensor(gm, node.args[1]),
+                _tensor(gm, node.args[2]), float(_arg(node, 6, "eps", 1e-5)), users[0], [users[0], node],
+            )
+    except LookupError:
+        return None
+    return None
+
+
 def _uses_of_target(gm: fx.GraphModule, target: str) -> int:
-    return sum(1 for n in gm.graph.nodes if n.op == "get_attr" and n.target == target)
+    return sum(len(n.users) for n in gm.graph.nodes if n.op == "get_attr" and n.target == target)
 
 
 def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
     """Fold `layer -> BatchNorm` pairs into the layer's weight and bias (eval-mode statistics)."""
-    for bn_node in list(gm.graph.nodes):
-        if bn_node.op != "call_module":
+    for node in list(gm.graph.nodes):
+        bn = _as_batchnorm(gm, node)
+        if bn is None:
             continue
-        bn = gm.get_submodule(str(bn_node.target))
-        if not isinstance(bn, _BNS) or bn.running_mean is None or bn.running_var is None:
-            continue
-        producer = bn_node.args[0] if bn_node.args else None
+        producer = bn.input
         if not isinstance(producer, fx.Node) or producer.op != "call_function" or len(producer.users) != 1:
             continue
         is_conv = producer.target in _CONVS
         is_conv_t = producer.target in _CONV_TS
-        is_linear = producer.target is F.linear
+        is_linear = producer.target in _LINEARS
         if not (is_conv or is_conv_t or is_linear):
             continue
         weight_node = producer.args[1]
@@ -55,17 +142,15 @@ def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
         owner_path, _, weight_name = str(weight_node.target).rpartition(".")
         owner = gm.get_submodule(owner_path) if owner_path else gm
         weight = getattr(owner, weight_name)
-        bias = getattr(owner, "bias", None) if bias_node is not None else None
-        if bias_node is not None:
-            bias = gm.get_parameter(str(bias_node.target))
-        bn_weight = bn.weight if bn.weight is not None else torch.ones_like(bn.running_mean)
-        bn_bias = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
+        bias = gm.get_parameter(str(bias_node.target)) if bias_node is not None else None
+        bn_weight = bn.weight if bn.weight is not None else torch.ones_like(bn.mean)
+        bn_bias = bn.bias if bn.bias is not None else torch.zeros_like(bn.mean)
         with torch.no_grad():
             if is_linear:
-                new_w, new_b = fuse_linear_bn_weights(weight, bias, bn.running_mean, bn.running_var, bn.eps, bn_weight, bn_bias)
+                new_w, new_b = fuse_linear_bn_weights(weight, bias, bn.mean, bn.var, bn.eps, bn_weight, bn_bias)
             else:
                 new_w, new_b = fuse_conv_bn_weights(
-                    weight, bias, bn.running_mean, bn.running_var, bn.eps, bn_weight, bn_bias, transpose=is_conv_t
+                    weight, bias, bn.mean, bn.var, bn.eps, bn_weight, bn_bias, transpose=is_conv_t
                 )
         setattr(owner, weight_name, nn.Parameter(new_w.detach().clone()))
         if bias_node is not None:
@@ -81,7 +166,8 @@ def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
                 args.append(None)
             args[2] = new_bias_node
             producer.args = tuple(args)
-        bn_node.replace_all_uses_with(producer)
-        gm.graph.erase_node(bn_node)
+        bn.output.replace_all_uses_with(producer)
+        for dead in bn.erase:
+            gm.graph.erase_node(dead)
     gm.delete_all_unused_submodules()
     return gm
