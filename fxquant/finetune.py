@@ -1,0 +1,842 @@
+"""Fine-tuning: distillation from the float teacher plus a bit-width penalty (algorithms.md section 4).
+
+`finetune(qm, batches, teacher=model, steps=300, target_bits=4)` trains a prepared module in place:
+
+- base loss: Jeffreys divergence to the frozen teacher for logits, MSE for other outputs
+  (`fxquant.losses.distillation_loss`), plus an optional user task loss `loss_fn(outputs, targets)`;
+- penalty: `"exterior"` (GDNSQ: one-sided hinge of the bits to the target, coefficient zero during the
+  warm-up then growing linearly, multiplied by a running mean of the base loss and divided by the share
+  of active constraints) or `"size"` (DiffQ: `size_lambda * model size in MB`);
+- optimizer: weights, quantizer clamps and quantizer bits in separate param groups, no weight decay on
+  quantizer parameters, `beta1 = 0` for the bits (Adam momentum would carry them past the one-sided
+  hinge);
+- schedule (`Schedule`, expressed as fractions of the step budget so that bits reach the target by about
+  half of it): linear LR warm-up, constant LR until every quantizer meets its target, then exponential
+  decay; the result is the best state among those that meet the target.
+
+Targets apply to quantizers that learn their bits (`learn_bits=True`); first/last layers fixed at 8 bits
+by `QuantConfig(first_last_bits=8)` are reported but not constrained. "Meets the target" is judged on the
+integer bits that eval and `freeze` use (`round(b)`), never on the continuous ones.
+
+Fine-tuning changes parameter values, never the graph. Calibration is `fxquant.calibration`; numerics of
+the quantizers are `fxquant.quantizer`; the losses are `fxquant.losses`.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from fxquant.batches import Batch, cycle_batches, model_device, required_inputs, run_batch, split_batch, to_device
+from fxquant.calibration import calibrate
+from fxquant.errors import ConfigError, FxQuantError, PrepareError, StateError
+from fxquant.losses import DISTILL_KINDS, distillation_loss, exterior_hinge, model_size_mb, output_leaves
+from fxquant.passes.insert import QUANTIZERS_ATTR
+from fxquant.preparation import module_state
+from fxquant.quantizer import KIND_ACTIVATION, KIND_WEIGHT, LearnableQuantizer, iter_learnable
+from fxquant.utils import quantizers_enabled
+
+PENALTIES = ("exterior", "size")
+FLOOR_MARGIN = 0.25
+"""With `Schedule.floor`, continuous bits never go below `target - 0.25`, so `round(b)` stays on the target."""
+MAX_BAD_STEPS = 5
+"""Consecutive non-finite steps after which fine-tuning stops (and returns the best state so far)."""
+
+OptimizerFactory = Callable[[List[Dict[str, Any]]], torch.optim.Optimizer]
+LossFn = Callable[[Any, Any], Tensor]
+
+
+class FinetuneWarning(UserWarning):
+    """Fine-tuning did something the caller must know about (target never met, non-finite loss, Ctrl-C)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration objects.
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_number(where: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise ConfigError(f"{where}={value!r} is not a finite number; give e.g. {where}=4.")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class BitTarget:
+    """What the penalty drives the learned bit-widths to.
+
+    Args:
+        weight: bits of every weight quantizer that learns its bits (or, with `weight_average=True`, their
+            size-weighted average: mixed precision). `None`: weights are not constrained.
+        activation: bits of every activation quantizer that learns its bits. `None`: not constrained.
+        weight_average: constrain the size-weighted average of the learnable weight bits instead of each
+            one (DiffQ-style mixed precision).
+
+    Example:
+        >>> BitTarget(weight=4, activation=8)             # W4A8
+        >>> BitTarget(weight=3.5, weight_average=True)     # 3.5 bits per weight on average
+    """
+
+    weight: Optional[float] = None
+    activation: Optional[float] = None
+    weight_average: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("weight", "activation"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, _check_number(f"BitTarget.{name}", value))
+        if self.weight is None and self.activation is None:
+            raise ConfigError("BitTarget has neither a weight nor an activation target; give at least one, e.g. weight=4.")
+        if self.weight_average and self.weight is None:
+            raise ConfigError("BitTarget(weight_average=True) needs weight=<average bits>, e.g. weight=3.5.")
+
+    @classmethod
+    def coerce(cls, value: Union[None, float, Mapping[str, Any], "BitTarget"]) -> Optional["BitTarget"]:
+        """`None`, a number (the same target for weights and activations), a dict or a `BitTarget`."""
+        if value is None or isinstance(value, BitTarget):
+            return value
+        if isinstance(value, Mapping):
+            unknown = set(value) - {f.name for f in fields(cls)}
+            if unknown:
+                raise ConfigError(
+                    f"target_bits has unknown keys {sorted(unknown)}; use 'weight', 'activation' and "
+                    "'weight_average', e.g. {'weight': 4, 'activation': 8}."
+                )
+            return cls(**value)
+        number = _check_number("target_bits", value)
+        return cls(weight=number, activation=number)
+
+    def describe(self) -> str:
+        """Short text, e.g. `W4A4` or `W avg 3.5 (learnable weights, size-weighted)`."""
+        parts = []
+        if self.weight is not None:
+            w = f"{self.weight:g}"
+            parts.append(f"W avg {w} (learnable weights, size-weighted)" if self.weight_average else f"W{w}")
+        if self.activation is not None:
+            parts.append(f"A{self.activation:g}")
+        return " ".join(parts) if self.weight_average else "".join(parts)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Learning rates, warm-up, penalty growth and decay, as fractions of the step budget.
+
+    Args:
+        lr: learning rate of the model weights (and biases).
+        clamp_lr: learning rate of quantizer clamps `lo`/`hi` (default: `lr`).
+        bits_lr: learning rate of the bits parameters, which live in [0, 1] over `[min_bits, max_bits]`
+            (default: `3 / steps`, so Adam can cross the whole range in a third of the budget).
+        weight_decay: weight decay of the model weights (never applied to quantizer parameters).
+        warmup: fraction of the steps with a linear LR warm-up.
+        penalty_start: fraction of the steps before the exterior penalty starts (default: `warmup`).
+        penalty_growth: the exterior penalty's coefficient grows linearly to this value at the end of the
+            budget (so at half the budget it is about half of it).
+        final_lr_ratio: once the target is met, the LR decays exponentially to this fraction of its value
+            by the last step. Without a target the decay starts at half the budget.
+        loss_momentum: momentum of the running mean of the base loss that normalises the penalty.
+        bits_beta1: Adam `beta1` of the bits group (0: no momentum to carry bits past the hinge).
+        floor: with per-kind targets, keep continuous bits at or above `target - 0.25` so the rounded bits
+            land exactly on the target instead of undershooting it.
+        betas: Adam betas of the weights and clamps groups.
+    """
+
+    lr: float = 1e-3
+    clamp_lr: Optional[float] = None
+    bits_lr: Optional[float] = None
+    weight_decay: float = 0.0
+    warmup: float = 0.05
+    penalty_start: Optional[float] = None
+    penalty_growth: float = 100.0
+    final_lr_ratio: float = 0.05
+    loss_momentum: float = 0.9
+    bits_beta1: float = 0.0
+    floor: bool = True
+    betas: Tuple[float, float] = (0.9, 0.999)
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "clamp_lr", "bits_lr", "penalty_growth", "weight_decay"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            number = _check_number(f"Schedule.{name}", value)
+            if number < 0 or (number == 0 and name.endswith("lr")):
+                raise ConfigError(f"Schedule.{name}={value!r} must be positive; e.g. {name}=1e-3.")
+        for name in ("warmup", "penalty_start", "final_lr_ratio", "loss_momentum", "bits_beta1"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            number = _check_number(f"Schedule.{name}", value)
+            if not (0.0 <= number <= 1.0) or (name == "final_lr_ratio" and number == 0.0):
+                raise ConfigError(
+                    f"Schedule.{name}={value!r} is a fraction and must lie in [0, 1] (final_lr_ratio in (0, 1]); "
+                    "e.g. warmup=0.05."
+                )
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One training step of the history (bits and size after the step, at integer bits)."""
+
+    step: int
+    loss: float
+    base: float
+    penalty: float
+    coefficient: float
+    lr: float
+    avg_weight_bits: float
+    avg_learnable_weight_bits: float
+    avg_activation_bits: float
+    size_mb: float
+    active_constraints: int
+    met: bool
+
+
+@dataclass
+class FinetuneResult:
+    """What `finetune` did: history, the chosen step and whether the target was met.
+
+    Attributes:
+        history: one `StepRecord` per step run (`loss` is NaN for a skipped non-finite step).
+        best_step: the step (1-based: the state after that many steps) that was restored, or `None` when
+            no state met the target (then the last state is kept).
+        best_metric: its selection metric; `metric` says which (`"val_distillation"` or `"train_loss"`).
+        met_target: whether the returned state meets the target (integer bits). `False` comes with a
+            `FinetuneWarning`.
+        converged_step: the first step at which every quantizer met its target.
+        bits_before, bits_after: average bits before and after (`avg_weight_bits`: all quantized weights,
+            size-weighted; `avg_learnable_weight_bits`: those that learn bits; `avg_activation_bits`: mean
+            over activation quantizers; `size_mb`).
+        interrupted: Ctrl-C stopped the run (the best state so far was returned).
+        stop_reason: why training stopped before `steps`, or `None`.
+        nonfinite_steps: steps whose loss or gradients were NaN/inf (skipped, last good state restored).
+        calibrated: `finetune` calibrated the module itself because it was not calibrated yet.
+    """
+
+    history: List[StepRecord] = field(default_factory=list)
+    best_step: Optional[int] = None
+    best_metric: Optional[float] = None
+    metric: str = "train_loss"
+    met_target: bool = False
+    converged_step: Optional[int] = None
+    target: Optional[BitTarget] = None
+    penalty: Optional[str] = None
+    size_lambda: Optional[float] = None
+    steps_run: int = 0
+    interrupted: bool = False
+    stop_reason: Optional[str] = None
+    nonfinite_steps: List[int] = field(default_factory=list)
+    bits_before: Dict[str, float] = field(default_factory=dict)
+    bits_after: Dict[str, float] = field(default_factory=dict)
+    calibrated: bool = False
+
+    def series(self, name: str) -> List[float]:
+        """One column of the history, e.g. `result.series("avg_weight_bits")`."""
+        if name not in {f.name for f in fields(StepRecord)}:
+            raise ConfigError(f"history has no column {name!r}; columns: {[f.name for f in fields(StepRecord)]}.")
+        return [getattr(r, name) for r in self.history]
+
+    def __str__(self) -> str:
+        target = self.target.describe() if self.target else "none"
+        b, a = self.bits_before, self.bits_after
+        return (
+            f"finetune: {self.steps_run} steps, target {target}, met={self.met_target}, best step {self.best_step} "
+            f"({self.metric}={self.best_metric if self.best_metric is None else f'{self.best_metric:.4g}'}); "
+            f"weight bits {b.get('avg_weight_bits', 0):.2f} -> {a.get('avg_weight_bits', 0):.2f} "
+            f"(all quantized weights, size-weighted), activation bits {b.get('avg_activation_bits', 0):.2f} -> "
+            f"{a.get('avg_activation_bits', 0):.2f}, size {b.get('size_mb', 0):.4f} -> {a.get('size_mb', 0):.4f} MB"
+            + (f"; stopped: {self.stop_reason}" if self.stop_reason else "")
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Bits bookkeeping: constraints, statistics, floors.
+# --------------------------------------------------------------------------------------------------
+
+
+class _Bits:
+    """The quantizers of a prepared module, grouped for penalties and statistics."""
+
+    def __init__(self, module: nn.Module, target: Optional[BitTarget]) -> None:
+        quantizers = [q for _, q in iter_learnable(module)]
+        self.target = target
+        self.weights = [q for q in quantizers if q.kind == KIND_WEIGHT]
+        self.activations = [q for q in quantizers if q.kind == KIND_ACTIVATION]
+        self.learn_weights = [q for q in self.weights if q.learn_bits]
+        self.learn_activations = [q for q in self.activations if q.learn_bits]
+        quantized = sum(math.prod(q.tensor_shape) for q in self.weights)
+        params = {id(p): p for n, p in module.named_parameters() if not n.startswith(QUANTIZERS_ATTR + ".")}
+        self.float_numel = max(sum(p.numel() for p in params.values()) - quantized, 0)
+
+    def constraints(self) -> Optional[Tuple[Tensor, Tensor]]:
+        """`(bits, targets)` as 1-D tensors for `exterior_hinge` (differentiable bits)."""
+        t = self.target
+        if t is None:
+            return None
+        bits: List[Tensor] = []
+        targets: List[float] = []
+        if t.weight is not None and self.learn_weights:
+            if t.weight_average:
+                size = torch.stack([q.size_bits() for q in self.learn_weights]).sum()
+                numel = sum(q.group_numel() * q.bits_param.numel() for q in self.learn_weights)
+                bits.append((size / numel).reshape(1))
+                targets.append(t.weight)
+            else:
+                for q in self.learn_weights:
+                    b = q.bits().reshape(-1)
+                    bits.append(b)
+                    targets.extend([t.weight] * b.numel())
+        if t.activation is not None:
+            for q in self.learn_activations:
+                b = q.bits().reshape(-1)
+                bits.append(b)
+                targets.extend([t.activation] * b.numel())
+        if not bits:
+            return None
+        stacked = torch.cat(bits)
+        return stacked, torch.tensor(targets, dtype=stacked.dtype, device=stacked.device)
+
+    def size_bits(self) -> Tensor:
+        """Differentiable storage of all quantized weights in bits."""
+        return torch.stack([q.size_bits() for q in self.weights]).sum()
+
+    @torch.no_grad()
+    def stats(self) -> Dict[str, float]:
+        """Average integer bits (what eval and freeze use) and model size."""
+
+        def weighted(qs: List[LearnableQuantizer]) -> Tuple[float, float]:
+            size = sum(float((q.integer_bits() * q.group_numel()).sum()) for q in qs)
+            numel = sum(q.group_numel() * q.bits_param.numel() for q in qs)
+            return size, float(numel)
+
+        size_all, numel_all = weighted(self.weights)
+        size_learn, numel_learn = weighted(self.learn_weights)
+        act = [float(q.integer_bits().float().mean()) for q in self.activations]
+        return {
+            "avg_weight_bits": size_all / numel_all if numel_all else 0.0,
+            "avg_learnable_weight_bits": size_learn / numel_learn if numel_learn else 0.0,
+            "avg_activation_bits": sum(act) / len(act) if act else 0.0,
+            "size_mb": (size_all + 32.0 * self.float_numel) / 8e6,
+        }
+
+    @torch.no_grad()
+    def met(self) -> bool:
+        """Whether every constrained quantizer meets its target at integer bits."""
+        t = self.target
+        if t is None:
+            return True
+        if t.weight is not None and self.learn_weights:
+            if t.weight_average:
+                if self.stats()["avg_learnable_weight_bits"] > t.weight + 1e-9:
+                    return False
+            elif any(float(q.integer_bits().max()) > t.weight for q in self.learn_weights):
+                return False
+        if t.activation is not None:
+            if any(float(q.integer_bits().max()) > t.activation for q in self.learn_activations):
+                return False
+        return True
+
+    @torch.no_grad()
+    def apply_floor(self) -> None:
+        """Keep continuous bits at or above `target - 0.25` (per-kind targets only)."""
+        t = self.target
+        if t is None:
+            return
+        pairs: List[Tuple[List[LearnableQuantizer], Optional[float]]] = [(self.learn_activations, t.activation)]
+        if not t.weight_average:
+            pairs.append((self.learn_weights, t.weight))
+        for qs, target in pairs:
+            if target is None:
+                continue
+            for q in qs:
+                span = q.max_bits - q.min_bits
+                if span > 0:
+                    floor = (target - FLOOR_MARGIN - q.min_bits) / span
+                    if floor > 0:
+                        q.bits_param.clamp_(min=floor)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks before training.
+# --------------------------------------------------------------------------------------------------
+
+
+def _unwrap(qm: nn.Module) -> nn.Module:
+    """The prepared GraphModule inside a DistributedDataParallel / DataParallel wrapper (or `qm`)."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    return qm.module if isinstance(qm, wrappers) else qm
+
+
+def _check_target(target: Optional[BitTarget], bits: _Bits) -> None:
+    if target is None:
+        return
+    if not bits.learn_weights and not bits.learn_activations:
+        raise ConfigError(
+            f"target_bits={target.describe()} but no quantizer learns its bits; prepare with "
+            "QuantSpec(learn_bits=True) (the default) or drop target_bits."
+        )
+    checks = [("weight", target.weight, bits.learn_weights), ("activation", target.activation, bits.learn_activations)]
+    for kind, value, qs in checks:
+        if value is None:
+            continue
+        if not qs:
+            raise ConfigError(
+                f"target_bits sets {kind}={value:g} but no {kind} quantizer learns its bits; "
+                f"remove the {kind} target or let those quantizers learn bits."
+            )
+        for q in qs:
+            if not (q.min_bits <= value <= q.max_bits):
+                raise ConfigError(
+                    f"target_bits {kind}={value:g} is outside [min_bits, max_bits]=[{q.min_bits}, {q.max_bits}] "
+                    f"of the {kind} quantizer serving {', '.join(q.served) or '?'}; choose a target in that "
+                    "range or widen QuantSpec(min_bits=..., max_bits=...)."
+                )
+
+
+def _call(model: nn.Module, batch: Batch, n_required: int, who: str) -> Tuple[Any, Optional[Any]]:
+    """Run one batch, turning a failure into a PrepareError that says what a batch must be."""
+    try:
+        return run_batch(model, batch, n_required)
+    except FxQuantError:
+        raise
+    except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError) as e:
+        raise PrepareError(
+            f"the first batch (a {type(batch).__name__}) does not fit the {who}: {type(e).__name__}: {e}. A batch "
+            "must be a tensor, a tuple of positional inputs, a dict of keyword inputs, or an (inputs, target) pair."
+        ) from e
+
+
+def _describe(output: Any) -> str:
+    return ", ".join(f"{p}: {tuple(t.shape)}" for p, t in output_leaves(output)) or "no floating-point tensors"
+
+
+def _dry_run(
+    inner: nn.Module, teacher: Optional[nn.Module], batch: Batch, n_required: int, loss_fn: Optional[LossFn]
+) -> None:
+    """Run the first batch through student (float), teacher and loss_fn; raise before any training."""
+    split_batch(batch, n_required)  # an unknown batch type raises PrepareError here
+    was_training = inner.training
+    inner.eval()
+    try:
+        with torch.no_grad(), quantizers_enabled(inner, False):
+            out, target = _call(inner, batch, n_required, "quantized module")
+            if teacher is not None:
+                t_out, _ = _call(teacher, batch, n_required, "teacher")
+                s_leaves, t_leaves = output_leaves(out), output_leaves(t_out)
+                same = len(s_leaves) == len(t_leaves) and all(
+                    s.shape == t.shape for (_, s), (_, t) in zip(s_leaves, t_leaves)
+                )
+                if not s_leaves or not same:
+                    raise PrepareError(
+                        f"the teacher's output ({_describe(t_out)}) differs in shape from the quantized module's "
+                        f"({_describe(out)}); distillation needs the same outputs: pass the float model the "
+                        "quantized module was prepared from as teacher."
+                    )
+            if loss_fn is not None:
+                if target is None:
+                    raise PrepareError(
+                        "loss_fn was given but the batches carry no targets; give (inputs, target) pairs, "
+                        "or drop loss_fn to distil from the teacher only."
+                    )
+                value = loss_fn(out, target)
+                if not isinstance(value, Tensor) or value.numel() != 1:
+                    raise ConfigError(
+                        f"loss_fn(outputs, targets) returned {type(value).__name__}"
+                        f"{tuple(value.shape) if isinstance(value, Tensor) else ''}; it must return a scalar tensor."
+                    )
+    finally:
+        inner.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------------
+# The training loop.
+# --------------------------------------------------------------------------------------------------
+
+
+def _param_groups(inner: nn.Module, schedule: Schedule, steps: int) -> List[Dict[str, Any]]:
+    """Weights, quantizer clamps and quantizer bits as separate groups (no weight decay on quantizers)."""
+    weights, clamps, bits = [], [], []
+    for name, p in inner.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith(QUANTIZERS_ATTR + "."):
+            (bits if name.endswith(".bits_param") else clamps).append(p)
+        else:
+            weights.append(p)
+    bits_lr = schedule.bits_lr if schedule.bits_lr is not None else 3.0 / steps
+    groups = [
+        {"name": "weights", "params": weights, "lr": schedule.lr, "weight_decay": schedule.weight_decay,
+         "betas": schedule.betas},
+        {"name": "quantizer_clamps", "params": clamps, "lr": schedule.clamp_lr or schedule.lr, "weight_decay": 0.0,
+         "betas": schedule.betas},
+        {"name": "quantizer_bits", "params": bits, "lr": bits_lr, "weight_decay": 0.0,
+         "betas": (schedule.bits_beta1, schedule.betas[1])},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def _snapshot(module: nn.Module) -> Dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class _Selector:
+    """Keeps the best state among those that meet the target."""
+
+    def __init__(
+        self, inner: nn.Module, teacher: Optional[nn.Module], val_batches: Optional[List[Batch]], n_required: int,
+        distill: str, loss_fn: Optional[LossFn],
+    ) -> None:
+        self.inner, self.teacher, self.val, self.n_required = inner, teacher, val_batches, n_required
+        self.distill, self.loss_fn = distill, loss_fn
+        self.teacher_outputs: Optional[List[Any]] = None
+        self.best_state: Optional[Dict[str, Tensor]] = None
+        self.best_step: Optional[int] = None
+        self.best_metric: Optional[float] = None
+        self.window: List[float] = []  # train losses of consecutive steps that met the target
+
+    @property
+    def metric_name(self) -> str:
+        return "val_distillation" if self.val is not None else "train_loss"
+
+    @torch.no_grad()
+    def val_loss(self) -> float:
+        assert self.val is not None
+        if self.teacher is not None and self.teacher_outputs is None:
+            device = model_device(self.inner)
+            self.teacher_outputs = [
+                to_device(run_batch(self.teacher, b, self.n_required)[0], device) for b in self.val
+            ]
+        was_training = self.inner.training
+        self.inner.eval()
+        try:
+            total = 0.0
+            for i, b in enumerate(self.val):
+                out, target = run_batch(self.inner, b, self.n_required)
+                if self.teacher_outputs is not None:
+                    total += float(distillation_loss(out, self.teacher_outputs[i], self.distill))
+                else:
+                    assert self.loss_fn is not None
+                    total += float(self.loss_fn(out, target))
+            return total / len(self.val)
+        finally:
+            self.inner.train(was_training)
+
+    def consider(self, step: int, window: int) -> None:
+        if self.val is not None:
+            metric = self.val_loss()
+        elif self.window:
+            recent = self.window[-window:]
+            metric = sum(recent) / len(recent)
+        else:
+            return
+        if math.isfinite(metric) and (self.best_metric is None or metric <= self.best_metric):
+            self.best_metric, self.best_step = metric, step
+            self.best_state = _snapshot(self.inner)
+
+
+def finetune(
+    qm: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    teacher: Optional[nn.Module] = None,
+    steps: int = 300,
+    target_bits: Union[None, float, Mapping[str, Any], BitTarget] = None,
+    penalty: Optional[str] = None,
+    size_lambda: float = 1.0,
+    loss_fn: Optional[LossFn] = None,
+    distill: str = "auto",
+    val_batches: Optional[Iterable[Batch]] = None,
+    eval_every: Optional[int] = None,
+    schedule: Optional[Schedule] = None,
+    optimizer: Optional[OptimizerFactory] = None,
+    grad_clip: Optional[float] = None,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Fine-tune a prepared module's weights and quantizers in place; return what happened.
+
+    Args:
+        qm: a module returned by `fxq.prepare` (calibrated or not: an uncalibrated one is calibrated on the
+            first 8 batches), or that module wrapped by `DistributedDataParallel` (its quantizer
+            parameters exist before wrapping). Device: wherever `qm` lives; batches follow it.
+        batches: any iterable of batches (`fxquant.batches`: a tensor, a tuple of positional inputs, a dict
+            of keyword inputs, or an `(inputs, target)` pair as a DataLoader yields). A list or a
+            DataLoader is cycled when `steps` exceeds its length.
+        teacher: the float model to distil from (frozen: run in eval mode without gradients, restored to
+            its mode afterwards; it may live on another device).
+        steps: optimizer steps.
+        target_bits: a number (the same target for weights and activations), a dict such as
+            `{"weight": 4, "activation": 8}` or a `BitTarget` (per kind, or a size-weighted average of the
+            weight bits). Applies to quantizers that learn their bits.
+        penalty: `"exterior"` (GDNSQ hinge to the target; the default when a target is given), `"size"`
+            (DiffQ: `size_lambda * model size in MB`; a target, if given, only decides which states are
+            eligible) or `None` with no target (fixed-bits fine-tuning).
+        size_lambda: weight of the size penalty (scale-dependent: it multiplies megabytes).
+        loss_fn: optional task loss `loss_fn(outputs, targets) -> scalar`, added to the distillation loss;
+            needs batches that carry targets.
+        distill: `"auto"` (Jeffreys for logits: a leaf named `logits` or a 2-D `(batch, classes)` tensor;
+            MSE for other outputs), `"jeffreys"` or `"mse"`.
+        val_batches: held-out batches: the best eligible state is chosen by the eval-mode distillation loss
+            on them (teacher outputs are cached: keep them few). Default: by the training loss.
+        eval_every: steps between candidate checks (default `max(1, steps // 20)`).
+        schedule: learning rates and schedule (`Schedule()` by default).
+        optimizer: `param_groups -> torch.optim.Optimizer` to replace the default Adam, e.g.
+            `lambda groups: torch.optim.RAdam(groups)`. Groups carry `name`, `lr`, `weight_decay`, `betas`.
+        grad_clip: clip the global gradient norm to this value.
+        progress: show a tqdm progress bar (loss, average bits, whether the target is met).
+
+    Returns:
+        A `FinetuneResult`; `qm` holds the chosen state (the best one that meets the target, or the last
+        state if none did, with a `FinetuneWarning`) and is left in its original train/eval mode.
+
+    Raises:
+        StateError: `qm` is not a prepared module.
+        ConfigError: a bad argument (steps, penalty, distill, a target outside `[min_bits, max_bits]`, ...).
+        PrepareError: no batches, batches of a structure the module cannot take, a teacher whose output
+            differs from the student's, or a `loss_fn` with batches that carry no targets.
+
+    Example:
+        >>> result = fxq.finetune(qm, loader, teacher=model, steps=300, target_bits=4)
+        >>> print(result)
+    """
+    inner = _unwrap(qm)
+    if module_state(inner) != "prepared":
+        raise StateError(
+            f"finetune expects a module returned by fxq.prepare (state {module_state(inner)!r}); call "
+            "fxq.prepare(model, example_inputs, config) first (and fine-tune before fxq.freeze)."
+        )
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"finetune steps={steps!r} must be a positive integer, e.g. steps=300.")
+    if penalty not in (None,) + PENALTIES:
+        raise ConfigError(f"finetune penalty={penalty!r} is unknown; expected one of {PENALTIES} or None.")
+    if distill not in DISTILL_KINDS:
+        raise ConfigError(f"finetune distill={distill!r} is unknown; expected one of {DISTILL_KINDS}.")
+    if eval_every is not None and (isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1):
+        raise ConfigError(f"finetune eval_every={eval_every!r} must be a positive integer.")
+    if grad_clip is not None and not _check_number("grad_clip", grad_clip) > 0:
+        raise ConfigError(f"finetune grad_clip={grad_clip!r} must be positive, e.g. grad_clip=1.0.")
+    schedule = schedule if schedule is not None else Schedule()
+    if not isinstance(schedule, Schedule):
+        raise ConfigError(f"finetune schedule={schedule!r} must be a fxq.Schedule.")
+    target = BitTarget.coerce(target_bits)
+    if penalty is None and target is not None:
+        penalty = "exterior"
+    if penalty == "exterior" and target is None:
+        raise ConfigError("penalty='exterior' needs target_bits (e.g. target_bits=4); or use penalty='size'.")
+    if penalty == "size" and not _check_number("size_lambda", size_lambda) > 0:
+        raise ConfigError(f"finetune size_lambda={size_lambda!r} must be positive with penalty='size', e.g. 1.0.")
+    if teacher is None and loss_fn is None:
+        raise ConfigError("finetune needs a teacher to distil from (teacher=model) or a task loss (loss_fn=...).")
+    bits = _Bits(inner, target)
+    if not bits.weights and not bits.activations:
+        raise StateError("finetune found no quantizers in qm; pass the module returned by fxq.prepare.")
+    _check_target(target, bits)
+    if batches is None:
+        raise PrepareError("finetune got batches=None; give an iterable of batches (a list or a DataLoader).")
+
+    n_required = required_inputs(inner)
+    stream = cycle_batches(batches, "batches")
+    first = next(stream)  # PrepareError when empty
+    teacher_was_training = teacher.training if teacher is not None else False
+    if teacher is not None:
+        teacher.eval()
+    was_training = inner.training
+    try:
+        _dry_run(inner, teacher, first, n_required, loss_fn)
+        val_list = None
+        if val_batches is not None:
+            val_list = list(val_batches)
+            if not val_list:
+                raise PrepareError("val_batches is empty; give at least one held-out batch or leave it None.")
+            _dry_run(inner, teacher, val_list[0], n_required, None)
+        result = FinetuneResult(target=target, penalty=penalty, size_lambda=size_lambda if penalty == "size" else None)
+        prefetched = [first]
+        if not all(bool(q.initialized) for q in bits.weights + bits.activations):
+            prefetched += list(itertools.islice(stream, 7))
+            calibrate(inner, prefetched, num_batches=len(prefetched))
+            result.calibrated = True
+        result.bits_before = bits.stats()
+        return _train(
+            qm, inner, teacher, itertools.chain(prefetched, stream), n_required, steps, target, penalty,
+            size_lambda, loss_fn, distill, val_list, eval_every or max(1, steps // 20), schedule, optimizer,
+            grad_clip, progress, bits, result,
+        )
+    finally:
+        inner.train(was_training)
+        if teacher is not None:
+            teacher.train(teacher_was_training)
+
+
+def _train(
+    qm: nn.Module, inner: nn.Module, teacher: Optional[nn.Module], stream: Iterator[Batch], n_required: int,
+    steps: int, target: Optional[BitTarget], penalty: Optional[str], size_lambda: float, loss_fn: Optional[LossFn],
+    distill: str, val_list: Optional[List[Batch]], eval_every: int, schedule: Schedule,
+    optimizer_factory: Optional[OptimizerFactory], grad_clip: Optional[float], progress: bool, bits: _Bits,
+    result: FinetuneResult,
+) -> FinetuneResult:
+    groups = _param_groups(inner, schedule, steps)
+    base_lrs = [g["lr"] for g in groups]
+    opt = optimizer_factory(groups) if optimizer_factory is not None else torch.optim.Adam(groups)
+    params = [p for g in groups for p in g["params"]]
+    quantizers = bits.weights + bits.activations
+    device = model_device(inner)
+    selector = _Selector(inner, teacher, val_list, n_required, distill, loss_fn)
+    result.metric = selector.metric_name
+
+    warm_steps = max(1, round(schedule.warmup * steps))
+    start = round((schedule.penalty_start if schedule.penalty_start is not None else schedule.warmup) * steps)
+    decay_from: Optional[int] = None if target is not None else steps // 2
+    gamma = 1.0
+    if decay_from is not None:
+        gamma = schedule.final_lr_ratio ** (1.0 / max(steps - decay_from, 1))
+    loss_mean, loss_weight = 0.0, 0.0
+    good_state, good_opt = _snapshot(inner), copy.deepcopy(opt.state_dict())
+    bad_in_a_row = 0
+    show_every = max(1, steps // 100)
+
+    qm.train()
+    bar = tqdm(total=steps, disable=not progress, desc="finetune", leave=False, dynamic_ncols=True)
+    step = 0
+    try:
+        for step in range(1, steps + 1):
+            try:
+                batch = next(stream)
+            except PrepareError as e:  # a one-shot iterator ran out
+                result.stop_reason = str(e)
+                warnings.warn(f"finetune stopped after {step - 1} steps: {e}", FinetuneWarning, stacklevel=3)
+                step -= 1
+                break
+            if decay_from is None and result.converged_step is not None:
+                decay_from = step - 1
+                gamma = schedule.final_lr_ratio ** (1.0 / max(steps - decay_from, 1))
+            factor = min(1.0, step / warm_steps)
+            if decay_from is not None and step > decay_from:
+                factor *= gamma ** (step - decay_from)
+            for g, lr in zip(opt.param_groups, base_lrs):
+                g["lr"] = lr * factor
+            coefficient = schedule.penalty_growth * max(0, step - start) / steps
+
+            outputs, labels = run_batch(qm, batch, n_required)
+            base = outputs_loss = None
+            if teacher is not None:
+                with torch.no_grad():
+                    t_out = to_device(run_batch(teacher, batch, n_required)[0], device)
+                outputs_loss = distillation_loss(outputs, t_out, distill)
+            if loss_fn is not None:
+                task = loss_fn(outputs, labels)
+                outputs_loss = task if outputs_loss is None else outputs_loss + task
+            base = outputs_loss
+            assert base is not None
+            pen = base.new_zeros(())
+            active = 0
+            base_value = float(base.detach())
+            finite = math.isfinite(base_value)
+            if finite:
+                loss_mean = schedule.loss_momentum * loss_mean + (1 - schedule.loss_momentum) * base_value
+                loss_weight = schedule.loss_momentum * loss_weight + (1 - schedule.loss_momentum)
+                if penalty == "exterior":
+                    cons = bits.constraints()
+                    if cons is not None:
+                        hinge, active = exterior_hinge(*cons)
+                        pen = coefficient * (loss_mean / loss_weight) * hinge
+                elif penalty == "size":
+                    pen = size_lambda * model_size_mb(bits.size_bits(), bits.float_numel)
+                loss = base + pen
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else math.inf)
+                finite = bool(torch.isfinite(norm))
+            if not finite:
+                result.nonfinite_steps.append(step)
+                bad_in_a_row += 1
+                inner.load_state_dict(good_state)
+                opt.load_state_dict(copy.deepcopy(good_opt))
+                opt.zero_grad(set_to_none=True)
+                warnings.warn(
+                    f"finetune step {step}: non-finite loss or gradient (loss={base_value}); skipped the step and "
+                    "restored the last good state. Check the batches for NaN/inf or lower the learning rate.",
+                    FinetuneWarning, stacklevel=3,
+                )
+                if bad_in_a_row >= MAX_BAD_STEPS:
+                    result.stop_reason = f"{MAX_BAD_STEPS} non-finite steps in a row"
+                    stats = bits.stats()
+                    result.history.append(_record(step, math.nan, base_value, 0.0, coefficient, opt, stats, 0, False))
+                    break
+            else:
+                bad_in_a_row = 0
+                opt.step()
+                for q in quantizers:
+                    q.project_bits_()
+                if schedule.floor and penalty == "exterior":
+                    bits.apply_floor()
+            stats = bits.stats()
+            met = finite and bits.met()
+            # Without a target, states of the second half of the budget (after the decay starts) are eligible.
+            eligible = met and (target is not None or step > steps // 2)
+            pen_value = float(pen.detach()) if finite else 0.0
+            result.history.append(
+                _record(step, base_value + pen_value if finite else math.nan, base_value, pen_value, coefficient,
+                        opt, stats, active, met)
+            )
+            if eligible:
+                selector.window.append(base_value)
+                if result.converged_step is None and target is not None:
+                    result.converged_step = step
+            elif finite:
+                selector.window.clear()
+            if finite and step % eval_every == 0:
+                good_state, good_opt = _snapshot(inner), copy.deepcopy(opt.state_dict())
+            if eligible and (step % eval_every == 0 or step == steps):
+                selector.consider(step, eval_every)
+            if step % show_every == 0 or step == steps:
+                bar.set_postfix(
+                    loss=f"{base_value:.4g}", wbits=f"{stats['avg_weight_bits']:.2f}",
+                    abits=f"{stats['avg_activation_bits']:.2f}", met=met, refresh=False,
+                )
+            bar.update(1)
+    except KeyboardInterrupt:
+        result.interrupted = True
+        result.stop_reason = f"interrupted (Ctrl-C) at step {step}"
+        if selector.best_state is None:
+            inner.load_state_dict(good_state)
+        warnings.warn(
+            f"finetune interrupted at step {step}; returning the best state so far "
+            f"(step {selector.best_step}).", FinetuneWarning, stacklevel=3,
+        )
+    finally:
+        bar.close()
+
+    result.steps_run = len(result.history)
+    if selector.best_state is not None:
+        inner.load_state_dict(selector.best_state)
+        result.best_step, result.best_metric = selector.best_step, selector.best_metric
+    result.met_target = bits.met()
+    result.bits_after = bits.stats()
+    if not result.met_target:
+        warnings.warn(
+            f"finetune never met the target {target.describe() if target else ''} in {result.steps_run} steps "
+            f"(now: weights {result.bits_after['avg_learnable_weight_bits']:.2f} bits on average over learnable "
+            f"quantizers, activations {result.bits_after['avg_activation_bits']:.2f}); the last state is kept "
+            "and result.met_target is False. Give more steps or a larger Schedule(penalty_growth=...).",
+            FinetuneWarning, stacklevel=3,
+        )
+    return result
+
+
+def _record(
+    step: int, loss: float, base: float, pen: float, coefficient: float, opt: torch.optim.Optimizer,
+    stats: Dict[str, float], active: int, met: bool,
+) -> StepRecord:
+    return StepRecord(
+        step=step, loss=loss, base=base, penalty=pen, coefficient=coefficient, lr=float(opt.param_groups[0]["lr"]),
+        avg_weight_bits=stats["avg_weight_bits"], avg_learnable_weight_bits=stats["avg_learnable_weight_bits"],
+        avg_activation_bits=stats["avg_activation_bits"], size_mb=stats["size_mb"], active_constraints=active,
+        met=met,
+    )

@@ -1,0 +1,427 @@
+"""Tests of `fxq.finetune`: the penalty drives bits to the target, accuracy holds on digits, frozen equals
+eval after fine-tuning, and bad input fails before any training with a clear message."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from typing import Dict, Iterator, List, Tuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import MODEL_FACTORIES, make
+from torch import nn
+
+import fxquant as fxq
+from fxquant.errors import ConfigError, FxQuantError, PrepareError, StateError
+from fxquant.finetune import BitTarget, FinetuneWarning, Schedule
+from fxquant.losses import distillation_loss, exterior_hinge, jeffreys_divergence
+from fxquant.quantizer import iter_learnable
+
+
+def _prepared(name: str = "mlp", first_last_bits=None, **cfg):  # noqa: ANN001, ANN202
+    model, x = make(name, 8)
+    qm = fxq.prepare(model, x, fxq.QuantConfig(first_last_bits=first_last_bits, **cfg))
+    batches = [MODEL_FACTORIES[name][1](16) for _ in range(6)]
+    fxq.calibrate(qm, batches)
+    return model, qm, batches
+
+
+def _state(module: nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _learnable_int_bits(qm: nn.Module) -> List[float]:
+    return [float(b) for _, q in iter_learnable(qm) if q.learn_bits for b in q.integer_bits().reshape(-1)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses.
+# --------------------------------------------------------------------------------------------------
+
+
+def test_jeffreys_is_symmetric_zero_at_equality_and_matches_two_kls() -> None:
+    s, t = torch.randn(5, 7), torch.randn(5, 7)
+    assert float(jeffreys_divergence(s, s)) == pytest.approx(0.0, abs=1e-7)
+    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
+    kl_rev = F.kl_div(F.log_softmax(t, -1), F.log_softmax(s, -1), log_target=True, reduction="batchmean")
+    assert float(jeffreys_divergence(s, t)) == pytest.approx(float(kl + kl_rev), rel=1e-5)
+    assert float(jeffreys_divergence(s, t)) == pytest.approx(float(jeffreys_divergence(t, s)), rel=1e-5)
+
+
+def test_distillation_uses_mse_for_non_logits_and_sums_leaves() -> None:
+    s = {"logits": torch.randn(4, 3), "feat": torch.randn(4, 3, 5)}
+    t = {"logits": torch.randn(4, 3), "feat": torch.randn(4, 3, 5)}
+    expected = jeffreys_divergence(s["logits"], t["logits"]) + F.mse_loss(s["feat"], t["feat"])
+    assert float(distillation_loss(s, t)) == pytest.approx(float(expected), rel=1e-6)
+    assert float(distillation_loss(s["logits"], t["logits"], "mse")) == pytest.approx(
+        float(F.mse_loss(s["logits"], t["logits"])), rel=1e-6
+    )
+
+
+def test_exterior_hinge_counts_active_constraints_and_pushes_only_those_above_target() -> None:
+    bits = torch.tensor([8.0, 3.0, 5.0], requires_grad=True)
+    value, active = exterior_hinge(bits, torch.tensor([4.0, 4.0, 4.0]))
+    assert active == 2
+    value.backward()
+    assert bits.grad is not None and bits.grad[1] == 0 and bits.grad[0] > 0 and bits.grad[2] > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Frozen equals eval, before and after fine-tuning at low bits.
+# --------------------------------------------------------------------------------------------------
+
+
+def test_frozen_equals_eval_mode_before_and_after_finetune(model_and_inputs) -> None:  # noqa: ANN001
+    name, model, x = model_and_inputs
+    qm = fxq.prepare(model, x, fxq.QuantConfig(first_last_bits=None, weight=fxq.QuantSpec(min_bits=2)))
+    batches = [MODEL_FACTORIES[name][1](8) for _ in range(4)]
+    fxq.calibrate(qm, batches)
+    probe = MODEL_FACTORIES[name][1](16)
+    with torch.no_grad():
+        assert torch.equal(fxq.freeze(qm)(probe), qm.eval()(probe))
+    result = fxq.finetune(qm, batches, teacher=model, steps=40, target_bits=3, progress=False)
+    assert result.met_target, result
+    assert set(_learnable_int_bits(qm)) == {3.0}
+    qm.eval()
+    with torch.no_grad():
+        assert torch.equal(fxq.freeze(qm)(probe), qm(probe))
+
+
+# --------------------------------------------------------------------------------------------------
+# The penalty drives bits to the target within the budget (tiny model), in every mode.
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["dither", "noise", "ste"])
+def test_exterior_penalty_reaches_per_kind_target_by_half_budget(mode: str) -> None:
+    model, qm, batches = _prepared(mode=mode)
+    steps = 100
+    result = fxq.finetune(qm, batches, teacher=model, steps=steps, target_bits={"weight": 3, "activation": 4},
+                          progress=False)
+    print(f"{mode}: bits before {result.bits_before} after {result.bits_after}")
+    assert result.bits_before["avg_weight_bits"] == 8.0
+    assert result.met_target and result.converged_step is not None and result.converged_step <= steps // 2
+    assert result.bits_after["avg_weight_bits"] == 3.0  # floor: exactly on target, not below
+    assert result.bits_after["avg_activation_bits"] == 4.0
+    assert result.best_step is not None and result.best_step >= result.converged_step
+    assert len(result.history) == steps == result.steps_run
+    assert result.history[0].penalty == 0.0  # zero during the warm-up
+    assert result.history[-1].coefficient > result.history[steps // 2].coefficient > 0  # grows linearly
+    # LR: warm-up, then constant until converged, then exponential decay.
+    lrs = result.series("lr")
+    assert lrs[0] < lrs[4] and lrs[-1] < lrs[result.converged_step]
+
+
+def test_weight_average_target_gives_mixed_precision_at_or_below_target() -> None:
+    model, qm, batches = _prepared()
+    result = fxq.finetune(qm, batches, teacher=model, steps=120,
+                          target_bits=BitTarget(weight=3.5, weight_average=True), progress=False)
+    assert result.met_target
+    assert result.bits_after["avg_learnable_weight_bits"] <= 3.5
+    assert result.bits_after["avg_activation_bits"] == 8.0  # not constrained
+    assert "W avg 3.5" in str(result)
+
+
+def test_first_last_fixed_bits_are_reported_but_not_constrained() -> None:
+    model, qm, batches = _prepared(first_last_bits=8)
+    result = fxq.finetune(qm, batches, teacher=model, steps=60, target_bits=4, progress=False)
+    assert result.met_target
+    after = result.bits_after
+    assert after["avg_learnable_weight_bits"] == 4.0
+    assert after["avg_weight_bits"] > 4.0  # fc1 and fc3 stay at 8 bits
+
+
+def test_never_meeting_the_target_warns_and_flags() -> None:
+    model, qm, batches = _prepared()
+    with pytest.warns(FinetuneWarning, match="never met the target W2A2"):
+        result = fxq.finetune(qm, batches, teacher=model, steps=3, target_bits=2, schedule=Schedule(bits_lr=1e-3),
+                              progress=False)
+    assert not result.met_target and result.best_step is None
+    assert "met=False" in str(result)
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimizer, task loss, held-out selection, robustness.
+# --------------------------------------------------------------------------------------------------
+
+
+def test_param_groups_separate_quantizers_without_weight_decay_and_custom_optimizer() -> None:
+    model, qm, batches = _prepared()
+    seen: List[List[dict]] = []
+
+    def make_opt(groups: List[dict]) -> torch.optim.Optimizer:
+        seen.append(groups)
+        return torch.optim.RAdam(groups)
+
+    schedule = Schedule(weight_decay=0.01)
+    fxq.finetune(qm, batches, teacher=model, steps=5, optimizer=make_opt, schedule=schedule, progress=False)
+    groups = {g["name"]: g for g in seen[0]}
+    assert set(groups) == {"weights", "quantizer_clamps", "quantizer_bits"}
+    assert groups["weights"]["weight_decay"] == 0.01
+    assert groups["quantizer_clamps"]["weight_decay"] == 0.0 == groups["quantizer_bits"]["weight_decay"]
+    assert groups["quantizer_bits"]["betas"][0] == 0.0
+    names = {id(p): n for n, p in qm.named_parameters()}
+    assert all(names[id(p)].startswith("fxq_quantizers.") for p in groups["quantizer_bits"]["params"])
+    assert not any(names[id(p)].startswith("fxq_quantizers.") for p in groups["weights"]["params"])
+
+
+def test_task_loss_alone_with_labelled_batches_and_val_selection() -> None:
+    model, qm, _ = _prepared()
+    pairs = [(torch.randn(16, 16), torch.randint(0, 10, (16,))) for _ in range(4)]
+    calls = []
+
+    def task(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return F.cross_entropy(out, y)
+
+    result = fxq.finetune(qm, pairs, loss_fn=task, steps=40, target_bits=6, val_batches=pairs[:1],
+                          eval_every=5, progress=False)
+    assert len(calls) > 40  # dry run + 40 steps + val evaluations
+    assert result.metric == "val_distillation" and result.best_step is not None and result.met_target
+
+
+def test_uncalibrated_module_is_calibrated_and_generators_work() -> None:
+    model, x = make("mlp", 8)
+    qm = fxq.prepare(model, x, fxq.QuantConfig(first_last_bits=None))
+    gen = (torch.randn(16, 16) for _ in range(20))
+    result = fxq.finetune(qm, gen, teacher=model, steps=12, progress=False)
+    assert result.calibrated and result.steps_run == 12 and result.met_target  # no target: always met
+
+
+def test_nonfinite_loss_skips_step_restores_last_good_state_and_reports() -> None:
+    model, qm, batches = _prepared()
+    bad = torch.full((16, 16), float("nan"))
+    stream = batches[:3] + [bad] + batches[3:]
+    with pytest.warns(FinetuneWarning, match="non-finite loss or gradient"):
+        result = fxq.finetune(qm, stream, teacher=model, steps=14, progress=False)
+    assert result.nonfinite_steps == [4, 11]
+    assert math.isnan(result.history[3].loss)
+    assert all(torch.isfinite(p).all() for p in qm.parameters())
+
+
+def test_only_nonfinite_batches_stop_after_five() -> None:
+    model, qm, _ = _prepared()
+    with pytest.warns(FinetuneWarning, match="non-finite"):
+        result = fxq.finetune(qm, [torch.full((4, 16), float("inf"))], teacher=model, steps=50, progress=False)
+    assert result.stop_reason == "5 non-finite steps in a row" and result.steps_run == 5
+
+
+class _Interrupting:
+    """Batches that raise KeyboardInterrupt after `n` batches (a user pressing Ctrl-C)."""
+
+    def __init__(self, batches: List[torch.Tensor], n: int) -> None:
+        self.batches, self.n = batches, n
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for i in range(10_000):
+            if i == self.n:
+                raise KeyboardInterrupt
+            yield self.batches[i % len(self.batches)]
+
+
+def test_keyboard_interrupt_returns_best_state_so_far() -> None:
+    model, qm, batches = _prepared()
+    with pytest.warns(FinetuneWarning, match="interrupted at step"):
+        result = fxq.finetune(qm, _Interrupting(batches, 81), teacher=model, steps=100, target_bits=4,
+                              eval_every=5, progress=False)
+    # batch 0 serves the dry run and step 1; batch 81 interrupts step 82
+    assert result.interrupted and result.steps_run == 81 and result.stop_reason == "interrupted (Ctrl-C) at step 82"
+    assert result.met_target and result.best_step is not None and result.best_step <= 81
+    assert set(_learnable_int_bits(qm)) == {4.0}
+
+
+def test_ddp_wrapped_module_trains() -> None:
+    import torch.distributed as dist
+
+    model, qm, batches = _prepared()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = dist.FileStore(os.path.join(tmp, "store"), 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        try:
+            ddp = nn.parallel.DistributedDataParallel(qm)
+            result = fxq.finetune(ddp, batches, teacher=model, steps=60, target_bits=4, progress=False)
+        finally:
+            dist.destroy_process_group()
+    assert result.met_target and set(_learnable_int_bits(qm)) == {4.0}
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: a clear error before any training.
+# --------------------------------------------------------------------------------------------------
+
+
+class _OtherHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def _bad_cases() -> List[Tuple[str, dict, type, str]]:
+    return [
+        ("target above max_bits", dict(target_bits=9), ConfigError, r"target_bits weight=9 is outside \[min_bits, max_bits\]=\[2, 8\]"),
+        ("target below min_bits", dict(target_bits={"activation": 1}), ConfigError, r"activation=1 is outside \[min_bits, max_bits\]"),
+        ("no batches", dict(batches=[]), PrepareError, "batches is empty; give at least one batch"),
+        ("batches None", dict(batches=None), PrepareError, "got batches=None"),
+        ("teacher shape", dict(teacher=_OtherHead()), PrepareError, r"teacher's output \(out: \(16, 5\)\) differs"),
+        ("batch type", dict(batches=["not a tensor"]), PrepareError, "a batch of type str is not understood"),
+        ("batch shape", dict(batches=[torch.randn(4, 7)]), PrepareError, "does not fit the quantized module"),
+        ("single tensor", dict(batches=torch.randn(4, 16)), PrepareError, "wrap it in a list"),
+        ("loss_fn without targets", dict(loss_fn=F.cross_entropy), PrepareError, "batches carry no targets"),
+        ("loss_fn not scalar", dict(batches=[(torch.randn(4, 16), torch.zeros(4))], loss_fn=lambda o, y: o),
+         ConfigError, r"returned Tensor\(4, 10\); it must return a scalar"),
+        ("empty val", dict(val_batches=[]), PrepareError, "val_batches is empty"),
+        ("steps", dict(steps=0), ConfigError, "steps=0 must be a positive integer"),
+        ("penalty", dict(penalty="l2"), ConfigError, "penalty='l2' is unknown"),
+        ("distill", dict(distill="kl"), ConfigError, "distill='kl' is unknown"),
+        ("eval_every", dict(eval_every=0), ConfigError, "eval_every=0 must be a positive integer"),
+        ("grad_clip", dict(grad_clip=-1.0), ConfigError, "grad_clip=-1.0 must be positive"),
+        ("schedule type", dict(schedule={"lr": 1}), ConfigError, "must be a fxq.Schedule"),
+        ("exterior without target", dict(penalty="exterior"), ConfigError, "penalty='exterior' needs target_bits"),
+        ("size lambda", dict(penalty="size", size_lambda=0.0), ConfigError, "size_lambda=0.0 must be positive"),
+        ("no teacher no loss", dict(teacher=None), ConfigError, "needs a teacher to distil from"),
+        ("target not a number", dict(target_bits="4"), ConfigError, "target_bits='4' is not a finite number"),
+        ("target keys", dict(target_bits={"weights": 4}), ConfigError, r"unknown keys \['weights'\]"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
+def test_bad_input_raises_before_training(case: Tuple[str, dict, type, str]) -> None:
+    _, kwargs, error, match = case
+    model, qm, batches = _prepared()
+    args = dict(batches=batches, teacher=model, steps=5, progress=False)
+    args.update(kwargs)
+    before = _state(qm)
+    with pytest.raises(error, match=match) as info:
+        fxq.finetune(qm, args.pop("batches"), **args)
+    assert isinstance(info.value, FxQuantError)
+    if error is not StateError:
+        assert isinstance(info.value, ValueError)
+    after = _state(qm)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_unprepared_or_quantizer_free_modules_are_rejected() -> None:
+    model, x = make("mlp", 4)
+    with pytest.raises(StateError, match="expects a module returned by fxq.prepare"):
+        fxq.finetune(model, [x], teacher=model, progress=False)
+    _, qm, batches = _prepared(weight=fxq.QuantSpec(learn_bits=False), activation=fxq.QuantSpec(learn_bits=False))
+    with pytest.raises(ConfigError, match="no quantizer learns its bits"):
+        fxq.finetune(qm, batches, teacher=model, target_bits=4, progress=False)
+    _, qm, batches = _prepared(activation=None)
+    with pytest.raises(ConfigError, match="sets activation=4 but no activation quantizer learns its bits"):
+        fxq.finetune(qm, batches, teacher=model, target_bits={"activation": 4}, progress=False)
+
+
+@pytest.mark.parametrize(
+    "make_bad, match",
+    [
+        (lambda: BitTarget(), "neither a weight nor an activation target"),
+        (lambda: BitTarget(activation=4, weight_average=True), r"weight_average=True\) needs weight="),
+        (lambda: BitTarget(weight=float("nan")), "BitTarget.weight=nan is not a finite number"),
+        (lambda: Schedule(lr=0.0), "Schedule.lr=0.0 must be positive"),
+        (lambda: Schedule(warmup=1.5), r"Schedule.warmup=1.5 is a fraction and must lie in \[0, 1\]"),
+        (lambda: Schedule(final_lr_ratio=0.0), "final_lr_ratio=0.0 is a fraction"),
+        (lambda: fxq.FinetuneResult().series("acc"), "history has no column 'acc'"),
+    ],
+)
+def test_config_objects_validate(make_bad, match: str) -> None:  # noqa: ANN001
+    with pytest.raises(ConfigError, match=match):
+        make_bad()
+
+
+# --------------------------------------------------------------------------------------------------
+# scikit-learn digits: accuracy vs FP for the three modes.
+# --------------------------------------------------------------------------------------------------
+
+
+class DigitsCNN(nn.Module):
+    """~38k parameters: two 3x3 convs, a max-pool, two linears."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.fc1 = nn.Linear(512, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.c1(x))
+        x = F.max_pool2d(F.relu(self.c2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+@pytest.fixture(scope="module")
+def digits():  # noqa: ANN201
+    """(FP model, train batches, test images, test labels, FP accuracy in %)."""
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    torch.manual_seed(0)
+    data = sklearn_datasets.load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(data.target)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    tr, te = perm[:1400], perm[1400:]
+    model = DigitsCNN()
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(8):
+        order = tr[torch.randperm(len(tr))]
+        for i in range(0, len(order), 64):
+            idx = order[i : i + 64]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    batches = [x[tr[i : i + 64]] for i in range(0, len(tr), 64)]
+    fp = _accuracy(model, x[te], y[te])
+    assert fp >= 95.0
+    return model, batches, x[te], y[te], fp
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean()) * 100.0
+
+
+def _digits_run(digits, mode: str, activation: bool, **finetune_kwargs):  # noqa: ANN001, ANN202
+    model, batches, x_te, y_te, fp = digits
+    torch.manual_seed(0)
+    cfg = fxq.QuantConfig(mode=mode, activation=fxq.QuantSpec() if activation else None)
+    qm = fxq.prepare(model, batches[0][:8], cfg)
+    fxq.calibrate(qm, batches[:4])
+    result = fxq.finetune(qm, batches, teacher=model, steps=200, progress=False, **finetune_kwargs)
+    acc = _accuracy(qm, x_te, y_te)
+    print(f"\n{mode}: FP {fp:.2f}% -> {acc:.2f}%; {result}")
+    return qm, result, acc, fp
+
+
+def test_digits_dither_w4a4_loses_at_most_one_point(digits) -> None:  # noqa: ANN001
+    qm, result, acc, fp = _digits_run(digits, "dither", True, target_bits=4)
+    assert result.met_target
+    assert result.bits_before["avg_learnable_weight_bits"] == 8.0
+    assert result.bits_after["avg_learnable_weight_bits"] == 4.0
+    assert set(_learnable_int_bits(qm)) == {4.0}
+    assert acc >= fp - 1.0
+
+
+def test_digits_dither_w2a2_trains_and_reports(digits) -> None:  # noqa: ANN001
+    qm, result, acc, fp = _digits_run(digits, "dither", True, target_bits=2)
+    assert result.met_target and set(_learnable_int_bits(qm)) == {2.0}
+    assert result.bits_after["avg_weight_bits"] < 3.0  # first/last layers stay at 8 bits
+    assert acc >= fp - 5.0
+    print(fxq.report(qm))
+
+
+def test_digits_noise_size_penalty_lowers_weight_bits_within_two_points(digits) -> None:  # noqa: ANN001
+    qm, result, acc, fp = _digits_run(digits, "noise", False, penalty="size", size_lambda=5.0)
+    assert result.penalty == "size" and result.size_lambda == 5.0
+    assert result.bits_before["avg_weight_bits"] == 8.0
+    assert result.bits_after["avg_weight_bits"] < 5.0
+    assert result.bits_after["size_mb"] < result.bits_before["size_mb"]
+    assert acc >= fp - 2.0
