@@ -27,6 +27,7 @@ from fxquant.analyze import to_networkx
 from fxquant.calibration import calibrate
 from fxquant.config import QuantConfig, QuantSpec
 from fxquant.errors import CaptureError, ConfigError, FxQuantError, PassError, PrepareError, StateError
+from fxquant.finetune import BitTarget, FinetuneResult, FinetuneWarning, Schedule, finetune
 from fxquant.preparation import freeze, prepare
 from fxquant.quantizer import FrozenActivationQuantizer, FrozenWeight, LearnableQuantizer
 from fxquant.report import QuantReport, report
@@ -39,6 +40,11 @@ __all__ = [
     "QuantSpec",
     "prepare",
     "calibrate",
+    "finetune",
+    "FinetuneResult",
+    "FinetuneWarning",
+    "BitTarget",
+    "Schedule",
     "freeze",
     "report",
     "QuantReport",
