@@ -487,6 +487,21 @@ def _snapshot(module: nn.Module) -> Dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+def _mean_over_ranks(value: float, device: torch.device) -> float:
+    """The mean of `value` over the ranks of a running torch.distributed job (itself otherwise).
+
+    Under DDP each rank sees other batches; averaging the selection metric makes every rank pick the same
+    step, so all ranks end with the same state.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
 class _Selector:
     """Keeps the best state among those that meet the target."""
 
@@ -537,6 +552,7 @@ class _Selector:
             metric = sum(recent) / len(recent)
         else:
             return
+        metric = _mean_over_ranks(metric, model_device(self.inner))
         if math.isfinite(metric) and (self.best_metric is None or metric <= self.best_metric):
             self.best_metric, self.best_step = metric, step
             self.best_state = _snapshot(self.inner)
