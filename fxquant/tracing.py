@@ -195,8 +195,11 @@ def _quiet_torch_logs() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _batch_dynamic_shapes(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-    """`dynamic_shapes` for torch.export: dimension 0 of every tensor of 2+ rows is `Dim.AUTO`."""
+def _batch_dynamic_shapes(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    """`dynamic_shapes` for torch.export, by argument name: dimension 0 of every tensor of 2+ rows is
+    `Dim.AUTO` (torch.export keeps it dynamic when the model allows it, else specializes it)."""
+    import inspect
+
     from torch.export import Dim
 
     def spec(v: Any) -> Any:
@@ -208,7 +211,8 @@ def _batch_dynamic_shapes(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
             return {k: spec(x) for k, x in v.items()}
         return None
 
-    return spec(args), spec(kwargs)
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    return {name: spec(value) for name, value in bound.arguments.items()}
 
 
 def export_model(model: nn.Module, example_inputs: Inputs) -> fx.GraphModule:
@@ -228,7 +232,7 @@ def export_model(model: nn.Module, example_inputs: Inputs) -> fx.GraphModule:
         with _quiet_torch_logs():
             try:
                 ep = torch.export.export(
-                    model, args, kwargs, dynamic_shapes=_batch_dynamic_shapes(args, kwargs), strict=False
+                    model, args, kwargs, dynamic_shapes=_batch_dynamic_shapes(model, args, kwargs), strict=False
                 )
             except Exception:  # noqa: BLE001 - a dynamic batch is a nicety; retry static before giving up
                 ep = torch.export.export(model, args, kwargs, strict=False)
