@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Set
 
 from torch import fx, nn
 
+from fxquant.analyze import kept_float
 from fxquant.errors import StateError
 from fxquant.passes.insert import QUANTIZERS_ATTR
 from fxquant.quantizer import KIND_WEIGHT, FrozenActivationQuantizer, FrozenWeight, LearnableQuantizer, quantizer_summary
@@ -93,6 +94,8 @@ class QuantReport:
             f"size: {self.size_bytes / 1024:.1f} KiB at the learned bits vs {self.float_size_bytes / 1024:.1f} KiB "
             f"float32 ({self.compression:.2f}x smaller)"
         )
+        for row in self.extra.get("kept_float", []):
+            lines.append(f"kept float: {row['name']} ({row['op']}): {row['reason']}")
         return "\n".join(lines)
 
 
@@ -182,4 +185,5 @@ def report(module: Any) -> QuantReport:
         float_param_numel=other,
         size_bytes=size,
         float_size_bytes=float_size,
+        extra={"kept_float": [asdict(f) for f in kept_float(module)]},
     )
