@@ -27,11 +27,14 @@ from fxquant.analyze import to_networkx
 from fxquant.calibration import calibrate
 from fxquant.config import QuantConfig, QuantSpec
 from fxquant.errors import CaptureError, ConfigError, FxQuantError, PassError, PrepareError, StateError
+from fxquant.errors import ExportError, ParityError
+from fxquant.export import OnnxQuantReport, export_onnx
 from fxquant.finetune import BitTarget, FinetuneResult, FinetuneWarning, Schedule, finetune
 from fxquant.preparation import freeze, prepare
 from fxquant.quantizer import FrozenActivationQuantizer, FrozenWeight, LearnableQuantizer
 from fxquant.report import QuantReport, report
 from fxquant.utils import quantizers_enabled, set_quantizers_enabled
+from fxquant.verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -60,4 +63,10 @@ __all__ = [
     "PrepareError",
     "PassError",
     "StateError",
+    "export_onnx",
+    "verify",
+    "VerifyReport",
+    "OnnxQuantReport",
+    "ExportError",
+    "ParityError",
 ]

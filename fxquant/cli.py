@@ -17,7 +17,11 @@ def _demo(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     import fxquant
 
-    print(fxquant.report(args.model))
+    try:
+        print(fxquant.report(args.model))
+    except fxquant.FxQuantError as e:
+        print(f"fxquant inspect: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

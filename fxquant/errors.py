@@ -28,3 +28,11 @@ class PassError(FxQuantError, RuntimeError):
 
 class StateError(FxQuantError, RuntimeError):
     """A step was called out of order (e.g. export before freeze, training before calibration)."""
+
+
+class ExportError(FxQuantError, RuntimeError):
+    """A frozen module could not be exported to ONNX (unsupported op, bad opset, unwritable path)."""
+
+
+class ParityError(FxQuantError, AssertionError):
+    """onnxruntime's output differs from the frozen PyTorch module beyond the tolerance (`fxq.verify`)."""

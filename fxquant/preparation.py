@@ -19,7 +19,7 @@ from fxquant.config import QuantConfig
 from fxquant.errors import PrepareError, StateError
 from fxquant.passes import run_passes
 from fxquant.passes.fold_bn import fold_batchnorm
-from fxquant.passes.freeze import freeze_quantizers
+from fxquant.passes.freeze import freeze_quantizers, quantize_biases
 from fxquant.passes.functionalize import functionalize_modules
 from fxquant.passes.insert import QUANTIZERS_ATTR, insert_activation_quantizers, insert_weight_quantizers
 from fxquant.quantizer import iter_learnable
@@ -107,11 +107,16 @@ def prepare(
     return gm
 
 
-def freeze(qm: fx.GraphModule) -> fx.GraphModule:
+def freeze(qm: fx.GraphModule, *, integer_bias: bool = True) -> fx.GraphModule:
     """A new module with integer quantizers: integer bits and zero points, weights as integer codes.
 
-    Its forward equals the eval-mode prepared module exactly (same rounding, clamps and bits). BatchNorm
-    was folded at prepare. No learnable quantizer parameter remains; `qm` is left as it was.
+    Its forward equals the eval-mode prepared module exactly (same rounding, clamps and bits), except that
+    with `integer_bias=True` the bias of each conv/linear with quantized input and weight is rounded to
+    the int32 grid `s_x * s_w` that integer kernels (and the exported ONNX) use: the frozen module is the
+    reference for ONNX parity, and differs from the prepared one by at most `s_x * s_w / 2` per bias.
+    `integer_bias=False` keeps float biases (exactly the prepared module; onnxruntime's fused kernels
+    will then round the bias themselves). BatchNorm was folded at prepare. No learnable quantizer
+    parameter remains; `qm` is left as it was.
 
     Raises:
         StateError: `qm` is not a module returned by `fxq.prepare`, or an activation quantizer was never
@@ -129,7 +134,7 @@ def freeze(qm: fx.GraphModule) -> fx.GraphModule:
                 "fxq.calibrate(qm, batches) before fxq.freeze."
             )
     frozen = copy.deepcopy(qm)
-    run_passes(frozen, (freeze_quantizers,))
+    run_passes(frozen, (freeze_quantizers, quantize_biases) if integer_bias else (freeze_quantizers,))
     frozen.eval()
     for p in frozen.parameters():
         p.requires_grad_(False)

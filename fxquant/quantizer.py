@@ -509,6 +509,56 @@ class FrozenWeight(nn.Module):
         return self.codes.to(scale.dtype) * scale
 
 
+INT32_MAX = 2**31 - 1
+KIND_BIAS = "bias"
+
+
+def bias_scale(input_scale: Tensor, weight_scale: Tensor, channels: int) -> Tensor:
+    """The int32 bias step integer kernels use: `s_x * s_w`, one per output channel (shape `(channels,)`).
+
+    `input_scale` is the (per-tensor) scale of the op's quantized input, `weight_scale` the per-tensor or
+    per-channel scale of its weight (any shape holding 1 or `channels` values).
+    """
+    s_w = weight_scale.detach().reshape(-1)
+    s = input_scale.detach().reshape(()) * s_w
+    return s.expand(channels).clone() if s.numel() == 1 else s.clone()
+
+
+def quantize_bias(bias: Tensor, scale: Tensor) -> Optional[Tensor]:
+    """int32 codes `round(bias / scale)` of a bias on the grid `scale` (ONNX's QLinearConv/QGemm bias).
+
+    Returns None when a code would not fit in int32 (a dead channel with a vanishing step): such a bias
+    stays float.
+    """
+    codes = torch.round(bias.detach().to(scale.dtype) / scale)
+    if not bool(torch.isfinite(codes).all()) or float(codes.abs().max()) > INT32_MAX:
+        return None
+    return codes.to(torch.int32)
+
+
+class FrozenBias(nn.Module):
+    """A conv/linear bias on the int32 grid `s_x * s_w` of the op's input and weight scales.
+
+    Integer kernels (onnxruntime's QLinearConv, QGemm) add the bias as int32 codes on that grid, so the
+    frozen module rounds it the same way; this is the only place where a frozen module differs from the
+    eval-mode prepared module (by at most `s_x * s_w / 2` per bias element, far below one output step).
+    Forward returns `codes * scale` (ONNX DequantizeLinear of an int32 tensor).
+    """
+
+    def __init__(self, codes: Tensor, scale: Tensor, served: Tuple[str, ...]) -> None:
+        super().__init__()
+        self.kind = KIND_BIAS
+        self.served = tuple(served)
+        self.granularity = "per_channel"
+        self.tensor_shape = tuple(codes.shape)
+        self.channel_axis = 0
+        self.register_buffer("codes", codes.to(torch.int32))
+        self.register_buffer("scale", scale.detach().clone())
+
+    def forward(self) -> Tensor:
+        return self.codes.to(self.scale.dtype) * self.scale
+
+
 def quantizer_summary(q: nn.Module) -> Dict[str, object]:
     """A plain-dict summary of a learnable or frozen quantizer (used by reports)."""
     if isinstance(q, LearnableQuantizer):

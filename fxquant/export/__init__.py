@@ -1,17 +1,12 @@
-"""Export: lowering frozen quantizers to integer QDQ ONNX, and reading such files back.
+"""Export: lowering frozen quantizers to integer QDQ ONNX (`qdq.py`), and reading such files back
+(`onnx_report.py`).
 
 Export only sees frozen modules (`fxq.freeze`); it knows nothing of training.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from fxquant.export.onnx_report import OnnxQuantReport, OnnxQuantRow, onnx_report
+from fxquant.export.qdq import export_onnx, integer_initializer_bytes
 
-from fxquant.errors import StateError
-
-
-def onnx_report(model: Any) -> Any:
-    """Report of the quant nodes of an exported ONNX model (path or ModelProto)."""
-    raise StateError(
-        "reading ONNX files is not available in this build of fxquant yet; report a prepared or frozen module."
-    )
+__all__ = ["export_onnx", "onnx_report", "OnnxQuantReport", "OnnxQuantRow", "integer_initializer_bytes"]

@@ -4,16 +4,36 @@ Each weight quantizer and the float parameter it reads become one `FrozenWeight`
 scales, no input); each activation quantizer becomes a `FrozenActivationQuantizer` (integer bits and
 zero point). Float weights that no node reads any more are deleted, so a frozen state dict holds codes.
 Runs on a copy made by `fxquant.freeze`; the prepared module stays usable.
+
+Pass `quantize_biases` then puts the bias of every conv/linear whose input and weight are both quantized
+on the int32 grid `s_x * s_w` (a `FrozenBias`), because integer kernels (onnxruntime's QLinearConv,
+QGemm) add the bias that way: the frozen module is the reference for ONNX parity. It differs from the
+eval-mode prepared module only there, by at most `s_x * s_w / 2` per bias element.
 """
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
+import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from fxquant.passes.insert import QUANTIZERS_ATTR, getattr_path
-from fxquant.quantizer import KIND_WEIGHT, FrozenActivationQuantizer, FrozenWeight, LearnableQuantizer
+from fxquant.quantizer import (
+    KIND_WEIGHT,
+    FrozenActivationQuantizer,
+    FrozenBias,
+    FrozenWeight,
+    LearnableQuantizer,
+    bias_scale,
+    quantize_bias,
+)
+
+BIAS_OPS = frozenset(
+    {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d, F.linear, torch._C._nn.linear}
+)
+"""Ops whose bias integer runtimes add as int32 on the grid `s_x * s_w` (argument 2 is the bias)."""
 
 
 def freeze_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
@@ -56,3 +76,53 @@ def _delete_unread_parameters(gm: fx.GraphModule) -> None:
         owner_path, _, attr = path.rpartition(".")
         owner = gm.get_submodule(owner_path) if owner_path else gm
         delattr(owner, attr)
+        owner.register_parameter(attr, None)  # modules such as Conv2d read `self.bias` in their repr
+
+
+def _quantizer_of(gm: fx.GraphModule, node: object) -> Optional[nn.Module]:
+    if not (isinstance(node, fx.Node) and node.op == "call_module"):
+        return None
+    if not str(node.target).startswith(QUANTIZERS_ATTR + "."):
+        return None
+    return gm.get_submodule(str(node.target))
+
+
+def quantize_biases(gm: fx.GraphModule) -> fx.GraphModule:
+    """Replace the float bias of conv/linear ops with quantized input and weight by a `FrozenBias`.
+
+    Only per-tensor/per-channel weights (integer kernels take no blocked weights) and per-tensor input
+    quantizers qualify; a bias whose codes would overflow int32 stays float.
+    """
+    container = getattr(gm, QUANTIZERS_ATTR, None)
+    if container is None:
+        return gm
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in BIAS_OPS or len(node.args) < 3:
+            continue
+        x_q = _quantizer_of(gm, node.args[0])
+        w_q = _quantizer_of(gm, node.args[1])
+        bias_node = node.args[2]
+        if not isinstance(x_q, FrozenActivationQuantizer) or not isinstance(w_q, FrozenWeight):
+            continue
+        if w_q.granularity == "per_group" or x_q.scale.numel() != 1:
+            continue
+        if not (isinstance(bias_node, fx.Node) and bias_node.op == "get_attr"):
+            continue
+        bias = getattr_path(gm, str(bias_node.target))
+        scale = bias_scale(x_q.scale, w_q.scale, bias.numel())
+        codes = quantize_bias(bias, scale)
+        if codes is None:
+            continue
+        w_name = str(node.args[1].target)[len(QUANTIZERS_ATTR) + 1 :]
+        name, i = f"{w_name}_bias", 1
+        while name in container:
+            i += 1
+            name = f"{w_name}_bias_{i}"
+        container[name] = FrozenBias(codes.reshape(bias.shape), scale.reshape(bias.shape), w_q.served)
+        with gm.graph.inserting_before(node):
+            b_node = gm.graph.call_module(f"{QUANTIZERS_ATTR}.{name}", ())
+        node.replace_input_with(bias_node, b_node)
+        if not bias_node.users:
+            gm.graph.erase_node(bias_node)
+    _delete_unread_parameters(gm)
+    return gm

@@ -1,0 +1,99 @@
+"""The two custom ops export lowers to ONNX QuantizeLinear/DequantizeLinear, and their translations.
+
+`fxquant::quantize_dequantize` is exactly `FrozenActivationQuantizer.forward` (ONNX Q -> DQ in float);
+`fxquant::dequantize` is exactly `FrozenWeight.forward` / `FrozenBias.forward` (ONNX DequantizeLinear of
+integer codes). torch.export keeps them as single nodes; `translation_table` turns them into onnxscript
+functions emitting `[Clip ->] QuantizeLinear -> DequantizeLinear` and `[Cast ->] DequantizeLinear`. The
+`Cast` of a constant code buffer is folded by the exporter into an integer initializer of the container
+type (INT4, INT2, ...), which is what makes the file size reflect the bits.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict
+
+import onnxscript
+import torch
+from torch import Tensor
+
+from fxquant.quantizer import fake_quantize
+
+
+@torch.library.custom_op("fxquant::quantize_dequantize", mutates_args=())
+def quantize_dequantize(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    lo: Tensor,
+    hi: Tensor,
+    qmin: int,
+    qmax: int,
+    onnx_type: int,
+    clip: bool,
+) -> Tensor:
+    """`fake_quantize(x, scale, zero_point, qmin, qmax)`; `lo`/`hi` are the float clamp of narrow widths."""
+    zp = zero_point.to(scale.dtype)
+    return fake_quantize(x, scale, zp, torch.full_like(zp, qmin), torch.full_like(zp, qmax))
+
+
+@quantize_dequantize.register_fake
+def _(x, scale, zero_point, lo, hi, qmin, qmax, onnx_type, clip):  # noqa: ANN001, ANN202
+    return torch.empty_like(x)
+
+
+def broadcast_scale(codes: Tensor, scale: Tensor, axis: int, block_size: int) -> Tensor:
+    """The ONNX-shaped `scale` of DequantizeLinear, broadcast against `codes` (per tensor/axis/block)."""
+    if scale.dim() == 0:
+        return scale
+    if block_size > 0:
+        return scale.repeat_interleave(block_size, dim=axis)
+    shape = [1] * codes.dim()
+    shape[axis] = scale.numel()
+    return scale.reshape(shape)
+
+
+@torch.library.custom_op("fxquant::dequantize", mutates_args=())
+def dequantize(codes: Tensor, scale: Tensor, axis: int, block_size: int, onnx_type: int) -> Tensor:
+    """`codes * scale` with ONNX DequantizeLinear's scale layout.
+
+    `block_size > 0`: blocked along `axis`; `0`: one scale per index of `axis`; `< 0`: per tensor.
+    """
+    s = broadcast_scale(codes, scale, axis, block_size)
+    return codes.to(s.dtype) * s
+
+
+@dequantize.register_fake
+def _(codes, scale, axis, block_size, onnx_type):  # noqa: ANN001, ANN202
+    return torch.empty(codes.shape, dtype=scale.dtype, device=codes.device)
+
+
+TORCH_STORABLE = {2: torch.uint8, 3: torch.int8, 4: torch.uint16, 5: torch.int16, 6: torch.int32}
+"""ONNX container types a torch buffer holds directly (no Cast needed): UINT8, INT8, UINT16, INT16, INT32."""
+
+
+def translation_table(opset: int) -> Dict[Any, Callable[..., Any]]:
+    """`custom_translation_table` for `torch.onnx.export` at `opset` (>= 18)."""
+    module = getattr(onnxscript, f"opset{min(max(opset, 18), 23)}")
+    op = module
+
+    def qdq_onnx(x, scale, zero_point, lo, hi, qmin: int, qmax: int, onnx_type: int, clip: bool):  # noqa: ANN001, ANN202
+        if onnx_type not in TORCH_STORABLE:
+            zero_point = op.Cast(zero_point, to=onnx_type)
+        if clip:
+            x = op.Clip(x, lo, hi)
+        q = op.QuantizeLinear(x, scale, zero_point)
+        return op.DequantizeLinear(q, scale, zero_point)
+
+    def dq_onnx(codes, scale, axis: int, block_size: int, onnx_type: int):  # noqa: ANN001, ANN202
+        if onnx_type not in TORCH_STORABLE:
+            codes = op.Cast(codes, to=onnx_type)
+        if block_size > 0:
+            return op.DequantizeLinear(codes, scale, axis=axis, block_size=block_size)
+        if block_size < 0:  # per tensor
+            return op.DequantizeLinear(codes, scale)
+        return op.DequantizeLinear(codes, scale, axis=axis)
+
+    return {
+        torch.ops.fxquant.quantize_dequantize.default: qdq_onnx,
+        torch.ops.fxquant.dequantize.default: dq_onnx,
+    }

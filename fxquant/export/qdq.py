@@ -1,0 +1,508 @@
+"""`export_onnx`: lower a frozen module to integer QDQ ONNX.
+
+How each frozen quantizer is lowered (`plan_quantizers`):
+
+- weights (`FrozenWeight`): integer codes in the smallest signed container holding the learned bits
+  (INT2, INT4, INT8, INT16; 3, 5, 6, 7 bits ride in the next container, their codes already in range),
+  then `DequantizeLinear` per tensor, per channel (`axis`) or blocked (`axis`, `block_size`). Linear
+  layers are exported as `MatMul(x, DQ(W^T)) [+ bias]` with the codes stored transposed: the pattern
+  onnxruntime turns into `MatMulNBits` (blocked weights, float input), `QLinearMatMul` or
+  `MatMulIntegerToFloat` (8-bit input), with no Transpose between the weight and the MatMul.
+- biases (`FrozenBias`): INT32 codes, scale `s_x * s_w`, `DequantizeLinear(axis=0)`.
+- activations (`FrozenActivationQuantizer`): `QuantizeLinear -> DequantizeLinear` with the frozen scale
+  and zero point, in the smallest unsigned container (UINT2, UINT4, UINT8, UINT16); narrower widths get a
+  float `Clip` first. 8-bit activations are uint8 with the zero point at 0 after ReLU, and weights are
+  symmetric int8: the types onnxruntime fuses into QLinearConv/QLinearAdd/QGemm.
+- the opset is the lowest the containers need (18, the exporter's floor, for 8-bit; 21 for 4/16-bit
+  and blocked scales; 25 for 2-bit). With a lower `opset` given, narrow containers widen and a quantizer
+  with no container at that opset (16-bit activations below 21) is exported as float arithmetic that
+  computes the same numbers; it is reported (warning, `metadata_props`, `fxquant inspect`).
+
+Each Q/DQ node is named `fxq/<quantizer>/<op>` and carries `metadata_props` `fxquant.quantizer`,
+`fxquant.kind`, `fxquant.fx_node` (the FX call node) and `fxquant.serves` (the ops it feeds); the model's
+`fxquant.quantizers` metadata holds the plan as JSON. Export only sees frozen modules.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import copy
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxquant.errors import ExportError, StateError
+from fxquant.export.ops import TORCH_STORABLE, translation_table
+from fxquant.passes.insert import QUANTIZERS_ATTR
+from fxquant.quantizer import FrozenActivationQuantizer, FrozenBias, FrozenWeight
+
+T = onnx.TensorProto
+MIN_EXPORTER_OPSET = 18
+"""torch.onnx's dynamo exporter emits opset 18 or later (8-bit QDQ alone would need 13)."""
+TWO_GB = 2**31
+METADATA_PREFIX = "fxquant."
+
+# (bits that fit, ONNX type, type's min, type's max, opset that introduced it)
+_SIGNED = [(2, T.INT2, -2, 1, 25), (4, T.INT4, -8, 7, 21), (8, T.INT8, -128, 127, 13), (16, T.INT16, -(2**15), 2**15 - 1, 21)]
+_UNSIGNED = [(2, T.UINT2, 0, 3, 25), (4, T.UINT4, 0, 15, 21), (8, T.UINT8, 0, 255, 13), (16, T.UINT16, 0, 2**16 - 1, 21)]
+TYPE_NAMES = {v: k for k, v in T.DataType.items()}
+TYPE_BITS = {T.INT2: 2, T.UINT2: 2, T.INT4: 4, T.UINT4: 4, T.INT8: 8, T.UINT8: 8, T.INT16: 16, T.UINT16: 16, T.INT32: 32}
+_LINEARS = {F.linear, torch._C._nn.linear}
+
+
+@dataclass
+class QuantizerPlan:
+    """How one frozen quantizer is lowered to ONNX."""
+
+    name: str
+    kind: str
+    bits: int
+    granularity: str
+    lowering: str  # "qdq" (integer Q/DQ) or "float" (same numbers as float ops; no integer container)
+    onnx_type: Optional[int]
+    fx_node: str
+    serves: Tuple[str, ...]
+    opset_needed: int
+    reason: str = ""
+    transposed: bool = False
+
+    @property
+    def type_name(self) -> str:
+        return TYPE_NAMES.get(self.onnx_type, "FLOAT") if self.onnx_type is not None else "FLOAT"
+
+
+def _container(table: List[Tuple[int, int, int, int, int]], bits: int, opset: Optional[int]) -> Optional[Tuple[int, int, int, int]]:
+    """(onnx type, type min, type max, opset) of the smallest container for `bits` allowed at `opset`."""
+    for fits, onnx_type, tmin, tmax, since in table:
+        if bits <= fits and (opset is None or since <= opset):
+            return onnx_type, tmin, tmax, since
+    return None
+
+
+def plan_quantizers(gm: fx.GraphModule, opset: Optional[int]) -> Dict[str, QuantizerPlan]:
+    """Decide container type and lowering for every frozen quantizer of `gm` (see the module docstring)."""
+    container = getattr(gm, QUANTIZERS_ATTR)
+    fx_nodes: Dict[str, List[str]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and str(node.target).startswith(QUANTIZERS_ATTR + "."):
+            fx_nodes.setdefault(str(node.target)[len(QUANTIZERS_ATTR) + 1 :], []).append(node.name)
+    plans: Dict[str, QuantizerPlan] = {}
+    for name, q in container.items():
+        if name not in fx_nodes:
+            continue
+        common = dict(name=name, kind=q.kind, granularity=q.granularity, fx_node=",".join(fx_nodes[name]), serves=tuple(q.served))
+        if isinstance(q, FrozenBias):
+            plans[name] = QuantizerPlan(bits=32, lowering="qdq", onnx_type=T.INT32, opset_needed=13, **common)
+        elif isinstance(q, FrozenWeight):
+            bits = int(q.bits.max())
+            blocked_ok = q.granularity != "per_group" or opset is None or opset >= 21
+            found = _container(_SIGNED, bits, opset)
+            if not blocked_ok:
+                plans[name] = QuantizerPlan(
+                    bits=bits, lowering="float", onnx_type=None, opset_needed=21,
+                    reason=f"blocked scales need opset 21 (got {opset})", **common,
+                )
+            elif found is None:  # 9-16 bits below opset 21: int32 holds them
+                plans[name] = QuantizerPlan(bits=bits, lowering="qdq", onnx_type=T.INT32, opset_needed=13, **common)
+            else:
+                since = max(found[3], 21 if q.granularity == "per_group" else 13)
+                plans[name] = QuantizerPlan(bits=bits, lowering="qdq", onnx_type=found[0], opset_needed=since, **common)
+        elif isinstance(q, FrozenActivationQuantizer):
+            bits = int(q.bits.max())
+            found = _container(_UNSIGNED, bits, opset)
+            if found is None or q.scale.numel() != 1:
+                need = _container(_UNSIGNED, bits, None)
+                plans[name] = QuantizerPlan(
+                    bits=bits, lowering="float", onnx_type=None, opset_needed=need[3] if need else 99,
+                    reason=f"no {bits}-bit QuantizeLinear type at opset {opset}", **common,
+                )
+            else:
+                plans[name] = QuantizerPlan(bits=bits, lowering="qdq", onnx_type=found[0], opset_needed=found[3], **common)
+    return plans
+
+
+class _ExportActivation(nn.Module):
+    """Export-time stand-in of a `FrozenActivationQuantizer`: one `fxquant::quantize_dequantize` call."""
+
+    def __init__(self, q: FrozenActivationQuantizer, onnx_type: int) -> None:
+        super().__init__()
+        _, _, tmin, tmax = next((t, 0, lo, hi) for _, t, lo, hi, _ in _UNSIGNED if t == onnx_type)
+        self.qmin, self.qmax = int(q.qmin), int(q.qmax)
+        self.onnx_type = onnx_type
+        self.clip = (self.qmin, self.qmax) != (tmin, tmax)
+        zp_dtype = TORCH_STORABLE.get(onnx_type, torch.int64)
+        scale = q.scale.detach().reshape(())
+        zp = q.zero_point.detach().reshape(())
+        self.register_buffer("scale", scale.clone())
+        self.register_buffer("zero_point", zp.to(zp_dtype))
+        self.register_buffer("lo", (self.qmin - zp.to(scale.dtype)) * scale)
+        self.register_buffer("hi", (self.qmax - zp.to(scale.dtype)) * scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.fxquant.quantize_dequantize(
+            x, self.scale, self.zero_point, self.lo, self.hi, self.qmin, self.qmax, self.onnx_type, self.clip
+        )
+
+
+class _ExportDequantize(nn.Module):
+    """Export-time stand-in of a `FrozenWeight`/`FrozenBias`: one `fxquant::dequantize` of its codes."""
+
+    def __init__(self, q: Union[FrozenWeight, FrozenBias], onnx_type: int, transposed: bool = False) -> None:
+        super().__init__()
+        codes = q.codes
+        scale = q.scale.detach()
+        axis = getattr(q, "channel_axis", None)
+        block = 0
+        if q.granularity == "per_tensor" or scale.numel() == 1 and axis is None:
+            scale, axis, block = scale.reshape(()), 0, -1
+        elif q.granularity == "per_group":
+            axis, block = q.block_axis, int(q.group_size)
+            target = list(codes.shape)
+            target[axis] = target[axis] // block
+            scale = scale.expand(target).contiguous()
+        else:
+            scale = scale.reshape(-1)
+            axis = axis or 0
+        if transposed:  # linear weight (out, in) -> (in, out) for MatMul
+            codes = codes.t()
+            if block >= 0:
+                axis = 1 - axis
+            if scale.dim() == 2:
+                scale = scale.t()
+        self.register_buffer("codes", codes.contiguous().to(TORCH_STORABLE.get(onnx_type, codes.dtype)))
+        self.register_buffer("scale", scale.contiguous())
+        self.axis, self.block, self.onnx_type = int(axis), int(block), int(onnx_type)
+
+    def forward(self) -> torch.Tensor:
+        return torch.ops.fxquant.dequantize(self.codes, self.scale, self.axis, self.block, self.onnx_type)
+
+
+def _export_copy(frozen: fx.GraphModule, plans: Dict[str, QuantizerPlan]) -> fx.GraphModule:
+    """A copy of `frozen` whose quantizers call the custom ops; blocked linears become MatMul."""
+    gm = copy.deepcopy(frozen)
+    container = getattr(gm, QUANTIZERS_ATTR)
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _LINEARS or len(node.args) < 2:
+            continue
+        w = node.args[1]
+        if not (isinstance(w, fx.Node) and w.op == "call_module" and str(w.target).startswith(QUANTIZERS_ATTR + ".")):
+            continue
+        name = str(w.target)[len(QUANTIZERS_ATTR) + 1 :]
+        q = container[name]
+        plan = plans.get(name)
+        if not isinstance(q, FrozenWeight) or plan is None or plan.lowering != "qdq":
+            continue
+        if q.codes.dim() != 2 or any(u.target not in _LINEARS or u.args[1] is not w for u in w.users):
+            continue
+        plan.transposed = True
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        with graph.inserting_before(node):
+            out = graph.call_function(torch.matmul, (node.args[0], w))
+            if bias is not None:
+                out = graph.call_function(torch.add, (out, bias))
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+    for name, plan in plans.items():
+        if plan.lowering != "qdq":
+            continue
+        q = container[name]
+        if isinstance(q, FrozenActivationQuantizer):
+            container[name] = _ExportActivation(q, plan.onnx_type)
+        else:
+            container[name] = _ExportDequantize(q, plan.onnx_type, plan.transposed)
+    gm.recompile()
+    return gm
+
+
+def _dynamic_shapes(gm: fx.GraphModule, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
+    batch = torch.export.Dim("batch")
+    return tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
+
+
+def _as_args(example_inputs: Any) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise ExportError(
+        f"example_inputs of type {type(example_inputs).__name__} is not understood; give a tensor, a tuple of "
+        "positional inputs or a dict of keyword inputs (as for fxq.prepare)."
+    )
+
+
+def _check_writable(path: Path) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ExportError(f"cannot write the ONNX model to {str(path)!r}: it is a directory; give a file path such as model.onnx.")
+    if not parent.is_dir():
+        raise ExportError(
+            f"cannot write the ONNX model to {str(path)!r}: directory {str(parent)!r} does not exist; create it first."
+        )
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ExportError(
+            f"cannot write the ONNX model to {str(path)!r}: permission denied; choose a writable location."
+        )
+
+
+def _scopes(node: onnx.NodeProto) -> List[str]:
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            try:
+                return [str(s) for s in ast.literal_eval(p.value)]
+            except (ValueError, SyntaxError):
+                return []
+    return []
+
+
+def _quantizer_of_node(node: onnx.NodeProto, names: Dict[str, str]) -> Optional[str]:
+    """The quantizer whose module emitted `node` (from the exporter's module scopes)."""
+    for scope in _scopes(node):
+        if scope in names:
+            return names[scope]
+    return None
+
+
+def _fold_casts(model: onnx.ModelProto) -> None:
+    """Fold `Cast(initializer)` into a packed integer initializer of the Cast's type.
+
+    The exporter's optimizer folds small Casts but leaves large ones (size limits); without this an int4
+    weight would be stored as int8 plus a Cast, and the file would not reflect the bits.
+    """
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    graph_inputs = {i.name for i in graph.input}
+    keep: List[onnx.NodeProto] = []
+    folded = False
+    for node in graph.node:
+        src = node.input[0] if node.op_type == "Cast" and node.input else ""
+        if src in inits and src not in graph_inputs and not node.domain:
+            to = next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "to")
+            values = numpy_helper.to_array(inits[src])
+            target = onnx.helper.tensor_dtype_to_np_dtype(to)
+            graph.initializer.append(numpy_helper.from_array(values.astype(np.int64).astype(target), node.output[0]))
+            folded = True
+            continue
+        keep.append(node)
+    if not folded:
+        return
+    del graph.node[:]
+    graph.node.extend(keep)
+    used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+    alive = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(alive)
+
+
+def _annotate(model: onnx.ModelProto, plans: Dict[str, QuantizerPlan], keep_torch_metadata: bool) -> None:
+    """Name and tag the Q/DQ nodes by quantizer; strip exporter debug data a deployed file does not need."""
+    scope_names = {}
+    for name in plans:
+        scope_names[f"{QUANTIZERS_ATTR}.{name}"] = name
+        scope_names[name] = name
+    counters: Dict[Tuple[str, str], int] = {}
+    for node in model.graph.node:
+        qname = _quantizer_of_node(node, scope_names)
+        if not keep_torch_metadata:
+            del node.metadata_props[:]
+        if qname is None:
+            continue
+        plan = plans[qname]
+        key = (qname, node.op_type)
+        counters[key] = counters.get(key, 0) + 1
+        suffix = "" if counters[key] == 1 else f"_{counters[key]}"
+        node.name = f"fxq/{qname}/{node.op_type}{suffix}"
+        for k, v in (
+            ("quantizer", qname),
+            ("kind", plan.kind),
+            ("fx_node", plan.fx_node),
+            ("serves", ",".join(plan.serves)),
+            ("bits", str(plan.bits)),
+        ):
+            node.metadata_props.add(key=METADATA_PREFIX + k, value=v)
+    if not keep_torch_metadata:
+        del model.graph.value_info[:]
+        for v in list(model.graph.input) + list(model.graph.output):
+            del v.metadata_props[:]
+        for init in model.graph.initializer:
+            del init.metadata_props[:]
+    del model.metadata_props[:]
+    model.metadata_props.add(key=METADATA_PREFIX + "version", value=_version())
+    model.metadata_props.add(
+        key=METADATA_PREFIX + "quantizers",
+        value=json.dumps({n: {k: v for k, v in asdict(p).items() if k != "name"} for n, p in plans.items()}),
+    )
+    floats = [n for n, p in plans.items() if p.lowering == "float"]
+    model.metadata_props.add(key=METADATA_PREFIX + "float_quantizers", value=",".join(floats))
+    model.producer_name = "fxquant"
+
+
+def _version() -> str:
+    from fxquant import __version__
+
+    return __version__
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    """Write `model` to `path` atomically (a temporary file renamed into place): no partial file on error."""
+    tmp_dir = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=tmp_dir)
+    os.close(fd)
+    data_name = path.name + ".data"
+    try:
+        if model.ByteSize() >= TWO_GB:
+            onnx.save_model(
+                model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name,
+                size_threshold=1024,
+            )
+        else:
+            onnx.save_model(model, tmp)
+        os.replace(tmp, path)
+    except (OSError, ValueError) as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise ExportError(f"could not write the ONNX model to {str(path)!r}: {e}; choose a writable location with free space.") from e
+
+
+def _has_onnx_function(e: BaseException) -> Optional[str]:
+    """The name of the torch op the exporter had no ONNX function for, if that is what failed."""
+    text = str(e)
+    cause: Optional[BaseException] = e
+    while cause is not None:
+        text += "\n" + str(cause)
+        cause = cause.__cause__ or cause.__context__
+    marker = "No ONNX function found for"
+    if marker in text:
+        rest = text.split(marker, 1)[1].strip()
+        return rest.split()[0].strip("<>'\".,")
+    return None
+
+
+def export_onnx(
+    frozen: fx.GraphModule,
+    example_inputs: Any,
+    path: Union[str, os.PathLike, None] = None,
+    opset: Optional[int] = None,
+    *,
+    keep_torch_metadata: bool = False,
+) -> onnx.ModelProto:
+    """Export a frozen module to integer QDQ ONNX (see the module docstring for the lowering).
+
+    Args:
+        frozen: a module returned by `fxq.freeze`.
+        example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs; dimension 0 of
+            every tensor input is exported as a dynamic batch dimension.
+        path: where to write the model (`None`: do not write). Models of 2 GB or more get their tensors in
+            `<path>.data` next to it; smaller ones are one self-contained file.
+        opset: ONNX opset (default: the lowest the integer types need: 18, 21 or 25). A lower one widens
+            narrow containers; a quantizer with no container at that opset is exported as float
+            arithmetic with the same numbers and reported in a warning and in `metadata_props`.
+        keep_torch_metadata: keep the exporter's per-node debug metadata and `value_info` (larger file).
+
+    Returns:
+        The `onnx.ModelProto` that was written.
+
+    Raises:
+        StateError: `frozen` is not a frozen fxquant module (call `fxq.freeze` first).
+        ExportError: the opset is below what the exporter supports, an op in the model has no ONNX
+            lowering, or the path cannot be written (no partial file is left).
+
+    Example:
+        >>> fxq.export_onnx(fxq.freeze(qm), torch.randn(1, 3, 32, 32), "model.onnx")
+    """
+    from fxquant.preparation import module_state
+
+    state = module_state(frozen) if isinstance(frozen, nn.Module) else None
+    if state != "frozen":
+        raise StateError(
+            f"export_onnx expects a frozen module (got {'a module in state ' + repr(state) if isinstance(frozen, nn.Module) else type(frozen).__name__}); "
+            "call fxq.freeze(qm) first and export what it returns."
+        )
+    if opset is not None and opset < MIN_EXPORTER_OPSET:
+        raise ExportError(
+            f"opset={opset} is below {MIN_EXPORTER_OPSET}, the lowest opset torch.onnx's exporter emits; "
+            f"use opset={MIN_EXPORTER_OPSET} or more (or None for the lowest the integer types need)."
+        )
+    out_path = Path(os.fspath(path)) if path is not None else None
+    if out_path is not None:
+        _check_writable(out_path)
+    args, kwargs = _as_args(example_inputs)
+    plans = plan_quantizers(frozen, opset)
+    chosen = opset if opset is not None else max([MIN_EXPORTER_OPSET] + [p.opset_needed for p in plans.values() if p.lowering == "qdq"])
+    floats = [p for p in plans.values() if p.lowering == "float"]
+    if floats:
+        warnings.warn(
+            "fxquant export kept these quantizers as float arithmetic (same numbers, no integer type): "
+            + "; ".join(f"{p.name} ({p.reason})" for p in floats)
+            + f". Export with opset={max(p.opset_needed for p in floats)} for integer Q/DQ.",
+            stacklevel=2,
+        )
+    gm = _export_copy(frozen, plans)
+    gm.eval()
+    dynamic = _dynamic_shapes(gm, args) if not kwargs else {k: ({0: torch.export.Dim("batch")} if isinstance(v, torch.Tensor) and v.dim() else None) for k, v in kwargs.items()}
+    try:
+        with _quiet():
+            program = torch.onnx.export(
+                gm, args, kwargs=kwargs or None, dynamo=True, external_data=False, opset_version=chosen,
+                custom_translation_table=translation_table(chosen), dynamic_shapes=dynamic, optimize=True,
+                verbose=False,
+            )
+    except Exception as e:  # noqa: BLE001 - re-raised with what to do
+        op = _has_onnx_function(e)
+        if op is not None:
+            raise ExportError(
+                f"the op {op} has no ONNX lowering in torch.onnx, so the model cannot be exported; keep the "
+                "module that calls it out of the exported model, or register a translation for it with "
+                "torch.onnx (custom_translation_table)."
+            ) from e
+        raise ExportError(f"torch.onnx could not export the frozen module: {type(e).__name__}: {str(e)[:2000]}") from e
+    model = program.model_proto
+    _fold_casts(model)
+    _annotate(model, plans, keep_torch_metadata)
+    if out_path is not None:
+        _save(model, out_path)
+    return model
+
+
+@contextlib.contextmanager
+def _quiet():  # noqa: ANN202
+    """Silence the exporter's progress prints and logs (errors still raise)."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript", "torch._export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def integer_initializer_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the model's integer initializers at their ONNX type's width (int4 = half a byte)."""
+    total = 0
+    for init in model.graph.initializer:
+        bits = TYPE_BITS.get(init.data_type)
+        if bits is None:
+            continue
+        total += math.ceil(math.prod(init.dims) * bits / 8)
+    return total

@@ -1,0 +1,272 @@
+"""`verify`: parity of an exported ONNX model with the frozen PyTorch module, in onnxruntime.
+
+Checks, in order: `onnx.checker` (full check); onnxruntime runs it on every batch at full optimisation
+(`ORT_ENABLE_ALL`, where QDQ groups become integer kernels) and with optimisation off (`ORT_DISABLE_ALL`,
+the plain Q/DQ semantics), on the CPU provider and any other installed one; the outputs are compared
+with the frozen module's: max abs error in units of the output's quantization step when the output is
+quantized (relative error for float outputs), and argmax agreement for classifier outputs `(batch,
+classes)`. The optimized graph's op-type histogram says how much became integer kernels.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import onnx
+import torch
+from torch import fx
+
+from fxquant.batches import Batch, model_device, required_inputs, split_batch, to_device
+from fxquant.errors import ParityError, StateError
+from fxquant.passes.insert import QUANTIZERS_ATTR
+from fxquant.quantizer import FrozenActivationQuantizer
+
+INTEGER_KERNELS = frozenset({
+    "QLinearConv", "QLinearAdd", "QLinearMul", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm", "MatMulNBits",
+    "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearLeakyRelu",
+    "QLinearSoftmax", "QLinearReduceMean", "QLinearWhere", "ConvInteger", "MatMulInteger", "QAttention",
+    "DynamicQuantizeMatMul", "NhwcQLinearConv",
+})
+"""onnxruntime op types that compute on integers (or on integer weights, MatMulNBits)."""
+FLOAT_COMPUTE = frozenset({"Conv", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm", "ConvTranspose", "NchwcConv"})
+"""Float op types that an integer kernel could have replaced."""
+
+LEVELS = {"all": "ORT_ENABLE_ALL", "disabled": "ORT_DISABLE_ALL"}
+
+
+@dataclass
+class LevelResult:
+    """Parity at one onnxruntime provider and optimisation level."""
+
+    provider: str
+    level: str
+    max_abs_error: float
+    error: float  # in output steps (quantized output) or relative to max |reference| (float output)
+    argmax_agreement: Optional[float]
+    ok: bool
+
+
+@dataclass
+class VerifyReport:
+    """What `fxq.verify` measured (`str()` prints a summary)."""
+
+    output_step: Optional[float]
+    error_unit: str
+    tolerance: float
+    results: List[LevelResult]
+    op_histogram: Dict[str, int]
+    integer_kernels: int
+    float_compute: int
+    samples: int
+    checker_passed: bool = True
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Whether every provider and level is within tolerance."""
+        return all(r.ok for r in self.results)
+
+    @property
+    def max_error(self) -> float:
+        """Worst error over providers and levels, in `error_unit`."""
+        return max((r.error for r in self.results), default=0.0)
+
+    @property
+    def argmax_agreement(self) -> Optional[float]:
+        """Worst argmax agreement (classifier outputs), else None."""
+        vals = [r.argmax_agreement for r in self.results if r.argmax_agreement is not None]
+        return min(vals) if vals else None
+
+    @property
+    def integer_fraction(self) -> float:
+        """Share of compute ops (conv/matmul/gemm-like) that run as integer kernels after optimisation."""
+        total = self.integer_kernels + self.float_compute
+        return self.integer_kernels / total if total else 0.0
+
+    def __str__(self) -> str:
+        lines = [f"onnx.checker: {'passed' if self.checker_passed else 'FAILED'}; {self.samples} samples"]
+        for r in self.results:
+            agree = "" if r.argmax_agreement is None else f", argmax agreement {100 * r.argmax_agreement:.2f}%"
+            lines.append(
+                f"{r.provider} {r.level}: max abs error {r.max_abs_error:.3g} = {r.error:.3g} {self.error_unit}{agree}"
+                f" [{'ok' if r.ok else 'FAIL'}]"
+            )
+        hist = ", ".join(f"{k} {v}" for k, v in sorted(self.op_histogram.items(), key=lambda kv: -kv[1]))
+        lines.append(f"optimized graph: {hist}")
+        lines.append(
+            f"integer kernels: {self.integer_kernels} of {self.integer_kernels + self.float_compute} compute ops "
+            f"({100 * self.integer_fraction:.0f}%)"
+        )
+        lines += self.notes
+        return "\n".join(lines)
+
+
+def _output_step(frozen: fx.GraphModule) -> Optional[float]:
+    """The quantization step of the module's output when its last node is an activation quantizer."""
+    out = next(n for n in frozen.graph.nodes if n.op == "output")
+    node = out.args[0]
+    if isinstance(node, (tuple, list)) and len(node) == 1:
+        node = node[0]
+    if isinstance(node, fx.Node) and node.op == "call_module" and str(node.target).startswith(QUANTIZERS_ATTR + "."):
+        q = frozen.get_submodule(str(node.target))
+        if isinstance(q, FrozenActivationQuantizer):
+            return float(q.scale.max())
+    return None
+
+
+def _flat_outputs(out: Any) -> List[np.ndarray]:
+    if isinstance(out, torch.Tensor):
+        return [out.detach().cpu().numpy()]
+    if isinstance(out, (tuple, list)):
+        return [a for o in out for a in _flat_outputs(o)]
+    if isinstance(out, dict):
+        return [a for o in out.values() for a in _flat_outputs(o)]
+    return []
+
+
+def _sessions(model_path: str, providers: Sequence[str], level: str, opt_path: Optional[str]) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[level])
+    so.log_severity_level = 3
+    # MatMulNBits' default accuracy level quantizes its input: ask for the exact float path.
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    if opt_path is not None:
+        so.optimized_model_filepath = opt_path
+    return ort.InferenceSession(model_path, so, providers=list(providers))
+
+
+def verify(
+    frozen: fx.GraphModule,
+    onnx_path_or_model: Union[str, os.PathLike, onnx.ModelProto],
+    batches: Iterable[Batch],
+    *,
+    num_batches: int = 8,
+    tolerance_steps: float = 1.0,
+    rtol: float = 1e-3,
+    min_argmax_agreement: float = 1.0,
+    providers: Optional[Sequence[str]] = None,
+    levels: Sequence[str] = ("all", "disabled"),
+    raise_on_failure: bool = True,
+) -> VerifyReport:
+    """Compare onnxruntime's outputs of an exported model with the frozen PyTorch module.
+
+    Args:
+        frozen: the module that was exported (`fxq.freeze`).
+        onnx_path_or_model: the `.onnx` path or the `ModelProto` returned by `fxq.export_onnx`.
+        batches: model inputs as for `fxq.calibrate` (a tensor, a tuple, a dict, or `(inputs, target)`);
+            the first `num_batches` are used.
+        tolerance_steps: max abs error allowed, in output quantization steps (quantized outputs).
+        rtol: max abs error relative to the largest reference magnitude (float outputs).
+        min_argmax_agreement: smallest share of equal argmax allowed for `(batch, classes)` outputs.
+        providers: onnxruntime providers to test (default: CPU and every other installed one).
+        levels: optimisation levels, `"all"` (ORT_ENABLE_ALL) and/or `"disabled"` (ORT_DISABLE_ALL).
+        raise_on_failure: raise `ParityError` when a check fails (else only report it).
+
+    Returns:
+        A `VerifyReport` (errors per provider and level, argmax agreement, optimized op histogram).
+
+    Raises:
+        StateError: `frozen` is not a frozen module, or no batch was given.
+        onnx.checker.ValidationError: the model is not valid ONNX.
+        ParityError: an error or argmax agreement is beyond tolerance (names the provider and level).
+    """
+    import onnxruntime as ort
+
+    from fxquant.preparation import module_state
+
+    if module_state(frozen) != "frozen":
+        raise StateError(
+            f"verify compares onnxruntime with the frozen module (state {module_state(frozen)!r}); pass the module "
+            "returned by fxq.freeze that was exported."
+        )
+    unknown = [lv for lv in levels if lv not in LEVELS]
+    if unknown:
+        raise StateError(f"verify levels {unknown} are unknown; use 'all' and/or 'disabled'.")
+    with tempfile.TemporaryDirectory(prefix="fxq_verify_") as tmp:
+        if isinstance(onnx_path_or_model, onnx.ModelProto):
+            model_path = os.path.join(tmp, "model.onnx")
+            onnx.save_model(onnx_path_or_model, model_path)
+        else:
+            model_path = os.fspath(onnx_path_or_model)
+        onnx.checker.check_model(model_path, full_check=True)
+        if providers is None:
+            available = ort.get_available_providers()
+            providers = ["CPUExecutionProvider"] + [
+                p for p in available if p in ("CUDAExecutionProvider", "DmlExecutionProvider", "CoreMLExecutionProvider")
+            ]
+        opt_path = os.path.join(tmp, "optimized.onnx")
+        sessions: Dict[Tuple[str, str], Any] = {}
+        for provider in providers:
+            for level in levels:
+                want_opt = provider == "CPUExecutionProvider" and level == "all"
+                sessions[(provider, level)] = _sessions(model_path, [provider], level, opt_path if want_opt else None)
+        histogram: Dict[str, int] = {}
+        if os.path.exists(opt_path):
+            opt = onnx.load(opt_path, load_external_data=False)
+            histogram = dict(collections.Counter(n.op_type for n in opt.graph.node))
+        refs: List[List[np.ndarray]] = []
+        outs: Dict[Tuple[str, str], List[List[np.ndarray]]] = {k: [] for k in sessions}
+        n_req = required_inputs(frozen)
+        device = model_device(frozen)
+        seen = 0
+        for i, batch in enumerate(batches):
+            if i >= num_batches:
+                break
+            args, kwargs, _ = split_batch(batch, n_req)
+            with torch.no_grad():
+                ref = _flat_outputs(frozen(*to_device(args, device), **to_device(kwargs, device)))
+            refs.append(ref)
+            for key, sess in sessions.items():
+                names = [x.name for x in sess.get_inputs()]
+                feed = {}
+                for name, a in zip(names, args):
+                    feed[name] = a.detach().cpu().numpy()
+                for k, v in kwargs.items():
+                    if k in names:
+                        feed[k] = v.detach().cpu().numpy()
+                outs[key].append(sess.run(None, feed))
+            seen += 1
+    if seen == 0:
+        raise StateError("verify got no batches; give at least one batch of model inputs.")
+    step = _output_step(frozen)
+    unit = "output steps" if step is not None else "relative to max |output|"
+    tol = tolerance_steps if step is not None else rtol
+    results: List[LevelResult] = []
+    for (provider, level), got in outs.items():
+        max_abs, scale_ref, agree, total = 0.0, 0.0, 0, 0
+        for ref, out in zip(refs, got):
+            for r, o in zip(ref, out):
+                max_abs = max(max_abs, float(np.abs(r.astype(np.float64) - o).max(initial=0.0)))
+                scale_ref = max(scale_ref, float(np.abs(r).max(initial=0.0)))
+            r0, o0 = ref[0], out[0]
+            if r0.ndim == 2 and r0.shape[1] > 1:
+                agree += int((r0.argmax(1) == o0.argmax(1)).sum())
+                total += r0.shape[0]
+        error = max_abs / step if step is not None else max_abs / max(scale_ref, 1e-12)
+        agreement = agree / total if total else None
+        ok = error <= tol and (agreement is None or agreement >= min_argmax_agreement)
+        results.append(LevelResult(provider, LEVELS[level], max_abs, error, agreement, ok))
+    report = VerifyReport(
+        output_step=step, error_unit=unit, tolerance=tol, results=results, op_histogram=histogram,
+        integer_kernels=sum(v for k, v in histogram.items() if k in INTEGER_KERNELS),
+        float_compute=sum(v for k, v in histogram.items() if k in FLOAT_COMPUTE),
+        samples=sum(r[0].shape[0] if r and r[0].ndim else 1 for r in refs),
+    )
+    failed = [r for r in results if not r.ok]
+    if failed and raise_on_failure:
+        r = failed[0]
+        agree = "" if r.argmax_agreement is None else f", argmax agreement {100 * r.argmax_agreement:.2f}% (min {100 * min_argmax_agreement:.2f}%)"
+        raise ParityError(
+            f"onnxruntime ({r.provider}, {r.level}) differs from the frozen module: max abs error {r.max_abs_error:.3g} = "
+            f"{r.error:.3g} {unit} (tolerance {tol:g}){agree}. If only {LEVELS['all']} fails, an optimized kernel "
+            "changes the numbers (compare levels in the report); otherwise the export is wrong for this model. "
+            "Pass raise_on_failure=False to get the full report.\n" + str(report)
+        )
+    return report

@@ -1,0 +1,268 @@
+"""Export step: integer QDQ ONNX (types, opsets, golden op types, file size, names, errors)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import make
+from torch import nn
+
+import fxquant as fxq
+from fxquant.export import integer_initializer_bytes, onnx_report
+
+T = onnx.TensorProto
+
+
+def _frozen(name, weight, activation, first_last_bits=None, overrides=(), batch=8):  # noqa: ANN001, ANN202
+    model, x = make(name, batch)
+    cfg = fxq.QuantConfig(weight=weight, activation=activation, first_last_bits=first_last_bits, overrides=list(overrides))
+    qm = fxq.prepare(model, x, cfg)
+    fxq.calibrate(qm, [x, torch.randn_like(x) * 1.5])
+    return fxq.freeze(qm), x
+
+
+def _spec(bits: int) -> fxq.QuantSpec:
+    return fxq.QuantSpec(bits=bits, min_bits=2, max_bits=max(bits, 8))
+
+
+def _optimized_ops(path: str, tmp_path) -> collections.Counter:  # noqa: ANN001
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+def test_w8a8_cnn_golden_ops_and_integer_kernels(tmp_path) -> None:
+    frozen, x = _frozen("cnn", _spec(8), _spec(8))
+    path = str(tmp_path / "cnn.onnx")
+    model = fxq.export_onnx(frozen, x, path)
+    onnx.checker.check_model(path, full_check=True)
+    assert model.opset_import[0].version == 18
+    assert [n.op_type for n in model.graph.node] == (
+        ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "DequantizeLinear", "Conv", "Relu"]
+        + ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "DequantizeLinear", "Conv", "Relu"]
+        + ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "DequantizeLinear", "Conv"]
+        + ["QuantizeLinear", "DequantizeLinear", "Add", "Relu"]
+        + ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "DequantizeLinear", "Conv", "Relu"]
+        + ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "DequantizeLinear", "Conv", "Relu"]
+        + ["QuantizeLinear", "DequantizeLinear", "Concat", "ReduceMean", "Reshape"]
+        + ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "DequantizeLinear", "MatMul", "Add"]
+    )
+    types = collections.Counter(i.data_type for i in model.graph.initializer if i.data_type != T.FLOAT and i.data_type != T.INT64)
+    assert types[T.INT8] == 6 and types[T.INT32] == 6 and types[T.UINT8] >= 1  # weights, biases, zero points
+    zps = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.data_type == T.UINT8}
+    # the zero point after every ReLU is the type minimum (0), so onnxruntime absorbs the ReLU
+    relu_q = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and "act_relu" in n.name]
+    assert relu_q and all(int(zps[n.input[2]]) == 0 for n in relu_q)
+    ops = _optimized_ops(path, tmp_path)
+    assert ops["QLinearConv"] == 5
+    assert ops["QLinearAdd"] == 1
+    assert "Conv" not in ops
+
+
+def test_weight_only_int4_blocked_linear_becomes_matmulnbits(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32)).eval()
+    x = torch.randn(4, 64)
+    cfg = fxq.QuantConfig(activation=None, weight=fxq.QuantSpec(bits=4, granularity="per_group", group_size=16), first_last_bits=None)
+    qm = fxq.prepare(model, x, cfg)
+    fxq.calibrate(qm, [x])
+    frozen = fxq.freeze(qm)
+    path = str(tmp_path / "wo4.onnx")
+    proto = fxq.export_onnx(frozen, x, path)
+    assert proto.opset_import[0].version == 21
+    assert [n.op_type for n in proto.graph.node] == ["DequantizeLinear", "MatMul", "Add"]
+    dq = proto.graph.node[0]
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute} == {"axis": 0, "block_size": 16}
+    codes = next(i for i in proto.graph.initializer if i.name == dq.input[0])
+    assert codes.data_type == T.INT4 and list(codes.dims) == [64, 32]
+    assert _optimized_ops(path, tmp_path) == collections.Counter({"MatMulNBits": 1})
+    report = fxq.verify(frozen, path, [torch.randn(5, 64)])
+    assert report.max_error < 1e-5
+
+
+@pytest.mark.parametrize(
+    "wbits, abits, opset, wtype, atype",
+    [(4, 4, 21, T.INT4, T.UINT4), (2, 4, 25, T.INT2, T.UINT4), (3, 6, 21, T.INT4, T.UINT8), (8, 16, 21, T.INT8, T.UINT16)],
+)
+def test_containers_and_opset_follow_the_bits(wbits, abits, opset, wtype, atype) -> None:  # noqa: ANN001
+    frozen, x = _frozen("mlp", _spec(wbits), fxq.QuantSpec(bits=abits, min_bits=2, max_bits=max(abits, 8)))
+    model = fxq.export_onnx(frozen, x)
+    assert model.opset_import[0].version == opset
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and "_weight/" in n.name and "_bias" not in n.name]
+    inits = {i.name: i for i in model.graph.initializer}
+    assert len(dqs) == 3 and all(inits[n.input[0]].data_type == wtype for n in dqs)
+    qs = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert all(inits[n.input[2]].data_type == atype for n in qs)
+    codes = onnx.numpy_helper.to_array(inits[dqs[0].input[0]])
+    assert np.abs(codes).max() <= 2 ** (wbits - 1) - 1  # 3-bit codes ride in int4, already in range
+    clips = [n for n in model.graph.node if n.op_type == "Clip"]
+    assert len(clips) == (len(qs) if abits in (3, 5, 6, 7) else 0)  # narrow activations are clamped in float
+
+
+def test_w4_file_is_at_most_55_percent_of_w8(tmp_path) -> None:
+    sizes = {}
+    for bits in (8, 4):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256)).eval()
+        x = torch.randn(4, 256)
+        cfg = fxq.QuantConfig(weight=_spec(bits), activation=_spec(8), first_last_bits=None)
+        qm = fxq.prepare(model, x, cfg)
+        fxq.calibrate(qm, [x])
+        path = tmp_path / f"w{bits}.onnx"
+        proto = fxq.export_onnx(fxq.freeze(qm), x, str(path))
+        sizes[bits] = (os.path.getsize(path), integer_initializer_bytes(proto))
+    assert sizes[4][0] <= 0.55 * sizes[8][0]
+    assert sizes[4][1] <= 0.55 * sizes[8][1]
+
+
+def test_nodes_and_metadata_map_back_to_quantizers(tmp_path) -> None:
+    frozen, x = _frozen("cnn", _spec(8), _spec(8))
+    path = str(tmp_path / "cnn.onnx")
+    model = fxq.export_onnx(frozen, x, path)
+    names = set(frozen.fxq_quantizers.keys())
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            meta = {p.key: p.value for p in node.metadata_props}
+            assert meta["fxquant.quantizer"] in names
+            assert node.name.startswith(f"fxq/{meta['fxquant.quantizer']}/")
+            assert meta["fxquant.fx_node"] == "fxq_quantizers_" + meta["fxquant.quantizer"]
+    plans = json.loads({p.key: p.value for p in model.metadata_props}["fxquant.quantizers"])
+    assert plans["conv1_weight"]["serves"] == ["conv1"]
+    report = onnx_report(path)
+    rows = {r.quantizer: r for r in report.rows}
+    assert rows["conv1_weight"].dtype == "INT8" and rows["conv1_weight"].bits_used <= 8
+    assert rows["conv1_weight"].layout == "per_axis(0)"
+    assert rows["conv1_weight"].bytes == 8 * 8 * 3 * 3
+    assert rows["act_relu"].kind == "activation" and rows["act_relu"].zero_point == "0"
+    assert report.integer_bytes == integer_initializer_bytes(model)
+    text = str(fxq.report(path))
+    assert all(name in text for name in names) and "8 Q/DQ pairs" in text
+
+
+def test_dynamic_batch_runs_any_batch(tmp_path) -> None:
+    frozen, x = _frozen("transformer", _spec(8), _spec(8))
+    path = str(tmp_path / "t.onnx")
+    fxq.export_onnx(frozen, x, path)
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for b in (1, 3):
+        xb = torch.randn(b, *x.shape[1:])
+        out = sess.run(None, {sess.get_inputs()[0].name: xb.numpy()})[0]
+        np.testing.assert_allclose(out, frozen(xb).numpy(), atol=1e-5)
+
+
+def test_export_requires_a_frozen_module() -> None:
+    model, x = make("mlp")
+    qm = fxq.prepare(model, x, fxq.QuantConfig())
+    with pytest.raises(fxq.StateError, match=r"call fxq.freeze\(qm\) first"):
+        fxq.export_onnx(qm, x)
+    with pytest.raises(fxq.StateError, match="expects a frozen module"):
+        fxq.export_onnx(model, x)
+
+
+def test_opset_below_exporter_floor_is_an_error() -> None:
+    frozen, x = _frozen("mlp", _spec(8), _spec(8))
+    with pytest.raises(fxq.ExportError, match="opset=13 is below 18"):
+        fxq.export_onnx(frozen, x, opset=13)
+
+
+def test_quantizer_without_a_type_at_the_opset_is_kept_float_and_reported(tmp_path) -> None:
+    frozen, x = _frozen("mlp", _spec(4), fxq.QuantSpec(bits=16, min_bits=2, max_bits=16))
+    path = str(tmp_path / "a16.onnx")
+    with pytest.warns(UserWarning, match=r"kept these quantizers as float arithmetic.*opset=21"):
+        model = fxq.export_onnx(frozen, x, path, opset=18)
+    assert model.opset_import[0].version == 18
+    assert "QuantizeLinear" not in {n.op_type for n in model.graph.node}
+    inits = {i.name: i for i in model.graph.initializer}
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert dqs and {inits[n.input[0]].data_type for n in dqs} <= {T.INT8, T.INT32}  # int4 codes widened
+    report = onnx_report(path)
+    assert set(report.float_quantizers) == {"act_x", "act_relu", "act_relu_1"}
+    assert "kept float" in str(report)
+    fxq.verify(frozen, path, [torch.randn(8, 16)])  # same numbers: never silently wrong
+
+
+@torch.library.custom_op("fxq_tests::no_onnx", mutates_args=())
+def _no_onnx(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_no_onnx.register_fake
+def _(x):  # noqa: ANN001, ANN202
+    return torch.empty_like(x)
+
+
+class _Weird(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.ops.fxq_tests.no_onnx(x))
+
+
+def test_op_without_onnx_lowering_is_a_clear_error(tmp_path) -> None:
+    x = torch.randn(4, 16)
+    qm = fxq.prepare(_Weird().eval(), x, fxq.QuantConfig())
+    fxq.calibrate(qm, [x])
+    path = tmp_path / "weird.onnx"
+    with pytest.raises(fxq.ExportError, match=r"fxq_tests.no_onnx.* has no ONNX lowering"):
+        fxq.export_onnx(fxq.freeze(qm), x, str(path))
+    assert not path.exists() and os.listdir(tmp_path) == []
+
+
+def test_unwritable_path_is_a_clear_error_and_leaves_no_file(tmp_path) -> None:
+    frozen, x = _frozen("mlp", _spec(8), _spec(8))
+    with pytest.raises(fxq.ExportError, match="directory .* does not exist; create it first"):
+        fxq.export_onnx(frozen, x, str(tmp_path / "missing" / "m.onnx"))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # running as root: permissions are not enforced
+            pytest.skip("permissions are not enforced for this user")
+        with pytest.raises(fxq.ExportError, match="permission denied; choose a writable location"):
+            fxq.export_onnx(frozen, x, str(locked / "m.onnx"))
+        assert os.listdir(locked) == []
+    finally:
+        locked.chmod(0o700)
+    with pytest.raises(fxq.ExportError, match="it is a directory"):
+        fxq.export_onnx(frozen, x, str(tmp_path))
+
+
+def test_write_failure_leaves_no_partial_file(tmp_path, monkeypatch) -> None:
+    frozen, x = _frozen("mlp", _spec(8), _spec(8))
+
+    def fail(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        with open(args[1], "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save_model", fail)
+    with pytest.raises(fxq.ExportError, match="could not write the ONNX model .*No space left"):
+        fxq.export_onnx(frozen, x, str(tmp_path / "m.onnx"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_inspect_prints_every_quantizer(tmp_path, capsys) -> None:
+    from fxquant.cli import main
+
+    frozen, x = _frozen("mlp", _spec(4), _spec(8))
+    path = str(tmp_path / "m.onnx")
+    fxq.export_onnx(frozen, x, path)
+    assert main(["inspect", path]) == 0
+    out = capsys.readouterr().out
+    for name in frozen.fxq_quantizers.keys():
+        assert name in out
+    assert "INT4" in out and "UINT8" in out and "KiB integer" in out
+    assert main(["inspect", str(tmp_path / "nope.onnx")]) == 2
+    assert "no ONNX file at" in capsys.readouterr().err
