@@ -25,8 +25,9 @@ from __future__ import annotations
 
 from fxquant.analyze import to_networkx
 from fxquant.calibration import calibrate
+from fxquant.checkpoint import load_state_dict
 from fxquant.config import QuantConfig, QuantSpec
-from fxquant.errors import CaptureError, ConfigError, FxQuantError, PassError, PrepareError, StateError
+from fxquant.errors import CaptureError, CheckpointError, ConfigError, FxQuantError, PassError, PrepareError, StateError
 from fxquant.errors import ExportError, ParityError
 from fxquant.export import OnnxQuantReport, export_onnx
 from fxquant.finetune import BitTarget, FinetuneResult, FinetuneWarning, Schedule, finetune
@@ -49,6 +50,7 @@ __all__ = [
     "BitTarget",
     "Schedule",
     "freeze",
+    "load_state_dict",
     "report",
     "QuantReport",
     "to_networkx",
@@ -60,6 +62,7 @@ __all__ = [
     "FxQuantError",
     "ConfigError",
     "CaptureError",
+    "CheckpointError",
     "PrepareError",
     "PassError",
     "StateError",

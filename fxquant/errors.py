@@ -36,3 +36,7 @@ class ExportError(FxQuantError, RuntimeError):
 
 class ParityError(FxQuantError, AssertionError):
     """onnxruntime's output differs from the frozen PyTorch module beyond the tolerance (`fxq.verify`)."""
+
+
+class CheckpointError(FxQuantError, ValueError):
+    """A state dict does not fit the module it is loaded into (other model, config, capture or state)."""

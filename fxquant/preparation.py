@@ -15,6 +15,7 @@ import torch
 from torch import fx, nn
 
 from fxquant.analyze import analyze
+from fxquant.checkpoint import attach_checkpoint_info
 from fxquant.config import QuantConfig
 from fxquant.errors import PrepareError, StateError
 from fxquant.passes import run_passes
@@ -103,6 +104,7 @@ def prepare(
     setattr(gm, STATE_ATTR, "prepared")
     setattr(gm, CONFIG_ATTR, config)
     setattr(gm, CAPTURE_ATTR, front_end)
+    attach_checkpoint_info(gm, model, config, front_end)
     gm.train(model.training)
     return gm
 
