@@ -425,3 +425,11 @@ def test_digits_noise_size_penalty_lowers_weight_bits_within_two_points(digits) 
     assert result.bits_after["avg_weight_bits"] < 5.0
     assert result.bits_after["size_mb"] < result.bits_before["size_mb"]
     assert acc >= fp - 2.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_module_trains_on_cpu_batches_with_cpu_teacher() -> None:
+    model, qm, batches = _prepared()
+    qm = qm.cuda()
+    result = fxq.finetune(qm, batches, teacher=model, steps=60, target_bits=4, progress=False)
+    assert result.met_target and all(p.is_cuda for p in qm.parameters())
