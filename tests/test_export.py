@@ -91,12 +91,20 @@ def test_weight_only_int4_blocked_linear_becomes_matmulnbits(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(
-    "wbits, abits, opset, wtype, atype",
-    [(4, 4, 21, T.INT4, T.UINT4), (2, 4, 25, T.INT2, T.UINT4), (3, 6, 21, T.INT4, T.UINT8), (8, 16, 21, T.INT8, T.UINT16)],
+    "wbits, abits, narrow, opset, wtype, atype",
+    [
+        (4, 4, False, 21, T.INT4, T.UINT8),
+        (4, 4, True, 21, T.INT4, T.UINT4),
+        (2, 4, False, 25, T.INT2, T.UINT8),
+        (2, 2, True, 25, T.INT2, T.UINT2),
+        (3, 6, False, 21, T.INT4, T.UINT8),
+        (8, 16, False, 21, T.INT8, T.UINT16),
+    ],
 )
-def test_containers_and_opset_follow_the_bits(wbits, abits, opset, wtype, atype) -> None:  # noqa: ANN001
+def test_containers_and_opset_follow_the_bits(wbits, abits, narrow, opset, wtype, atype) -> None:  # noqa: ANN001
     frozen, x = _frozen("mlp", _spec(wbits), fxq.QuantSpec(bits=abits, min_bits=2, max_bits=max(abits, 8)))
-    model = fxq.export_onnx(frozen, x)
+    model = fxq.export_onnx(frozen, x, narrow_activations=narrow)
+    onnx.checker.check_model(model, full_check=True)
     assert model.opset_import[0].version == opset
     dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and "_weight/" in n.name and "_bias" not in n.name]
     inits = {i.name: i for i in model.graph.initializer}
@@ -106,7 +114,8 @@ def test_containers_and_opset_follow_the_bits(wbits, abits, opset, wtype, atype)
     codes = onnx.numpy_helper.to_array(inits[dqs[0].input[0]])
     assert np.abs(codes).max() <= 2 ** (wbits - 1) - 1  # 3-bit codes ride in int4, already in range
     clips = [n for n in model.graph.node if n.op_type == "Clip"]
-    assert len(clips) == (len(qs) if abits in (3, 5, 6, 7) else 0)  # narrow activations are clamped in float
+    narrower = abits < onnx.helper.tensor_dtype_to_np_dtype(atype).itemsize * 8 if atype not in (T.UINT4, T.UINT2) else False
+    assert len(clips) == (len(qs) if narrower else 0)  # narrower activations are clamped in float first
 
 
 def test_w4_file_is_at_most_55_percent_of_w8(tmp_path) -> None:

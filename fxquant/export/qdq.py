@@ -10,8 +10,10 @@ How each frozen quantizer is lowered (`plan_quantizers`):
   `MatMulIntegerToFloat` (8-bit input), with no Transpose between the weight and the MatMul.
 - biases (`FrozenBias`): INT32 codes, scale `s_x * s_w`, `DequantizeLinear(axis=0)`.
 - activations (`FrozenActivationQuantizer`): `QuantizeLinear -> DequantizeLinear` with the frozen scale
-  and zero point, in the smallest unsigned container (UINT2, UINT4, UINT8, UINT16); narrower widths get a
-  float `Clip` first. 8-bit activations are uint8 with the zero point at 0 after ReLU, and weights are
+  and zero point, in UINT8 (UINT16 above 8 bits); narrower widths get a float `Clip` to their range
+  first. `narrow_activations=True` uses the smallest container (UINT2, UINT4) instead: valid ONNX, but
+  onnxruntime 1.32 has no kernel for it and its optimizer fails on uint4 after Clip/Relu (activations
+  take no space in the file, so nothing is lost by default). 8-bit activations are uint8 with the zero point at 0 after ReLU, and weights are
   symmetric int8: the types onnxruntime fuses into QLinearConv/QLinearAdd/QGemm.
 - the opset is the lowest the containers need (18, the exporter's floor, for 8-bit; 21 for 4/16-bit
   and blocked scales; 25 for 2-bit). With a lower `opset` given, narrow containers widen and a quantizer
@@ -94,7 +96,7 @@ def _container(table: List[Tuple[int, int, int, int, int]], bits: int, opset: Op
     return None
 
 
-def plan_quantizers(gm: fx.GraphModule, opset: Optional[int]) -> Dict[str, QuantizerPlan]:
+def plan_quantizers(gm: fx.GraphModule, opset: Optional[int], narrow_activations: bool = False) -> Dict[str, QuantizerPlan]:
     """Decide container type and lowering for every frozen quantizer of `gm` (see the module docstring)."""
     container = getattr(gm, QUANTIZERS_ATTR)
     fx_nodes: Dict[str, List[str]] = {}
@@ -124,7 +126,11 @@ def plan_quantizers(gm: fx.GraphModule, opset: Optional[int]) -> Dict[str, Quant
                 plans[name] = QuantizerPlan(bits=bits, lowering="qdq", onnx_type=found[0], opset_needed=since, **common)
         elif isinstance(q, FrozenActivationQuantizer):
             bits = int(q.bits.max())
-            found = _container(_UNSIGNED, bits, opset)
+            # onnxruntime 1.32 crashes on uint4/uint2 activations next to Clip/Relu or int2 weights, and has
+            # no kernel for them: below 8 bits they ride in uint8 with a float Clip (same numbers), unless
+            # the smallest container is asked for.
+            want = bits if narrow_activations else max(bits, 8)
+            found = _container(_UNSIGNED, want, opset)
             if found is None or q.scale.numel() != 1:
                 need = _container(_UNSIGNED, bits, None)
                 plans[name] = QuantizerPlan(
@@ -402,6 +408,7 @@ def export_onnx(
     opset: Optional[int] = None,
     *,
     keep_torch_metadata: bool = False,
+    narrow_activations: bool = False,
 ) -> onnx.ModelProto:
     """Export a frozen module to integer QDQ ONNX (see the module docstring for the lowering).
 
@@ -415,6 +422,9 @@ def export_onnx(
             narrow containers; a quantizer with no container at that opset is exported as float
             arithmetic with the same numbers and reported in a warning and in `metadata_props`.
         keep_torch_metadata: keep the exporter's per-node debug metadata and `value_info` (larger file).
+        narrow_activations: store activations below 8 bits in UINT4/UINT2 (valid ONNX; onnxruntime 1.32
+            has no kernel for them and its optimizer fails on some of these patterns). Default: UINT8 with a
+            float Clip to the learned range, which computes the same numbers and runs everywhere.
 
     Returns:
         The `onnx.ModelProto` that was written.
@@ -444,7 +454,7 @@ def export_onnx(
     if out_path is not None:
         _check_writable(out_path)
     args, kwargs = _as_args(example_inputs)
-    plans = plan_quantizers(frozen, opset)
+    plans = plan_quantizers(frozen, opset, narrow_activations)
     chosen = opset if opset is not None else max([MIN_EXPORTER_OPSET] + [p.opset_needed for p in plans.values() if p.lowering == "qdq"])
     floats = [p for p in plans.values() if p.lowering == "float"]
     if floats:
