@@ -149,7 +149,7 @@ def verify(
     *,
     num_batches: int = 8,
     tolerance_steps: float = 1.0,
-    rtol: float = 1e-3,
+    rtol: float = 1e-2,
     min_argmax_agreement: float = 1.0,
     providers: Optional[Sequence[str]] = None,
     levels: Sequence[str] = ("all", "disabled"),
@@ -163,7 +163,9 @@ def verify(
         batches: model inputs as for `fxq.calibrate` (a tensor, a tuple, a dict, or `(inputs, target)`);
             the first `num_batches` are used.
         tolerance_steps: max abs error allowed, in output quantization steps (quantized outputs).
-        rtol: max abs error relative to the largest reference magnitude (float outputs).
+        rtol: max abs error relative to the largest reference magnitude (float outputs). In deep models
+            float accumulation order flips the odd rounding at an inner Q node (one step there), which
+            reaches a float output as ~0.2-0.7% (ResNet-style CNN, 2-block transformer), at both levels.
         min_argmax_agreement: smallest share of equal argmax allowed for `(batch, classes)` outputs.
         providers: onnxruntime providers to test (default: CPU and every other installed one).
         levels: optimisation levels, `"all"` (ORT_ENABLE_ALL) and/or `"disabled"` (ORT_DISABLE_ALL).
