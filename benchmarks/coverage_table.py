@@ -25,8 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import fxquant as fxq  # noqa: E402
 from models_zoo import ZOO  # noqa: E402
+
+import fxquant as fxq  # noqa: E402
 
 
 def _row(name: str, tmp: Path, top_ops: int) -> Dict[str, str]:

@@ -17,8 +17,8 @@ Insertion passes read these annotations (`passes/insert.py`).
 
 from __future__ import annotations
 
-import fnmatch
 import difflib
+import fnmatch
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Set, Tuple
