@@ -21,6 +21,15 @@ from fxquant.losses import distillation_loss, exterior_hinge, jeffreys_divergenc
 from fxquant.quantizer import iter_learnable
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread: these tiny models run faster without thread hand-offs on a shared machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _prepared(name: str = "mlp", first_last_bits=None, **cfg):  # noqa: ANN001, ANN202
     model, x = make(name, 8)
     qm = fxq.prepare(model, x, fxq.QuantConfig(first_last_bits=first_last_bits, **cfg))
