@@ -90,6 +90,15 @@ class _PathTracer(fx.Tracer):
         return result
 
 
+def set_preserved_attr(gm: fx.GraphModule, name: str, value: Any) -> None:
+    """Set a plain attribute on `gm` that survives `copy.deepcopy` (which rebuilds a GraphModule from its
+    modules, parameters and buffers and drops other attributes, except those listed in `gm.meta`)."""
+    from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
+
+    setattr(gm, name, value)
+    gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[name] = value
+
+
 def _user_frame(exc: BaseException) -> Optional[traceback.FrameSummary]:
     """The innermost traceback frame outside torch and fxquant: where the user's code failed."""
     torch_dir = os.path.dirname(torch.__file__)
@@ -171,7 +180,7 @@ def symbolic_trace_with_leaves(
             cause = e.__cause__
             reasons[path] = f"symbolic_trace failed: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
             leaves.append(path)
-    setattr(gm, FLOAT_MODULES_ATTR, reasons)
+    set_preserved_attr(gm, FLOAT_MODULES_ATTR, reasons)
     return gm
 
 
@@ -288,7 +297,7 @@ def capture_model(
     if capture == "symbolic_trace":
         gm = symbolic_trace_model(model, leaf_modules)
         if leaf_modules:
-            setattr(gm, FLOAT_MODULES_ATTR, {name: "leaf_modules (user)" for name in leaf_modules})
+            set_preserved_attr(gm, FLOAT_MODULES_ATTR, {name: "leaf_modules (user)" for name in leaf_modules})
         return gm, "symbolic_trace"
     if capture == "symbolic_trace_leaves":
         return symbolic_trace_with_leaves(model, leaf_modules), "symbolic_trace_leaves"
@@ -298,7 +307,7 @@ def capture_model(
     try:
         gm = symbolic_trace_model(model, leaf_modules)
         if leaf_modules:
-            setattr(gm, FLOAT_MODULES_ATTR, {name: "leaf_modules (user)" for name in leaf_modules})
+            set_preserved_attr(gm, FLOAT_MODULES_ATTR, {name: "leaf_modules (user)" for name in leaf_modules})
         return gm, "symbolic_trace"
     except CaptureError as e:
         failures.append(("symbolic_trace", e))

@@ -129,6 +129,7 @@ def test_leaf_fallback_keeps_untraceable_submodule_float() -> None:
     fxq.calibrate(qm, [x])
     with torch.no_grad():
         assert torch.allclose(qm.eval()(x), model(x), atol=0.1)
+    assert fxq.report(fxq.freeze(qm)).extra["kept_float"] == kept  # survives freeze's deepcopy
     assert fxq.prepare(model, x, capture="symbolic_trace_leaves").fxquant_capture == "symbolic_trace_leaves"
 
 
