@@ -12,6 +12,9 @@ from torch import nn
 import fxquant as fxq
 from fxquant.tracing import capture_model, export_model
 
+# torch's own deprecation inside deepcopy of torch.export's pytree specs
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+
 
 def _quantizer_layout(qm: torch.fx.GraphModule) -> list:
     return sorted((q.kind, q.served, q.nonnegative, q.granularity) for q in qm.fxq_quantizers.values())
@@ -204,3 +207,22 @@ def test_capture_model_restores_train_mode_and_keeps_batch_dynamic() -> None:
     gm, front_end = capture_model(model, "export", (), x)
     assert front_end == "export" and model.training and gm.training
     assert gm(torch.randn(3, 6, 16)).shape == (3, 10)
+
+
+def test_fold_batchnorm_on_decomposed_export_graph() -> None:
+    """`_native_batch_norm_legit_no_training` after `aten.convolution` (torch.export decompositions)."""
+    from torch import fx
+
+    from fxquant.passes.fold_bn import fold_batchnorm
+    from fxquant.tracing import propagate_shapes
+
+    model, x = make("cnn")
+    exported = torch.export.export(model, (x,), strict=False).run_decompositions().module()
+    gm = fx.GraphModule(exported, exported.graph)
+    assert any("_native_batch_norm_legit_no_training" in str(n.target) for n in gm.graph.nodes)
+    propagate_shapes(gm, x)
+    fold_batchnorm(gm)
+    gm.recompile()
+    assert not [n for n in gm.graph.nodes if "batch_norm" in str(n.target)]
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), atol=1e-5)

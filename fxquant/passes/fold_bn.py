@@ -122,6 +122,9 @@ def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         is_conv = producer.target in _CONVS
         is_conv_t = producer.target in _CONV_TS
+        if producer.target is aten.convolution.default:  # decomposed graphs: one op, `transposed` at 6
+            is_conv_t = bool(_arg(producer, 6, "transposed", False))
+            is_conv = not is_conv_t
         is_linear = producer.target in _LINEARS
         if not (is_conv or is_conv_t or is_linear):
             continue
