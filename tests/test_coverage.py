@@ -159,3 +159,21 @@ def test_kept_float_ops_are_listed_in_the_report() -> None:
         "bert.encoder.layer.0.attention.self.scaled_dot_product_attention",
         "bert.encoder.layer.1.attention.self.scaled_dot_product_attention_1",
     ]
+
+
+def test_eager_attention_matmuls_are_quantized_with_unsigned_probabilities() -> None:
+    """With `attn_implementation="eager"` HF attention is matmul/softmax/matmul: both matmuls get
+    activation quantizers, named by module path, and the softmax probabilities are unsigned."""
+    import transformers as T
+
+    cfg = T.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64, max_position_embeddings=16, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = T.BertModel(cfg).eval()
+    example = {"input_ids": torch.randint(0, 64, (4, 8)), "attention_mask": torch.ones(4, 8, dtype=torch.long)}
+    qm = fxq.prepare(model, example)
+    served = {s for q in qm.fxq_quantizers.values() for s in q.served}
+    assert {"encoder.layer.0.attention.self.matmul", "encoder.layer.0.attention.self.matmul_1"} <= served
+    probs = [q for q in qm.fxq_quantizers.values() if "encoder.layer.0.attention.self.matmul_1" in q.served]
+    assert any(q.nonnegative for q in probs)
+    assert fxq.report(qm).extra["kept_float"] == []
