@@ -226,3 +226,23 @@ def test_fold_batchnorm_on_decomposed_export_graph() -> None:
     assert not [n for n in gm.graph.nodes if "batch_norm" in str(n.target)]
     with torch.no_grad():
         assert torch.allclose(gm(x), model(x), atol=1e-5)
+
+
+def test_export_bmm_and_parameter_matmul_are_quantized() -> None:
+    class Mixer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Parameter(torch.randn(8, 6))
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.bmm(F.relu(a), b) @ self.proj
+
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 4, 5), torch.randn(2, 5, 8)
+    qm = fxq.prepare(Mixer().eval(), (a, b), capture="export")
+    targets = {str(n.target) for n in qm.graph.nodes}
+    assert {"aten.bmm.default", "aten.matmul.default"} <= targets
+    weights = [q for q in qm.fxq_quantizers.values() if q.kind == "weight"]
+    assert len(weights) == 1 and weights[0].channel_axis == 1  # x @ W: W's last axis is the output
+    acts = sorted((q.served, q.nonnegative) for q in qm.fxq_quantizers.values() if q.kind == "activation")
+    assert acts == [(("bmm",), False), (("bmm",), True), (("proj",), False)]  # named by its weight
