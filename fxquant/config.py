@@ -129,6 +129,9 @@ class QuantConfig:
         quantize_joins: quantize the tensor inputs of add and concat joins (residuals), which integer
             runtimes need to run the join and the ops before it as integer kernels.
         share_join_scales: one quantizer (same scale and zero point) for all tensors meeting at a join.
+        integer_bias: in eval mode (and so in `freeze` and the exported ONNX), round the bias of each
+            conv/linear with quantized input and per-channel weight to the int32 grid `s_x * s_w`, as
+            integer kernels add it. Biases stay float while training.
 
     Example:
         >>> QuantConfig(weight=QuantSpec(bits=4), overrides=[("fc", None)], first_last_bits=None)
@@ -142,6 +145,7 @@ class QuantConfig:
     first_last_bits: Optional[int] = 8
     quantize_joins: bool = True
     share_join_scales: bool = False
+    integer_bias: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

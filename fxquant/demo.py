@@ -145,7 +145,10 @@ def run_demo(out_dir: str = "fxquant-demo", steps: int = 300, quiet: bool = Fals
     t_start = time.perf_counter()
 
     x_train, y_train, x_test, y_test = load_digits_tensors(seed)
-    say(f"[1/6] training a float CNN on scikit-learn digits ({len(x_train)} train / {len(x_test)} test images)")
+    # held-out validation batch: picks the best fine-tuned state without looking at the test set
+    x_val, y_val = x_train[-256:], y_train[-256:]
+    x_train, y_train = x_train[:-256], y_train[:-256]
+    say(f"[1/6] training a float CNN on scikit-learn digits ({len(x_train)} train / {len(x_val)} validation / {len(x_test)} test images)")
     model = train_float(DigitsCNN(), x_train, y_train, seed=seed)
     fp_acc = accuracy(model, x_test, y_test)
     say(f"      float accuracy: {fp_acc:.2f}%")
@@ -164,7 +167,7 @@ def run_demo(out_dir: str = "fxquant-demo", steps: int = 300, quiet: bool = Fals
     say(f"[3/6] fine-tune {steps} steps: Jeffreys distillation from the float model + exterior-point bit penalty -> 4 bits")
     result = fxq.finetune(
         qm, train_batches, teacher=model, steps=steps, target_bits=4.0,
-        eval_batches=[(x_test[:200], y_test[:200])], progress=not quiet,
+        val_batches=[(x_val, y_val)], progress=not quiet,
     )
     qm.eval()
     fq_acc = accuracy(qm, x_test, y_test)

@@ -484,7 +484,8 @@ def _param_groups(inner: nn.Module, schedule: Schedule, steps: int) -> List[Dict
 
 
 def _snapshot(module: nn.Module) -> Dict[str, Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    # non-tensor entries (the checkpoint identity in `_extra_state`) are copied as they are
+    return {k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in module.state_dict().items()}
 
 
 def _mean_over_ranks(value: float, device: torch.device) -> float:

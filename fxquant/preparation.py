@@ -20,9 +20,14 @@ from fxquant.config import QuantConfig
 from fxquant.errors import PrepareError, StateError
 from fxquant.passes import run_passes
 from fxquant.passes.fold_bn import fold_batchnorm
-from fxquant.passes.freeze import freeze_quantizers, quantize_biases
+from fxquant.passes.freeze import freeze_quantizers
 from fxquant.passes.functionalize import functionalize_modules
-from fxquant.passes.insert import QUANTIZERS_ATTR, insert_activation_quantizers, insert_weight_quantizers
+from fxquant.passes.insert import (
+    QUANTIZERS_ATTR,
+    insert_activation_quantizers,
+    insert_bias_quantizers,
+    insert_weight_quantizers,
+)
 from fxquant.quantizer import iter_learnable
 from fxquant.tracing import capture_model, propagate_shapes
 
@@ -97,6 +102,7 @@ def prepare(
         (
             functools.partial(insert_weight_quantizers, config=config),
             functools.partial(insert_activation_quantizers, config=config),
+            *((insert_bias_quantizers,) if config.integer_bias else ()),
         ),
     )
     if hasattr(gm, QUANTIZERS_ATTR):
@@ -109,16 +115,12 @@ def prepare(
     return gm
 
 
-def freeze(qm: fx.GraphModule, *, integer_bias: bool = True) -> fx.GraphModule:
+def freeze(qm: fx.GraphModule) -> fx.GraphModule:
     """A new module with integer quantizers: integer bits and zero points, weights as integer codes.
 
-    Its forward equals the eval-mode prepared module exactly (same rounding, clamps and bits), except that
-    with `integer_bias=True` the bias of each conv/linear with quantized input and weight is rounded to
-    the int32 grid `s_x * s_w` that integer kernels (and the exported ONNX) use: the frozen module is the
-    reference for ONNX parity, and differs from the prepared one by at most `s_x * s_w / 2` per bias.
-    `integer_bias=False` keeps float biases (exactly the prepared module; onnxruntime's fused kernels
-    will then round the bias themselves). BatchNorm was folded at prepare. No learnable quantizer
-    parameter remains; `qm` is left as it was.
+    Its forward equals the eval-mode prepared module exactly (same rounding, clamps and bits, and the same
+    int32 biases on the grid `s_x * s_w` when `QuantConfig(integer_bias=True)`, the default).
+    BatchNorm was folded at prepare. No learnable quantizer parameter remains; `qm` is left as it was.
 
     Raises:
         StateError: `qm` is not a module returned by `fxq.prepare`, or an activation quantizer was never
@@ -136,7 +138,7 @@ def freeze(qm: fx.GraphModule, *, integer_bias: bool = True) -> fx.GraphModule:
                 "fxq.calibrate(qm, batches) before fxq.freeze."
             )
     frozen = copy.deepcopy(qm)
-    run_passes(frozen, (freeze_quantizers, quantize_biases) if integer_bias else (freeze_quantizers,))
+    run_passes(frozen, (freeze_quantizers,))
     frozen.eval()
     for p in frozen.parameters():
         p.requires_grad_(False)

@@ -559,6 +559,50 @@ class FrozenBias(nn.Module):
         return self.codes.to(self.scale.dtype) * self.scale
 
 
+class BiasQuantizer(nn.Module):
+    """Eval-mode int32 bias of a conv/linear: `round(b / (s_x * s_w)) * s_x * s_w`, float in training.
+
+    It reads the current integer scales of the op's input and weight quantizers (held as plain
+    references, not submodules, so they are neither registered nor saved twice), so the eval-mode
+    prepared module computes exactly what `freeze` stores as a `FrozenBias` and what integer kernels add.
+    """
+
+    def __init__(self, input_quantizer: LearnableQuantizer, weight_quantizer: LearnableQuantizer) -> None:
+        super().__init__()
+        self.kind = KIND_BIAS
+        self.served = weight_quantizer.served
+        object.__setattr__(self, "input_quantizer", input_quantizer)
+        object.__setattr__(self, "weight_quantizer", weight_quantizer)
+
+    def active(self) -> bool:
+        """Whether the bias is rounded now (eval mode, both quantizers on and calibrated)."""
+        sources = (self.input_quantizer, self.weight_quantizer)
+        return not self.training and all(
+            q.enabled and not q.observing and bool(q.initialized) for q in sources
+        )
+
+    @torch.no_grad()
+    def integer_bias(self, bias: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+        """`(codes, scale)` shaped like `bias`, or None when the codes would not fit in int32."""
+        scale = bias_scale(
+            self.input_quantizer.integer_params()["scale"], self.weight_quantizer.integer_params()["scale"],
+            bias.numel(),
+        )
+        codes = quantize_bias(bias, scale)
+        if codes is None:
+            return None
+        return codes.reshape(bias.shape), scale.reshape(bias.shape)
+
+    def forward(self, bias: Tensor) -> Tensor:
+        if not self.active():
+            return bias
+        found = self.integer_bias(bias)
+        if found is None:
+            return bias
+        codes, scale = found
+        return codes.to(scale.dtype) * scale
+
+
 def quantizer_summary(q: nn.Module) -> Dict[str, object]:
     """A plain-dict summary of a learnable or frozen quantizer (used by reports)."""
     if isinstance(q, LearnableQuantizer):

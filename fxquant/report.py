@@ -14,7 +14,7 @@ from torch import fx, nn
 from fxquant.analyze import kept_float
 from fxquant.errors import StateError
 from fxquant.passes.insert import QUANTIZERS_ATTR
-from fxquant.quantizer import KIND_WEIGHT, FrozenActivationQuantizer, FrozenWeight, LearnableQuantizer, quantizer_summary
+from fxquant.quantizer import KIND_BIAS, KIND_WEIGHT, FrozenActivationQuantizer, FrozenWeight, LearnableQuantizer, quantizer_summary
 
 FLOAT_BITS = 32
 
@@ -108,11 +108,13 @@ def _range(a: float, b: float) -> str:
 
 
 def _quantized_param_targets(gm: fx.GraphModule) -> Set[str]:
+    """Parameters read by weight quantizers (biases read by bias quantizers stay 32-bit entries)."""
     targets = set()
     for node in gm.graph.nodes:
         if node.op == "call_module" and str(node.target).startswith(QUANTIZERS_ATTR + ".") and node.args:
             src = node.args[0]
-            if isinstance(src, fx.Node) and src.op == "get_attr":
+            q = gm.get_submodule(str(node.target))
+            if isinstance(src, fx.Node) and src.op == "get_attr" and getattr(q, "kind", None) == KIND_WEIGHT:
                 targets.add(str(src.target))
     return targets
 
@@ -175,6 +177,8 @@ def report(module: Any) -> QuantReport:
         p.numel() for n, p in module.named_parameters()
         if not n.startswith(QUANTIZERS_ATTR + ".") and n not in quantized
     )
+    # a frozen module stores biases as int32 codes (32 bits, like the float biases they replace)
+    other += sum(m.codes.numel() for m in container.values() if getattr(m, "kind", None) == KIND_BIAS and hasattr(m, "codes"))
     size = weight_bits_sum / 8.0 + other * FLOAT_BITS / 8.0
     float_size = (weight_numel + other) * FLOAT_BITS / 8.0
     return QuantReport(

@@ -23,7 +23,7 @@ def layout(qm: torch.fx.GraphModule) -> Tuple[List[str], Dict[str, Tuple[Tuple[s
             q = qm.fxq_quantizers[name]
             if q.kind == "weight":
                 weights.append(name)
-            else:
+            elif q.kind == "activation":
                 acts[name] = (q.served, q.nonnegative)
     return weights, acts
 

@@ -31,7 +31,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         fxq.calibrate(qm, batches)  # rank-specific clamps: DDP broadcasts rank 0's state when it wraps
         ddp = DistributedDataParallel(qm)
         result = fxq.finetune(ddp, batches, teacher=model, steps=12, target_bits=6, progress=False)
-        state = {k: v.detach().cpu() for k, v in qm.state_dict().items()}
+        state = {k: v.detach().cpu() for k, v in qm.state_dict().items() if isinstance(v, torch.Tensor)}
         torch.save({"state": state, "best_step": result.best_step}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

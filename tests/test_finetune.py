@@ -39,7 +39,7 @@ def _prepared(name: str = "mlp", first_last_bits=None, **cfg):  # noqa: ANN001, 
 
 
 def _state(module: nn.Module) -> Dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in module.state_dict().items()}
+    return {k: v.clone() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
 def _learnable_int_bits(qm: nn.Module) -> List[float]:

@@ -39,7 +39,7 @@ def test_frozen_equals_eval_prepared_exactly(model_and_inputs) -> None:
     qm = fxq.prepare(model, x, cfg)
     fxq.calibrate(qm, [x, torch.randn_like(x)])
     qm.eval()
-    frozen = fxq.freeze(qm, integer_bias=False)  # the default rounds biases to int32 (see test_export)
+    frozen = fxq.freeze(qm)
     with torch.no_grad():
         assert torch.equal(frozen(x), qm(x))
     assert not any(isinstance(m, fxq.LearnableQuantizer) for m in frozen.modules())

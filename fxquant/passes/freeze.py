@@ -5,10 +5,8 @@ scales, no input); each activation quantizer becomes a `FrozenActivationQuantize
 zero point). Float weights that no node reads any more are deleted, so a frozen state dict holds codes.
 Runs on a copy made by `fxquant.freeze`; the prepared module stays usable.
 
-Pass `quantize_biases` then puts the bias of every conv/linear whose input and weight are both quantized
-on the int32 grid `s_x * s_w` (a `FrozenBias`), because integer kernels (onnxruntime's QLinearConv,
-QGemm) add the bias that way: the frozen module is the reference for ONNX parity. It differs from the
-eval-mode prepared module only there, by at most `s_x * s_w / 2` per bias element.
+Each `BiasQuantizer` and the float bias it reads become a `FrozenBias` (int32 codes on the grid
+`s_x * s_w`, as integer kernels add them): the same numbers the eval-mode prepared module computes.
 """
 
 from __future__ import annotations
@@ -22,6 +20,7 @@ from torch import fx, nn
 from fxquant.passes.insert import QUANTIZERS_ATTR, getattr_path
 from fxquant.quantizer import (
     KIND_WEIGHT,
+    BiasQuantizer,
     FrozenActivationQuantizer,
     FrozenBias,
     FrozenWeight,
@@ -45,6 +44,19 @@ def freeze_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         name = str(node.target)[len(QUANTIZERS_ATTR) + 1 :]
         q = container[name]
+        if isinstance(q, BiasQuantizer):
+            bias_node = node.args[0]
+            assert isinstance(bias_node, fx.Node) and bias_node.op == "get_attr"
+            found = q.integer_bias(getattr_path(gm, str(bias_node.target)))
+            if found is None:  # codes beyond int32: the prepared module keeps this bias float too
+                node.replace_all_uses_with(bias_node)
+                gm.graph.erase_node(node)
+                continue
+            frozen[name] = FrozenBias(found[0], found[1], q.served)
+            node.args = ()
+            if not bias_node.users:
+                gm.graph.erase_node(bias_node)
+            continue
         if not isinstance(q, LearnableQuantizer):
             continue
         if q.kind == KIND_WEIGHT:
@@ -87,42 +99,3 @@ def _quantizer_of(gm: fx.GraphModule, node: object) -> Optional[nn.Module]:
     return gm.get_submodule(str(node.target))
 
 
-def quantize_biases(gm: fx.GraphModule) -> fx.GraphModule:
-    """Replace the float bias of conv/linear ops with quantized input and weight by a `FrozenBias`.
-
-    Only per-tensor/per-channel weights (integer kernels take no blocked weights) and per-tensor input
-    quantizers qualify; a bias whose codes would overflow int32 stays float.
-    """
-    container = getattr(gm, QUANTIZERS_ATTR, None)
-    if container is None:
-        return gm
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in BIAS_OPS or len(node.args) < 3:
-            continue
-        x_q = _quantizer_of(gm, node.args[0])
-        w_q = _quantizer_of(gm, node.args[1])
-        bias_node = node.args[2]
-        if not isinstance(x_q, FrozenActivationQuantizer) or not isinstance(w_q, FrozenWeight):
-            continue
-        if w_q.granularity == "per_group" or x_q.scale.numel() != 1:
-            continue
-        if not (isinstance(bias_node, fx.Node) and bias_node.op == "get_attr"):
-            continue
-        bias = getattr_path(gm, str(bias_node.target))
-        scale = bias_scale(x_q.scale, w_q.scale, bias.numel())
-        codes = quantize_bias(bias, scale)
-        if codes is None:
-            continue
-        w_name = str(node.args[1].target)[len(QUANTIZERS_ATTR) + 1 :]
-        name, i = f"{w_name}_bias", 1
-        while name in container:
-            i += 1
-            name = f"{w_name}_bias_{i}"
-        container[name] = FrozenBias(codes.reshape(bias.shape), scale.reshape(bias.shape), w_q.served)
-        with gm.graph.inserting_before(node):
-            b_node = gm.graph.call_module(f"{QUANTIZERS_ATTR}.{name}", ())
-        node.replace_input_with(bias_node, b_node)
-        if not bias_node.users:
-            gm.graph.erase_node(bias_node)
-    _delete_unread_parameters(gm)
-    return gm

@@ -5,6 +5,8 @@
 - `insert_activation_quantizers`: `producer -> call_module quantizer -> consumers`; one quantizer per
   analysis `ActPoint` (shared by every consumer of that tensor with the same spec, and by a whole join
   group when scales are shared at joins).
+- `insert_bias_quantizers`: `get_attr bias -> call_module BiasQuantizer -> op` for conv/linear ops whose
+  input (per tensor) and weight (per tensor/channel) are quantized: int32 bias in eval, float in training.
 
 Quantizer modules live in the `ModuleDict` `gm.fxq_quantizers`; call_module targets are
 `fxq_quantizers.<name>`.
@@ -20,9 +22,15 @@ from torch import fx, nn
 
 from fxquant.analyze import ActPoint, quant_op, tensor_info
 from fxquant.config import QuantConfig, QuantSpec
-from fxquant.quantizer import KIND_ACTIVATION, KIND_WEIGHT, LearnableQuantizer
+import torch.nn.functional as F
+
+from fxquant.quantizer import KIND_ACTIVATION, KIND_WEIGHT, BiasQuantizer, LearnableQuantizer
 
 QUANTIZERS_ATTR = "fxq_quantizers"
+BIAS_OPS = frozenset(
+    {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d, F.linear, torch._C._nn.linear}
+)
+"""Ops whose bias integer runtimes add as int32 on the grid `s_x * s_w` (argument 2 is the bias)."""
 
 
 def quantizer_container(gm: fx.GraphModule) -> nn.ModuleDict:
@@ -181,3 +189,35 @@ def _activation_quantizer(
     if key is not None:
         shared[key] = name
     return name
+
+
+def _learnable_call(gm: fx.GraphModule, node: object, kind: str) -> Optional[LearnableQuantizer]:
+    """The learnable quantizer of `kind` that a call_module node runs, if it is one."""
+    if not (isinstance(node, fx.Node) and node.op == "call_module"):
+        return None
+    if not str(node.target).startswith(QUANTIZERS_ATTR + "."):
+        return None
+    q = gm.get_submodule(str(node.target))
+    return q if isinstance(q, LearnableQuantizer) and q.kind == kind else None
+
+
+def insert_bias_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
+    """Put a `BiasQuantizer` on the bias of each conv/linear with quantized input and weight."""
+    container = quantizer_container(gm)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in BIAS_OPS or len(node.args) < 3:
+            continue
+        x_q = _learnable_call(gm, node.args[0], KIND_ACTIVATION)
+        w_q = _learnable_call(gm, node.args[1], KIND_WEIGHT)
+        bias_node = node.args[2]
+        if x_q is None or w_q is None or w_q.granularity == "per_group" or x_q.param_shape != ():
+            continue
+        if not (isinstance(bias_node, fx.Node) and bias_node.op == "get_attr"):
+            continue
+        w_name = str(node.args[1].target)[len(QUANTIZERS_ATTR) + 1 :]  # type: ignore[union-attr]
+        name = _safe_name(f"{w_name}_bias", container)
+        container[name] = BiasQuantizer(x_q, w_q)
+        with gm.graph.inserting_before(node):
+            b_node = gm.graph.call_module(f"{QUANTIZERS_ATTR}.{name}", (bias_node,))
+        node.replace_input_with(bias_node, b_node)
+    return gm
