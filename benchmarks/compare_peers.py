@@ -34,11 +34,18 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fxquant as fxq
-from fxquant.demo import DigitsCNN, accuracy, export_float_onnx, load_digits_tensors, make_batches, ort_latency_ms, train_float
+from fxquant.demo import (
+    DigitsCNN,
+    accuracy,
+    export_float_onnx,
+    load_digits_tensors,
+    make_batches,
+    ort_latency_ms,
+    train_float,
+)
 from fxquant.losses import jeffreys_divergence
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
@@ -147,7 +154,13 @@ def run_fxquant(
 
 
 def run_brevitas(model: nn.Module, train: Batches, steps: int, w_bits: int, a_bits: int) -> Dict[str, Any]:
-    from brevitas.graph.quantize import COMPUTE_LAYER_MAP, QUANT_ACT_MAP, QUANT_IDENTITY_MAP, preprocess_for_quantize, quantize
+    from brevitas.graph.quantize import (
+        COMPUTE_LAYER_MAP,
+        QUANT_ACT_MAP,
+        QUANT_IDENTITY_MAP,
+        preprocess_for_quantize,
+        quantize,
+    )
 
     def with_bits(mapping: Dict[Any, Any], key: str, bits: int) -> Dict[Any, Any]:
         out = {}
@@ -175,7 +188,13 @@ def run_brevitas(model: nn.Module, train: Batches, steps: int, w_bits: int, a_bi
 
 
 def run_torch_qat(model: nn.Module, train: Batches, example: torch.Tensor, steps: int, w_bits: int, a_bits: int) -> Dict[str, Any]:
-    from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver, QConfig, QConfigMapping
+    from torch.ao.quantization import (
+        FakeQuantize,
+        MovingAverageMinMaxObserver,
+        MovingAveragePerChannelMinMaxObserver,
+        QConfig,
+        QConfigMapping,
+    )
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
     qconfig = QConfig(

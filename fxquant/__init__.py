@@ -27,8 +27,17 @@ from fxquant.analyze import to_networkx
 from fxquant.calibration import calibrate
 from fxquant.checkpoint import load_state_dict
 from fxquant.config import QuantConfig, QuantSpec
-from fxquant.errors import CaptureError, CheckpointError, ConfigError, FxQuantError, PassError, PrepareError, StateError
-from fxquant.errors import ExportError, ParityError
+from fxquant.errors import (
+    CaptureError,
+    CheckpointError,
+    ConfigError,
+    ExportError,
+    FxQuantError,
+    ParityError,
+    PassError,
+    PrepareError,
+    StateError,
+)
 from fxquant.export import OnnxQuantReport, export_onnx
 from fxquant.finetune import BitTarget, FinetuneResult, FinetuneWarning, Schedule, finetune
 from fxquant.preparation import freeze, prepare

@@ -14,7 +14,14 @@ from torch import fx, nn
 from fxquant.analyze import kept_float
 from fxquant.errors import StateError
 from fxquant.passes.insert import QUANTIZERS_ATTR
-from fxquant.quantizer import KIND_BIAS, KIND_WEIGHT, FrozenActivationQuantizer, FrozenWeight, LearnableQuantizer, quantizer_summary
+from fxquant.quantizer import (
+    KIND_BIAS,
+    KIND_WEIGHT,
+    FrozenActivationQuantizer,
+    FrozenWeight,
+    LearnableQuantizer,
+    quantizer_summary,
+)
 
 FLOAT_BITS = 32
 

@@ -44,8 +44,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 import torch.nn.functional as F
+from onnx import numpy_helper
 from torch import fx, nn
 
 from fxquant.errors import ExportError, StateError

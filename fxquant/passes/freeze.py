@@ -25,8 +25,6 @@ from fxquant.quantizer import (
     FrozenBias,
     FrozenWeight,
     LearnableQuantizer,
-    bias_scale,
-    quantize_bias,
 )
 
 BIAS_OPS = frozenset(

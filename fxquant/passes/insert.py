@@ -18,12 +18,11 @@ import re
 from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from fxquant.analyze import ActPoint, quant_op, tensor_info
 from fxquant.config import QuantConfig, QuantSpec
-import torch.nn.functional as F
-
 from fxquant.quantizer import KIND_ACTIVATION, KIND_WEIGHT, BiasQuantizer, LearnableQuantizer
 
 QUANTIZERS_ATTR = "fxq_quantizers"
