@@ -1,9 +1,9 @@
 """Accuracy vs bits on scikit-learn digits for the three training modes (dither, noise, ste).
 
-A ~38k-parameter CNN is trained in float (8 epochs, ~97%), then for each mode and target W{b}A{b}
+The demo's ~38k-parameter residual CNN (`fxquant.demo.DigitsCNN`) is trained in float, then for each mode and target W{b}A{b}
 (first/last layers fixed at 8 bits) it is prepared, calibrated and fine-tuned with the exterior penalty
 (`fxq.finetune(..., target_bits=b)`); `noise` is also run with DiffQ's size penalty at a few lambdas
-(weights only). Prints one row per run: accuracy on 397 held-out images, average bits after, time.
+(weights only). Prints one row per run: accuracy on 450 held-out images, average bits after, time.
 
 Run: `python benchmarks/bench_modes_digits.py [--steps 200] [--threads 1]`.
 """
@@ -15,58 +15,19 @@ import time
 from typing import List, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fxquant as fxq
-
-
-class DigitsCNN(nn.Module):
-    """~38k parameters: two 3x3 convs, a max-pool, two linears."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(1, 16, 3, padding=1)
-        self.c2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.fc1 = nn.Linear(512, 64)
-        self.fc2 = nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.c1(x))
-        x = F.max_pool2d(F.relu(self.c2(x)), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+from fxquant.demo import DigitsCNN, accuracy, load_digits_tensors, make_batches, train_float
 
 
 def digits_setup(batch_size: int = 64) -> Tuple[nn.Module, List[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """(float model trained on 1400 images, train batches, test images, test labels)."""
-    from sklearn.datasets import load_digits
-
+    """(float demo CNN trained on the training split, train batches of images, test images, test labels)."""
     torch.manual_seed(0)
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    tr, te = perm[:1400], perm[1400:]
-    model = DigitsCNN()
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    for _ in range(8):
-        order = tr[torch.randperm(len(tr))]
-        for i in range(0, len(order), 64):
-            idx = order[i : i + 64]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-    batches = [x[tr[i : i + batch_size]] for i in range(0, len(tr), batch_size)]
-    return model, batches, x[te], y[te]
-
-
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Top-1 accuracy in % (eval mode)."""
-    model.eval()
-    with torch.no_grad():
-        return float((model(x).argmax(1) == y).float().mean()) * 100.0
+    x_train, y_train, x_test, y_test = load_digits_tensors(0)
+    model = train_float(DigitsCNN(), x_train, y_train, seed=0)
+    batches = [xb for xb, _ in make_batches(x_train, y_train, batch_size, seed=1)]
+    return model, batches, x_test, y_test
 
 
 def main() -> None:
