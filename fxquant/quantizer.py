@@ -571,6 +571,8 @@ class BiasQuantizer(nn.Module):
         super().__init__()
         self.kind = KIND_BIAS
         self.served = weight_quantizer.served
+        self.granularity = "per_channel"
+        self.nonnegative = False
         object.__setattr__(self, "input_quantizer", input_quantizer)
         object.__setattr__(self, "weight_quantizer", weight_quantizer)
 
