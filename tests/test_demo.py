@@ -1,0 +1,32 @@
+"""Smoke test of `fxquant demo` (the README's first command) with a tiny step budget, and of the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from fxquant.cli import main
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_demo_runs_end_to_end_and_writes_its_outputs(tmp_path) -> None:  # noqa: ANN001
+    out = str(tmp_path / "demo")
+    assert main(["demo", "--out", out, "--steps", "30", "--quiet"]) == 0
+    for name in ("model.onnx", "summary.json", "bits.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+    with open(os.path.join(out, "summary.json")) as fh:
+        summary = json.load(fh)
+    assert summary["float_accuracy"] > 90.0
+    assert abs(summary["onnxruntime_accuracy"] - summary["fake_quant_accuracy"]) < 1.0
+    assert summary["onnx_file_bytes"] < summary["float_onnx_file_bytes"]
+
+
+def test_inspect_prints_the_quant_nodes(tmp_path, capsys) -> None:  # noqa: ANN001
+    out = str(tmp_path / "demo")
+    main(["demo", "--out", out, "--steps", "5", "--quiet"])
+    capsys.readouterr()
+    assert main(["inspect", os.path.join(out, "model.onnx")]) == 0
+    text = capsys.readouterr().out
+    assert "conv1_weight" in text and "INT4" in text.upper()
