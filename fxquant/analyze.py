@@ -448,6 +448,7 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
 
     # 1. Quantized ops and their specs.
     ops: Dict[str, QuantOp] = {}
+    op_names: Dict[str, Tuple[str, ...]] = {}  # override/report names of each op
     weighted: List[str] = []
     for node in nodes:
         info = quantizable_info(node)
@@ -470,6 +471,7 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
             weight_index = None
         input_indices = [i for i in input_indices if i < len(node.args) and _is_float_tensor(node.args[i])]
         names = _names_of(gm, node, weight if weight_index is not None else None)
+        op_names[node.name] = names
         all_names.extend(names)
         channel_axis: Optional[int] = None
         block_axis: Optional[int] = None
@@ -501,9 +503,7 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
             continue
         op.is_first = node.name in firsts
         op.is_last = node.name in lasts
-        weight = node.args[op.weight_index] if op.weight_index is not None else None
-        names = _names_of(gm, node, weight)
-        matched, spec, reason = _match_override(config, names, used_overrides)
+        matched, spec, reason = _match_override(config, op_names[node.name], used_overrides)
         if matched:
             weight_spec = None if spec is None else _weight_spec_from(spec, f"override for {op.name!r}")
             input_spec = None if spec is None else _act_spec_from(spec)

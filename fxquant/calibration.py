@@ -15,6 +15,7 @@ from torch import fx
 
 from fxquant.batches import Batch, run_batch
 from fxquant.errors import ConfigError, PrepareError, StateError
+from fxquant.passes.insert import getattr_path
 from fxquant.quantizer import KIND_WEIGHT, LearnableQuantizer, iter_learnable
 
 METHODS = ("minmax", "percentile")
@@ -114,8 +115,5 @@ def _weight_of(qm: fx.GraphModule, quantizer_name: str) -> Optional[torch.Tensor
         if node.op == "call_module" and str(node.target) == target and node.args:
             src = node.args[0]
             if isinstance(src, fx.Node) and src.op == "get_attr":
-                obj = qm
-                for part in str(src.target).split("."):
-                    obj = getattr(obj, part)
-                return obj.detach()  # type: ignore[union-attr]
+                return getattr_path(qm, str(src.target)).detach()
     return None

@@ -11,10 +11,10 @@ import copy
 import functools
 from typing import Any, Optional, Sequence
 
-import torch
 from torch import fx, nn
 
 from fxquant.analyze import analyze
+from fxquant.batches import model_device
 from fxquant.checkpoint import attach_checkpoint_info
 from fxquant.config import QuantConfig
 from fxquant.errors import PrepareError, StateError
@@ -41,11 +41,6 @@ def module_state(module: nn.Module) -> Optional[str]:
     """"prepared", "frozen" or None for a module fxquant did not make."""
     return getattr(module, STATE_ATTR, None)
 
-
-def _device_of(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 def prepare(
@@ -106,7 +101,7 @@ def prepare(
         ),
     )
     if hasattr(gm, QUANTIZERS_ATTR):
-        getattr(gm, QUANTIZERS_ATTR).to(_device_of(work))
+        getattr(gm, QUANTIZERS_ATTR).to(model_device(work))
     setattr(gm, STATE_ATTR, "prepared")
     setattr(gm, CONFIG_ATTR, config)
     setattr(gm, CAPTURE_ATTR, front_end)

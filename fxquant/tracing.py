@@ -82,10 +82,8 @@ class _PathTracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         name = self.path_of_module(m)
         self.fxq_module_path.append((name, type(m).__name__))
-        try:
-            result = super().call_module(m, forward, args, kwargs)
-        except Exception:
-            raise
+        # on failure the path stays on the stack: its top names the module that failed
+        result = super().call_module(m, forward, args, kwargs)
         self.fxq_module_path.pop()
         return result
 

@@ -48,10 +48,11 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import fx, nn
 
-from fxquant.errors import ExportError, StateError
+from fxquant.errors import ExportError, PrepareError, StateError
 from fxquant.export.ops import TORCH_STORABLE, translation_table
 from fxquant.passes.insert import QUANTIZERS_ATTR
 from fxquant.quantizer import FrozenActivationQuantizer, FrozenBias, FrozenWeight
+from fxquant.tracing import normalize_inputs
 
 T = onnx.TensorProto
 MIN_EXPORTER_OPSET = 18
@@ -236,22 +237,26 @@ def _export_copy(frozen: fx.GraphModule, plans: Dict[str, QuantizerPlan]) -> fx.
     return gm
 
 
-def _dynamic_shapes(gm: fx.GraphModule, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
+def _dynamic_shapes(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    """Dimension 0 of every tensor input is the dynamic batch (by position, or by name for keywords)."""
     batch = torch.export.Dim("batch")
-    return tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
+
+    def spec(a: Any) -> Any:
+        return {0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None
+
+    if kwargs:
+        return {k: spec(v) for k, v in kwargs.items()}
+    return tuple(spec(a) for a in args)
 
 
 def _as_args(example_inputs: Any) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    raise ExportError(
-        f"example_inputs of type {type(example_inputs).__name__} is not understood; give a tensor, a tuple of "
-        "positional inputs or a dict of keyword inputs (as for fxq.prepare)."
-    )
+    try:
+        return normalize_inputs(example_inputs)
+    except PrepareError:
+        raise ExportError(
+            f"example_inputs of type {type(example_inputs).__name__} is not understood; give a tensor, a tuple of "
+            "positional inputs or a dict of keyword inputs (as for fxq.prepare)."
+        ) from None
 
 
 def _check_writable(path: Path) -> None:
@@ -466,7 +471,7 @@ def export_onnx(
         )
     gm = _export_copy(frozen, plans)
     gm.eval()
-    dynamic = _dynamic_shapes(gm, args) if not kwargs else {k: ({0: torch.export.Dim("batch")} if isinstance(v, torch.Tensor) and v.dim() else None) for k, v in kwargs.items()}
+    dynamic = _dynamic_shapes(args, kwargs)
     try:
         with _quiet():
             program = torch.onnx.export(

@@ -11,10 +11,8 @@ Each `BiasQuantizer` and the float bias it reads become a `FrozenBias` (int32 co
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from fxquant.passes.insert import QUANTIZERS_ATTR, getattr_path
@@ -26,11 +24,6 @@ from fxquant.quantizer import (
     FrozenWeight,
     LearnableQuantizer,
 )
-
-BIAS_OPS = frozenset(
-    {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d, F.linear, torch._C._nn.linear}
-)
-"""Ops whose bias integer runtimes add as int32 on the grid `s_x * s_w` (argument 2 is the bias)."""
 
 
 def freeze_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
@@ -88,12 +81,5 @@ def _delete_unread_parameters(gm: fx.GraphModule) -> None:
         delattr(owner, attr)
         owner.register_parameter(attr, None)  # modules such as Conv2d read `self.bias` in their repr
 
-
-def _quantizer_of(gm: fx.GraphModule, node: object) -> Optional[nn.Module]:
-    if not (isinstance(node, fx.Node) and node.op == "call_module"):
-        return None
-    if not str(node.target).startswith(QUANTIZERS_ATTR + "."):
-        return None
-    return gm.get_submodule(str(node.target))
 
 
