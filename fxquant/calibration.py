@@ -88,7 +88,7 @@ def calibrate(
             if weight is not None:
                 q.init_from_tensor(weight)
         elif method == "percentile":
-            stats = torch.stack([torch.stack(s) for s in samples[name]])  # (batches, 2)
+            stats = torch.stack(samples[name])  # (batches, 2): low and high percentile per batch
             q.load_observed(stats[:, 0].mean().reshape(q.param_shape), stats[:, 1].mean().reshape(q.param_shape))
         else:
             q.load_observed()

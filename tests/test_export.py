@@ -274,3 +274,11 @@ def test_cli_inspect_prints_every_quantizer(tmp_path, capsys) -> None:
     assert "INT4" in out and "UINT8" in out and "KiB integer" in out
     assert main(["inspect", str(tmp_path / "nope.onnx")]) == 2
     assert "no ONNX file at" in capsys.readouterr().err
+
+
+def test_export_rejects_inputs_it_cannot_read() -> None:
+    model, x = make("mlp", 4)
+    qm = fxq.prepare(model, x)
+    fxq.calibrate(qm, [x])
+    with pytest.raises(fxq.ExportError, match=r"example_inputs of type str is not understood"):
+        fxq.export_onnx(fxq.freeze(qm), "x")

@@ -1,0 +1,101 @@
+"""calibrate, batch reading and run_passes: behaviour and every error message."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make
+
+import fxquant as fxq
+from fxquant.batches import cycle_batches, split_batch
+from fxquant.passes import run_passes
+
+
+def test_minmax_and_percentile_set_activation_clamps() -> None:
+    model, x = make("mlp")
+    qm = fxq.prepare(model, x, fxq.QuantConfig(first_last_bits=None))
+    batches = [torch.randn(64, 16) for _ in range(3)]
+    fxq.calibrate(qm, batches, method="minmax")
+    lo, hi = (t.detach() for t in qm.fxq_quantizers["act_x"].clamp_bounds())
+    assert float(lo) == pytest.approx(float(torch.cat(batches).min()))
+    assert float(hi) == pytest.approx(float(torch.cat(batches).max()))
+    fxq.calibrate(qm, batches, method="percentile", percentile=90.0)
+    lo_p, hi_p = (t.detach() for t in qm.fxq_quantizers["act_x"].clamp_bounds())
+    assert float(lo) < float(lo_p) < 0 < float(hi_p) < float(hi)
+    fxq.calibrate(qm, batches, bits=6)
+    assert float(qm.fxq_quantizers["fc2_weight"].bits()) == pytest.approx(6.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(method="kl"), r"calibrate method='kl' is unknown"),
+        (dict(method="percentile", percentile=40.0), r"calibrate percentile=40.0 must be in \(50, 100\]"),
+        (dict(num_batches=0), r"calibrate num_batches=0 must be at least 1"),
+    ],
+)
+def test_calibrate_rejects_bad_arguments(kwargs: dict, message: str) -> None:
+    model, x = make("mlp")
+    qm = fxq.prepare(model, x)
+    with pytest.raises(fxq.ConfigError, match=message):
+        fxq.calibrate(qm, [x], **kwargs)
+
+
+def test_calibrate_errors_on_state_and_data() -> None:
+    model, x = make("mlp")
+    with pytest.raises(fxq.StateError, match=r"calibrate found no learnable quantizers"):
+        fxq.calibrate(torch.fx.symbolic_trace(model), [x])
+    qm = fxq.prepare(model, x)
+    with pytest.raises(fxq.PrepareError, match=r"calibrate got no batches"):
+        fxq.calibrate(qm, [])
+    with pytest.raises(fxq.StateError, match=r"saw no finite values during calibration"):
+        fxq.calibrate(qm, [torch.full((4, 16), float("nan"))])
+
+
+def test_weight_quantizer_refuses_a_tensor_of_another_shape() -> None:
+    model, x = make("mlp")
+    qm = fxq.prepare(model, x)
+    with pytest.raises(fxq.StateError, match=r"expected shape \(32, 16\), got \(3, 3\)"):
+        qm.fxq_quantizers["fc1_weight"].observe(torch.zeros(3, 3))
+
+
+def test_split_batch_rules_and_errors() -> None:
+    x, y = torch.randn(2, 4), torch.tensor([0, 1])
+    assert split_batch(x, 1) == ((x,), {}, None)
+    assert split_batch((x, y), 1)[2] is y  # a DataLoader pair for a one-input model
+    assert split_batch((x, y), 2) == ((x, y), {}, None)  # two positional inputs
+    assert split_batch(((x, y), y), 2)[0] == (x, y)
+    assert split_batch({"x": x}, 1) == ((), {"x": x}, None)
+    with pytest.raises(fxq.PrepareError, match=r"a batch of type str is not understood"):
+        split_batch("x", 1)
+
+
+def test_cycle_batches_errors() -> None:
+    with pytest.raises(fxq.PrepareError, match=r"must be an iterable of batches .* wrap it in a list"):
+        next(cycle_batches(torch.zeros(2)))
+    with pytest.raises(fxq.PrepareError, match=r"batches is empty; give at least one batch"):
+        next(cycle_batches([]))
+    stream = cycle_batches(iter([torch.zeros(1)]))
+    next(stream)
+    with pytest.raises(fxq.PrepareError, match=r"one-shot iterator that ran out"):
+        next(stream)
+    assert [float(b) for b, _ in zip(cycle_batches([torch.tensor(1.0), torch.tensor(2.0)]), range(5))] == [1, 2, 1, 2, 1]
+
+
+def test_run_passes_names_the_failing_pass() -> None:
+    model, _ = make("mlp")
+    gm = torch.fx.symbolic_trace(model)
+
+    def ok(g: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        return g
+
+    def broken(g: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        raise KeyError("boom")
+
+    def replaces(g: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        return torch.fx.symbolic_trace(model)
+
+    with pytest.raises(fxq.PassError, match=r"pass broken failed \(after \['ok'\]\): KeyError"):
+        run_passes(gm, (ok, broken))
+    with pytest.raises(fxq.PassError, match=r"pass replaces returned a new module"):
+        run_passes(gm, (replaces,))
