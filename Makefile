@@ -24,5 +24,12 @@ test: setup
 lint: setup
 	$(BIN)/ruff check fxquant tests benchmarks
 
-bench: setup
-	$(BIN)/python benchmarks/run_all.py
+# The peers: Brevitas from the `bench` extra; DiffQ's setup.py imports Cython without declaring it, so it
+# is built without build isolation after Cython is in.
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(BIN)/pip install -q -c constraints.txt -e ".[bench]"
+	$(BIN)/pip install -q -c constraints.txt --no-build-isolation diffq
+	touch $@
+
+bench: $(VENV)/.bench-installed
+	$(BIN)/python benchmarks/compare_peers.py

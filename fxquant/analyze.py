@@ -30,6 +30,7 @@ from torch import fx, nn
 
 from fxquant.config import QuantConfig, QuantSpec, _check_weight_spec
 from fxquant.errors import ConfigError
+from fxquant.tracing import FLOAT_MODULES_ATTR
 
 META_KEY = "fxquant"
 MODULE_META_KEY = "fxquant_module"
@@ -618,8 +619,6 @@ class FloatOp:
     reason: str
 
 
-FLOAT_MODULES_ATTR = "fxquant_float_modules"
-"""Set by capture (`fxquant.tracing`): `{module path: why it stayed a float leaf}`."""
 _FLOAT_KERNELS: Dict[Any, str] = {
     F.scaled_dot_product_attention: "fused attention: its two matmuls stay float",
     aten.scaled_dot_product_attention.default: "fused attention: its two matmuls stay float",

@@ -29,7 +29,7 @@ from fxquant.passes.insert import (
     insert_weight_quantizers,
 )
 from fxquant.quantizer import iter_learnable
-from fxquant.tracing import capture_model, propagate_shapes
+from fxquant.tracing import capture_model, propagate_shapes, set_preserved_attr
 
 STATE_ATTR = "fxquant_state"
 """Attribute on fxquant's GraphModules: "prepared" or "frozen"."""
@@ -102,9 +102,10 @@ def prepare(
     )
     if hasattr(gm, QUANTIZERS_ATTR):
         getattr(gm, QUANTIZERS_ATTR).to(model_device(work))
-    setattr(gm, STATE_ATTR, "prepared")
-    setattr(gm, CONFIG_ATTR, config)
-    setattr(gm, CAPTURE_ATTR, front_end)
+    # preserved: they survive copy.deepcopy(qm), which freeze and users rely on
+    set_preserved_attr(gm, STATE_ATTR, "prepared")
+    set_preserved_attr(gm, CONFIG_ATTR, config)
+    set_preserved_attr(gm, CAPTURE_ATTR, front_end)
     attach_checkpoint_info(gm, model, config, front_end)
     gm.train(model.training)
     return gm
@@ -137,5 +138,5 @@ def freeze(qm: fx.GraphModule) -> fx.GraphModule:
     frozen.eval()
     for p in frozen.parameters():
         p.requires_grad_(False)
-    setattr(frozen, STATE_ATTR, "frozen")
+    set_preserved_attr(frozen, STATE_ATTR, "frozen")
     return frozen

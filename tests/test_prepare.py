@@ -51,6 +51,21 @@ def test_frozen_equals_eval_prepared_exactly(model_and_inputs) -> None:
     qm(x).sum().backward()
 
 
+def test_deepcopy_of_prepared_module_can_be_frozen_and_exported(tmp_path) -> None:
+    """A copy (e.g. to keep the best run, or an EMA) keeps its fxquant state: freeze and export accept it."""
+    model, x = make("mlp")
+    qm = fxq.prepare(model, x, fxq.QuantConfig(first_last_bits=None))
+    fxq.calibrate(qm, [x])
+    qm_copy = copy.deepcopy(qm).eval()
+    assert qm_copy.fxquant_state == "prepared" and qm_copy.fxquant_config == qm.fxquant_config
+    frozen = fxq.freeze(qm_copy)
+    assert copy.deepcopy(frozen).fxquant_state == "frozen"
+    with torch.no_grad():
+        assert torch.equal(frozen(x), qm.eval()(x))
+    fxq.export_onnx(copy.deepcopy(frozen), x, str(tmp_path / "copy.onnx"))
+    assert (tmp_path / "copy.onnx").stat().st_size > 0
+
+
 def test_user_model_is_not_modified_and_training_works() -> None:
     model, x = make("cnn")
     before = copy.deepcopy(model.state_dict())
