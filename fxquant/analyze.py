@@ -6,7 +6,8 @@
   calls already turned into functional calls by `functionalize_modules`, or user functional calls) and
   the spec of each op's weight and input quantizers (overrides, first/last layer, defaults);
 - activation quantization points: one per producer tensor (shared by all its quantized consumers with the
-  same spec), at the inputs of quantized ops and, with `quantize_joins`, at the inputs of add/concat;
+  same spec), at the inputs of quantized ops, with `quantize_joins` at the inputs of add/concat, and with
+  `quantize_outputs` at the output (after a directly following ReLU) of each op with quantized input;
 - the sign of each tensor: provably non-negative when produced by ReLU, ReLU6, sigmoid, softmax, ... or
   by shape-only ops of such tensors (found on the graph, never by module order or names);
 - groups of tensors that meet at add/concat joins (connected components on the networkx graph);
@@ -560,6 +561,9 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
             if spec is not None:
                 consumers_of.setdefault(producer, []).append((consumer, spec))
 
+    if config.quantize_outputs:
+        _add_output_points(nodes, ops, consumers_of)
+
     for node in nodes:
         info: Optional[TensorInfo] = None
         if _is_float_tensor(node):
@@ -578,6 +582,76 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
             f"Names it can match: {available[:20]}{' ...' if len(available) > 20 else ''}."
         )
     return gm
+
+
+_FUSED_ACTIVATIONS: Set[Any] = {
+    F.relu, torch.relu, F.relu6, F.hardtanh, torch.clamp, torch.clip, aten.relu.default, aten.relu_.default,
+    aten.relu6.default, aten.hardtanh.default, aten.clamp.default, aten.clip.default,
+}
+_LAYOUT_FUNCTIONS: Set[Any] = {
+    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
+    aten.view.default, aten.reshape.default, aten.flatten.using_ints, aten.permute.default, aten.transpose.int,
+    aten.t.default, aten.contiguous.default, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default,
+}
+_LAYOUT_METHODS: Set[str] = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze"}
+
+
+def _is_fused_activation(node: fx.Node) -> bool:
+    """ReLU/ReLU6/clamp: runtimes fold it into the integer op before a QuantizeLinear."""
+    if node.op == "call_function":
+        return node.target in _FUSED_ACTIVATIONS
+    if node.op == "call_method":
+        return str(node.target) in ("relu", "relu_", "clamp", "clamp_", "clip")
+    if node.op == "call_module":
+        return isinstance(node.graph.owning_module.get_submodule(str(node.target)), (nn.ReLU, nn.ReLU6, nn.Hardtanh))
+    return False
+
+
+def _is_layout(node: fx.Node) -> bool:
+    """Shape-only ops that runtimes move a QuantizeLinear across (reshape, transpose, ...)."""
+    if node.op == "call_function":
+        return node.target in _LAYOUT_FUNCTIONS
+    return node.op == "call_method" and str(node.target) in _LAYOUT_METHODS
+
+
+def _quantized_after_layout(node: fx.Node, consumers_of: Dict[str, List[Tuple[str, QuantSpec]]]) -> bool:
+    """`node` starts a chain of single-reader shape-only ops whose result is quantized for all its readers."""
+    if not _is_layout(node):
+        return False
+    while len(node.users) == 1 and _is_layout(next(iter(node.users))):
+        node = next(iter(node.users))
+    served = {c for c, _ in consumers_of.get(node.name, [])}
+    return bool(node.users) and all(r.name in served for r in node.users)
+
+
+def _add_output_points(
+    nodes: List[fx.Node], ops: Dict[str, QuantOp], consumers_of: Dict[str, List[Tuple[str, QuantSpec]]]
+) -> None:
+    """Quantize the output of each op with quantized input for all its readers (`quantize_outputs`).
+
+    The tensor is the op's output, followed through a ReLU/ReLU6/clamp that is its only reader and then
+    through single-reader shape-only ops (runtimes fold the activation and move the QuantizeLinear across
+    reshapes). Readers already served keep their quantizer; the others get one with the op's input spec,
+    shared with a served reader of the same spec. Tensors the graph returns, and the inputs of ops kept
+    float (override `None`), stay float.
+    """
+    for node in nodes:
+        op = ops.get(node.name)
+        if op is None or op.input_spec is None or not _is_float_tensor(node):
+            continue
+        out = node
+        if len(out.users) == 1 and _is_fused_activation(next(iter(out.users))):
+            out = next(iter(out.users))
+        while len(out.users) == 1 and _is_layout(next(iter(out.users))):
+            out = next(iter(out.users))
+        readers = list(out.users)
+        if not readers or any(r.op == "output" for r in readers):
+            continue
+        served = {c for c, _ in consumers_of.get(out.name, [])}
+        for reader in readers:
+            kept_float = reader.name in ops and ops[reader.name].input_spec is None  # e.g. an override None
+            if reader.name not in served and not kept_float and not _quantized_after_layout(reader, consumers_of):
+                consumers_of.setdefault(out.name, []).append((reader.name, op.input_spec))
 
 
 def _check_group_size(gm: fx.GraphModule, node: fx.Node, op: QuantOp, spec: QuantSpec) -> None:

@@ -68,6 +68,20 @@ def test_w8a8_cnn_golden_ops_and_integer_kernels(tmp_path) -> None:
     assert "Conv" not in ops
 
 
+@pytest.mark.parametrize("quantize_outputs", [True, False])
+def test_conv_read_only_by_a_pooling_runs_as_integer_kernel(quantize_outputs: bool, tmp_path) -> None:  # noqa: ANN001
+    """The depthwise model's last conv feeds a mean: only a quantizer on its output lets ORT fuse it."""
+    model, x = make("depthwise", 8)
+    cfg = fxq.QuantConfig(weight=_spec(8), activation=_spec(8), first_last_bits=None, quantize_outputs=quantize_outputs)
+    qm = fxq.prepare(model, x, cfg)
+    fxq.calibrate(qm, [x])
+    path = str(tmp_path / "dw.onnx")
+    fxq.export_onnx(fxq.freeze(qm), x, path)
+    ops = _optimized_ops(path, tmp_path)
+    float_convs = ops["Conv"] + ops["FusedConv"]
+    assert (ops["QLinearConv"], float_convs) == ((3, 0) if quantize_outputs else (2, 1)), ops
+
+
 def test_weight_only_int4_blocked_linear_becomes_matmulnbits(tmp_path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32)).eval()
