@@ -5,8 +5,10 @@ this machine and writes `BENCHMARKS.md` with the versions that ran:
 
 - data: scikit-learn digits (8x8) and Fashion-MNIST (Debian package `dataset-fashion-mnist`, installed
   with apt-get when missing and possible);
-- model: a small ResNet-style CNN (stem, residual block, strided conv, linear head) trained here;
-- fxquant at W8A8, W4A4, W3A3, W2A2 (GDNSQ dither mode, distillation from the float model) and a
+- models trained here: the demo's digits CNN (stem, residual block, strided conv, linear head) and, for
+  Fashion-MNIST, `FashionResNet` (stride-2 stem, two stages with a residual block, linear head);
+- fxquant at W8A8, W4A4, W3A3, W2A2 (GDNSQ dither mode, distillation from the float model; bits learned
+  from 8 down to the target by the exterior penalty, and bits fixed at the target like the peers) and a
   weights-only mixed-precision point (DiffQ noise mode) at DiffQ's achieved size;
 - peers, same model, same fine-tuning steps, same distillation loss: Brevitas QAT
   (`brevitas.graph.quantize`), PyTorch's FX QAT (`torch.ao.quantization.quantize_fx`), DiffQ
@@ -34,6 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fxquant as fxq
@@ -79,6 +82,37 @@ def load_fashion_mnist() -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Ten
 
     return (images("train-images-idx3-ubyte.gz"), labels("train-labels-idx1-ubyte.gz"),
             images("t10k-images-idx3-ubyte.gz"), labels("t10k-labels-idx1-ubyte.gz"))
+
+
+# ------------------------------------------------------------------------------------------- model
+
+
+class FashionResNet(nn.Module):
+    """A ~30k-parameter ResNet-style CNN for 28x28 images: a stride-2 stem, two stages of a residual block
+    (the second after a stride-2 conv), global pooling and a linear head."""
+
+    def __init__(self, width: int = 16, classes: int = 10) -> None:
+        super().__init__()
+
+        def conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout))
+
+        self.stem = conv_bn(1, width, 2)  # 14x14
+        self.block1 = nn.ModuleList([conv_bn(width, width), conv_bn(width, width)])
+        self.down = conv_bn(width, 2 * width, 2)  # 7x7
+        self.block2 = nn.ModuleList([conv_bn(2 * width, 2 * width), conv_bn(2 * width, 2 * width)])
+        self.head = nn.Linear(2 * width, classes)
+
+    @staticmethod
+    def _residual(block: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + block[1](torch.relu(block[0](x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._residual(self.block1, torch.relu(self.stem(x)))
+        x = self._residual(self.block2, torch.relu(self.down(x)))
+        # adaptive_avg_pool2d, not x.mean(dim=(2, 3)): Brevitas 0.13.4's preprocess_for_quantize fails on the
+        # latter (TypeError in MeanMethodToAdaptiveAvgPool2d); fxquant takes either
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -132,14 +166,22 @@ def peer_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 def run_fxquant(
     model: nn.Module, train: Batches, val: Batches, example: torch.Tensor, steps: int, w_bits: int,
     a_bits: Optional[int], mode: str = "dither", weight_average: Optional[float] = None, per_group_bits: bool = False,
+    learn_bits: bool = True,
 ) -> Dict[str, Any]:
-    wspec = fxq.QuantSpec(bits=8, min_bits=2, max_bits=8, per_group_bits=per_group_bits)
-    aspec = fxq.QuantSpec(bits=8, min_bits=2, max_bits=8) if a_bits is not None else None
+    """fxquant: bits learned from 8 down to the target (exterior penalty), or fixed at the target."""
+    if learn_bits:
+        wspec = fxq.QuantSpec(bits=8, min_bits=2, max_bits=8, per_group_bits=per_group_bits)
+        aspec = fxq.QuantSpec(bits=8, min_bits=2, max_bits=8) if a_bits is not None else None
+    else:
+        wspec = fxq.QuantSpec(bits=w_bits, min_bits=2, max_bits=8, learn_bits=False)
+        aspec = fxq.QuantSpec(bits=a_bits, min_bits=2, max_bits=8, learn_bits=False) if a_bits is not None else None
     cfg = fxq.QuantConfig(weight=wspec, activation=aspec, mode=mode, first_last_bits=None)
     qm = fxq.prepare(model, example, cfg)
     fxq.calibrate(qm, train, num_batches=8)
-    if weight_average is not None:
-        target: Any = fxq.BitTarget(weight=weight_average, activation=a_bits, weight_average=True)
+    if not learn_bits:
+        target: Any = None
+    elif weight_average is not None:
+        target = fxq.BitTarget(weight=weight_average, activation=a_bits, weight_average=True)
     else:
         target = {"weight": float(w_bits), "activation": float(a_bits)} if a_bits is not None else {"weight": float(w_bits)}
     t0 = time.perf_counter()
@@ -275,14 +317,14 @@ def _safe(fn: Callable[[], Any], errors: List[str], label: str) -> Any:
         return None
 
 
-def bench_dataset(name: str, data: Tuple[torch.Tensor, ...], width: int, epochs: int, steps: int, batch: int,
-                  seed: int, tmp: str, diffq_lambda_per_bit: float) -> Tuple[List[List[str]], List[List[str]], List[str]]:
+def bench_dataset(name: str, data: Tuple[torch.Tensor, ...], make_model: Callable[[], nn.Module], epochs: int,
+                  steps: int, batch: int, seed: int, tmp: str, diffq_lambda_per_bit: float) -> Tuple[List[List[str]], List[List[str]], List[str]]:
     torch.manual_seed(seed)
     x_train, y_train, x_test, y_test = data
     x_val, y_val = x_train[-512:], y_train[-512:]
     x_train, y_train = x_train[:-512], y_train[:-512]
     t0 = time.perf_counter()
-    model = train_float(DigitsCNN(width=width), x_train, y_train, epochs=epochs, seed=seed)
+    model = train_float(make_model(), x_train, y_train, epochs=epochs, seed=seed)
     print(f"[{name}] float model trained in {time.perf_counter() - t0:.0f} s", flush=True)
     train = make_batches(x_train, y_train, batch, seed + 1)
     val = [(x_val, y_val)]
@@ -303,7 +345,8 @@ def bench_dataset(name: str, data: Tuple[torch.Tensor, ...], width: int, epochs:
         r = _safe(lambda: run_fxquant(model, train, val, example, steps, w, a), errors, f"fxquant {label}")
         if r is not None:
             met = "" if r["result"].met_target else " (target not met)"
-            add(f"fxquant dither{met}", label, accuracy(r["qm"], x_test, y_test), r["step_s"], f"{r['report'].size_bytes / 1024:.1f} KiB")
+            add(f"fxquant dither, bits learned 8->{w}{met}", label, accuracy(r["qm"], x_test, y_test), r["step_s"],
+                f"{r['report'].size_bytes / 1024:.1f} KiB")
             if (w, a) in ((8, 8), (4, 4)):
                 frozen = fxq.freeze(r["qm"])
                 path = os.path.join(tmp, f"fxq_{name}_{label}.onnx")
@@ -311,6 +354,12 @@ def bench_dataset(name: str, data: Tuple[torch.Tensor, ...], width: int, epochs:
                 if ok is not None:
                     exports.append([name, f"fxquant {label}", f"{ort_session_accuracy(path, x_test, y_test):.2f}",
                                     f"{os.path.getsize(path) / 1024:.1f}", f"{ort_latency_ms(path, x_test[:64].numpy()):.3f}"])
+        print(f"[{name}] {label}: fxquant fixed bits", flush=True)
+        r = _safe(lambda: run_fxquant(model, train, val, example, steps, w, a, learn_bits=False), errors,
+                  f"fxquant fixed {label}")
+        if r is not None:
+            add("fxquant dither, bits fixed", label, accuracy(r["qm"], x_test, y_test), r["step_s"],
+                f"{r['report'].size_bytes / 1024:.1f} KiB")
         print(f"[{name}] {label}: brevitas", flush=True)
         r = _safe(lambda: run_brevitas(model, train, steps, w, a), errors, f"brevitas {label}")
         add("Brevitas QAT", label, None if r is None else peer_accuracy(r["model"], x_test, y_test), None if r is None else r["step_s"])
@@ -385,14 +434,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         for ds in args.datasets.split(","):
             if ds == "digits":
                 data = load_digits_tensors(args.seed)
-                rows, exports, errors = bench_dataset("digits", data, 32, 12, args.steps, 64, args.seed, tmp,
+                rows, exports, errors = bench_dataset("digits", data, DigitsCNN, 12, args.steps, 64, args.seed, tmp,
                                                    args.diffq_lambda_per_bit)
             elif ds == "fashion":
                 data = load_fashion_mnist()
                 if data is None:
                     all_errors.append("fashion: dataset-fashion-mnist is not installed and apt-get could not install it")
                     continue
-                rows, exports, errors = bench_dataset("fashion-mnist", data, 16, 2, args.steps, 128, args.seed, tmp,
+                rows, exports, errors = bench_dataset("fashion-mnist", data, FashionResNet, 3, args.steps, 128, args.seed, tmp,
                                                    args.diffq_lambda_per_bit)
             else:
                 raise SystemExit(f"unknown dataset {ds!r}; use digits and/or fashion")
