@@ -354,6 +354,13 @@ def bench_dataset(name: str, data: Tuple[torch.Tensor, ...], make_model: Callabl
                 if ok is not None:
                     exports.append([name, f"fxquant {label}", f"{ort_session_accuracy(path, x_test, y_test):.2f}",
                                     f"{os.path.getsize(path) / 1024:.1f}", f"{ort_latency_ms(path, x_test[:64].numpy()):.3f}"])
+                if w < 8:  # the same codes in int8 containers: onnxruntime's integer conv kernels need them
+                    path8 = os.path.join(tmp, f"fxq_{name}_{label}_int8w.onnx")
+                    ok = _safe(lambda: fxq.export_onnx(frozen, example, path8, int8_weights=True), errors,
+                               f"fxquant export {label} int8_weights")
+                    if ok is not None:
+                        exports.append([name, f"fxquant {label}, int8_weights=True", f"{ort_session_accuracy(path8, x_test, y_test):.2f}",
+                                        f"{os.path.getsize(path8) / 1024:.1f}", f"{ort_latency_ms(path8, x_test[:64].numpy()):.3f}"])
         print(f"[{name}] {label}: fxquant fixed bits", flush=True)
         r = _safe(lambda: run_fxquant(model, train, val, example, steps, w, a, learn_bits=False), errors,
                   f"fxquant fixed {label}")

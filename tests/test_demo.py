@@ -14,7 +14,7 @@ from fxquant.cli import main
 def test_demo_runs_end_to_end_and_writes_its_outputs(tmp_path) -> None:  # noqa: ANN001
     out = str(tmp_path / "demo")
     assert main(["demo", "--out", out, "--steps", "30", "--quiet"]) == 0
-    for name in ("model.onnx", "summary.json", "bits.png"):
+    for name in ("model.onnx", "model_int8_weights.onnx", "summary.json", "bits.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0
     with open(os.path.join(out, "summary.json")) as fh:
         summary = json.load(fh)

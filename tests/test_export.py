@@ -82,6 +82,37 @@ def test_conv_read_only_by_a_pooling_runs_as_integer_kernel(quantize_outputs: bo
     assert (ops["QLinearConv"], float_convs) == ((3, 0) if quantize_outputs else (2, 1)), ops
 
 
+def test_w4a4_runs_as_integer_kernels_with_int8_weights(tmp_path) -> None:  # noqa: ANN001
+    """4-bit activations ride in uint8 with an integer Clip; with int8_weights every conv is a QLinearConv."""
+    frozen, x = _frozen("cnn", _spec(4), _spec(4))
+    small, fast = str(tmp_path / "w4.onnx"), str(tmp_path / "w4_int8.onnx")
+    small_model = fxq.export_onnx(frozen, x, small)
+    fast_model = fxq.export_onnx(frozen, x, fast, int8_weights=True)
+    types = lambda m: collections.Counter(i.data_type for i in m.graph.initializer)  # noqa: E731
+    assert types(small_model)[T.INT4] == 6 and types(small_model)[T.INT8] == 0
+    assert types(fast_model)[T.INT4] == 0 and types(fast_model)[T.INT8] == 6
+    assert os.path.getsize(small) < os.path.getsize(fast)
+    small_ops, fast_ops = _optimized_ops(small, tmp_path), _optimized_ops(fast, tmp_path)
+    assert small_ops["QLinearConv"] == 0 and small_ops["Conv"] == 5  # onnxruntime 1.32: no int4-weight conv kernel
+    assert fast_ops["QLinearConv"] == 5 and fast_ops["Conv"] + fast_ops["FusedConv"] == 0, fast_ops
+    assert fast_ops["Clip"] >= 1  # the codes' clip to 4 bits stays an integer op between the kernels
+    for path in (small, fast):
+        result = fxq.verify(frozen, path, [x], raise_on_failure=False)
+        assert all(r.ok for r in result.results), str(result)
+
+
+def test_two_bit_conv_weights_load_and_match_in_onnxruntime(tmp_path) -> None:  # noqa: ANN001
+    """onnxruntime 1.32 turns DQ(int2) -> Conv -> Q into a QLinearConv it rejects: conv weights ride in int4."""
+    frozen, x = _frozen("cnn", _spec(2), _spec(8))
+    path = str(tmp_path / "w2a8.onnx")
+    model = fxq.export_onnx(frozen, x, path)
+    codes = [i for i in model.graph.initializer if i.data_type in (T.INT2, T.INT4)]
+    assert {i.data_type for i in codes if len(i.dims) == 4} == {T.INT4}  # conv weights
+    assert {i.data_type for i in codes if len(i.dims) == 2} == {T.INT2}  # the linear head keeps int2
+    result = fxq.verify(frozen, path, [x], raise_on_failure=False)
+    assert all(r.ok for r in result.results), str(result)
+
+
 def test_weight_only_int4_blocked_linear_becomes_matmulnbits(tmp_path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32)).eval()

@@ -49,12 +49,13 @@ def test_mixed_precision_cnn(tmp_path) -> None:
     assert len(set(bits.values())) >= 3
     path = str(tmp_path / "mixed.onnx")
     model = fxq.export_onnx(frozen, x, path)
-    assert model.opset_import[0].version == 25  # the 2-bit layer needs it
+    assert model.opset_import[0].version == 21  # int4 containers (2-bit conv weights ride in int4)
     report = fxq.verify(frozen, path, [torch.randn(32, 3, 8, 8)])
     assert report.argmax_agreement == 1.0 and report.max_error <= 1.0
     rows = {r.quantizer: r for r in fxq.report(path).rows}
-    assert rows["branch_b_weight"].dtype == "INT2" and rows["conv1_weight"].dtype == "INT4"
-    assert rows["conv1_weight"].bits_used <= 3  # 3-bit codes ride in int4
+    # onnxruntime 1.32 builds an invalid QLinearConv from int2 conv weights: they ride in int4
+    assert rows["branch_b_weight"].dtype == "INT4" and rows["conv1_weight"].dtype == "INT4"
+    assert rows["branch_b_weight"].bits_used <= 2 and rows["conv1_weight"].bits_used <= 3
 
 
 def test_w8a8_cnn_report_counts_integer_kernels(tmp_path) -> None:

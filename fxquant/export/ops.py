@@ -3,7 +3,7 @@
 `fxquant::quantize_dequantize` is exactly `FrozenActivationQuantizer.forward` (ONNX Q -> DQ in float);
 `fxquant::dequantize` is exactly `FrozenWeight.forward` / `FrozenBias.forward` (ONNX DequantizeLinear of
 integer codes). torch.export keeps them as single nodes; `translation_table` turns them into onnxscript
-functions emitting `[Clip ->] QuantizeLinear -> DequantizeLinear` and `[Cast ->] DequantizeLinear`. The
+functions emitting `QuantizeLinear [-> integer Clip] -> DequantizeLinear` and `[Cast ->] DequantizeLinear`. The
 `Cast` of a constant code buffer is folded by the exporter into an integer initializer of the container
 type (INT4, INT2, ...), which is what makes the file size reflect the bits.
 """
@@ -24,20 +24,21 @@ def quantize_dequantize(
     x: Tensor,
     scale: Tensor,
     zero_point: Tensor,
-    lo: Tensor,
-    hi: Tensor,
+    code_min: Tensor,
+    code_max: Tensor,
     qmin: int,
     qmax: int,
     onnx_type: int,
     clip: bool,
 ) -> Tensor:
-    """`fake_quantize(x, scale, zero_point, qmin, qmax)`; `lo`/`hi` are the float clamp of narrow widths."""
+    """`fake_quantize(x, scale, zero_point, qmin, qmax)`; `code_min`/`code_max` are `qmin`/`qmax` in the
+    container's type, for the integer Clip of widths narrower than their container."""
     zp = zero_point.to(scale.dtype)
     return fake_quantize(x, scale, zp, torch.full_like(zp, qmin), torch.full_like(zp, qmax))
 
 
 @quantize_dequantize.register_fake
-def _(x, scale, zero_point, lo, hi, qmin, qmax, onnx_type, clip):  # noqa: ANN001, ANN202
+def _(x, scale, zero_point, code_min, code_max, qmin, qmax, onnx_type, clip):  # noqa: ANN001, ANN202
     return torch.empty_like(x)
 
 
@@ -76,12 +77,13 @@ def translation_table(opset: int) -> Dict[Any, Callable[..., Any]]:
     module = getattr(onnxscript, f"opset{min(max(opset, 18), 23)}")
     op = module
 
-    def qdq_onnx(x, scale, zero_point, lo, hi, qmin: int, qmax: int, onnx_type: int, clip: bool):  # noqa: ANN001, ANN202
+    def qdq_onnx(x, scale, zero_point, code_min, code_max, qmin: int, qmax: int, onnx_type: int, clip: bool):  # noqa: ANN001, ANN202
         if onnx_type not in TORCH_STORABLE:
             zero_point = op.Cast(zero_point, to=onnx_type)
-        if clip:
-            x = op.Clip(x, lo, hi)
+            code_min, code_max = op.Cast(code_min, to=onnx_type), op.Cast(code_max, to=onnx_type)
         q = op.QuantizeLinear(x, scale, zero_point)
+        if clip:  # a narrower width in a wider container: clip the integer codes, as integer kernels allow
+            q = op.Clip(q, code_min, code_max)
         return op.DequantizeLinear(q, scale, zero_point)
 
     def dq_onnx(codes, scale, axis: int, block_size: int, onnx_type: int):  # noqa: ANN001, ANN202

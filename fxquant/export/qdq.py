@@ -3,15 +3,17 @@
 How each frozen quantizer is lowered (`plan_quantizers`):
 
 - weights (`FrozenWeight`): integer codes in the smallest signed container holding the learned bits
-  (INT2, INT4, INT8, INT16; 3, 5, 6, 7 bits ride in the next container, their codes already in range),
+  (INT2, INT4, INT8, INT16; 3, 5, 6, 7 bits ride in the next container, their codes already in range;
+  `int8_weights=True` puts every width below 8 in INT8, which onnxruntime's QLinearConv/QGemm need; 2-bit
+  conv weights ride in INT4, as onnxruntime 1.32 builds an invalid QLinearConv from INT2 ones),
   then `DequantizeLinear` per tensor, per channel (`axis`) or blocked (`axis`, `block_size`). Linear
   layers are exported as `MatMul(x, DQ(W^T)) [+ bias]` with the codes stored transposed: the pattern
   onnxruntime turns into `MatMulNBits` (blocked weights, float input), `QLinearMatMul` or
   `MatMulIntegerToFloat` (8-bit input), with no Transpose between the weight and the MatMul.
 - biases (`FrozenBias`): INT32 codes, scale `s_x * s_w`, `DequantizeLinear(axis=0)`.
 - activations (`FrozenActivationQuantizer`): `QuantizeLinear -> DequantizeLinear` with the frozen scale
-  and zero point, in UINT8 (UINT16 above 8 bits); narrower widths get a float `Clip` to their range
-  first. `narrow_activations=True` uses the smallest container (UINT2, UINT4) instead: valid ONNX, but
+  and zero point, in UINT8 (UINT16 above 8 bits); narrower widths get an integer `Clip` of the codes
+  to their range after the QuantizeLinear (integer kernels still fuse around it). `narrow_activations=True` uses the smallest container (UINT2, UINT4) instead: valid ONNX, but
   onnxruntime 1.32 has no kernel for it and its optimizer fails on uint4 after Clip/Relu (activations
   take no space in the file, so nothing is lost by default). 8-bit activations are uint8 with the zero point at 0 after ReLU, and weights are
   symmetric int8: the types onnxruntime fuses into QLinearConv/QLinearAdd/QGemm.
@@ -97,7 +99,9 @@ def _container(table: List[Tuple[int, int, int, int, int]], bits: int, opset: Op
     return None
 
 
-def plan_quantizers(gm: fx.GraphModule, opset: Optional[int], narrow_activations: bool = False) -> Dict[str, QuantizerPlan]:
+def plan_quantizers(
+    gm: fx.GraphModule, opset: Optional[int], narrow_activations: bool = False, int8_weights: bool = False
+) -> Dict[str, QuantizerPlan]:
     """Decide container type and lowering for every frozen quantizer of `gm` (see the module docstring)."""
     container = getattr(gm, QUANTIZERS_ATTR)
     fx_nodes: Dict[str, List[str]] = {}
@@ -114,7 +118,12 @@ def plan_quantizers(gm: fx.GraphModule, opset: Optional[int], narrow_activations
         elif isinstance(q, FrozenWeight):
             bits = int(q.bits.max())
             blocked_ok = q.granularity != "per_group" or opset is None or opset >= 21
-            found = _container(_SIGNED, bits, opset)
+            want = max(bits, 8) if int8_weights else bits
+            if want <= 2 and q.codes.dim() >= 3:
+                # onnxruntime 1.32 fuses DequantizeLinear(int2) -> Conv -> QuantizeLinear into a QLinearConv
+                # that it then rejects (invalid model): 2-bit conv weights ride in INT4
+                want = 4
+            found = _container(_SIGNED, want, opset)
             if not blocked_ok:
                 plans[name] = QuantizerPlan(
                     bits=bits, lowering="float", onnx_type=None, opset_needed=21,
@@ -157,12 +166,13 @@ class _ExportActivation(nn.Module):
         zp = q.zero_point.detach().reshape(())
         self.register_buffer("scale", scale.clone())
         self.register_buffer("zero_point", zp.to(zp_dtype))
-        self.register_buffer("lo", (self.qmin - zp.to(scale.dtype)) * scale)
-        self.register_buffer("hi", (self.qmax - zp.to(scale.dtype)) * scale)
+        self.register_buffer("code_min", torch.tensor(self.qmin, dtype=zp_dtype))
+        self.register_buffer("code_max", torch.tensor(self.qmax, dtype=zp_dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.fxquant.quantize_dequantize(
-            x, self.scale, self.zero_point, self.lo, self.hi, self.qmin, self.qmax, self.onnx_type, self.clip
+            x, self.scale, self.zero_point, self.code_min, self.code_max, self.qmin, self.qmax, self.onnx_type,
+            self.clip,
         )
 
 
@@ -414,6 +424,7 @@ def export_onnx(
     *,
     keep_torch_metadata: bool = False,
     narrow_activations: bool = False,
+    int8_weights: bool = False,
 ) -> onnx.ModelProto:
     """Export a frozen module to integer QDQ ONNX (see the module docstring for the lowering).
 
@@ -428,8 +439,13 @@ def export_onnx(
             arithmetic with the same numbers and reported in a warning and in `metadata_props`.
         keep_torch_metadata: keep the exporter's per-node debug metadata and `value_info` (larger file).
         narrow_activations: store activations below 8 bits in UINT4/UINT2 (valid ONNX; onnxruntime 1.32
-            has no kernel for them and its optimizer fails on some of these patterns). Default: UINT8 with a
-            float Clip to the learned range, which computes the same numbers and runs everywhere.
+            has no kernel for them and its optimizer fails on some of these patterns). Default: UINT8 with an
+            integer Clip of the codes to the learned range, which computes the same numbers, runs everywhere
+            and keeps integer kernels (QLinearConv, QLinearAdd) around it.
+        int8_weights: store weights below 8 bits in INT8 (same codes, a larger file): onnxruntime's CPU
+            integer kernels for conv (QLinearConv) take only 8-bit weights, so sub-8-bit conv weights
+            otherwise run as float Conv after a DequantizeLinear. Linear layers with 4-bit blocked weights
+            run as MatMulNBits either way.
 
     Returns:
         The `onnx.ModelProto` that was written.
@@ -459,7 +475,7 @@ def export_onnx(
     if out_path is not None:
         _check_writable(out_path)
     args, kwargs = _as_args(example_inputs)
-    plans = plan_quantizers(frozen, opset, narrow_activations)
+    plans = plan_quantizers(frozen, opset, narrow_activations, int8_weights)
     chosen = opset if opset is not None else max([MIN_EXPORTER_OPSET] + [p.opset_needed for p in plans.values() if p.lowering == "qdq"])
     floats = [p for p in plans.values() if p.lowering == "float"]
     if floats:
