@@ -129,10 +129,10 @@ class QuantConfig:
         quantize_joins: quantize the tensor inputs of add and concat joins (residuals), which integer
             runtimes need to run the join and the ops before it as integer kernels.
         share_join_scales: one quantizer (same scale and zero point) for all tensors meeting at a join.
-        quantize_outputs: quantize the output of every conv/linear/matmul with quantized input (after the
-            ReLU that directly follows it) also when no quantized op reads it (e.g. before a pooling or a
-            sigmoid): integer runtimes run an op as an integer kernel only when a QuantizeLinear follows it.
-            The graph's own outputs stay float.
+        quantize_outputs: quantize the output of every conv with quantized input (after the ReLU that
+            directly follows it) also when no quantized op reads it (e.g. before a pooling or a sigmoid):
+            onnxruntime runs a conv as an integer kernel only when a QuantizeLinear follows it (linear and
+            matmul run as MatMulIntegerToFloat without one). The graph's own outputs stay float.
         integer_bias: in eval mode (and so in `freeze` and the exported ONNX), round the bias of each
             conv/linear with quantized input and per-channel weight to the int32 grid `s_x * s_w`, as
             integer kernels add it. Biases stay float while training.

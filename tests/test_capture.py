@@ -17,11 +17,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 
 
 def _quantizer_layout(qm: torch.fx.GraphModule) -> list:
-    # readers that are not quantized ops are named by their node: `x / c` is "truediv" in FX, "div" in aten
-    def served(q: torch.nn.Module) -> tuple:
-        return tuple("div" if s == "truediv" else s for s in q.served)
-
-    return sorted((q.kind, served(q), q.nonnegative, q.granularity) for q in qm.fxq_quantizers.values())
+    return sorted((q.kind, q.served, q.nonnegative, q.granularity) for q in qm.fxq_quantizers.values())
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_FACTORIES))
@@ -86,7 +82,7 @@ def test_export_activation_matmuls_named_by_module_path() -> None:
     x = torch.randn(2, 4, 8)
     qm = fxq.prepare(Net().eval(), x, capture="export")
     served = {s for q in qm.fxq_quantizers.values() for s in q.served}
-    assert served == {"attn.q", "attn.matmul", "attn.matmul_1", "softmax"}  # quantize_outputs: matmul -> softmax
+    assert served == {"attn.q", "attn.matmul", "attn.matmul_1"}
     softmax_q = [q for q in qm.fxq_quantizers.values() if q.nonnegative]
     assert len(softmax_q) == 1  # softmax output is found non-negative on the aten graph
 
