@@ -339,6 +339,10 @@ def bench_dataset(name: str, data: Tuple[torch.Tensor, ...], make_model: Callabl
         rows.append([name, method, bits, "failed" if acc is None else f"{acc:.2f}", size,
                      "-" if step_s is None else f"{step_s / float_step:.2f}"])
 
+    def export_row(model_label: str, path: str, acc: float) -> None:
+        exports.append([name, model_label, f"{acc:.2f}", f"{os.path.getsize(path) / 1024:.1f}",
+                        f"{ort_latency_ms(path, x_test[:64].numpy()):.3f}"])
+
     for w, a in [(8, 8), (4, 4), (3, 3), (2, 2)]:
         label = f"W{w}A{a}"
         print(f"[{name}] {label}: fxquant", flush=True)
@@ -352,15 +356,13 @@ def bench_dataset(name: str, data: Tuple[torch.Tensor, ...], make_model: Callabl
                 path = os.path.join(tmp, f"fxq_{name}_{label}.onnx")
                 ok = _safe(lambda: fxq.export_onnx(frozen, example, path), errors, f"fxquant export {label}")
                 if ok is not None:
-                    exports.append([name, f"fxquant {label}", f"{ort_session_accuracy(path, x_test, y_test):.2f}",
-                                    f"{os.path.getsize(path) / 1024:.1f}", f"{ort_latency_ms(path, x_test[:64].numpy()):.3f}"])
+                    export_row(f"fxquant {label}", path, ort_session_accuracy(path, x_test, y_test))
                 if w < 8:  # the same codes in int8 containers: onnxruntime's integer conv kernels need them
                     path8 = os.path.join(tmp, f"fxq_{name}_{label}_int8w.onnx")
                     ok = _safe(lambda: fxq.export_onnx(frozen, example, path8, int8_weights=True), errors,
                                f"fxquant export {label} int8_weights")
                     if ok is not None:
-                        exports.append([name, f"fxquant {label}, int8_weights=True", f"{ort_session_accuracy(path8, x_test, y_test):.2f}",
-                                        f"{os.path.getsize(path8) / 1024:.1f}", f"{ort_latency_ms(path8, x_test[:64].numpy()):.3f}"])
+                        export_row(f"fxquant {label}, int8_weights=True", path8, ort_session_accuracy(path8, x_test, y_test))
         print(f"[{name}] {label}: fxquant fixed bits", flush=True)
         r = _safe(lambda: run_fxquant(model, train, val, example, steps, w, a, learn_bits=False), errors,
                   f"fxquant fixed {label}")
@@ -381,12 +383,10 @@ def bench_dataset(name: str, data: Tuple[torch.Tensor, ...], make_model: Callabl
         if r is not None:
             acc = ort_session_accuracy(r["path"], x_test, y_test)
             add("onnxruntime quantize_static (PTQ)", label, acc, None)
-            exports.append([name, f"ORT quantize_static {label}", f"{acc:.2f}", f"{os.path.getsize(r['path']) / 1024:.1f}",
-                            f"{ort_latency_ms(r['path'], x_test[:64].numpy()):.3f}"])
+            export_row(f"ORT quantize_static {label}", r["path"], acc)
     float_path = os.path.join(tmp, "float.onnx")
     if os.path.exists(float_path):
-        exports.append([name, "float32 ONNX", f"{fp:.2f}", f"{os.path.getsize(float_path) / 1024:.1f}",
-                        f"{ort_latency_ms(float_path, x_test[:64].numpy()):.3f}"])
+        export_row("float32 ONNX", float_path, fp)
         os.remove(float_path)
 
     print(f"[{name}] mixed precision: DiffQ then fxquant at the same size", flush=True)

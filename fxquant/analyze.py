@@ -144,6 +144,7 @@ _SCALED_FUNCTIONS: Set[Any] = {
 _CLAMP_FUNCTIONS: Set[Any] = {
     F.hardtanh, torch.clamp, torch.clip, aten.hardtanh.default, aten.clamp.default, aten.clip.default,
 }
+_CLAMP_METHODS: Set[str] = {"clamp", "clamp_", "clip"}
 _JOIN_METHODS: Set[str] = {"add", "add_"}
 
 
@@ -376,7 +377,7 @@ def _is_nonnegative(gm: fx.GraphModule, node: fx.Node, memo: Dict[str, bool]) ->
         method = str(node.target)
         if method in _NONNEG_METHODS:
             result = True
-        elif method in ("clamp", "clamp_", "clip"):
+        elif method in _CLAMP_METHODS:
             low = node.kwargs.get("min", node.args[1] if len(node.args) > 1 else None)
             result = (isinstance(low, (int, float)) and low >= 0) or all_inputs_nonneg()
         elif method in _PASS_METHODS:
@@ -585,9 +586,8 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
 
 
 _FUSED_ACTIVATIONS: Set[Any] = {
-    F.relu, torch.relu, F.relu6, F.hardtanh, torch.clamp, torch.clip, aten.relu.default, aten.relu_.default,
-    aten.relu6.default, aten.hardtanh.default, aten.clamp.default, aten.clip.default,
-}
+    F.relu, torch.relu, F.relu6, aten.relu.default, aten.relu_.default, aten.relu6.default,
+} | _CLAMP_FUNCTIONS
 _LAYOUT_FUNCTIONS: Set[Any] = {
     torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
     aten.view.default, aten.reshape.default, aten.flatten.using_ints, aten.permute.default, aten.transpose.int,
@@ -601,7 +601,7 @@ def _is_fused_activation(node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in _FUSED_ACTIVATIONS
     if node.op == "call_method":
-        return str(node.target) in ("relu", "relu_", "clamp", "clamp_", "clip")
+        return str(node.target) in {"relu", "relu_"} | _CLAMP_METHODS
     if node.op == "call_module":
         return isinstance(node.graph.owning_module.get_submodule(str(node.target)), (nn.ReLU, nn.ReLU6, nn.Hardtanh))
     return False
@@ -614,12 +614,18 @@ def _is_layout(node: fx.Node) -> bool:
     return node.op == "call_method" and str(node.target) in _LAYOUT_METHODS
 
 
+def _through_layout(node: fx.Node) -> fx.Node:
+    """The end of the chain of single-reader shape-only ops that starts after `node` (`node` if none)."""
+    while len(node.users) == 1 and _is_layout(next(iter(node.users))):
+        node = next(iter(node.users))
+    return node
+
+
 def _quantized_after_layout(node: fx.Node, consumers_of: Dict[str, List[Tuple[str, QuantSpec]]]) -> bool:
     """`node` starts a chain of single-reader shape-only ops whose result is quantized for all its readers."""
     if not _is_layout(node):
         return False
-    while len(node.users) == 1 and _is_layout(next(iter(node.users))):
-        node = next(iter(node.users))
+    node = _through_layout(node)
     served = {c for c, _ in consumers_of.get(node.name, [])}
     return bool(node.users) and all(r.name in served for r in node.users)
 
@@ -649,8 +655,7 @@ def _add_output_points(
         out = node
         if len(out.users) == 1 and _is_fused_activation(next(iter(out.users))):
             out = next(iter(out.users))
-        while len(out.users) == 1 and _is_layout(next(iter(out.users))):
-            out = next(iter(out.users))
+        out = _through_layout(out)
         readers = list(out.users)
         if not readers or any(r.op == "output" for r in readers):
             continue

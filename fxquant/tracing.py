@@ -183,23 +183,30 @@ def symbolic_trace_with_leaves(
 
 
 @contextlib.contextmanager
-def _quiet_torch_logs() -> Iterator[None]:
+def silenced(logger_names: Sequence[str], level: int, stream: str) -> Iterator[None]:
+    """Within the block: the named loggers at `level` or above only, warnings ignored, and `stream`
+    (`"stdout"` or `"stderr"`) swallowed; logger levels are restored afterwards. Errors still raise."""
+    loggers = [logging.getLogger(n) for n in logger_names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    redirect = contextlib.redirect_stdout if stream == "stdout" else contextlib.redirect_stderr
+    try:
+        with warnings.catch_warnings(), redirect(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def _quiet_torch_logs() -> contextlib.AbstractContextManager[None]:
     """Silence torch.export's warnings, log lines and failure graph dumps (printed to stderr).
 
     The failure itself is reported in the `CaptureError`; the dumps would bury it.
     """
     names = ["torch"] + [n for n in logging.root.manager.loggerDict if n.startswith("torch.")]
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    return silenced(names, logging.CRITICAL, "stderr")
 
 
 def _batch_dynamic_shapes(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:

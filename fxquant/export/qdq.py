@@ -32,7 +32,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import copy
-import io
 import json
 import logging
 import math
@@ -54,7 +53,7 @@ from fxquant.errors import ExportError, PrepareError, StateError
 from fxquant.export.ops import TORCH_STORABLE, translation_table
 from fxquant.passes.insert import QUANTIZERS_ATTR
 from fxquant.quantizer import FrozenActivationQuantizer, FrozenBias, FrozenWeight
-from fxquant.tracing import normalize_inputs
+from fxquant.tracing import normalize_inputs, silenced
 
 T = onnx.TensorProto
 MIN_EXPORTER_OPSET = 18
@@ -512,20 +511,9 @@ def export_onnx(
     return model
 
 
-@contextlib.contextmanager
-def _quiet():  # noqa: ANN202
-    """Silence the exporter's progress prints and logs (errors still raise)."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript", "torch._export")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
+def _quiet() -> contextlib.AbstractContextManager[None]:
+    """Silence the exporter's progress prints (stdout), warnings and logs below ERROR (errors still raise)."""
+    return silenced(("torch.onnx", "torch.export", "onnxscript", "torch._export"), logging.ERROR, "stdout")
 
 
 def integer_initializer_bytes(model: onnx.ModelProto) -> int:
