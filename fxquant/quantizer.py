@@ -80,22 +80,75 @@ def dequantize_codes(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
     return (q.to(scale.dtype) - zero_point) * scale
 
 
-def rounding_residual_with_dither(u: Tensor, step: Tensor) -> Tensor:
-    """`step * (round(u) - u)` with GDNSQ's dithered gradient w.r.t. the step.
+DITHER_EXACT_BELOW = 64
+"""Groups with fewer elements draw the dither's random signs one by one; larger groups draw their sum."""
 
-    Forward: `step * (round(u) - u)`. Backward: no gradient to `u` (straight-through: the caller adds
-    the identity path), and `d/dstep = (round(u) - u) + r / sqrt(3)` with `r` drawn i.i.d. from
-    {-1/2, +1/2}: the dither whose variance (1/12) matches uniform rounding noise.
+
+def reduce_to_shape(t: Tensor, shape: torch.Size) -> Tensor:
+    """Sum `t` over the axes where `shape` (broadcastable to `t`) has size 1: the gradient of a broadcast."""
+    if t.shape == shape:
+        return t
+    lead = t.dim() - len(shape)
+    dims = list(range(lead)) + [lead + i for i, n in enumerate(shape) if n == 1 and t.shape[lead + i] != 1]
+    out = t.sum(dim=dims, keepdim=True) if dims else t
+    return out.reshape(shape)
+
+
+def dither_of_groups(grad_in: Tensor, shape: torch.Size) -> Tensor:
+    """GDNSQ's dither term of the step gradient, `sum_i g_i r_i / sqrt(3)` per group, `r_i` i.i.d. in {-1/2, 1/2}.
+
+    `grad_in` is the upstream gradient inside the clamps (zero outside). For groups of at least
+    `DITHER_EXACT_BELOW` elements the sum of independent signs is drawn from its Gaussian limit with the exact
+    variance `sum_i g_i^2 / 12` (one random number per group instead of one per element: the per-element draw
+    was 12% of a fine-tuning step); smaller groups draw every sign.
     """
-    residual = (torch.round(u) - u).detach()
-    r = (torch.randint(0, 2, u.shape, device=u.device) - 0.5).to(u.dtype)
-    dither = r / math.sqrt(3.0)
-    return step * residual + (step - step.detach()) * dither
+    numel_per_group = grad_in.numel() // max(math.prod(shape), 1)
+    if numel_per_group < DITHER_EXACT_BELOW:
+        r = torch.randint(0, 2, grad_in.shape, device=grad_in.device).to(grad_in.dtype) - 0.5
+        return reduce_to_shape(grad_in * r, shape) / math.sqrt(3.0)
+    variance = reduce_to_shape(grad_in * grad_in, shape) / 12.0
+    return torch.randn(shape, device=grad_in.device, dtype=grad_in.dtype) * variance.sqrt()
 
 
-def rounding_residual_ste(u: Tensor, step: Tensor) -> Tensor:
-    """`step * (round(u) - u)` with the plain STE gradient `d/dstep = round(u) - u`."""
-    return step * (torch.round(u) - u).detach()
+class _RoundClamp(torch.autograd.Function):
+    """`y = step * round(clamp(x, lo, hi) / step)` with straight-through gradients, in one autograd node.
+
+    `lo` and `hi` lie on the grid of `step`. Gradients (algorithms.md section 1):
+    `dy/dx = 1` inside `[lo, hi]`, 0 outside; `dy/dstep = round(u) - u` inside (`u = x / step`), plus GDNSQ's
+    dither when `dither` is set; `dy/dlo = 1` below `lo`, `dy/dhi = 1` above `hi`. Each is reduced to its
+    parameter's (broadcast) shape here, so the graph holds one node per quantizer instead of a dozen
+    element-wise ops.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, step: Tensor, lo: Tensor, hi: Tensor, dither: bool) -> Tensor:  # noqa: ANN001
+        u = torch.clamp(x, lo, hi) / step
+        q = torch.round(u)
+        ctx.save_for_backward(x, q - u, lo, hi)
+        ctx.step_shape, ctx.dither = step.shape, dither
+        return q * step
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
+        x, residual, lo, hi = ctx.saved_tensors
+        above, below = x > hi, x < lo
+        grad_hi = reduce_to_shape(grad * above, hi.shape) if ctx.needs_input_grad[3] else None
+        grad_lo = reduce_to_shape(grad * below, lo.shape) if ctx.needs_input_grad[2] else None
+        grad_in = grad.masked_fill(above | below, 0.0)
+        grad_step = None
+        if ctx.needs_input_grad[1]:
+            grad_step = reduce_to_shape(grad * residual, ctx.step_shape)
+            if ctx.dither:
+                grad_step = grad_step + dither_of_groups(grad_in, ctx.step_shape)
+        return grad_in, grad_step, grad_lo, grad_hi, None
+
+
+def round_clamp(x: Tensor, step: Tensor, lo: Tensor, hi: Tensor, dither: bool = False) -> Tensor:
+    """Hard rounding to the grid of `step` inside `[lo, hi]` with STE (optionally dithered) gradients.
+
+    `lo`, `hi` and `step` broadcast against `x`; `lo` and `hi` must lie on the grid. See `_RoundClamp`.
+    """
+    return _RoundClamp.apply(x, step, lo, hi, dither)
 
 
 def pseudo_quantization_noise(x: Tensor, step: Tensor, distribution: str) -> Tensor:
@@ -105,6 +158,72 @@ def pseudo_quantization_noise(x: Tensor, step: Tensor, distribution: str) -> Ten
     else:
         eps = torch.randn_like(x) * 0.5
     return step * eps
+
+
+class Estimator:
+    """How a learnable quantizer computes values and gradients in training mode (eval is always exact).
+
+    An estimator holds no state that a checkpoint needs: the same trained quantizer can be fine-tuned
+    further with another one (`fxq.finetune(..., mode=...)`).
+    """
+
+    name: str = ""
+    rounds: bool = True
+    """Whether it trains on hard rounding at integer bits `round(b)` (else on the continuous `b`)."""
+
+    def quantize(self, x: Tensor, step: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        """Training-mode value of `x` on the grid `step` between the on-grid clamps `lo <= hi`."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class SteEstimator(Estimator):
+    """LSQ-style: hard rounding forward, straight-through backward (`d/dstep = round(u) - u`)."""
+
+    name = "ste"
+
+    def quantize(self, x: Tensor, step: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        return round_clamp(x, step, lo, hi, dither=False)
+
+
+class DitherEstimator(Estimator):
+    """GDNSQ: hard rounding forward; the step's straight-through gradient carries a random dither."""
+
+    name = "dither"
+
+    def quantize(self, x: Tensor, step: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        return round_clamp(x, step, lo, hi, dither=True)
+
+
+class NoiseEstimator(Estimator):
+    """DiffQ: no rounding; `clamp(x) + step * eps` so gradients reach `x`, the clamps and the bits exactly."""
+
+    name = "noise"
+    rounds = False
+
+    def __init__(self, distribution: str = "uniform") -> None:
+        self.distribution = distribution
+
+    def quantize(self, x: Tensor, step: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        x_c = torch.minimum(torch.maximum(x, lo), hi)
+        return x_c + pseudo_quantization_noise(x_c, step, self.distribution)
+
+    def __repr__(self) -> str:
+        return f"NoiseEstimator({self.distribution!r})"
+
+
+ESTIMATORS = {"dither": DitherEstimator, "ste": SteEstimator, "noise": NoiseEstimator}
+"""The training estimators by the name `QuantConfig(mode=...)` and `finetune(mode=...)` use."""
+
+
+def make_estimator(mode: str, noise: str = "uniform") -> Estimator:
+    """The estimator called `mode` (`"dither"`, `"ste"` or `"noise"` with DiffQ's `noise` distribution)."""
+    if mode not in ESTIMATORS:
+        raise ConfigError(f"mode={mode!r} is unknown; expected one of {tuple(ESTIMATORS)} "
+                          "('dither' = GDNSQ, 'noise' = DiffQ, 'ste' = LSQ-style).")
+    return NoiseEstimator(noise) if mode == "noise" else ESTIMATORS[mode]()
 
 
 def bits_storage_bytes(numel: int, bits: float) -> float:
@@ -227,8 +346,8 @@ class LearnableQuantizer(nn.Module):
         self.per_group_bits = per_group_bits
         self.learn_bits = learn_bits
         self.learn_clamps = learn_clamps
-        self.mode = mode
         self.noise = noise
+        self.estimator: Estimator = make_estimator(mode, noise)
         self.symmetric = symmetric
         self.nonnegative = nonnegative and not symmetric
         self.served = tuple(served)
@@ -253,6 +372,15 @@ class LearnableQuantizer(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("observed_min", torch.full(self.param_shape, math.inf))
         self.register_buffer("observed_max", torch.full(self.param_shape, -math.inf))
+
+    @property
+    def mode(self) -> str:
+        """The training estimator's name (`"dither"`, `"ste"`, `"noise"`); assigning it swaps the estimator."""
+        return self.estimator.name
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        self.estimator = make_estimator(value, self.noise)
 
     # ---- bits -------------------------------------------------------------------------------------
 
@@ -397,34 +525,32 @@ class LearnableQuantizer(nn.Module):
         return self._eval_forward(x)
 
     def _train_forward(self, x: Tensor) -> Tensor:
-        # Rounding modes train on the integer-bit grid that eval and freeze use (`round(b)` forward,
+        # Rounding estimators train on the integer-bit grid that eval and freeze use (`round(b)` forward,
         # straight-through to `b`): continuous bits would train weights for a grid the frozen model never
-        # has (measured: W4A4 Fashion-MNIST 77.8% -> 81.5% over three seeds). Noise mode is DiffQ's
-        # relaxation: its noise scale follows the continuous `b`.
-        bits = self.bits() if self.mode == "noise" else round_ste(self.bits())
-        step = expand_groups(self._step(bits), self.block_axis, self.group_size)
+        # has. The noise estimator is DiffQ's relaxation: its noise scale follows the continuous `b`.
+        estimator = self.estimator
+        bits = round_ste(self.bits()) if estimator.rounds else self.bits()
+        levels = self._levels(bits)
         lo, hi = self.clamp_bounds()
-        lo = expand_groups(lo, self.block_axis, self.group_size)
-        hi = expand_groups(hi, self.block_axis, self.group_size)
-        if self.mode == "ste":
-            numel = max(x.numel() // max(step.numel(), 1), 1)
-            qmax = float(2 ** (self.max_bits - (1 if self.symmetric else 0)))
-            step = grad_scale(step, 1.0 / math.sqrt(numel * qmax))
+        if estimator.rounds:
+            # LSQ's gradient scale on every clamp parameter alike (the step's and the clip's gradients keep
+            # their ratio; scaling only the step's part turned the clamps' gradient direction by 70-80
+            # degrees and stalled W2A2 training)
+            numel = max(x.numel() // max(math.prod(self.param_shape), 1), 1)
+            scale = 1.0 / math.sqrt(numel * float(2 ** (self.max_bits - (1 if self.symmetric else 0))))
+            hi = grad_scale(hi, scale)
+            lo = grad_scale(lo, scale)
         if self.symmetric:
-            x_c = torch.minimum(torch.maximum(x, -hi), hi)
-            u = x_c / step
+            step = torch.clamp(hi / levels, min=MIN_STEP)
+            lo_grid, hi_grid = -step * levels, step * levels
         else:
-            # The zero point lives on the integer grid in training too (straight-through rounding).
+            step = torch.clamp((hi - lo) / levels, min=MIN_STEP)
+            # the zero point lives on the integer grid in training too (straight-through rounding)
             zero_point = round_ste(-lo / step)
             lo_grid = -zero_point * step
-            hi_grid = lo_grid + (hi - lo)
-            x_c = torch.minimum(torch.maximum(x, lo_grid), hi_grid)
-            u = x_c / step + zero_point
-        if self.mode == "noise":
-            return x_c + pseudo_quantization_noise(x_c, step, self.noise)
-        if self.mode == "dither":
-            return x_c + rounding_residual_with_dither(u, step)
-        return x_c + rounding_residual_ste(u, step)
+            hi_grid = lo_grid + step * levels
+        expand = lambda t: expand_groups(t, self.block_axis, self.group_size)  # noqa: E731
+        return estimator.quantize(x, expand(step), expand(lo_grid), expand(hi_grid))
 
     def _eval_forward(self, x: Tensor) -> Tensor:
         p = self.integer_params()

@@ -71,18 +71,50 @@ def test_bits_stay_in_bounds_and_come_back_from_the_edge() -> None:
 
 def test_dither_gradient_on_step_is_residual_plus_dither() -> None:
     torch.manual_seed(0)
-    from fxquant.quantizer import rounding_residual_with_dither
+    from fxquant.quantizer import round_clamp
 
-    u = torch.tensor([0.2, 0.7, -1.4, 3.5])
+    x = torch.tensor([0.1, 0.35, -0.7, 1.75, 3.0])
     step = torch.tensor(0.5, requires_grad=True)
-    out = rounding_residual_with_dither(u, step)
-    assert torch.allclose(out, 0.5 * (torch.round(u) - u))
+    lo, hi = torch.tensor(-1.0), torch.tensor(1.5)
+    out = round_clamp(x, step, lo, hi, dither=True)
+    assert torch.equal(out, torch.tensor([0.0, 0.5, -0.5, 1.5, 1.5]))
     out.sum().backward()
-    residual = (torch.round(u) - u).sum()
-    dither = float(step.grad) - float(residual)
-    # four draws of +-0.5/sqrt(3): the sum is a multiple of 1/sqrt(3) within +-2/sqrt(3)
-    k = dither * (3 ** 0.5)
-    assert abs(k - round(k)) < 1e-5 and abs(k) <= 2 + 1e-5
+    u = x[:3] / 0.5  # the elements inside the clamps
+    residual = float((torch.round(u) - u).sum())
+    dither = float(step.grad) - residual
+    # three draws of +-0.5/sqrt(3) (small group: every sign drawn): an odd multiple of 0.5/sqrt(3)
+    k = dither * (3**0.5) / 0.5
+    assert abs(k - round(k)) < 1e-4 and round(k) in (-3, -1, 1, 3)
+
+
+def test_round_clamp_gradients_match_lsq_autograd_reference() -> None:
+    """The fused STE node equals LSQ's textbook formula written with plain autograd ops."""
+    from fxquant.quantizer import round_clamp
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, requires_grad=True)
+    step = torch.full((4, 1), 0.3, requires_grad=True)
+    levels = 3.0
+    y = round_clamp(x, step, -step * levels, step * levels)
+    g = torch.randn(4, 6)
+    (y * g).sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    s2 = step.detach().clone().requires_grad_(True)
+    v = torch.clamp(x2 / s2, -levels, levels)
+    y2 = (v + (torch.round(v) - v).detach()) * s2
+    (y2 * g).sum().backward()
+    assert torch.equal(y, y2)
+    assert torch.allclose(x.grad, x2.grad) and torch.allclose(step.grad, s2.grad, atol=1e-6)
+
+
+def test_large_groups_draw_the_dither_sum_with_its_exact_variance() -> None:
+    from fxquant.quantizer import dither_of_groups
+
+    torch.manual_seed(0)
+    g = torch.randn(3, 4096)
+    draws = torch.stack([dither_of_groups(g, torch.Size([3, 1])) for _ in range(2000)])
+    expected = (g * g).sum(1) / 12.0
+    assert torch.allclose(draws.var(0).reshape(-1), expected, rtol=0.1)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

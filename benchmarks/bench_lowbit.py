@@ -1,0 +1,150 @@
+"""Low-bit accuracy of fxquant against a plain LSQ on a good Fashion-MNIST ResNet; writes BENCHMARKS-lowbit.
+
+The float model is `fashion_setup.FashionResNet20` (~147k parameters, BatchNorm after every conv, >= 92.5%
+top-1, trained here and cached outside git). Every method fine-tunes it for the same number of steps on
+the same seeded batches (batch 128), Adam lr 1e-3:
+
+- `lsq`: the independent plain LSQ of `plain_lsq.py` (BN kept, cross-entropy on the labels, cosine LR);
+- `fxquant`: `prepare -> calibrate (2 batches = 256 images) -> finetune(teacher=float model)` with defaults:
+  `learned` starts at 8 bits and descends to the target with the exterior penalty, `fixed` trains at the
+  target bits from the start;
+- two conventions: every layer quantized (`all`), or the first conv and the last linear at 8 bits (`fl8`).
+
+Each run appends one JSON line to `--out` (default `benchmarks/results/lowbit.jsonl`), so an interrupted
+sweep keeps what finished; `--table` prints the Markdown tables (mean +- std over seeds) from that file.
+
+Run: `python benchmarks/bench_lowbit.py --bits 2,4 --seeds 0,1,2` then `python benchmarks/bench_lowbit.py --table`.
+Variants for ablations: `--variant key=value,...` passes QuantConfig / finetune options (see `VARIANT_KEYS`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fxquant as fxq  # noqa: E402
+from fashion_setup import accuracy, finetune_batches, load_fashion_mnist, train_float  # noqa: E402
+from plain_lsq import lsq_model, train_lsq  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "lowbit.jsonl")
+VARIANT_KEYS = ("mode", "quantize_joins", "quantize_outputs", "calib_method", "schedule_lr", "loss")
+
+
+def run_lsq(model: torch.nn.Module, bits: int, convention: str, seed: int, steps: int) -> Dict[str, Any]:
+    torch.manual_seed(seed)
+    batches = finetune_batches(steps, 128, seed)
+    qmodel = lsq_model(model, bits, bits, first_last_bits=8 if convention == "fl8" else None)
+    t0 = time.perf_counter()
+    train_lsq(qmodel, batches, steps, calib=torch.cat([b[0] for b in batches[:2]]))
+    return {"seconds": time.perf_counter() - t0, "model": qmodel}
+
+
+def run_fxquant(model: torch.nn.Module, bits: int, convention: str, seed: int, steps: int, learned: bool,
+                variant: Dict[str, str]) -> Dict[str, Any]:
+    torch.manual_seed(seed)
+    batches = finetune_batches(steps, 128, seed)
+    if learned:
+        spec = fxq.QuantSpec(bits=8, min_bits=2, max_bits=8)
+    else:
+        spec = fxq.QuantSpec(bits=bits, min_bits=2, max_bits=8, learn_bits=False)
+    cfg_kwargs: Dict[str, Any] = {"weight": spec, "activation": spec,
+                                  "first_last_bits": 8 if convention == "fl8" else None}
+    for key in ("mode",):
+        if key in variant:
+            cfg_kwargs[key] = variant[key]
+    for key in ("quantize_joins", "quantize_outputs"):
+        if key in variant:
+            cfg_kwargs[key] = variant[key] == "1"
+    cfg = fxq.QuantConfig(**cfg_kwargs)
+    qm = fxq.prepare(model, batches[0][0][:8], cfg)
+    t0 = time.perf_counter()
+    fxq.calibrate(qm, [b[0] for b in batches[:2]], num_batches=2, method=variant.get("calib_method", "minmax"))
+    kwargs: Dict[str, Any] = {}
+    if "schedule_lr" in variant:
+        kwargs["schedule"] = fxq.Schedule(lr=float(variant["schedule_lr"]))
+    if variant.get("loss") == "ce":
+        kwargs["loss_fn"] = lambda out, y: F.cross_entropy(out, y)
+        teacher = None
+    else:
+        teacher = model
+    result = fxq.finetune(qm, batches, teacher=teacher, steps=steps, target_bits=bits if learned else None,
+                          progress=False, **kwargs)
+    return {"seconds": time.perf_counter() - t0, "model": qm, "met": result.met_target,
+            "best_step": result.best_step}
+
+
+def parse_variant(text: str) -> Dict[str, str]:
+    out: Dict[str, str] = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in VARIANT_KEYS:
+            raise SystemExit(f"--variant key {key!r} is unknown; known: {VARIANT_KEYS}")
+        out[key] = value
+    return out
+
+
+def table(path: str) -> str:
+    rows: Dict[tuple, List[float]] = defaultdict(list)
+    for line in open(path):
+        r = json.loads(line)
+        rows[(r["method"], r.get("variant", ""), r["convention"], r["bits"])].append(r["top1"])
+    out = ["| method | variant | layers | bits | top-1 % (mean +- std) | seeds |", "|---|---|---|---|---|---|"]
+    for (method, variant, conv, bits), accs in sorted(rows.items(), key=lambda kv: (kv[0][2], -kv[0][3], kv[0][0], kv[0][1])):
+        mean = sum(accs) / len(accs)
+        std = math.sqrt(sum((a - mean) ** 2 for a in accs) / max(len(accs) - 1, 1))
+        layers = "every layer" if conv == "all" else "first/last 8-bit"
+        out.append(f"| {method} | {variant or '-'} | {layers} | W{bits}A{bits} | {mean:.2f} +- {std:.2f} | {len(accs)} |")
+    return "\n".join(out)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bits", default="2,3,4,8")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--conventions", default="all,fl8")
+    parser.add_argument("--methods", default="lsq,fxquant-learned,fxquant-fixed")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--variant", default="")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--table", action="store_true", help="print the tables from --out and exit")
+    args = parser.parse_args(argv)
+    if args.table:
+        print(table(args.out))
+        return 0
+    torch.set_num_threads(args.threads)
+    variant = parse_variant(args.variant)
+    model, float_acc = train_float()
+    _, _, x_te, y_te = load_fashion_mnist()
+    print(f"float model: {float_acc:.2f}% top-1", flush=True)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    for bits in [int(b) for b in args.bits.split(",")]:
+        for convention in args.conventions.split(","):
+            for method in args.methods.split(","):
+                for seed in [int(s) for s in args.seeds.split(",")]:
+                    if method == "lsq":
+                        r = run_lsq(model, bits, convention, seed, args.steps)
+                    else:
+                        r = run_fxquant(model, bits, convention, seed, args.steps, method.endswith("learned"), variant)
+                    top1 = accuracy(r.pop("model"), x_te, y_te)
+                    record = {"method": method, "variant": args.variant if method != "lsq" else "",
+                              "convention": convention, "bits": bits, "seed": seed, "steps": args.steps,
+                              "top1": top1, "float_top1": float_acc, **r}
+                    print(json.dumps(record), flush=True)
+                    with open(args.out, "a") as fh:
+                        fh.write(json.dumps(record) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
