@@ -41,7 +41,7 @@ from fxquant.errors import ConfigError, FxQuantError, PrepareError, StateError
 from fxquant.losses import DISTILL_KINDS, distillation_loss, exterior_hinge, model_size_mb, output_leaves
 from fxquant.passes.insert import QUANTIZERS_ATTR
 from fxquant.preparation import module_state
-from fxquant.quantizer import KIND_ACTIVATION, KIND_WEIGHT, LearnableQuantizer, iter_learnable
+from fxquant.quantizer import KIND_ACTIVATION, KIND_WEIGHT, LearnableQuantizer, iter_learnable, make_estimator
 from fxquant.utils import quantizers_enabled
 
 PENALTIES = ("exterior", "size")
@@ -461,10 +461,28 @@ def _dry_run(
 # --------------------------------------------------------------------------------------------------
 
 
-def _param_groups(inner: nn.Module, schedule: Schedule, steps: int) -> List[Dict[str, Any]]:
-    """Weights, quantizer clamps and quantizer bits as separate groups (no weight decay on quantizers)."""
+def param_groups(
+    qm: nn.Module, schedule: Optional[Schedule] = None, steps: int = 300, *, learn_bits: bool = True
+) -> List[Dict[str, Any]]:
+    """The optimizer parameter groups `finetune` uses, for a training loop of one's own (as DiffQ's
+    `setup_optimizer`): model weights, quantizer clamps, quantizer bits.
+
+    Each group is a dict with `name` (`"weights"`, `"quantizer_clamps"`, `"quantizer_bits"`), `params`,
+    `lr`, `weight_decay` (never on quantizer parameters) and `betas` (`beta1 = Schedule.bits_beta1` for the
+    bits); empty groups are left out. After each `optimizer.step()`, call `fxq.project_quantizers(qm)`.
+
+    Args:
+        qm: a prepared module (or one wrapped by DistributedDataParallel).
+        schedule: learning rates (default `Schedule()`); `bits_lr` defaults to `3 / steps`.
+        steps: the step budget (sets the default bits learning rate).
+        learn_bits: include the bits group (False: bits stay fixed, as in fine-tuning without a target).
+
+    Example:
+        >>> opt = torch.optim.Adam(fxq.param_groups(qm))
+    """
+    schedule = schedule if schedule is not None else Schedule()
     weights, clamps, bits = [], [], []
-    for name, p in inner.named_parameters():
+    for name, p in _unwrap(qm).named_parameters():
         if not p.requires_grad:
             continue
         if name.startswith(QUANTIZERS_ATTR + "."):
@@ -477,10 +495,19 @@ def _param_groups(inner: nn.Module, schedule: Schedule, steps: int) -> List[Dict
          "betas": schedule.betas},
         {"name": "quantizer_clamps", "params": clamps, "lr": schedule.clamp_lr or schedule.lr, "weight_decay": 0.0,
          "betas": schedule.betas},
-        {"name": "quantizer_bits", "params": bits, "lr": bits_lr, "weight_decay": 0.0,
-         "betas": (schedule.bits_beta1, schedule.betas[1])},
     ]
+    if learn_bits:
+        groups.append({"name": "quantizer_bits", "params": bits, "lr": bits_lr, "weight_decay": 0.0,
+                       "betas": (schedule.bits_beta1, schedule.betas[1])})
     return [g for g in groups if g["params"]]
+
+
+@torch.no_grad()
+def project_quantizers(qm: nn.Module) -> None:
+    """Project every quantizer's parameters back into their domain (bits in bounds, `lo <= 0 <= hi`);
+    call after each optimizer step of a training loop of one's own."""
+    for _, q in iter_learnable(_unwrap(qm)):
+        q.project_bits_()
 
 
 def _snapshot(module: nn.Module) -> Dict[str, Tensor]:
@@ -576,6 +603,7 @@ def finetune(
     optimizer: Optional[OptimizerFactory] = None,
     grad_clip: Optional[float] = None,
     progress: bool = True,
+    mode: Optional[str] = None,
 ) -> FinetuneResult:
     """Fine-tune a prepared module's weights and quantizers in place; return what happened.
 
@@ -608,6 +636,9 @@ def finetune(
             `lambda groups: torch.optim.RAdam(groups)`. Groups carry `name`, `lr`, `weight_decay`, `betas`.
         grad_clip: clip the global gradient norm to this value.
         progress: show a tqdm progress bar (loss, average bits, whether the target is met).
+        mode: the training estimator for this run: `"dither"` (GDNSQ), `"ste"` (LSQ-style) or `"noise"`
+            (DiffQ); default: each quantizer's own (`QuantConfig(mode=...)`). Restored afterwards; a
+            checkpoint does not depend on it.
 
     Returns:
         A `FinetuneResult`; `qm` holds the chosen state (the best one that meets the target, or the last
@@ -651,6 +682,8 @@ def finetune(
         raise ConfigError(f"finetune size_lambda={size_lambda!r} must be positive with penalty='size', e.g. 1.0.")
     if teacher is None and loss_fn is None:
         raise ConfigError("finetune needs a teacher to distil from (teacher=model) or a task loss (loss_fn=...).")
+    if mode is not None:
+        make_estimator(mode)  # ConfigError for an unknown name
     bits = _Bits(inner, target)
     if not bits.weights and not bits.activations:
         raise StateError("finetune found no quantizers in qm; pass the module returned by fxq.prepare.")
@@ -665,6 +698,10 @@ def finetune(
     if teacher is not None:
         teacher.eval()
     was_training = inner.training
+    modes = [(q, q.mode) for q in bits.weights + bits.activations]
+    if mode is not None:
+        for q, _ in modes:
+            q.mode = mode
     try:
         _dry_run(inner, teacher, first, n_required, loss_fn)
         val_list = None
@@ -687,6 +724,8 @@ def finetune(
         )
     finally:
         inner.train(was_training)
+        for q, own in modes:
+            q.mode = own
         if teacher is not None:
             teacher.train(teacher_was_training)
 
@@ -698,7 +737,8 @@ def _train(
     optimizer_factory: Optional[OptimizerFactory], grad_clip: Optional[float], progress: bool, bits: _Bits,
     result: FinetuneResult,
 ) -> FinetuneResult:
-    groups = _param_groups(inner, schedule, steps)
+    # without a target (and no size penalty) nothing drives the bits: they stay where they are
+    groups = param_groups(inner, schedule, steps, learn_bits=target is not None or penalty == "size")
     base_lrs = [g["lr"] for g in groups]
     opt = optimizer_factory(groups) if optimizer_factory is not None else torch.optim.Adam(groups)
     params = [p for g in groups for p in g["params"]]

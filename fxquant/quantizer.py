@@ -160,6 +160,17 @@ def pseudo_quantization_noise(x: Tensor, step: Tensor, distribution: str) -> Ten
     return step * eps
 
 
+def _mean_over_ranks(t: Tensor) -> Tensor:
+    """`t` averaged over the ranks of a running torch.distributed job (itself otherwise)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
+
 class Estimator:
     """How a learnable quantizer computes values and gradients in training mode (eval is always exact).
 
@@ -266,17 +277,18 @@ def expand_groups(param: Tensor, block_axis: Optional[int], group_size: Optional
 def reduce_to_groups(
     x: Tensor, param_shape: Tuple[int, ...], block_axis: Optional[int], group_size: Optional[int], op: str
 ) -> Tensor:
-    """Reduce `x` (same shape as the quantized tensor) to the group shape with `op` in {"amax", "amin"}."""
+    """Reduce `x` (same shape as the quantized tensor) to the group shape with `op` in {"amax", "amin", "sum"}."""
+    reducers = {"amax": torch.amax, "amin": torch.amin, "sum": torch.sum}
+    reduce = reducers[op]
     if len(param_shape) == 0:
-        return x.amax() if op == "amax" else x.amin()
+        return reduce(x)
     if block_axis is not None and group_size is not None and group_size > 1:
         split = list(x.shape)
         split[block_axis : block_axis + 1] = [split[block_axis] // group_size, group_size]
-        x = x.reshape(split)
-        x = x.amax(dim=block_axis + 1) if op == "amax" else x.amin(dim=block_axis + 1)
+        x = reduce(x.reshape(split), dim=block_axis + 1)
     dims = [d for d, n in enumerate(param_shape) if n == 1 and x.shape[d] != 1]
     if dims:
-        x = x.amax(dim=dims, keepdim=True) if op == "amax" else x.amin(dim=dims, keepdim=True)
+        x = reduce(x, dim=dims, keepdim=True)
     return x
 
 
@@ -372,6 +384,9 @@ class LearnableQuantizer(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("observed_min", torch.full(self.param_shape, math.inf))
         self.register_buffer("observed_max", torch.full(self.param_shape, -math.inf))
+        # integer bits of the last training step (-1: none yet), for `follow_bits_`; not saved
+        self.register_buffer("trained_bits", torch.full((), -1.0), persistent=False)
+        self.follow_bits = True
 
     @property
     def mode(self) -> str:
@@ -435,6 +450,25 @@ class LearnableQuantizer(nn.Module):
         """Continuous step (differentiable), one per group."""
         return self._step(self.bits())
 
+    def _grid(self, lo: Tensor, hi: Tensor, bits: Tensor) -> Dict[str, Tensor]:
+        """Integer scale, zero point and code range of the clamps `lo <= 0 <= hi` at integer `bits`."""
+        levels = self._levels(bits)
+        if self.symmetric:
+            scale = torch.clamp(hi / levels, min=MIN_STEP)
+            qmin, zero_point = -levels, torch.zeros_like(scale)
+        else:
+            scale = torch.clamp((hi - lo) / levels, min=MIN_STEP)
+            qmin = torch.zeros_like(levels)
+            zero_point = torch.minimum(torch.clamp(torch.round(-lo / scale), 0.0, None), levels.expand_as(scale))
+        shape = scale.shape
+        return {
+            "bits": bits.expand(shape).clone(),
+            "scale": scale,
+            "zero_point": zero_point.expand(shape).clone(),
+            "qmin": qmin.expand(shape).clone(),
+            "qmax": levels.expand(shape).clone(),
+        }
+
     @torch.no_grad()
     def integer_params(self) -> Dict[str, Tensor]:
         """Eval/freeze parameters: integer bits, step, zero point and code range, per group.
@@ -442,26 +476,71 @@ class LearnableQuantizer(nn.Module):
         Returns a dict with `bits`, `scale`, `zero_point`, `qmin`, `qmax` (float tensors holding integers
         except `scale`), shaped like the group parameters (before block expansion).
         """
-        bits = self.integer_bits()
-        scale = self._step(bits)
-        if self.symmetric:
-            qmax = self._levels(bits)
-            qmin = -qmax
-            zero_point = torch.zeros_like(scale)
-        else:
-            lo, _ = self.clamp_bounds()
-            qmax = self._levels(bits)
-            qmin = torch.zeros_like(qmax)
-            zero_point = torch.clamp(torch.round(-lo / scale), 0.0, None)
-            zero_point = torch.minimum(zero_point, qmax.expand_as(zero_point))
-        shape = scale.shape
-        return {
-            "bits": bits.expand(shape).clone(),
-            "scale": scale,
-            "zero_point": zero_point.expand(shape).clone(),
-            "qmin": qmin.expand(shape).clone(),
-            "qmax": qmax.expand(shape).clone(),
-        }
+        lo, hi = self.clamp_bounds()
+        return self._grid(lo, hi, self.integer_bits())
+
+    @torch.no_grad()
+    def mse_clip_ratio(self, x: Tensor, bits: Tensor, ratios: int = 24) -> Tensor:
+        """Per group, the `r` in `(0.2, 1]` whose clamps `r * (lo, hi)` quantize `x` at integer `bits` with
+        the least squared error (`x`: the weight itself, or a sample of a per-tensor activation)."""
+        lo0, hi0 = self.clamp_bounds()
+        shape = self.param_shape
+        x = x.detach().to(hi0.dtype)
+        best_err: Optional[Tensor] = None
+        best_r = torch.ones(shape, dtype=hi0.dtype, device=hi0.device)
+        for r in torch.linspace(1.0, 0.2, ratios).tolist():
+            p = self._grid(lo0 * r, hi0 * r, bits)
+            y = fake_quantize(x, *(expand_groups(p[k], self.block_axis, self.group_size)
+                                   for k in ("scale", "zero_point", "qmin", "qmax")))
+            err = (y - x).pow(2)
+            err = (reduce_to_groups(err, shape, self.block_axis, self.group_size, "sum") if shape else err.sum())
+            err = err.reshape(shape)
+            if best_err is None:
+                best_err = err
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_r = torch.where(better, torch.full_like(best_r, r), best_r)
+        return best_r
+
+    @torch.no_grad()
+    def scale_clamps_(self, ratio: Tensor) -> None:
+        """Multiply the clamps by `ratio` (per group)."""
+        self.hi.mul_(ratio)
+        if isinstance(self.lo, nn.Parameter):
+            self.lo.mul_(ratio)
+
+    @torch.no_grad()
+    def fit_clamps_mse(self, x: Tensor, ratios: int = 24) -> None:
+        """Shrink the clamps per group to the clip of least squared error on `x` at the current integer bits
+        (initialisation for the grid trained on, algorithms.md section 4: min/max is near-optimal at 8 bits
+        and poor at 2-4)."""
+        self.scale_clamps_(self.mse_clip_ratio(x, self.integer_bits(), ratios))
+
+    @torch.no_grad()
+    def follow_bits_(self, x: Tensor) -> None:
+        """When the integer bits changed since the last training step, move the clamps with them.
+
+        The clamps are scaled by `c(new) / c(old)`, with `c(B)` the least-squared-error clip ratio of the
+        current `x` at `B` bits: a descent from 8 to 2 bits then lands on a grid fit for 2 bits while keeping
+        what the clamps learned. Under torch.distributed the ratio of an activation (seen on each rank's own
+        batch) is averaged over the ranks, so every rank keeps the same clamps.
+        """
+        bits = self.integer_bits().expand(self.param_shape) if self.param_shape else self.integer_bits()
+        last = self.trained_bits
+        if last.shape != bits.shape or bool((last < 0).any()):
+            self.trained_bits = bits.clone()
+            return
+        if torch.equal(last, bits):
+            return
+        sample = x.detach().flatten() if self.kind != KIND_WEIGHT else x.detach()
+        if sample.dim() == 1 and sample.numel() > 65536:
+            sample = sample[torch.randint(0, sample.numel(), (65536,), device=sample.device)]
+        ratio = self.mse_clip_ratio(sample, bits) / self.mse_clip_ratio(sample, last)
+        if self.kind != KIND_WEIGHT:
+            ratio = _mean_over_ranks(ratio)
+        self.scale_clamps_(ratio)
+        self.trained_bits = bits.clone()
 
     # ---- initialisation from data -----------------------------------------------------------------
 
@@ -529,6 +608,8 @@ class LearnableQuantizer(nn.Module):
         # straight-through to `b`): continuous bits would train weights for a grid the frozen model never
         # has. The noise estimator is DiffQ's relaxation: its noise scale follows the continuous `b`.
         estimator = self.estimator
+        if estimator.rounds and self.follow_bits and self.learn_bits:
+            self.follow_bits_(x)
         bits = round_ste(self.bits()) if estimator.rounds else self.bits()
         levels = self._levels(bits)
         lo, hi = self.clamp_bounds()

@@ -15,6 +15,7 @@ from conftest import MODEL_FACTORIES, make
 from torch import nn
 
 import fxquant as fxq
+import fxquant.quantizer
 from fxquant.errors import ConfigError, FxQuantError, PrepareError, StateError
 from fxquant.finetune import BitTarget, FinetuneWarning, Schedule
 from fxquant.losses import distillation_loss, exterior_hinge, jeffreys_divergence
@@ -166,7 +167,8 @@ def test_param_groups_separate_quantizers_without_weight_decay_and_custom_optimi
         return torch.optim.RAdam(groups)
 
     schedule = Schedule(weight_decay=0.01)
-    fxq.finetune(qm, batches, teacher=model, steps=5, optimizer=make_opt, schedule=schedule, progress=False)
+    fxq.finetune(qm, batches, teacher=model, steps=5, target_bits=6, optimizer=make_opt, schedule=schedule,
+                 progress=False)
     groups = {g["name"]: g for g in seen[0]}
     assert set(groups) == {"weights", "quantizer_clamps", "quantizer_bits"}
     assert groups["weights"]["weight_decay"] == 0.01
@@ -175,6 +177,31 @@ def test_param_groups_separate_quantizers_without_weight_decay_and_custom_optimi
     names = {id(p): n for n, p in qm.named_parameters()}
     assert all(names[id(p)].startswith("fxq_quantizers.") for p in groups["quantizer_bits"]["params"])
     assert not any(names[id(p)].startswith("fxq_quantizers.") for p in groups["weights"]["params"])
+
+
+def test_public_param_groups_and_bits_fixed_without_a_target() -> None:
+    model, qm, batches = _prepared()
+    groups = fxq.param_groups(qm)
+    assert [g["name"] for g in groups] == ["weights", "quantizer_clamps", "quantizer_bits"]
+    assert [g["name"] for g in fxq.param_groups(qm, learn_bits=False)] == ["weights", "quantizer_clamps"]
+    before = {n: p.detach().clone() for n, p in qm.named_parameters() if n.endswith("bits_param")}
+    fxq.finetune(qm, batches, teacher=model, steps=10, progress=False)  # no target: fixed-bit fine-tuning
+    after = {n: p.detach() for n, p in qm.named_parameters() if n.endswith("bits_param")}
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_mode_is_chosen_at_finetune_time_and_restored() -> None:
+    model, qm, batches = _prepared()
+    quantizers = [q for _, q in fxq.quantizer.iter_learnable(qm)]
+    own = {q.mode for q in quantizers}
+    seen = []
+    hook = quantizers[0].register_forward_pre_hook(lambda m, a: seen.append(m.mode) if m.training else None)
+    fxq.finetune(qm, batches, teacher=model, steps=3, mode="ste", progress=False)
+    hook.remove()
+    assert seen and set(seen) == {"ste"}
+    assert {q.mode for q in quantizers} == own
+    with pytest.raises(fxq.ConfigError, match="mode='lsq' is unknown"):
+        fxq.finetune(qm, batches, teacher=model, steps=3, mode="lsq", progress=False)
 
 
 def test_task_loss_alone_with_labelled_batches_and_val_selection() -> None:
