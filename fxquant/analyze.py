@@ -537,7 +537,7 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
         names = (node.name,)
         all_names.extend(names)
         matched, spec, _ = _match_override(config, names, used_overrides)
-        join_spec = (None if spec is None else _act_spec_from(spec)) if matched else config.activation
+        join_spec = (None if spec is None else _act_spec_from(spec)) if matched else _kernel_only(config, config.activation)
         for a in inputs:
             join_graph.add_edge(a.name, inputs[0].name)
             if config.quantize_joins and join_spec is not None:
@@ -563,7 +563,7 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
                 consumers_of.setdefault(producer, []).append((consumer, spec))
 
     if config.quantize_outputs:
-        _add_output_points(nodes, ops, consumers_of)
+        _add_output_points(nodes, ops, consumers_of, config)
 
     for node in nodes:
         info: Optional[TensorInfo] = None
@@ -637,15 +637,24 @@ on a GELU or softmax input costs more than it saves (measured: transformer block
 without)."""
 
 
+def _kernel_only(config: QuantConfig, spec: Optional[QuantSpec]) -> Optional[QuantSpec]:
+    """The spec of a quantizer that serves only integer kernels (join inputs, conv outputs): fixed at
+    `config.join_bits` (the width those kernels compute in), or `spec` itself when `join_bits` is None."""
+    if spec is None or config.join_bits is None:
+        return spec
+    return _fixed(spec, config.join_bits)
+
+
 def _add_output_points(
-    nodes: List[fx.Node], ops: Dict[str, QuantOp], consumers_of: Dict[str, List[Tuple[str, QuantSpec]]]
+    nodes: List[fx.Node], ops: Dict[str, QuantOp], consumers_of: Dict[str, List[Tuple[str, QuantSpec]]],
+    config: QuantConfig,
 ) -> None:
     """Quantize the output of each conv with quantized input for all its readers (`quantize_outputs`).
 
     The tensor is the op's output, followed through a ReLU/ReLU6/clamp that is its only reader and then
     through single-reader shape-only ops (runtimes fold the activation and move the QuantizeLinear across
-    reshapes). Readers already served keep their quantizer; the others get one with the op's input spec,
-    shared with a served reader of the same spec. Tensors the graph returns, and the inputs of ops kept
+    reshapes). Readers already served keep their quantizer; the others get one with the op's input spec
+    fixed at `config.join_bits` (`_kernel_only`). Tensors the graph returns, and the inputs of ops kept
     float (override `None`), stay float.
     """
     for node in nodes:
@@ -663,7 +672,9 @@ def _add_output_points(
         for reader in readers:
             kept_float = reader.name in ops and ops[reader.name].input_spec is None  # e.g. an override None
             if reader.name not in served and not kept_float and not _quantized_after_layout(reader, consumers_of):
-                consumers_of.setdefault(out.name, []).append((reader.name, op.input_spec))
+                spec = _kernel_only(config, op.input_spec)
+                assert spec is not None
+                consumers_of.setdefault(out.name, []).append((reader.name, spec))
 
 
 def _check_group_size(gm: fx.GraphModule, node: fx.Node, op: QuantOp, spec: QuantSpec) -> None:

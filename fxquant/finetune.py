@@ -365,6 +365,77 @@ class _Bits:
 
 
 # --------------------------------------------------------------------------------------------------
+# Schedule and penalties as objects.
+# --------------------------------------------------------------------------------------------------
+
+
+class LrFactor:
+    """The LR multiplier of `Schedule` for `torch.optim.lr_scheduler.LambdaLR`: linear warm-up, constant
+    until `decay_from` (set by `start_decay` when the target is met; half the budget without a target), then
+    exponential decay to `final_lr_ratio` at the last step."""
+
+    def __init__(self, schedule: Schedule, steps: int, has_target: bool) -> None:
+        self.steps, self.final = steps, schedule.final_lr_ratio
+        self.warm_steps = max(1, round(schedule.warmup * steps))
+        self.decay_from: Optional[int] = None
+        self.gamma = 1.0
+        if not has_target:
+            self.start_decay(steps // 2)
+
+    def start_decay(self, step: int) -> None:
+        """Decay from `step` on (once)."""
+        if self.decay_from is None:
+            self.decay_from = step
+            self.gamma = self.final ** (1.0 / max(self.steps - step, 1))
+
+    def __call__(self, done: int) -> float:
+        step = done + 1  # LambdaLR counts finished steps; the factor is for the step about to run
+        factor = min(1.0, step / self.warm_steps)
+        if self.decay_from is not None and step > self.decay_from:
+            factor *= self.gamma ** (step - self.decay_from)
+        return factor
+
+
+class ExteriorPenalty:
+    """GDNSQ's exterior-point penalty: `t * mean_loss * hinge(bits, target)`, with `t` zero until
+    `penalty_start` and then growing linearly to `penalty_growth` at the end of the budget, and `mean_loss`
+    a running mean of the base loss (the penalty keeps its weight relative to the base loss)."""
+
+    def __init__(self, schedule: Schedule, steps: int) -> None:
+        start = schedule.penalty_start if schedule.penalty_start is not None else schedule.warmup
+        self.start, self.steps = round(start * steps), steps
+        self.growth, self.momentum = schedule.penalty_growth, schedule.loss_momentum
+        self.loss_mean, self.loss_weight = 0.0, 0.0
+
+    def coefficient(self, step: int) -> float:
+        return self.growth * max(0, step - self.start) / self.steps
+
+    def __call__(self, bits: "_Bits", base: Tensor, step: int) -> Tuple[Tensor, int]:
+        """`(penalty, active constraints)` for this step; `base` is the (finite) base loss."""
+        value = float(base.detach())
+        self.loss_mean = self.momentum * self.loss_mean + (1 - self.momentum) * value
+        self.loss_weight = self.momentum * self.loss_weight + (1 - self.momentum)
+        cons = bits.constraints()
+        if cons is None:
+            return base.new_zeros(()), 0
+        hinge, active = exterior_hinge(*cons)
+        return self.coefficient(step) * (self.loss_mean / self.loss_weight) * hinge, active
+
+
+class SizePenalty:
+    """DiffQ's size penalty `size_lambda * model size in MB` (only the quantized sizes carry gradient)."""
+
+    def __init__(self, size_lambda: float) -> None:
+        self.size_lambda = size_lambda
+
+    def coefficient(self, step: int) -> float:
+        return self.size_lambda
+
+    def __call__(self, bits: "_Bits", base: Tensor, step: int) -> Tuple[Tensor, int]:
+        return self.size_lambda * model_size_mb(bits.size_bits(), bits.float_numel), 0
+
+
+# --------------------------------------------------------------------------------------------------
 # Checks before training.
 # --------------------------------------------------------------------------------------------------
 
@@ -739,7 +810,6 @@ def _train(
 ) -> FinetuneResult:
     # without a target (and no size penalty) nothing drives the bits: they stay where they are
     groups = param_groups(inner, schedule, steps, learn_bits=target is not None or penalty == "size")
-    base_lrs = [g["lr"] for g in groups]
     opt = optimizer_factory(groups) if optimizer_factory is not None else torch.optim.Adam(groups)
     params = [p for g in groups for p in g["params"]]
     quantizers = bits.weights + bits.activations
@@ -747,13 +817,13 @@ def _train(
     selector = _Selector(inner, teacher, val_list, n_required, distill, loss_fn)
     result.metric = selector.metric_name
 
-    warm_steps = max(1, round(schedule.warmup * steps))
-    start = round((schedule.penalty_start if schedule.penalty_start is not None else schedule.warmup) * steps)
-    decay_from: Optional[int] = None if target is not None else steps // 2
-    gamma = 1.0
-    if decay_from is not None:
-        gamma = schedule.final_lr_ratio ** (1.0 / max(steps - decay_from, 1))
-    loss_mean, loss_weight = 0.0, 0.0
+    lr_factor = LrFactor(schedule, steps, has_target=target is not None)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    penalty_term: Optional[Union[ExteriorPenalty, SizePenalty]] = None
+    if penalty == "exterior":
+        penalty_term = ExteriorPenalty(schedule, steps)
+    elif penalty == "size":
+        penalty_term = SizePenalty(size_lambda)
     good_state, good_opt = _snapshot(inner), copy.deepcopy(opt.state_dict())
     bad_in_a_row = 0
     show_every = max(1, steps // 100)
@@ -770,15 +840,7 @@ def _train(
                 warnings.warn(f"finetune stopped after {step - 1} steps: {e}", FinetuneWarning, stacklevel=3)
                 step -= 1
                 break
-            if decay_from is None and result.converged_step is not None:
-                decay_from = step - 1
-                gamma = schedule.final_lr_ratio ** (1.0 / max(steps - decay_from, 1))
-            factor = min(1.0, step / warm_steps)
-            if decay_from is not None and step > decay_from:
-                factor *= gamma ** (step - decay_from)
-            for g, lr in zip(opt.param_groups, base_lrs):
-                g["lr"] = lr * factor
-            coefficient = schedule.penalty_growth * max(0, step - start) / steps
+            coefficient = penalty_term.coefficient(step) if penalty_term is not None else 0.0
 
             outputs, labels = run_batch(qm, batch, n_required)
             base = outputs_loss = None
@@ -796,15 +858,8 @@ def _train(
             base_value = float(base.detach())
             finite = math.isfinite(base_value)
             if finite:
-                loss_mean = schedule.loss_momentum * loss_mean + (1 - schedule.loss_momentum) * base_value
-                loss_weight = schedule.loss_momentum * loss_weight + (1 - schedule.loss_momentum)
-                if penalty == "exterior":
-                    cons = bits.constraints()
-                    if cons is not None:
-                        hinge, active = exterior_hinge(*cons)
-                        pen = coefficient * (loss_mean / loss_weight) * hinge
-                elif penalty == "size":
-                    pen = size_lambda * model_size_mb(bits.size_bits(), bits.float_numel)
+                if penalty_term is not None:
+                    pen, active = penalty_term(bits, base, step)
                 loss = base + pen
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -846,6 +901,7 @@ def _train(
                 selector.window.append(base_value)
                 if result.converged_step is None and target is not None:
                     result.converged_step = step
+                    lr_factor.start_decay(step)
             elif finite:
                 selector.window.clear()
             if finite and step % eval_every == 0:
@@ -857,6 +913,7 @@ def _train(
                     loss=f"{base_value:.4g}", wbits=f"{stats['avg_weight_bits']:.2f}",
                     abits=f"{stats['avg_activation_bits']:.2f}", met=met, refresh=False,
                 )
+            lr_schedule.step()
             bar.update(1)
     except KeyboardInterrupt:
         result.interrupted = True

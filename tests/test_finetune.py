@@ -377,17 +377,22 @@ def test_config_objects_validate(make_bad, match: str) -> None:  # noqa: ANN001
 
 
 class DigitsCNN(nn.Module):
-    """~38k parameters: two 3x3 convs, a max-pool, two linears."""
+    """~40k parameters: a conv, a depthwise conv, a functional conv (`F.conv2d` on a parameter), a concat of
+    two branches, a max-pool, two linears."""
 
     def __init__(self) -> None:
         super().__init__()
         self.c1 = nn.Conv2d(1, 16, 3, padding=1)
-        self.c2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.pw_weight = nn.Parameter(torch.randn(16, 16, 1, 1) * 0.25)
+        self.c2 = nn.Conv2d(32, 32, 3, padding=1)
         self.fc1 = nn.Linear(512, 64)
         self.fc2 = nn.Linear(64, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.c1(x))
+        branch = F.relu(F.conv2d(F.relu(self.dw(x)), self.pw_weight))
+        x = torch.cat([x, branch], dim=1)
         x = F.max_pool2d(F.relu(self.c2(x)), 2)
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
