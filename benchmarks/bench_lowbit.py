@@ -116,6 +116,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--variant", default="")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--float-epochs", type=int, default=10, help="epochs of the float model (cached)")
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--table", action="store_true", help="print the tables from --out and exit")
     args = parser.parse_args(argv)
@@ -124,7 +125,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     variant = parse_variant(args.variant)
-    model, float_acc = train_float()
+    model, float_acc = train_float(epochs=args.float_epochs)
     _, _, x_te, y_te = load_fashion_mnist()
     print(f"float model: {float_acc:.2f}% top-1", flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -113,7 +113,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
     return 100.0 * correct / len(x)
 
 
-def train_float(epochs: int = 8, batch: int = 128, seed: int = 0, verbose: bool = True) -> Tuple[nn.Module, float]:
+def train_float(epochs: int = 10, batch: int = 128, seed: int = 0, verbose: bool = True) -> Tuple[nn.Module, float]:
     """The float model, from the cache when present; returns `(model in eval mode, test top-1 %)`."""
     path = os.path.join(CACHE_DIR, f"fashion_resnet20_e{epochs}_b{batch}_s{seed}.pt")
     x_tr, y_tr, x_te, y_te = load_fashion_mnist()

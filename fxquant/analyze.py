@@ -639,10 +639,11 @@ without)."""
 
 def _kernel_only(config: QuantConfig, spec: Optional[QuantSpec]) -> Optional[QuantSpec]:
     """The spec of a quantizer that serves only integer kernels (join inputs, conv outputs): fixed at
-    `config.join_bits` (the width those kernels compute in), or `spec` itself when `join_bits` is None."""
+    `config.join_bits` (the width those kernels compute in) or the spec's own initial bits if more, or `spec`
+    itself when `join_bits` is None."""
     if spec is None or config.join_bits is None:
         return spec
-    return _fixed(spec, config.join_bits)
+    return _fixed(spec, max(config.join_bits, spec.bits))
 
 
 def _add_output_points(

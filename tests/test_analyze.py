@@ -37,7 +37,8 @@ GOLDEN = {
         ["stem_weight", "conv1_weight", "conv2_weight", "branch_a_weight", "branch_b_weight", "head_weight"],
         {
             "act_x": (("stem",), False),
-            "act_relu": (("conv1", "add"), True),
+            "act_relu_to_add": (("add",), True),  # join_bits: the add's input stays at 8 bits
+            "act_relu": (("conv1",), True),
             "act_relu_1": (("conv2",), True),
             "act_conv2d_2": (("add",), False),
             "act_relu_2": (("branch_a", "branch_b"), True),

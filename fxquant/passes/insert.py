@@ -183,7 +183,9 @@ def _activation_quantizer(
         q.served = q.served + served
         return shared[key]
     nonneg = group_nonneg[key] if key is not None else point.nonnegative
-    name = _safe_name(f"act_{node.name}", container)
+    # a second quantizer of the same tensor (another spec, e.g. a join's 8 bits) is named after its reader
+    base = f"act_{node.name}" if f"act_{node.name}" not in container else f"act_{node.name}_to_{point.consumers[0]}"
+    name = _safe_name(base, container)
     container[name] = _make_quantizer(point.spec, config, KIND_ACTIVATION, shape, served, nonnegative=nonneg)
     if key is not None:
         shared[key] = name
