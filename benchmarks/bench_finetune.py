@@ -2,10 +2,12 @@
 
 Both loops do the same work per step: a teacher forward, a student forward and backward with the
 Jeffreys-divergence loss, one Adam step. The float loop trains a copy of the float model; `fxq.finetune`
-trains the prepared module (W4A4 target, exterior penalty) and also does its bookkeeping (penalty, bits
-statistics, candidate selection). Prints ms/step for each and the ratio.
+trains the prepared module (W4A4 target, exterior penalty, every estimator) and also does its bookkeeping
+(penalty, bits statistics, candidate selection). Prints ms/step for each and the ratio, measured in one
+run, for three models: the digits CNN, the Fashion-MNIST ResNet of `bench_lowbit.py` (~147k parameters)
+and a ResNet-18 (11M parameters, 32x32 inputs).
 
-Run: `python benchmarks/bench_finetune.py [--steps 100] [--batch 64] [--threads 1]`.
+Run: `python benchmarks/bench_finetune.py [--steps 30] [--threads 2] [--models digits,fashion,resnet18]`.
 """
 
 from __future__ import annotations
@@ -15,17 +17,65 @@ import copy
 import os
 import sys
 import time
+from typing import Callable, Dict, List, Tuple
 
 import torch
-
-import fxquant as fxq
-from fxquant.losses import distillation_loss
+import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fxquant as fxq  # noqa: E402
 from bench_modes_digits import digits_setup  # noqa: E402
+from fashion_setup import BasicBlock, FashionResNet20  # noqa: E402
+from fxquant.losses import distillation_loss  # noqa: E402
 
 
-def float_steps_ms(model: torch.nn.Module, batches: list, steps: int) -> float:
+class ResNet18(nn.Module):
+    """ResNet-18 (BasicBlocks [2, 2, 2, 2], widths 64..512) for 32x32 RGB inputs: 11.2M parameters."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(64)
+        layers: List[nn.Module] = []
+        cin = 64
+        for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers += [BasicBlock(cin, width, stride), BasicBlock(width, width, 1)]
+            cin = width
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(512, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(F.relu(self.bn(self.stem(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def _bn_stats(model: nn.Module, batches: List[torch.Tensor]) -> nn.Module:
+    """Give a random-weight model's BatchNorms real running statistics, then eval mode."""
+    model.train()
+    with torch.no_grad():
+        for x in batches[:4]:
+            model(x)
+    return model.eval()
+
+
+def setups(batch: int) -> Dict[str, Callable[[], Tuple[nn.Module, List[torch.Tensor]]]]:
+    def digits() -> Tuple[nn.Module, List[torch.Tensor]]:
+        model, batches, _, _ = digits_setup(batch)
+        return model, batches
+
+    def fashion() -> Tuple[nn.Module, List[torch.Tensor]]:
+        batches = [torch.rand(128, 1, 28, 28) for _ in range(8)]
+        return _bn_stats(FashionResNet20(), batches), batches
+
+    def resnet18() -> Tuple[nn.Module, List[torch.Tensor]]:
+        batches = [torch.randn(32, 3, 32, 32) for _ in range(8)]
+        return _bn_stats(ResNet18(), batches), batches
+
+    return {"digits": digits, "fashion": fashion, "resnet18": resnet18}
+
+
+def float_steps_ms(model: nn.Module, batches: List[torch.Tensor], steps: int) -> float:
     """ms per float distillation step (teacher forward, student forward/backward, Adam)."""
     student = copy.deepcopy(model).train()
     opt = torch.optim.Adam(student.parameters(), 1e-3)
@@ -41,10 +91,11 @@ def float_steps_ms(model: torch.nn.Module, batches: list, steps: int) -> float:
     return (time.perf_counter() - t0) * 1000.0 / steps
 
 
-def quant_steps_ms(model: torch.nn.Module, batches: list, steps: int, mode: str) -> float:
-    """ms per `fxq.finetune` step (W4A4, exterior penalty)."""
+def quant_steps_ms(model: nn.Module, batches: List[torch.Tensor], steps: int, mode: str) -> float:
+    """ms per `fxq.finetune` step (W4A4, exterior penalty), calibration excluded."""
     qm = fxq.prepare(model, batches[0][:8], fxq.QuantConfig(mode=mode))
-    fxq.calibrate(qm, batches[:4])
+    fxq.calibrate(qm, batches[:2], num_batches=2)
+    fxq.finetune(qm, batches, teacher=model, steps=2, target_bits=4, progress=False)  # warm-up
     t0 = time.perf_counter()
     fxq.finetune(qm, batches, teacher=model, steps=steps, target_bits=4, progress=False)
     return (time.perf_counter() - t0) * 1000.0 / steps
@@ -52,20 +103,27 @@ def quant_steps_ms(model: torch.nn.Module, batches: list, steps: int, mode: str)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=64, help="batch of the digits CNN")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", default="digits,fashion,resnet18")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, batches, _, _ = digits_setup(args.batch)
-    print(f"digits CNN ({sum(p.numel() for p in model.parameters())} params), batch {args.batch}, {args.steps} "
-          f"steps, {torch.get_num_threads()} thread(s), device cpu")
-    float_steps_ms(model, batches, 10)  # warm-up
-    fp = float_steps_ms(model, batches, args.steps)
-    print(f"{'float distillation':22} {fp:8.2f} ms/step")
-    for mode in ("dither", "noise", "ste"):
-        ms = quant_steps_ms(model, batches, args.steps, mode)
-        print(f"{'fxq.finetune ' + mode:22} {ms:8.2f} ms/step   ratio {ms / fp:5.2f}x")
+    torch.manual_seed(0)
+    print(f"{args.steps} steps, {torch.get_num_threads()} thread(s), device cpu")
+    print(f"| model | params | float ms/step | {' | '.join(f'{m} ms/step (ratio)' for m in fxq.quantizer.ESTIMATORS)} |")
+    print("|---|---|---|" + "---|" * len(fxq.quantizer.ESTIMATORS))
+    for name in args.models.split(","):
+        model, batches = setups(args.batch)[name]()
+        steps = max(5, args.steps // (6 if name == "resnet18" else 1))
+        float_steps_ms(model, batches, 2)  # warm-up
+        fp = float_steps_ms(model, batches, steps)
+        cells = []
+        for mode in fxq.quantizer.ESTIMATORS:
+            ms = quant_steps_ms(model, batches, steps, mode)
+            cells.append(f"{ms:.1f} ({ms / fp:.2f}x)")
+        params = sum(p.numel() for p in model.parameters())
+        print(f"| {name} | {params / 1e6:.2f}M | {fp:.1f} | {' | '.join(cells)} |", flush=True)
 
 
 if __name__ == "__main__":

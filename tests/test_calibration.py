@@ -26,6 +26,26 @@ def test_minmax_and_percentile_set_activation_clamps() -> None:
     assert float(qm.fxq_quantizers["fc2_weight"].bits()) == pytest.approx(6.0)
 
 
+def test_mse_calibration_fits_the_clamps_to_the_bits_trained_on() -> None:
+    """At 2 bits the least-squared-error clip beats min/max on both weights and activations."""
+    torch.manual_seed(0)
+    model, x = make("mlp")
+    spec = fxq.QuantSpec(bits=2, learn_bits=False)
+    batches = [torch.randn(64, 16) for _ in range(3)]
+    errors = {}
+    for method in ("minmax", "mse"):
+        qm = fxq.prepare(model, x, fxq.QuantConfig(weight=spec, activation=spec, first_last_bits=None))
+        fxq.calibrate(qm, batches, method=method)
+        qm.eval()
+        w_q = qm.fxq_quantizers["fc2_weight"]
+        a_q = qm.fxq_quantizers["act_x"]
+        w = qm.fc2.weight.detach()
+        xs = torch.cat(batches)
+        with torch.no_grad():
+            errors[method] = (float((w_q(w) - w).pow(2).sum()), float((a_q(xs) - xs).pow(2).sum()))
+    assert errors["mse"][0] < errors["minmax"][0] and errors["mse"][1] < errors["minmax"][1]
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

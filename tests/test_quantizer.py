@@ -192,3 +192,20 @@ def test_zero_point_snapped_to_the_grid_in_training() -> None:
     zp = round(-float(lo) / step)
     codes = y / step + zp
     assert torch.allclose(codes, torch.round(codes), atol=1e-4)
+
+
+def test_clamps_follow_a_change_of_integer_bits_in_training() -> None:
+    """When round(b) drops, the clamps shrink by the ratio of the least-squared-error clips of the two grids."""
+    torch.manual_seed(0)
+    w = torch.randn(6, 8)
+    q = weight_quantizer("ste", bits=8).train()
+    q.init_from_tensor(w)
+    q(w)  # records the integer bits trained on
+    hi_8 = q.hi.detach().clone()
+    expected = q.mse_clip_ratio(w, torch.tensor(2.0)) / q.mse_clip_ratio(w, torch.tensor(8.0))
+    q.set_bits(2)
+    q(w)
+    assert torch.allclose(q.hi.detach(), hi_8 * expected)
+    assert bool((q.hi.detach() < hi_8).all())
+    q(w)  # no change of bits: the clamps stay
+    assert torch.allclose(q.hi.detach(), hi_8 * expected)
