@@ -80,7 +80,7 @@ def run_fxquant(model: torch.nn.Module, bits: int, convention: str, seed: int, s
     result = fxq.finetune(qm, batches, teacher=teacher, steps=steps, target_bits=bits if learned else None,
                           progress=False, **kwargs)
     return {"seconds": time.perf_counter() - t0, "model": qm, "met": result.met_target,
-            "best_step": result.best_step}
+            "best_step": result.best_step, "converged_step": result.converged_step}
 
 
 def parse_variant(text: str) -> Dict[str, str]:

@@ -141,7 +141,7 @@ class QuantConfig:
             follow `activation` (learned, same target).
         integer_bias: in eval mode (and so in `freeze` and the exported ONNX), round the bias of each
             conv/linear with quantized input and per-channel weight to the int32 grid `s_x * s_w`, as
-            integer kernels add it. Biases stay float while training.
+            integer kernels add it, in training too (straight-through), so training sees the bias it deploys.
 
     Example:
         >>> QuantConfig(weight=QuantSpec(bits=4), overrides=[("fc", None)], first_last_bits=None)

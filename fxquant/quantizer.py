@@ -775,11 +775,15 @@ class FrozenBias(nn.Module):
 
 
 class BiasQuantizer(nn.Module):
-    """Eval-mode int32 bias of a conv/linear: `round(b / (s_x * s_w)) * s_x * s_w`, float in training.
+    """The int32 bias of a conv/linear: `round(b / (s_x * s_w)) * s_x * s_w`, in training and eval alike.
 
     It reads the current integer scales of the op's input and weight quantizers (held as plain
     references, not submodules, so they are neither registered nor saved twice), so the eval-mode
     prepared module computes exactly what `freeze` stores as a `FrozenBias` and what integer kernels add.
+    In training the rounding is straight-through (the bias learns on the grid it is deployed on): at low
+    bits `s_x * s_w` is coarse (W2A2: up to ~0.1 per channel) and a float bias in training left eval with
+    a systematic per-channel offset the weights never learned to absorb (measured: 87% top-1 in training
+    mode, 82% in eval on a Fashion-MNIST ResNet).
     """
 
     def __init__(self, input_quantizer: LearnableQuantizer, weight_quantizer: LearnableQuantizer) -> None:
@@ -792,11 +796,9 @@ class BiasQuantizer(nn.Module):
         object.__setattr__(self, "weight_quantizer", weight_quantizer)
 
     def active(self) -> bool:
-        """Whether the bias is rounded now (eval mode, both quantizers on and calibrated)."""
+        """Whether the bias is rounded now (both quantizers on, not observing, and calibrated)."""
         sources = (self.input_quantizer, self.weight_quantizer)
-        return not self.training and all(
-            q.enabled and not q.observing and bool(q.initialized) for q in sources
-        )
+        return all(q.enabled and not q.observing and bool(q.initialized) for q in sources)
 
     @torch.no_grad()
     def integer_bias(self, bias: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
@@ -817,7 +819,8 @@ class BiasQuantizer(nn.Module):
         if found is None:
             return bias
         codes, scale = found
-        return codes.to(scale.dtype) * scale
+        rounded = codes.to(scale.dtype) * scale
+        return bias + (rounded - bias).detach() if self.training else rounded
 
 
 def quantizer_summary(q: nn.Module) -> Dict[str, object]:
