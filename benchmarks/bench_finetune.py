@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import fxquant as fxq  # noqa: E402
 from bench_modes_digits import digits_setup  # noqa: E402
 from fashion_setup import BasicBlock, FashionResNet20  # noqa: E402
+
+import fxquant as fxq  # noqa: E402
 from fxquant.losses import distillation_loss  # noqa: E402
 
 

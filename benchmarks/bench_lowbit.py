@@ -32,55 +32,70 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import fxquant as fxq  # noqa: E402
 from fashion_setup import accuracy, finetune_batches, load_fashion_mnist, train_float  # noqa: E402
 from plain_lsq import lsq_model, train_lsq  # noqa: E402
 
+import fxquant as fxq  # noqa: E402
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "lowbit.jsonl")
-VARIANT_KEYS = ("mode", "quantize_joins", "quantize_outputs", "calib_method", "schedule_lr", "loss")
+VARIANT_KEYS = ("mode", "quantize_joins", "quantize_outputs", "join_bits", "integer_bias", "calib_method", "lr",
+                "bits_lr", "penalty_growth", "warmup", "loss")
+SCHEDULE_KEYS = {"lr": "lr", "bits_lr": "bits_lr", "penalty_growth": "penalty_growth", "warmup": "warmup"}
 
 
-def run_lsq(model: torch.nn.Module, bits: int, convention: str, seed: int, steps: int) -> Dict[str, Any]:
+def run_lsq(model: torch.nn.Module, bits: int, convention: str, seed: int, steps: int,
+            weights_only: bool = False) -> Dict[str, Any]:
     torch.manual_seed(seed)
     batches = finetune_batches(steps, 128, seed)
-    qmodel = lsq_model(model, bits, bits, first_last_bits=8 if convention == "fl8" else None)
+    qmodel = lsq_model(model, bits, None if weights_only else bits, first_last_bits=8 if convention == "fl8" else None)
     t0 = time.perf_counter()
     train_lsq(qmodel, batches, steps, calib=torch.cat([b[0] for b in batches[:2]]))
     return {"seconds": time.perf_counter() - t0, "model": qmodel}
 
 
-def run_fxquant(model: torch.nn.Module, bits: int, convention: str, seed: int, steps: int, learned: bool,
-                variant: Dict[str, str]) -> Dict[str, Any]:
+def run_fxquant(model: torch.nn.Module, bits: int, convention: str, seed: int, steps: int, method: str,
+                variant: Dict[str, str], weights_only: bool = False) -> Dict[str, Any]:
+    """`method`: `fxquant-learned` (8 -> bits), `fxquant-fixed` (bits from the start) or `fxquant-mixed`
+    (per-layer bits learned with a size-weighted average of `bits`)."""
     torch.manual_seed(seed)
     batches = finetune_batches(steps, 128, seed)
+    learned = method != "fxquant-fixed"
     if learned:
         spec = fxq.QuantSpec(bits=8, min_bits=2, max_bits=8)
     else:
         spec = fxq.QuantSpec(bits=bits, min_bits=2, max_bits=8, learn_bits=False)
-    cfg_kwargs: Dict[str, Any] = {"weight": spec, "activation": spec,
+    cfg_kwargs: Dict[str, Any] = {"weight": spec, "activation": None if weights_only else spec,
                                   "first_last_bits": 8 if convention == "fl8" else None}
     for key in ("mode",):
         if key in variant:
             cfg_kwargs[key] = variant[key]
-    for key in ("quantize_joins", "quantize_outputs"):
+    for key in ("quantize_joins", "quantize_outputs", "integer_bias"):
         if key in variant:
             cfg_kwargs[key] = variant[key] == "1"
+    if "join_bits" in variant:
+        cfg_kwargs["join_bits"] = None if variant["join_bits"] == "none" else int(variant["join_bits"])
     cfg = fxq.QuantConfig(**cfg_kwargs)
     qm = fxq.prepare(model, batches[0][0][:8], cfg)
     t0 = time.perf_counter()
     fxq.calibrate(qm, [b[0] for b in batches[:2]], num_batches=2, method=variant.get("calib_method", "minmax"))
     kwargs: Dict[str, Any] = {}
-    if "schedule_lr" in variant:
-        kwargs["schedule"] = fxq.Schedule(lr=float(variant["schedule_lr"]))
+    schedule = {SCHEDULE_KEYS[k]: float(v) for k, v in variant.items() if k in SCHEDULE_KEYS}
+    if schedule:
+        kwargs["schedule"] = fxq.Schedule(**schedule)
     if variant.get("loss") == "ce":
         kwargs["loss_fn"] = lambda out, y: F.cross_entropy(out, y)
         teacher = None
     else:
         teacher = model
-    result = fxq.finetune(qm, batches, teacher=teacher, steps=steps, target_bits=bits if learned else None,
-                          progress=False, **kwargs)
+    target: Any = None
+    if method == "fxquant-mixed":
+        target = fxq.BitTarget(weight=bits, activation=None if weights_only else bits, weight_average=True)
+    elif learned:
+        target = fxq.BitTarget(weight=bits, activation=None if weights_only else bits)
+    result = fxq.finetune(qm, batches, teacher=teacher, steps=steps, target_bits=target, progress=False, **kwargs)
     return {"seconds": time.perf_counter() - t0, "model": qm, "met": result.met_target,
-            "best_step": result.best_step, "converged_step": result.converged_step}
+            "best_step": result.best_step, "converged_step": result.converged_step,
+            "avg_weight_bits": result.bits_after.get("avg_weight_bits")}
 
 
 def parse_variant(text: str) -> Dict[str, str]:
@@ -102,8 +117,11 @@ def table(path: str) -> str:
     for (method, variant, conv, bits), accs in sorted(rows.items(), key=lambda kv: (kv[0][2], -kv[0][3], kv[0][0], kv[0][1])):
         mean = sum(accs) / len(accs)
         std = math.sqrt(sum((a - mean) ** 2 for a in accs) / max(len(accs) - 1, 1))
-        layers = "every layer" if conv == "all" else "first/last 8-bit"
-        out.append(f"| {method} | {variant or '-'} | {layers} | W{bits}A{bits} | {mean:.2f} +- {std:.2f} | {len(accs)} |")
+        layers = "every layer" if conv.startswith("all") else "first/last 8-bit"
+        label = f"W{bits} (weights only)" if conv.endswith("-w") else f"W{bits}A{bits}"
+        if method == "fxquant-mixed":
+            label = f"W avg {bits} (weights only)" if conv.endswith("-w") else f"W avg {bits} A{bits}"
+        out.append(f"| {method} | {variant or '-'} | {layers} | {label} | {mean:.2f} +- {std:.2f} | {len(accs)} |")
     return "\n".join(out)
 
 
@@ -115,6 +133,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--methods", default="lsq,fxquant-learned,fxquant-fixed")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--variant", default="")
+    parser.add_argument("--weights-only", action="store_true", help="activations stay float (mixed-precision rows)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--float-epochs", type=int, default=10, help="epochs of the float model (cached)")
     parser.add_argument("--out", default=RESULTS)
@@ -134,12 +153,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             for method in args.methods.split(","):
                 for seed in [int(s) for s in args.seeds.split(",")]:
                     if method == "lsq":
-                        r = run_lsq(model, bits, convention, seed, args.steps)
+                        r = run_lsq(model, bits, convention, seed, args.steps, args.weights_only)
                     else:
-                        r = run_fxquant(model, bits, convention, seed, args.steps, method.endswith("learned"), variant)
+                        r = run_fxquant(model, bits, convention, seed, args.steps, method, variant, args.weights_only)
                     top1 = accuracy(r.pop("model"), x_te, y_te)
                     record = {"method": method, "variant": args.variant if method != "lsq" else "",
-                              "convention": convention, "bits": bits, "seed": seed, "steps": args.steps,
+                              "convention": convention + ("-w" if args.weights_only else ""), "bits": bits, "seed": seed, "steps": args.steps,
                               "top1": top1, "float_top1": float_acc, **r}
                     print(json.dumps(record), flush=True)
                     with open(args.out, "a") as fh:

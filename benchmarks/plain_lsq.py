@@ -57,26 +57,27 @@ class LsqQuantizer(nn.Module):
 class LsqLayer(nn.Module):
     """A conv/linear whose input and weight pass through LSQ quantizers."""
 
-    def __init__(self, layer: nn.Module, w_bits: int, a_bits: int, signed_input: bool, narrow: bool) -> None:
+    def __init__(self, layer: nn.Module, w_bits: int, a_bits: Optional[int], signed_input: bool, narrow: bool) -> None:
         super().__init__()
         self.layer = layer
         self.wq = LsqQuantizer(w_bits, True, layer.weight.shape[0], narrow)
-        self.aq = LsqQuantizer(a_bits, signed_input)
+        self.aq = LsqQuantizer(a_bits, signed_input) if a_bits is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.wq(self.layer.weight)
-        x = self.aq(x)
+        if self.aq is not None:
+            x = self.aq(x)
         if isinstance(self.layer, nn.Conv2d):
             c = self.layer
             return F.conv2d(x, w, c.bias, c.stride, c.padding, c.dilation, c.groups)
         return F.linear(x, w, self.layer.bias)
 
 
-def lsq_model(model: nn.Module, w_bits: int, a_bits: int, first_last_bits: Optional[int] = None,
+def lsq_model(model: nn.Module, w_bits: int, a_bits: Optional[int], first_last_bits: Optional[int] = None,
               narrow: bool = False, signed_inputs: Optional[Dict[str, bool]] = None) -> nn.Module:
     """A copy of `model` with every Conv2d/Linear wrapped in `LsqLayer`.
 
-    `first_last_bits`: bits of the first and last such layer (None: like the rest). `signed_inputs`: names
+    `a_bits=None`: weights only. `first_last_bits`: bits of the first and last such layer (None: like the rest). `signed_inputs`: names
     of layers whose input may be negative (default: none, as in a ReLU network fed images in [0, 1]).
     """
     model = copy.deepcopy(model)
@@ -86,7 +87,8 @@ def lsq_model(model: nn.Module, w_bits: int, a_bits: int, first_last_bits: Optio
         parent = model.get_submodule(parent_name) if parent_name else model
         wb, ab = w_bits, a_bits
         if first_last_bits is not None and name in (names[0], names[-1]):
-            wb = ab = first_last_bits
+            wb = first_last_bits
+            ab = first_last_bits if a_bits is not None else None
         signed = bool(signed_inputs and signed_inputs.get(name, False))
         setattr(parent, attr, LsqLayer(getattr(parent, attr), wb, ab, signed, narrow))
     return model

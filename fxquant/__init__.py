@@ -39,7 +39,15 @@ from fxquant.errors import (
     StateError,
 )
 from fxquant.export import OnnxQuantReport, export_onnx
-from fxquant.finetune import BitTarget, FinetuneResult, FinetuneWarning, Schedule, finetune, param_groups, project_quantizers
+from fxquant.finetune import (
+    BitTarget,
+    FinetuneResult,
+    FinetuneWarning,
+    Schedule,
+    finetune,
+    param_groups,
+    project_quantizers,
+)
 from fxquant.preparation import freeze, prepare
 from fxquant.quantizer import FrozenActivationQuantizer, FrozenWeight, LearnableQuantizer
 from fxquant.report import QuantReport, report
