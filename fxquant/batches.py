@@ -9,6 +9,9 @@ A batch is recognised as follows (`split_batch`):
 - any other tuple or list: the model's positional inputs; no target.
 
 Batches are moved to the model's device; a finite iterable is cycled when more steps are asked.
+`check_batches` refuses a single tensor or dict given where an iterable of batches is expected (a tensor
+would iterate over its rows), and `call_batch` runs one batch, turning a failure into a `PrepareError`
+that names the batch's shapes and the example input shapes the module was prepared with.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
 import torch
 from torch import fx, nn
 
-from fxquant.errors import PrepareError
+from fxquant.errors import FxQuantError, PrepareError
 
 Batch = Any
 
@@ -63,6 +66,79 @@ def to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
+def describe_shapes(value: Any) -> str:
+    """The shapes of the tensors in a (nested) batch, e.g. `(8, 3, 32, 32)`, `((8, 16), (8,))` or `{x: (2, 4), mask: (2,)}`."""
+    if isinstance(value, torch.Tensor):
+        return str(tuple(value.shape))
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {describe_shapes(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(describe_shapes(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return type(value).__name__
+
+
+def example_shapes(model: nn.Module) -> Optional[str]:
+    """The input shapes a prepared or frozen module was prepared with (from its placeholders' shape
+    metadata): `(1, 3, 32, 32)` for one input, `x=(2, 4), mask=(2, 4)` for several; None when the module
+    does not record them."""
+    if not isinstance(model, fx.GraphModule):
+        return None
+    parts = []
+    for node in model.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+        if shape is not None:
+            parts.append((str(node.target).lstrip("*"), str(tuple(shape))))
+    if len(parts) == 1:
+        return parts[0][1]
+    return ", ".join(f"{name}={shape}" for name, shape in parts) or None
+
+
+def check_batches(batches: Any, what: str = "batches") -> None:
+    """Refuse a single tensor or dict where an iterable of batches is expected.
+
+    Raises:
+        PrepareError: `batches` is a tensor (iterating it would run each of its rows as a batch) or a dict.
+    """
+    if isinstance(batches, torch.Tensor):
+        raise PrepareError(
+            f"{what} must be an iterable of batches (a list or a DataLoader), got a single Tensor of shape "
+            f"{tuple(batches.shape)}; iterating a tensor would run each of its rows as a batch. To use it as one "
+            "batch, wrap it in a list: [X]; for several, pass a list of tensors or a DataLoader."
+        )
+    if isinstance(batches, dict):
+        raise PrepareError(
+            f"{what} must be an iterable of batches (a list or a DataLoader), got a single dict; "
+            "wrap it in a list: [batch]."
+        )
+
+
+def call_batch(
+    model: nn.Module, batch: Batch, n_required: Optional[int] = None, who: str = "module"
+) -> Tuple[Any, Optional[Any]]:
+    """`run_batch`, with a failure to run the batch re-raised as a `PrepareError` naming its shapes.
+
+    Raises:
+        PrepareError: the model raised a TypeError, ValueError, RuntimeError or IndexError on this batch
+            (wrong shape, dtype or number of inputs); the message gives the batch's shapes and the
+            example input shapes the module was prepared with.
+    """
+    try:
+        return run_batch(model, batch, n_required)
+    except (FxQuantError, torch.OutOfMemoryError):
+        raise
+    except (TypeError, ValueError, RuntimeError, IndexError) as e:
+        example = example_shapes(model)
+        prepared = f"it was prepared with example inputs of shape {example}" if example else "check its inputs"
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise PrepareError(
+            f"a batch of shape {describe_shapes(batch)} does not fit the {who}: {prepared}. Give batches shaped "
+            f"like the example inputs (only the batch dimension may differ). The error was "
+            f"{type(e).__name__}: {first_line}"
+        ) from e
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter or buffer (CPU if it has none)."""
     for t in itertools.chain(model.parameters(), model.buffers()):
@@ -81,11 +157,7 @@ def run_batch(model: nn.Module, batch: Batch, n_required: Optional[int] = None) 
 
 def cycle_batches(batches: Iterable[Batch], what: str = "batches") -> Iterator[Batch]:
     """Iterate `batches` forever, restarting a finite iterable; an empty one is an error."""
-    if isinstance(batches, (torch.Tensor, dict)):
-        raise PrepareError(
-            f"{what} must be an iterable of batches (a list or a DataLoader), got a single {type(batches).__name__}; "
-            "wrap it in a list: [batch]."
-        )
+    check_batches(batches, what)
     while True:
         empty = True
         for b in batches:

@@ -17,7 +17,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import fx
 
-from fxquant.batches import Batch, run_batch
+from fxquant.batches import Batch, call_batch, check_batches
 from fxquant.errors import ConfigError, PrepareError, StateError
 from fxquant.passes.insert import getattr_path
 from fxquant.quantizer import KIND_WEIGHT, LearnableQuantizer, iter_learnable
@@ -50,7 +50,8 @@ def calibrate(
 
     Raises:
         ConfigError: unknown method or percentile outside (50, 100].
-        PrepareError: no batches.
+        PrepareError: no batches, a single tensor or dict given as `batches` (pass `[X]`), or a batch that
+            does not fit the module (the message gives its shape and the example inputs' shape).
         StateError: `qm` has no quantizers (not prepared), or a quantizer saw no finite values.
     """
     if method not in METHODS:
@@ -59,6 +60,7 @@ def calibrate(
         raise ConfigError(f"calibrate percentile={percentile} must be in (50, 100], e.g. 99.99.")
     if num_batches < 1:
         raise ConfigError(f"calibrate num_batches={num_batches} must be at least 1.")
+    check_batches(batches, "calibrate's batches")
     quantizers = iter_learnable(qm)
     if not quantizers:
         raise StateError("calibrate found no learnable quantizers; pass the module returned by fxq.prepare.")
@@ -82,7 +84,7 @@ def calibrate(
     try:
         with torch.no_grad():
             for batch in itertools.islice(batches, num_batches):
-                run_batch(qm, batch)
+                call_batch(qm, batch, who="module returned by fxq.prepare")
                 seen += 1
     finally:
         for h in hooks:

@@ -2,18 +2,21 @@
 
 `prepare`: copy the user's model (it is never modified), capture it, propagate shapes, run the
 structural passes (functionalize quantizable module calls, fold BatchNorm), analyze, then insert weight
-and activation quantizers. `freeze`: copy a prepared module and turn its quantizers into integer ones.
+and activation quantizers. It refuses, before capture, models and inputs that are not float32, and, before
+insertion, a model in which no op would be quantized (no conv, linear, matmul or embedding, or every one
+kept float by the configuration). `freeze`: copy a prepared module and turn its quantizers into integer ones.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
+import torch
 from torch import fx, nn
 
-from fxquant.analyze import analyze
+from fxquant.analyze import QUANTIZABLE_FUNCTIONS, analyze, kept_float, quant_op
 from fxquant.batches import model_device
 from fxquant.checkpoint import attach_checkpoint_info
 from fxquant.config import QuantConfig
@@ -29,7 +32,7 @@ from fxquant.passes.insert import (
     insert_weight_quantizers,
 )
 from fxquant.quantizer import iter_learnable
-from fxquant.tracing import capture_model, propagate_shapes, set_preserved_attr
+from fxquant.tracing import FLOAT_MODULES_ATTR, capture_model, propagate_shapes, set_preserved_attr
 
 STATE_ATTR = "fxquant_state"
 """Attribute on fxquant's GraphModules: "prepared" or "frozen"."""
@@ -41,6 +44,97 @@ def module_state(module: nn.Module) -> Optional[str]:
     """"prepared", "frozen" or None for a module fxquant did not make."""
     return getattr(module, STATE_ATTR, None)
 
+
+_FLOAT32_FIX = "fxquant quantizes float32 models; call model.float() first (and cast inputs with x.float())."
+_SHOWN = 12
+
+
+def _tensors(value: Any, path: str) -> Iterator[Tuple[str, torch.Tensor]]:
+    """`(path, tensor)` for every tensor in nested tuples, lists and dicts of example inputs."""
+    if isinstance(value, torch.Tensor):
+        yield path, value
+    elif isinstance(value, (tuple, list)):
+        for i, v in enumerate(value):
+            yield from _tensors(v, f"{path}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _tensors(v, f"{path}[{k!r}]")
+
+
+def check_float32(model: nn.Module, example_inputs: Any) -> None:
+    """Refuse floating-point parameters, buffers and example inputs that are not float32.
+
+    Quantizer parameters and the ONNX Q/DQ arithmetic are float32; a float16, bfloat16 or float64 model
+    would fail later inside the first forward (or export), far from the cause.
+
+    Raises:
+        PrepareError: names the first such tensor and its dtype, and says to call `model.float()`.
+    """
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in named:
+            if t.is_floating_point() and t.dtype != torch.float32:
+                raise PrepareError(
+                    f"the model's {kind} {name!r} is {str(t.dtype).replace('torch.', '')}; {_FLOAT32_FIX}"
+                )
+    for name, t in _tensors(example_inputs, "example_inputs"):
+        if t.is_floating_point() and t.dtype != torch.float32:
+            raise PrepareError(f"{name} is {str(t.dtype).replace('torch.', '')}; {_FLOAT32_FIX}")
+
+
+def _model_ops(gm: fx.GraphModule) -> List[str]:
+    """The distinct ops of a captured graph, in order: functions, methods and module types."""
+    leaves = dict(getattr(gm, FLOAT_MODULES_ATTR, {}) or {})
+    names: List[str] = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            name = getattr(node.target, "__name__", str(node.target))
+        elif node.op == "call_method":
+            name = f".{node.target}()"
+        elif node.op == "call_module":
+            name = type(gm.get_submodule(str(node.target))).__name__
+            if str(node.target) in leaves:
+                name += f" (kept float: {leaves[str(node.target)]})"
+        else:
+            continue
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def check_something_quantized(gm: fx.GraphModule, model: nn.Module, config: QuantConfig) -> None:
+    """Refuse an analyzed graph in which no op gets a weight or input quantizer.
+
+    Raises:
+        PrepareError: the model has no conv, conv_transpose, linear, matmul or embedding op (the message lists
+            the ops it has), or every such op is kept float (by overrides with spec None, by
+            `QuantConfig(weight=None, activation=None)` or as a float leaf module; the message says which).
+    """
+    ops = [op for op in (quant_op(n) for n in gm.graph.nodes) if op is not None]
+    if any(op.weight_spec is not None or op.input_spec is not None for op in ops):
+        return
+    kinds = ", ".join(dict.fromkeys(info.kind for info in QUANTIZABLE_FUNCTIONS.values()))
+    what = type(model).__name__
+    if ops and config.weight is None and config.activation is None and all(s is None for _, s in config.overrides):
+        raise PrepareError(
+            f"no op of {what} could be quantized: QuantConfig(weight=None, activation=None) keeps all {len(ops)} "
+            "quantizable ops float. Give QuantConfig a weight and/or activation QuantSpec, e.g. "
+            "QuantConfig(weight=fxq.QuantSpec(bits=8))."
+        )
+    if ops:
+        floats = [f"{f.name} ({f.reason})" for f in kept_float(gm)]
+        shown = "; ".join(floats[:_SHOWN]) + (f"; and {len(floats) - _SHOWN} more" if len(floats) > _SHOWN else "")
+        raise PrepareError(
+            f"no op of {what} could be quantized: all {len(ops)} quantizable ops are kept float ({shown}). Remove "
+            "the (glob, None) overrides that match every layer, or give QuantConfig a weight and/or activation "
+            "QuantSpec."
+        )
+    found = _model_ops(gm)
+    listed = ", ".join(found[:_SHOWN]) + (f" and {len(found) - _SHOWN} more" if len(found) > _SHOWN else "")
+    raise PrepareError(
+        f"no op of {what} could be quantized: it has {listed or 'no ops'}, and fxquant quantizes {kinds} ops "
+        "(nn.Conv*/nn.Linear/nn.Embedding modules, their F.* functions, torch.matmul/@/bmm/mm/addmm). Prepare a "
+        "model that has such layers, or do not keep them as float leaf_modules."
+    )
 
 
 def prepare(
@@ -67,7 +161,8 @@ def prepare(
         same train/eval mode as `model`.
 
     Raises:
-        PrepareError: `model` is already prepared or frozen, or the inputs do not fit it.
+        PrepareError: `model` is already prepared or frozen, the inputs do not fit it, the model or its
+            inputs are not float32 (call `model.float()`), or no op of the model can be quantized.
         CaptureError: no front end could capture the model (says where and what to do).
         ConfigError: an override matches nothing, or a spec does not fit a layer.
 
@@ -86,12 +181,14 @@ def prepare(
         config = QuantConfig()
     if not isinstance(config, QuantConfig):
         raise PrepareError(f"config must be a fxq.QuantConfig, got {type(config).__name__}.")
+    check_float32(model, example_inputs)
     work = copy.deepcopy(model)
     gm, front_end = capture_model(work, capture, leaf_modules, example_inputs)
     propagate_shapes(gm, example_inputs)
     run_passes(gm, (functionalize_modules, fold_batchnorm))
     propagate_shapes(gm, example_inputs)
     analyze(gm, config)
+    check_something_quantized(gm, model, config)
     run_passes(
         gm,
         (

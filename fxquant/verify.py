@@ -21,8 +21,9 @@ import onnx
 import torch
 from torch import fx
 
-from fxquant.batches import Batch, model_device, required_inputs, split_batch, to_device
-from fxquant.errors import ParityError, StateError
+from fxquant.batches import Batch, call_batch, check_batches, describe_shapes, required_inputs, split_batch
+from fxquant.errors import ParityError, PrepareError, StateError
+from fxquant.export.onnx_report import read_onnx_file
 from fxquant.passes.insert import QUANTIZERS_ATTR
 from fxquant.quantizer import FrozenActivationQuantizer
 
@@ -142,6 +143,20 @@ def _sessions(model_path: str, providers: Sequence[str], level: str, opt_path: O
     return ort.InferenceSession(model_path, so, providers=list(providers))
 
 
+def _run_session(sess: Any, feed: Dict[str, np.ndarray], batch: Batch, key: Tuple[str, str]) -> List[np.ndarray]:
+    """`sess.run` on one batch; a refused input becomes a PrepareError naming the batch and ONNX shapes."""
+    try:
+        return sess.run(None, feed)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own (pybind) exception types
+        wanted = ", ".join(f"{x.name}: {tuple(x.shape)}" for x in sess.get_inputs())
+        raise PrepareError(
+            f"onnxruntime ({key[0]}, {LEVELS[key[1]]}) could not run a batch of shape {describe_shapes(batch)}: the "
+            f"ONNX model's inputs are {wanted} (named dimensions may vary). Give batches shaped like the example "
+            f"inputs given to fxq.export_onnx, or export again with inputs of this shape. The error was "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
+
+
 def verify(
     frozen: fx.GraphModule,
     onnx_path_or_model: Union[str, os.PathLike, onnx.ModelProto],
@@ -175,7 +190,10 @@ def verify(
         A `VerifyReport` (errors per provider and level, argmax agreement, optimized op histogram).
 
     Raises:
-        StateError: `frozen` is not a frozen module, or no batch was given.
+        StateError: `frozen` is not a frozen module, no batch was given, or the path is not a readable ONNX
+            file (missing, empty, not ONNX).
+        PrepareError: a single tensor or dict given as `batches` (pass `[X]`), or a batch that does not fit
+            the frozen module or the ONNX model's inputs (the message gives the shapes).
         onnx.checker.ValidationError: the model is not valid ONNX.
         ParityError: an error or argmax agreement is beyond tolerance (names the provider and level).
     """
@@ -191,6 +209,9 @@ def verify(
     unknown = [lv for lv in levels if lv not in LEVELS]
     if unknown:
         raise StateError(f"verify levels {unknown} are unknown; use 'all' and/or 'disabled'.")
+    check_batches(batches, "verify's batches")
+    if not isinstance(onnx_path_or_model, onnx.ModelProto):
+        read_onnx_file(onnx_path_or_model, load_external_data=False)  # a clear error for what is not ONNX
     with tempfile.TemporaryDirectory(prefix="fxq_verify_") as tmp:
         if isinstance(onnx_path_or_model, onnx.ModelProto):
             model_path = os.path.join(tmp, "model.onnx")
@@ -216,14 +237,13 @@ def verify(
         refs: List[List[np.ndarray]] = []
         outs: Dict[Tuple[str, str], List[List[np.ndarray]]] = {k: [] for k in sessions}
         n_req = required_inputs(frozen)
-        device = model_device(frozen)
         seen = 0
         for i, batch in enumerate(batches):
             if i >= num_batches:
                 break
             args, kwargs, _ = split_batch(batch, n_req)
             with torch.no_grad():
-                ref = _flat_outputs(frozen(*to_device(args, device), **to_device(kwargs, device)))
+                ref = _flat_outputs(call_batch(frozen, batch, n_req, who="frozen module")[0])
             refs.append(ref)
             for key, sess in sessions.items():
                 names = [x.name for x in sess.get_inputs()]
@@ -233,7 +253,7 @@ def verify(
                 for k, v in kwargs.items():
                     if k in names:
                         feed[k] = v.detach().cpu().numpy()
-                outs[key].append(sess.run(None, feed))
+                outs[key].append(_run_session(sess, feed, batch, key))
             seen += 1
     if seen == 0:
         raise StateError("verify got no batches; give at least one batch of model inputs.")

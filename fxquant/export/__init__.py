@@ -6,7 +6,7 @@ Export only sees frozen modules (`fxq.freeze`); it knows nothing of training.
 
 from __future__ import annotations
 
-from fxquant.export.onnx_report import OnnxQuantReport, OnnxQuantRow, onnx_report
+from fxquant.export.onnx_report import OnnxQuantReport, OnnxQuantRow, onnx_report, read_onnx_file
 from fxquant.export.qdq import export_onnx, integer_initializer_bytes
 
-__all__ = ["export_onnx", "onnx_report", "OnnxQuantReport", "OnnxQuantRow", "integer_initializer_bytes"]
+__all__ = ["export_onnx", "onnx_report", "OnnxQuantReport", "OnnxQuantRow", "integer_initializer_bytes", "read_onnx_file"]

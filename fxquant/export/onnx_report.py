@@ -110,23 +110,47 @@ def _nbytes(init: onnx.TensorProto) -> int:
     return n * max(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize, 1)
 
 
+def read_onnx_file(path: Union[str, os.PathLike], load_external_data: bool = True) -> onnx.ModelProto:
+    """Load the ONNX model at `path`, refusing what is not one (missing, empty, not an ONNX protobuf).
+
+    Args:
+        path: an `.onnx` file.
+        load_external_data: also read the tensors stored next to it (`<path>.data`).
+
+    Raises:
+        StateError: no file at `path`, an empty file, or a file that does not parse as an ONNX model with an
+            IR version and an opset (the message names the file).
+    """
+    source = os.fspath(path)
+    fix = "give the path written by fxq.export_onnx (a binary .onnx file)."
+    if not os.path.isfile(source):
+        what = "a directory" if os.path.isdir(source) else "no file"
+        raise StateError(f"no ONNX file at {source!r} ({what} there); {fix}")
+    if os.path.getsize(source) == 0:
+        raise StateError(f"{source!r} is not a readable ONNX model: the file is empty; {fix}")
+    try:
+        model = onnx.load(source, load_external_data=load_external_data)
+    except Exception as e:  # noqa: BLE001 - any parse failure means "not an ONNX model"
+        raise StateError(f"{source!r} is not a readable ONNX model ({type(e).__name__}: {e}); {fix}") from e
+    if model.ir_version == 0 or not model.opset_import:
+        raise StateError(
+            f"{source!r} is not a readable ONNX model: it parses but has no IR version or opset (not an ONNX "
+            f"file?); {fix}"
+        )
+    return model
+
+
 def onnx_report(model: Union[str, os.PathLike, onnx.ModelProto, Any]) -> OnnxQuantReport:
     """Report of the quant nodes of an ONNX model (path or `onnx.ModelProto`).
 
     Raises:
-        StateError: the file does not exist or is not an ONNX model.
+        StateError: the file does not exist or is not an ONNX model (see `read_onnx_file`).
     """
     source = "<ModelProto>"
-    model_bytes = 0
     if not isinstance(model, onnx.ModelProto):
         source = os.fspath(model) if not isinstance(model, bytes) else model.decode()
-        if not os.path.isfile(source):
-            raise StateError(f"no ONNX file at {source!r}; give the path written by fxq.export_onnx.")
-        try:
-            model_bytes = os.path.getsize(source)
-            model = onnx.load(source)
-        except Exception as e:  # noqa: BLE001 - any parse failure means "not an ONNX model"
-            raise StateError(f"{source!r} is not a readable ONNX model ({type(e).__name__}: {e}).") from e
+        model = read_onnx_file(source)
+        model_bytes = os.path.getsize(source)
     else:
         model_bytes = model.ByteSize()
     inits = {i.name: i for i in model.graph.initializer}

@@ -36,7 +36,7 @@ import json
 import logging
 import math
 import os
-import tempfile
+import secrets
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -269,17 +269,45 @@ def _as_args(example_inputs: Any) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
 
 
 def _check_writable(path: Path) -> None:
+    """Refuse, before exporting, a path that cannot be written: a directory, a missing parent directory, or
+    a location where no file can be created (permissions, read-only file system).
+
+    Raises:
+        ExportError: names the path and what to do.
+    """
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise ExportError(f"cannot write the ONNX model to {str(path)!r}: it is a directory; give a file path such as model.onnx.")
     if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
         raise ExportError(
-            f"cannot write the ONNX model to {str(path)!r}: directory {str(parent)!r} does not exist; create it first."
+            f"cannot write the ONNX model to {str(path)!r}: directory {str(parent)!r} {what}; create it first."
         )
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise ExportError(
             f"cannot write the ONNX model to {str(path)!r}: permission denied; choose a writable location."
         )
+    try:  # os.access says yes on a read-only file system and for root: create a file to be sure
+        fd, probe = _create_temporary(path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ExportError(
+            f"cannot write the ONNX model to {str(path)!r}: {e.strerror or e}; choose a writable location."
+        ) from e
+
+
+def _create_temporary(path: Path) -> Tuple[int, str]:
+    """A new hidden file `.<name>.<random>.tmp` next to `path`, opened for writing, with the permissions a
+    plain `open` gives (0666 less the umask, not `tempfile.mkstemp`'s 0600)."""
+    parent = path.parent if str(path.parent) else Path(".")
+    for _ in range(100):
+        name = str(parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name next to {str(path)!r}")
 
 
 def _scopes(node: onnx.NodeProto) -> List[str]:
@@ -381,24 +409,32 @@ def _version() -> str:
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:
-    """Write `model` to `path` atomically (a temporary file renamed into place): no partial file on error."""
-    tmp_dir = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=tmp_dir)
+    """Write `model` to `path` atomically (a temporary file renamed into place): no partial file is left on
+    an error or an interrupt (Ctrl-C), and the file gets the usual permissions (0666 less the umask)."""
+    fd, tmp = _create_temporary(path)
     os.close(fd)
-    data_name = path.name + ".data"
+    data_path = path.parent / (path.name + ".data")
+    data_existed = data_path.exists()
+    done = False
     try:
         if model.ByteSize() >= TWO_GB:
             onnx.save_model(
-                model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name,
+                model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data_path.name,
                 size_threshold=1024,
             )
         else:
             onnx.save_model(model, tmp)
         os.replace(tmp, path)
+        done = True
     except (OSError, ValueError) as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
         raise ExportError(f"could not write the ONNX model to {str(path)!r}: {e}; choose a writable location with free space.") from e
+    finally:
+        if not done:  # also on KeyboardInterrupt
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            if not data_existed:
+                with contextlib.suppress(OSError):
+                    os.remove(data_path)
 
 
 def _has_onnx_function(e: BaseException) -> Optional[str]:
