@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -148,6 +149,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     _, _, x_te, y_te = load_fashion_mnist()
     print(f"float model: {float_acc:.2f}% top-1", flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     for bits in [int(b) for b in args.bits.split(",")]:
         for convention in args.conventions.split(","):
             for method in args.methods.split(","):
@@ -159,7 +162,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     top1 = accuracy(r.pop("model"), x_te, y_te)
                     record = {"method": method, "variant": args.variant if method != "lsq" else "",
                               "convention": convention + ("-w" if args.weights_only else ""), "bits": bits, "seed": seed, "steps": args.steps,
-                              "top1": top1, "float_top1": float_acc, **r}
+                              "top1": top1, "float_top1": float_acc, "commit": commit, **r}
                     print(json.dumps(record), flush=True)
                     with open(args.out, "a") as fh:
                         fh.write(json.dumps(record) + "\n")

@@ -113,7 +113,9 @@ def test_prepare_calibrate_train_freeze_export(name: str, tmp_path: Path) -> Non
     # ORT_ENABLE_ALL's fused kernels may round differently (e.g. the U-Net's ConvTranspose/concat; the ViT's
     # FusedMatMul/LayerNormalization flip an activation code that later layers amplify): within 3% of the
     # output's largest magnitude
-    assert max(r.max_abs_error for r in by_level.values()) <= 0.03 * float(real.abs().max()), str(result)
+    # (a CPU without VNNI saturates u8s8 sums with 8-bit weights: verify explains that difference)
+    unexplained = [r.max_abs_error for r in by_level.values() if r.explained is None]
+    assert max(unexplained) <= 0.03 * float(real.abs().max()), str(result)
 
 
 @pytest.mark.parametrize("name", ["bert", "resnet"])

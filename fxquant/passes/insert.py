@@ -151,11 +151,17 @@ def insert_activation_quantizers(gm: fx.GraphModule, *, config: QuantConfig) -> 
             continue
         tm = node.meta.get("tensor_meta")
         shape = tuple(tm.shape) if tm is not None else ()
-        for point in info.points:
+        # Several quantizers of one tensor (e.g. a join's 8 bits and a conv input's 4): the finest reads the
+        # tensor and the others read its output, so the producer ends in one QuantizeLinear, which onnxruntime
+        # needs to fuse it into an integer kernel (two Q nodes after a conv left it a float FusedConv).
+        first: Optional[fx.Node] = None
+        for point in sorted(info.points, key=lambda p: -p.spec.bits):
             served = tuple(_display_name(nodes_by_name[c]) for c in point.consumers)
             name = _activation_quantizer(container, config, node, point, served, shape, shared, group_nonneg)
-            with gm.graph.inserting_after(node):
-                qnode = gm.graph.call_module(f"{QUANTIZERS_ATTR}.{name}", (node,))
+            source = node if first is None else first
+            with gm.graph.inserting_after(source):
+                qnode = gm.graph.call_module(f"{QUANTIZERS_ATTR}.{name}", (source,))
+            first = qnode if first is None else first
             for consumer_name in point.consumers:
                 nodes_by_name[consumer_name].replace_input_with(node, qnode)
     return gm
