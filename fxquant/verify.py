@@ -119,11 +119,12 @@ SATURATION_NOTE = (
 )
 
 
-def u8s8_kernels_saturate() -> bool:
-    """Whether onnxruntime's uint8 x int8 integer kernels can saturate on this CPU: x86-64 without VNNI
-    (`avx512_vnni` / `avx_vnni` absent from /proc/cpuinfo's flags). False where that cannot be read."""
+def u8s8_kernels_saturate(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether onnxruntime's uint8 x int8 integer kernels can saturate on this CPU: x86-64 with AVX2 but
+    without VNNI (`avx512_vnni` / `avx_vnni` absent from the flags in `cpuinfo`). False where that cannot be
+    read."""
     try:
-        with open("/proc/cpuinfo") as fh:
+        with open(cpuinfo) as fh:
             flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), None)
     except OSError:
         return False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import onnx
 import pytest
 import torch
@@ -105,3 +107,34 @@ def test_verify_requires_the_frozen_module(tmp_path) -> None:
     model, x = make("mlp", 8)
     with pytest.raises(fxq.StateError, match="pass the module returned by fxq.freeze"):
         fxq.verify(model, str(tmp_path / "m.onnx"), [x])
+
+
+def test_cpu_flags_tell_whether_u8s8_kernels_saturate(tmp_path) -> None:  # noqa: ANN001
+    from fxquant.verify import u8s8_kernels_saturate
+
+    cases = {"avx2 fma": True, "avx2 avx512f avx512_vnni": False, "avx2 avx_vnni": False, "neon asimd": False}
+    for flags, expected in cases.items():
+        path = tmp_path / "cpuinfo"
+        path.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 {flags}\n")
+        assert u8s8_kernels_saturate(str(path)) is expected
+    assert u8s8_kernels_saturate(str(tmp_path / "missing")) is False
+
+
+def test_saturation_on_this_cpu_is_explained_not_failed(tmp_path) -> None:  # noqa: ANN001
+    """On a CPU without VNNI, 8-bit weights make the fused kernels differ; verify says why and still checks
+    the unfused Q/DQ arithmetic exactly."""
+    from fxquant.verify import SATURATION_NOTE, u8s8_kernels_saturate
+
+    frozen, x = _frozen("cnn", fxq.QuantConfig(weight=_spec(8), activation=_spec(8), first_last_bits=None))
+    path = str(tmp_path / "m.onnx")
+    fxq.export_onnx(frozen, x, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = fxq.verify(frozen, path, [torch.randn(32, *x.shape[1:])])
+    fused = next(r for r in report.results if r.level == "ORT_ENABLE_ALL")
+    unfused = next(r for r in report.results if r.level == "ORT_DISABLE_ALL")
+    assert unfused.ok and unfused.explained is None and unfused.error < 1e-3
+    if fused.explained is not None:
+        assert u8s8_kernels_saturate() and fused.explained == SATURATION_NOTE
+        assert "no VNNI" in str(report) and "at most 7" in str(report)
+    assert report.ok
