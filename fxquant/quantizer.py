@@ -13,9 +13,18 @@ Parametrisation (algorithms.md section 1), per group of elements:
   zero point 0, narrow-range codes `[-(2^(B-1) - 1), 2^(B-1) - 1]`.
 - the identity GDNSQ uses, `b = log2((hi - lo) / s + 1)`, holds by construction.
 
-Training in the rounding modes (dither, ste) computes the step from `B = round(b)` with a straight-through
-gradient to `b`, so the grid it trains on is the one eval and freeze use; noise mode (DiffQ) keeps the
-continuous `b` in its noise scale.
+Training goes through an `Estimator` (`SteEstimator`, `DitherEstimator`, `NoiseEstimator`; chosen by name
+with `QuantConfig(mode=...)` or per run with `fxq.finetune(..., mode=...)`, never saved in a checkpoint).
+The rounding estimators (dither, ste) compute the step from `B = round(b)` with a straight-through gradient
+to `b`, so the grid they train on is the one eval and freeze use, and run as one fused autograd node
+(`round_clamp`): forward `step * round(clamp(x, lo, hi) / step)`, backward the straight-through gradients
+of x, step and clamps reduced to the parameters' shapes (GDNSQ's dither drawn per group, `dither_of_groups`).
+LSQ's gradient scale applies to all of a clamp's gradient (its step part and its clip part alike). The
+noise estimator (DiffQ) keeps the continuous `b` in its noise scale.
+
+Initialisation for the grid trained on (algorithms.md section 4): `fit_clamps_mse` shrinks min/max clamps
+to the least-squared-error clip at the current integer bits, and `follow_bits_` rescales the clamps when
+`round(b)` changes during training.
 
 Eval and frozen: integer bits `B = round(b)` and exactly ONNX QuantizeLinear/DequantizeLinear:
 `q = clamp(round_half_even(x / s) + zp, qmin, qmax)`, `x_hat = (q - zp) * s` (`fake_quantize`).

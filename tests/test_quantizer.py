@@ -209,3 +209,71 @@ def test_clamps_follow_a_change_of_integer_bits_in_training() -> None:
     assert bool((q.hi.detach() < hi_8).all())
     q(w)  # no change of bits: the clamps stay
     assert torch.allclose(q.hi.detach(), hi_8 * expected)
+
+
+def test_ste_fine_tuning_matches_a_plain_lsq_forward_and_gradients() -> None:
+    """Differential test: fxquant configured like LSQ (STE, fixed 2 bits, steps copied) gives LSQ's forward
+    values and the same gradient directions for weights and every clamp (the clamp gradient once pointed
+    70-80 degrees away from LSQ's, which stalled W2A2 training)."""
+    import math
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    import fxquant as fxq
+
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(F.relu(self.conv(x)).mean((2, 3)))
+
+    def lsq(x: torch.Tensor, s: torch.Tensor, qn: float, qp: float) -> torch.Tensor:  # the paper's formula
+        g = 1.0 / math.sqrt(x.numel() / s.numel() * qp)
+        s = (s - s * g).detach() + s * g
+        s = s.reshape(-1, *([1] * (x.dim() - 1))) if s.numel() > 1 else s
+        v = torch.clamp(x / s, -qn, qp)
+        return (v + (v.round() - v).detach()) * s
+
+    model = Net().eval()
+    x = torch.rand(16, 1, 6, 6)
+    spec = fxq.QuantSpec(bits=2, learn_bits=False)
+    cfg = fxq.QuantConfig(weight=spec, activation=spec, mode="ste", first_last_bits=None, integer_bias=False,
+                          quantize_joins=False, quantize_outputs=False)
+    qm = fxq.prepare(model, x, cfg)
+    fxq.calibrate(qm, [x])
+    q = qm.fxq_quantizers
+    w_conv, w_fc = model.conv.weight.detach().clone(), model.fc.weight.detach().clone()
+    # LSQ steps: weights per channel (2 bits narrow: Qn = Qp = 1), activations unsigned (Qp = 3)
+    s_wc = (2 * w_conv.abs().flatten(1).mean(1)).requires_grad_()
+    s_wf = (2 * w_fc.abs().flatten(1).mean(1)).requires_grad_()
+    s_x = torch.tensor([2 * float(x.mean()) / math.sqrt(3)], requires_grad=True)
+    relu = F.relu(F.conv2d(x, w_conv, model.conv.bias, padding=1)).mean((2, 3))
+    s_h = torch.tensor([2 * float(relu.mean()) / math.sqrt(3)], requires_grad=True)
+    with torch.no_grad():
+        q["conv_weight"].hi.copy_(s_wc.reshape(q["conv_weight"].hi.shape))
+        q["fc_weight"].hi.copy_(s_wf.reshape(q["fc_weight"].hi.shape))
+        q["act_x"].hi.fill_(3 * float(s_x))
+        q["act_x"].lo.zero_()
+        q["act_mean"].hi.fill_(3 * float(s_h))
+    wc, wf = w_conv.clone().requires_grad_(), w_fc.clone().requires_grad_()
+    h = F.relu(F.conv2d(lsq(x, s_x, 0, 3), lsq(wc, s_wc, 1, 1), model.conv.bias, padding=1)).mean((2, 3))
+    ref = F.linear(lsq(h, s_h, 0, 3), lsq(wf, s_wf, 1, 1), model.fc.bias)
+    qm.train()
+    out = qm(x)
+    assert torch.allclose(out, ref, atol=1e-6)
+    g = torch.randn_like(ref)
+    (ref * g).sum().backward()
+    (out * g).sum().backward()
+    cos = lambda a, b: float(F.cosine_similarity(a.reshape(1, -1), b.reshape(1, -1)))  # noqa: E731
+    params = dict(qm.named_parameters())
+    assert cos(params["conv.weight"].grad, wc.grad) > 0.9999 and cos(params["fc.weight"].grad, wf.grad) > 0.9999
+    for name, s in (("conv_weight", s_wc), ("fc_weight", s_wf)):
+        assert cos(q[name].hi.grad, s.grad) > 0.9999, name  # per channel: the same direction as LSQ's steps
+    for name, s in (("act_x", s_x), ("act_mean", s_h)):
+        assert float(q[name].hi.grad) * float(s.grad) > 0, name  # per tensor: the same sign
