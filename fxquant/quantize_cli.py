@@ -1,0 +1,676 @@
+"""`fxquant quantize MODULE:FACTORY --data DATA --bits W4A8`: the whole pipeline on a user's own model.
+
+What it does, in order (every input is checked before the long work starts):
+
+1. read the inputs: `--bits` (`W4A8`, `W8A8`, `W4` = weights only), `--data` (`load_inputs`: a `.pt` file
+   holding a tensor `(N, ...)` or a dict/tuple/list whose first tensor is the inputs, a `.npy` file, or a
+   folder of PNG/JPEG images, optionally in class subfolders), the model (`load_model`: an importable
+   module or a `.py` path, a factory returning the `nn.Module`, an optional `--weights` state dict read
+   with `torch.load(weights_only=True)`), and check that the float model runs on one batch;
+2. `fxq.prepare` (`QuantConfig(first_last_bits=...)`), `fxq.calibrate`, `fxq.finetune` by distillation from
+   the float model towards `BitTarget(weight=W, activation=A)` (skipped with `--steps 0`: post-training
+   quantization at the initial 8 bits), `fxq.freeze`, `fxq.export_onnx`, `fxq.verify` (no raise: the
+   parity is reported), `fxq.report`;
+3. write `OUT/model.onnx`, then `OUT/summary.json` (bits, sizes, parity, step counts) as soon as the numbers
+   exist, then `OUT/report.txt` (the quantizer table, the parity and the fine-tuning summary).
+
+Bad input raises `QuantizeInputError` with a one-line message; `fxquant.cli` prints it on stderr and exits
+with status 2. Argument parsing lives in `fxquant.cli`; the algorithms in the library steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import importlib
+import importlib.util
+import json
+import os
+import random
+import re
+import sys
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+import fxquant as fxq
+from fxquant.errors import FxQuantError
+
+BITS_FORMAT = "W<bits>A<bits> such as W4A8 (4-bit weights, 8-bit activations) or W<bits> such as W4 (weights only)"
+MIN_TARGET_BITS = 2
+MAX_TARGET_BITS = 16
+DEFAULT_STEPS = 300
+DEFAULT_BATCH_SIZE = 32
+CALIBRATION_BATCHES = 8
+VERIFY_BATCHES = 4
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+TENSOR_SUFFIXES = (".pt", ".pth")
+GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F")
+
+
+class QuantizeInputError(FxQuantError, ValueError):
+    """A bad argument of `fxquant quantize` (model, weights, data, bits, steps, output folder).
+
+    The message is one line: it names the argument and the value, what was expected and the fix.
+    """
+
+
+# --------------------------------------------------------------------------------------------------
+# --bits
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TargetBits:
+    """Target bit-widths parsed from `--bits`: `weight`, and `activation` (None: weights only)."""
+
+    weight: int
+    activation: Optional[int] = None
+
+    @property
+    def text(self) -> str:
+        """The canonical spelling, e.g. `W4A8` or `W4`."""
+        return f"W{self.weight}" + (f"A{self.activation}" if self.activation is not None else "")
+
+
+def parse_bits(text: str) -> TargetBits:
+    """Parse `W4A8`, `W8A8` or `W4` (case-insensitive) into target bits.
+
+    Raises:
+        QuantizeInputError: the text does not follow the format, or a width is outside 2..16.
+
+    Example:
+        >>> parse_bits("W4A8")
+        TargetBits(weight=4, activation=8)
+    """
+    match = re.fullmatch(r"[Ww](\d+)(?:[Aa](\d+))?", text.strip())
+    if match is None:
+        raise QuantizeInputError(f"--bits {text!r} is not understood; expected {BITS_FORMAT}.")
+    weight = int(match.group(1))
+    activation = int(match.group(2)) if match.group(2) is not None else None
+    for kind, value in (("weight", weight), ("activation", activation)):
+        if value is not None and not (MIN_TARGET_BITS <= value <= MAX_TARGET_BITS):
+            raise QuantizeInputError(
+                f"--bits {text!r}: {kind} bits {value} are outside {MIN_TARGET_BITS}..{MAX_TARGET_BITS}; "
+                f"expected {BITS_FORMAT}."
+            )
+    return TargetBits(weight, activation)
+
+
+def parse_first_last_bits(text: str) -> Optional[int]:
+    """`--first-last-bits`: an integer in 2..16, or `none` (first and last layers learn like the rest).
+
+    Raises:
+        QuantizeInputError: neither an integer in 2..16 nor `none`.
+    """
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not (MIN_TARGET_BITS <= value <= MAX_TARGET_BITS):
+        raise QuantizeInputError(
+            f"--first-last-bits {text!r} is not understood; give bits in {MIN_TARGET_BITS}..{MAX_TARGET_BITS} "
+            "(8: the usual deployment choice) or 'none' (first and last layers learn like the rest)."
+        )
+    return value
+
+
+def quant_config(bits: TargetBits, first_last_bits: Optional[int]) -> fxq.QuantConfig:
+    """The configuration: quantizers start at 8 bits (or at a wider target) and may learn down to 2."""
+
+    def spec(target: Optional[int]) -> fxq.QuantSpec:
+        top = max(8, target or 8)
+        return fxq.QuantSpec(bits=top, min_bits=MIN_TARGET_BITS, max_bits=top)
+
+    return fxq.QuantConfig(weight=spec(bits.weight), activation=spec(bits.activation), first_last_bits=first_last_bits)
+
+
+# --------------------------------------------------------------------------------------------------
+# MODULE:FACTORY and --weights
+# --------------------------------------------------------------------------------------------------
+
+
+def _looks_like_path(module: str) -> bool:
+    return module.endswith(".py") or "/" in module or os.sep in module
+
+
+@contextlib.contextmanager
+def _extra_sys_path(folder: str) -> Iterator[None]:
+    """`folder` first on `sys.path` within the block (a user's module may import its neighbours)."""
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        if added and folder in sys.path:
+            sys.path.remove(folder)
+
+
+def _import_file(path: str) -> Any:
+    if not os.path.isfile(path):
+        raise QuantizeInputError(f"model file {path!r} does not exist; give MODULE:FACTORY with an existing .py file.")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    name = stem if stem.isidentifier() and stem not in sys.modules else f"fxquant_user_module_{abs(hash(path))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise QuantizeInputError(f"model file {path!r} cannot be imported as Python; give a .py file.")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look the module up by name
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - any failure of the user's file is one line for the user
+        sys.modules.pop(name, None)
+        raise QuantizeInputError(f"importing model file {path!r} failed: {_one_line(e)}") from e
+    return module
+
+
+def _import_module(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and (name == e.name or name.startswith(e.name + ".")):
+            raise QuantizeInputError(
+                f"cannot import module {name!r} (No module named {e.name!r}); give an importable module (run "
+                "from the folder that holds it or set PYTHONPATH) or a path to a .py file, e.g. models.py:build."
+            ) from e
+        raise QuantizeInputError(f"importing module {name!r} failed: {_one_line(e)}") from e
+    except Exception as e:  # noqa: BLE001
+        raise QuantizeInputError(f"importing module {name!r} failed: {_one_line(e)}") from e
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    text = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def resolve_factory(spec: str) -> Tuple[Callable[[], Any], str]:
+    """The callable named by `MODULE:FACTORY` (a dotted attribute path is allowed after the colon).
+
+    MODULE is an importable module name (the current directory is importable) or a path to a `.py` file.
+
+    Returns:
+        `(factory, description)`; `factory` may also be an `nn.Module` instance (then it is the model).
+
+    Raises:
+        QuantizeInputError: no colon, the module cannot be imported, or it has no such attribute.
+    """
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise QuantizeInputError(
+            f"model {spec!r} is not MODULE:FACTORY; give a module and a callable returning the nn.Module, "
+            "e.g. mypkg.models:build_model or models.py:Net."
+        )
+    if _looks_like_path(module_name):
+        path = os.path.abspath(module_name)
+        with _extra_sys_path(os.path.dirname(path)):
+            module = _import_file(path)
+    else:
+        with _extra_sys_path(os.getcwd()):  # as `python -m`: the console script's sys.path lacks the cwd
+            module = _import_module(module_name)
+    obj: Any = module
+    for i, part in enumerate(attr.split(".")):
+        if not hasattr(obj, part):
+            where = module_name if i == 0 else f"{module_name}:{'.'.join(attr.split('.')[:i])}"
+            names = [n for n in dir(obj) if not n.startswith("_") and callable(getattr(obj, n, None))]
+            close = difflib.get_close_matches(part, names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else (f" Callables there: {', '.join(names[:12])}." if names else "")
+            raise QuantizeInputError(f"{where!r} has no attribute {part!r}.{hint}")
+        obj = getattr(obj, part)
+    return obj, spec
+
+
+def load_state(path: str) -> Dict[str, torch.Tensor]:
+    """A state dict from `path` with `torch.load(weights_only=True)`; `{"state_dict": ...}` and
+    `{"model": ...}` checkpoints are unwrapped.
+
+    Raises:
+        QuantizeInputError: missing or unreadable file, or no dict of tensors in it.
+    """
+    if not os.path.isfile(path):
+        raise QuantizeInputError(f"--weights {path!r} does not exist; give a state dict saved with torch.save(model.state_dict(), path).")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise QuantizeInputError(
+            f"--weights {path!r} cannot be read by torch.load(weights_only=True): {_one_line(e)}; save it with "
+            "torch.save(model.state_dict(), path)."
+        ) from e
+    if isinstance(state, dict):
+        for key in ("state_dict", "model"):
+            inner = state.get(key)
+            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                state = inner
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise QuantizeInputError(
+            f"--weights {path!r} holds a {type(state).__name__}, not a state dict (a dict of tensors); save it with "
+            "torch.save(model.state_dict(), path)."
+        )
+    return state
+
+
+def _load_weights(model: nn.Module, state: Dict[str, torch.Tensor], path: str, spec: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)):
+            if keys:
+                parts.append(f"{label} {keys[:4]}" + (f" and {len(keys) - 4} more" if len(keys) > 4 else ""))
+        raise QuantizeInputError(
+            f"--weights {path!r} do not fit the model built by {spec}: {'; '.join(parts)}; give the state dict "
+            "of this model."
+        )
+    model.load_state_dict(state)
+
+
+def load_model(spec: str, weights: Optional[str] = None) -> nn.Module:
+    """Build the model named by `MODULE:FACTORY`, load `weights` into it and put it in eval mode.
+
+    Raises:
+        QuantizeInputError: see `resolve_factory` and `load_state`; the factory fails when called with no
+            arguments, or returns something that is not an `nn.Module`; the weights do not fit.
+    """
+    factory, _ = resolve_factory(spec)
+    state = load_state(weights) if weights is not None else None  # a bad file fails before building the model
+    if isinstance(factory, nn.Module):
+        model: Any = factory
+    elif not callable(factory):
+        raise QuantizeInputError(
+            f"{spec} is a {type(factory).__name__}, not a callable returning a torch.nn.Module; name a function or class."
+        )
+    else:
+        try:
+            model = factory()
+        except Exception as e:  # noqa: BLE001
+            raise QuantizeInputError(
+                f"calling {spec}() failed: {_one_line(e)}; the factory must build the model with no arguments."
+            ) from e
+    if not isinstance(model, nn.Module):
+        raise QuantizeInputError(
+            f"{spec}() returned a {type(model).__name__}, not a torch.nn.Module; the factory must return the model."
+        )
+    if state is not None and weights is not None:
+        _load_weights(model, state, weights, spec)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# --data
+# --------------------------------------------------------------------------------------------------
+
+
+def _first_tensor(value: Any) -> Optional[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _as_inputs(data: torch.Tensor, path: str) -> torch.Tensor:
+    if data.dim() == 0 or data.shape[0] == 0:
+        raise QuantizeInputError(
+            f"--data {path!r} holds a tensor of shape {tuple(data.shape)}; expected inputs (N, ...) with N >= 1."
+        )
+    # float32 like the model (fxq.prepare refuses others); integer inputs (token ids) stay as they are
+    return data.float() if data.is_floating_point() else data
+
+
+def _image_files(folder: str) -> List[str]:
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        files += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(IMAGE_SUFFIXES)]
+    return files
+
+
+def _image_array(img: Any, gray: bool) -> np.ndarray:
+    """One PIL image as a float32 (C, H, W) array in [0, 1]."""
+    if img.mode in ("I", "I;16", "I;16L", "I;16B") and gray:
+        arr = np.asarray(img, dtype=np.float32) / 65535.0
+    elif img.mode == "F" and gray:
+        arr = np.asarray(img, dtype=np.float32)
+    else:
+        arr = np.asarray(img.convert("L" if gray else "RGB"), dtype=np.float32) / 255.0
+    arr = np.clip(arr, 0.0, 1.0)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def load_images(folder: str, progress: bool = False) -> torch.Tensor:
+    """Every PNG/JPEG file in `folder` and its subfolders (sorted) as one float tensor (N, C, H, W) in [0, 1].
+
+    C is 1 when every image is grayscale, else 3 (RGB; alpha dropped). Images are not resized.
+
+    Raises:
+        QuantizeInputError: no images, an unreadable image, or images of different sizes (names them).
+    """
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise QuantizeInputError(f"--data {folder!r} is an image folder, which needs Pillow: pip install pillow.") from e
+    files = _image_files(folder)
+    if not files:
+        raise QuantizeInputError(
+            f"--data {folder!r} holds no PNG or JPEG images (in it or its subfolders); give a folder of "
+            f"{'/'.join(s[1:] for s in IMAGE_SUFFIXES)} files, a .pt file or a .npy file."
+        )
+    from tqdm.auto import tqdm
+
+    images = []
+    for path in tqdm(files, desc="images", disable=not progress, leave=False, dynamic_ncols=True):
+        try:
+            with Image.open(path) as img:
+                img.load()
+                images.append((path, img.copy()))
+        except Exception as e:  # noqa: BLE001
+            raise QuantizeInputError(f"--data: cannot read image {path!r}: {_one_line(e)}") from e
+    sizes = Counter(img.size for _, img in images)
+    if len(sizes) > 1:
+        example = {size: next(p for p, img in images if img.size == size) for size in sizes}
+        listed = ", ".join(
+            f"{w}x{h} ({n} image{'s' if n > 1 else ''}, e.g. {os.path.relpath(example[(w, h)], folder)})"
+            for (w, h), n in sizes.most_common()
+        )
+        raise QuantizeInputError(
+            f"--data {folder!r}: images have {len(sizes)} different sizes (width x height): {listed}; resize them "
+            "to one size."
+        )
+    gray = all(img.mode in GRAYSCALE_MODES for _, img in images)
+    return torch.from_numpy(np.stack([_image_array(img, gray) for _, img in images]))
+
+
+def load_inputs(path: str, progress: bool = False) -> torch.Tensor:
+    """The model inputs (N, ...) held by `path`: a `.pt`/`.pth` file (a tensor, or a dict/tuple/list whose
+    first tensor is the inputs; read with `torch.load(weights_only=True)`), a `.npy` file, or a folder of
+    PNG/JPEG images (`load_images`). Floating inputs become float32.
+
+    Raises:
+        QuantizeInputError: missing, unreadable or empty data, or an unsupported file type.
+    """
+    if os.path.isdir(path):
+        return load_images(path, progress)
+    if not os.path.exists(path):
+        raise QuantizeInputError(f"--data {path!r} does not exist; give a .pt file, a .npy file or a folder of images.")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in TENSOR_SUFFIXES:
+        try:
+            value = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise QuantizeInputError(
+                f"--data {path!r} cannot be read by torch.load(weights_only=True): {_one_line(e)}; save the inputs "
+                "with torch.save(x, path)."
+            ) from e
+        data = _first_tensor(value)
+        if data is None:
+            raise QuantizeInputError(
+                f"--data {path!r} holds a {type(value).__name__} without a tensor; save the inputs (N, ...) as a "
+                "tensor, or a dict/tuple whose first tensor is the inputs."
+            )
+        return _as_inputs(data, path)
+    if suffix == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except Exception as e:  # noqa: BLE001
+            raise QuantizeInputError(f"--data {path!r} cannot be read by numpy.load: {_one_line(e)}") from e
+        if array.dtype.kind not in "fiub":
+            raise QuantizeInputError(f"--data {path!r} holds a {array.dtype} array; expected numbers (N, ...).")
+        return _as_inputs(torch.from_numpy(np.ascontiguousarray(array)), path)
+    raise QuantizeInputError(
+        f"--data {path!r} has an unsupported type {suffix or '(no suffix)'!r}; give a .pt/.pth file (a tensor, or a "
+        "dict/tuple whose first tensor is the inputs), a .npy file, or a folder of PNG/JPEG images."
+    )
+
+
+def make_batches(data: torch.Tensor, batch_size: int, seed: int) -> List[torch.Tensor]:
+    """The inputs shuffled with `seed` (image folders come sorted by class) and cut into batches."""
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    data = data[perm]
+    return [data[i : i + batch_size] for i in range(0, len(data), batch_size)]
+
+
+# --------------------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_model_runs(model: nn.Module, batch: torch.Tensor, spec: str) -> Any:
+    try:
+        with torch.no_grad():
+            return model(batch)
+    except Exception as e:  # noqa: BLE001
+        raise QuantizeInputError(
+            f"the model built by {spec} fails on a data batch of shape {tuple(batch.shape)} ({batch.dtype}): "
+            f"{_one_line(e)}; give --data shaped like the model's input."
+        ) from e
+
+
+def applicable_target(qm: nn.Module, target: TargetBits, first_last_bits: Optional[int], spec: str) -> Optional[fxq.BitTarget]:
+    """The `BitTarget` for the quantizers of `qm` that learn their bits.
+
+    An activation target is dropped (None returned for it) when no activation quantizer learns its bits:
+    those activations stay at their fixed bits (e.g. a model whose only activations are those of the first
+    and last layers). A weight target with no weight quantizer that learns its bits is an error.
+
+    Raises:
+        QuantizeInputError: no weight quantizer learns its bits (the fix: `--first-last-bits none`).
+    """
+    learnable = [m for m in qm.modules() if isinstance(m, fxq.LearnableQuantizer) and m.learn_bits]
+    weights = [q for q in learnable if q.kind == "weight"]
+    activations = [q for q in learnable if q.kind == "activation"]
+    if not weights:
+        fix = (
+            f"with --first-last-bits {first_last_bits} its first and last layers stay at {first_last_bits} bits and it "
+            "has no other quantized layer; give --first-last-bits none to quantize them to the target too"
+            if first_last_bits is not None
+            else "prepare found no weight that learns its bits"
+        )
+        raise QuantizeInputError(f"--bits {target.text}: no weight of the model built by {spec} can learn {target.weight} bits: {fix}.")
+    activation = target.activation if activations else None
+    return fxq.BitTarget(weight=target.weight, activation=activation)
+
+
+def verify_reported(
+    frozen: nn.Module, onnx_path: str, batches: Sequence[Any], *, raise_on_failure: bool = False, **kwargs: Any
+) -> fxq.VerifyReport:
+    """`fxq.verify` for a caller that prints or saves the report itself (by default without raising).
+
+    verify warns about each difference it explains by the machine's kernels (e.g. no VNNI); the report
+    carries the same explanation, so those warnings are dropped here and every other warning is re-issued
+    (when verify raises, its error says what failed).
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        parity = fxq.verify(frozen, onnx_path, batches, raise_on_failure=raise_on_failure, **kwargs)
+    explained = [r.explained for r in parity.results if r.explained]
+    for w in caught:
+        if not any(text in str(w.message) for text in explained):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return parity
+
+
+@torch.no_grad()
+def _fidelity(model: nn.Module, qm: nn.Module, batches: Sequence[torch.Tensor]) -> Dict[str, Optional[float]]:
+    """How close the quantized module's outputs are to the float model's (no labels needed)."""
+    num = den = 0.0
+    agree = total = 0
+    for b in batches:
+        f, q = model(b), qm(b)
+        if not isinstance(f, torch.Tensor) or not isinstance(q, torch.Tensor) or f.shape != q.shape:
+            return {"relative_error_vs_float": None, "argmax_agreement_vs_float": None}
+        num += float((q.float() - f.float()).pow(2).sum())
+        den += float(f.float().pow(2).sum())
+        if f.dim() == 2:
+            agree += int((f.argmax(1) == q.argmax(1)).sum())
+            total += f.shape[0]
+    return {
+        "relative_error_vs_float": (num / den) ** 0.5 if den > 0 else None,
+        "argmax_agreement_vs_float": agree / total if total else None,
+    }
+
+
+def run_quantize(
+    model_spec: str,
+    data: str,
+    bits: str,
+    *,
+    weights: Optional[str] = None,
+    steps: int = DEFAULT_STEPS,
+    out_dir: str = "fxquant-out",
+    first_last_bits: Optional[int] = 8,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    quiet: bool = False,
+) -> Dict[str, Any]:
+    """Quantize the model built by `model_spec` (`MODULE:FACTORY`) on `data`; write and return the summary.
+
+    Args:
+        model_spec: `module:factory` or `path/to/file.py:factory`; the factory is called with no arguments.
+        data: see `load_inputs`.
+        bits: target bits as `W4A8`, `W8A8` or `W4` (see `parse_bits`).
+        weights: a state dict for the model (`torch.load(weights_only=True)`).
+        steps: fine-tuning steps; 0 skips fine-tuning (post-training quantization at the initial 8 bits).
+        out_dir: where `model.onnx`, `summary.json` and `report.txt` go (created).
+        first_last_bits: bits of the first and last quantized layers, or None to learn them like the rest.
+        seed: seeds torch, numpy and random, and the shuffle of the data into batches.
+        batch_size: samples per batch.
+        quiet: no progress bars and no printed summary.
+
+    Returns:
+        The summary written to `out_dir/summary.json`.
+
+    Raises:
+        QuantizeInputError: a bad argument (checked before the long work starts).
+        FxQuantError: a library step refused the model (its message says why).
+    """
+    t_start = time.perf_counter()
+    say: Callable[..., None] = (lambda *a: None) if quiet else print
+    target = parse_bits(bits)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise QuantizeInputError(f"--steps {steps!r} must be a non-negative integer (0: post-training quantization only).")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise QuantizeInputError(f"--batch-size {batch_size!r} must be a positive integer, e.g. 32.")
+    if first_last_bits is not None and not (MIN_TARGET_BITS <= first_last_bits <= MAX_TARGET_BITS):
+        raise QuantizeInputError(f"--first-last-bits {first_last_bits!r} must be in 2..16 or none.")
+    config = quant_config(target, first_last_bits)
+    torch.manual_seed(seed)  # before the factory: random initialisations are reproducible too
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    model = load_model(model_spec, weights)
+    inputs = load_inputs(data, progress=not quiet)
+    batches = make_batches(inputs, batch_size, seed)
+    example = batches[0]
+    float_out = _check_model_runs(model, example, model_spec)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise QuantizeInputError(f"--out {out_dir!r} is a file; give a folder for model.onnx, summary.json and report.txt.")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise QuantizeInputError(f"--out {out_dir!r} cannot be created: {_one_line(e)}") from e
+    del float_out
+
+    say(f"[1/5] prepare {model_spec} ({sum(p.numel() for p in model.parameters())} parameters) on {len(inputs)} "
+        f"inputs of shape {tuple(inputs.shape[1:])}; calibrate on {min(CALIBRATION_BATCHES, len(batches))} batches")
+    qm = fxq.prepare(model, example, config)
+    bit_target = applicable_target(qm, target, first_last_bits, model_spec) if steps > 0 else None
+    fxq.calibrate(qm, batches, num_batches=CALIBRATION_BATCHES)
+    result: Optional[fxq.FinetuneResult] = None
+    if bit_target is not None:
+        dropped = " (no activation learns its bits: activations keep their fixed bits)" if (
+            target.activation is not None and bit_target.activation is None) else ""
+        say(f"[2/5] fine-tune {steps} steps: distillation from the float model + bit penalty -> {target.text}{dropped}")
+        result = fxq.finetune(qm, batches, teacher=model, steps=steps, target_bits=bit_target, progress=not quiet)
+    else:
+        say(f"[2/5] --steps 0: no fine-tuning (post-training quantization at the initial bits; {target.text} not applied)")
+    qm.eval()
+    fidelity = _fidelity(model, qm, batches[:VERIFY_BATCHES])
+
+    say("[3/5] freeze and export integer QDQ ONNX")
+    frozen = fxq.freeze(qm)
+    onnx_path = os.path.join(out_dir, "model.onnx")
+    fxq.export_onnx(frozen, example, onnx_path)
+
+    say("[4/5] verify in onnxruntime")
+    parity = verify_reported(frozen, onnx_path, batches[:VERIFY_BATCHES], num_batches=VERIFY_BATCHES)
+
+    say("[5/5] report")
+    rep = fxq.report(qm)
+    rows = [{"name": r.name, "serves": r.serves, "kind": r.kind, "bits": r.bits} for r in rep.rows]
+    summary: Dict[str, Any] = {
+        "model": model_spec,
+        "weights": weights,
+        "data": data,
+        "samples": len(inputs),
+        "input_shape": list(inputs.shape[1:]),
+        "batch_size": batch_size,
+        "seed": seed,
+        "bits": target.text,
+        "target_bits": {"weight": target.weight, "activation": target.activation},
+        "target_applied": {
+            "weight": bit_target is not None and bit_target.weight is not None,
+            "activation": bit_target is not None and bit_target.activation is not None,
+        },
+        "first_last_bits": first_last_bits,
+        "steps": steps,
+        "steps_run": result.steps_run if result is not None else 0,
+        "best_step": result.best_step if result is not None else None,
+        "target_met": bool(result.met_target) if result is not None else None,
+        "avg_weight_bits": rep.avg_weight_bits,
+        "avg_activation_bits": rep.avg_activation_bits,
+        "size_bytes_at_bits": rep.size_bytes,
+        "float_size_bytes": rep.float_size_bytes,
+        "compression": rep.compression,
+        "onnx_file_bytes": os.path.getsize(onnx_path),
+        **fidelity,
+        "parity_ok": parity.ok,
+        "parity_max_error": parity.max_error,
+        "parity_error_unit": parity.error_unit,
+        "parity_argmax_agreement": parity.argmax_agreement,
+        "integer_kernel_fraction": parity.integer_fraction,
+        "parity": str(parity),
+        "bits_per_quantizer": rows,
+        "seconds": time.perf_counter() - t_start,
+    }
+    summary_path = os.path.join(out_dir, "summary.json")
+    with open(summary_path, "w") as fh:
+        json.dump(summary, fh, indent=2)
+    report_path = os.path.join(out_dir, "report.txt")
+    with open(report_path, "w") as fh:
+        fh.write(f"fxquant quantize {model_spec} --data {data} --bits {target.text} --steps {steps}\n\n")
+        fh.write(f"{rep}\n\n{parity}\n")
+        if result is not None:
+            fh.write(f"\n{result}\n")
+
+    say("")
+    met = "no fine-tuning" if result is None else ("target met" if result.met_target else "target NOT met")
+    say(f"bits      target {target.text} ({met}): weights {rep.avg_weight_bits:.2f} on average (size-weighted), "
+        f"activations {rep.avg_activation_bits:.2f}")
+    say(f"size      {rep.size_bytes / 1024:.1f} KiB at these bits vs {rep.float_size_bytes / 1024:.1f} KiB float "
+        f"({rep.compression:.1f}x); ONNX file {summary['onnx_file_bytes'] / 1024:.1f} KiB")
+    if fidelity["argmax_agreement_vs_float"] is not None:
+        say(f"fidelity  argmax agrees with the float model on {100 * fidelity['argmax_agreement_vs_float']:.1f}% "
+            f"of {min(len(inputs), VERIFY_BATCHES * batch_size)} inputs")
+    say(f"parity    onnxruntime vs frozen PyTorch: {'ok' if parity.ok else 'FAILED'} (max error {parity.max_error:.3g} "
+        f"{parity.error_unit}); integer kernels {100 * parity.integer_fraction:.0f}% of compute ops")
+    for r in parity.results:
+        if r.explained:
+            say(f"note      {r.provider} {r.level} differs by {r.error:.3g} {parity.error_unit}: {r.explained}")
+    say(f"wrote {onnx_path}, {summary_path}, {report_path} in {summary['seconds']:.0f} s")
+    return summary
