@@ -106,30 +106,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="an importable module (or a path to a .py file) and a callable in it that returns the nn.Module, "
         "e.g. mypkg.models:build or models.py:Net",
     )
-    quantize.add_argument("--weights", help="a state dict for the model, read with torch.load(weights_only=True)")
+    quantize.add_argument("--weights", metavar="CKPT", help="a state dict for the model, read with torch.load(weights_only=True)")
     quantize.add_argument(
         "--data",
+        metavar="DATA",
         required=True,
         help="model inputs: a .pt file (a tensor (N, ...), or a dict/tuple whose first tensor is the inputs), a "
         ".npy file, or a folder of PNG/JPEG images (optionally in class subfolders; one size; read as C,H,W in [0, 1])",
     )
     quantize.add_argument(
         "--bits",
+        metavar="W4A8",
         required=True,
         help="target bits: W4A8 (4-bit weights, 8-bit activations), W8A8, or W4 (weights only)",
     )
     quantize.add_argument(
-        "--steps", type=int, default=300,
-        help="fine-tuning steps (default 300); 0: post-training quantization at the initial 8 bits, no fine-tuning",
+        "--steps", type=int, default=300, metavar="N",
+        help="fine-tuning steps (default 300); 0: no fine-tuning, post-training quantization at 8 bits (or at a "
+        "--bits width above 8)",
     )
-    quantize.add_argument("--out", default="fxquant-out", help="output folder (default fxquant-out)")
+    quantize.add_argument("--out", default="fxquant-out", metavar="DIR", help="output folder (default fxquant-out)")
     quantize.add_argument(
-        "--first-last-bits", default="8",
+        "--first-last-bits", default="8", metavar="8|none",
         help="bits of the first and last quantized layers (default 8), or 'none' to learn them like the rest",
     )
-    quantize.add_argument("--batch-size", type=int, default=32, help="samples per batch (default 32)")
+    quantize.add_argument("--batch-size", type=int, default=32, metavar="N", help="samples per batch (default 32)")
     quantize.add_argument(
-        "--seed", type=int, default=0, help="random seed of the model factory, the data shuffle and fine-tuning (default 0)"
+        "--seed", type=int, default=0, metavar="S", help="random seed of the model factory, the data shuffle and fine-tuning (default 0)"
     )
     quantize.add_argument("--quiet", action="store_true", help="no progress bars and no printed summary")
     quantize.set_defaults(func=_quantize)

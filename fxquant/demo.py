@@ -13,7 +13,6 @@ integer conv kernels). Writes `model.onnx`, `model_int8_weights.onnx`, `summary.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxquant as fxq
-from fxquant.quantize_cli import verify_reported
+from fxquant.quantize_cli import report_summary, verify_reported, write_summary
 from fxquant.tracing import silenced
 
 EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "onnxscript")
@@ -215,17 +214,12 @@ def run_demo(out_dir: str = "fxquant-demo", steps: int = 300, quiet: bool = Fals
 
     say("[6/6] report")
     rep = fxq.report(frozen)
-    rows = [{"name": r.name, "serves": r.serves, "kind": r.kind, "bits": r.bits} for r in rep.rows]
     summary = {
         "float_accuracy": fp_acc,
         "fake_quant_accuracy": fq_acc,
         "onnxruntime_accuracy": ort_acc,
         "target_met": bool(result.met_target),
-        "avg_weight_bits": rep.avg_weight_bits,
-        "avg_activation_bits": rep.avg_activation_bits,
-        "size_bytes_at_bits": rep.size_bytes,
-        "float_size_bytes": rep.float_size_bytes,
-        "compression": rep.compression,
+        **report_summary(rep),
         "onnx_file_bytes": os.path.getsize(onnx_path),
         "float_onnx_file_bytes": os.path.getsize(float_path),
         "ort_latency_ms_batch64": lat_q,
@@ -233,15 +227,12 @@ def run_demo(out_dir: str = "fxquant-demo", steps: int = 300, quiet: bool = Fals
         "int8_weights_ort_latency_ms_batch64": lat_fast,
         "float_ort_latency_ms_batch64": lat_f,
         "parity": str(parity),
-        "bits_per_quantizer": rows,
         "seconds": time.perf_counter() - t_start,
     }
-    summary_path = os.path.join(out_dir, "summary.json")
-    with open(summary_path, "w") as fh:
-        json.dump(summary, fh, indent=2)
+    summary_path = write_summary(out_dir, summary)
     bits_path = os.path.join(out_dir, "bits.png")
     try:
-        plot_bits(rows, bits_path)
+        plot_bits(summary["bits_per_quantizer"], bits_path)
     except Exception as e:  # noqa: BLE001 - the picture is optional; the numbers are already saved
         warnings.warn(f"demo: could not draw {bits_path} ({type(e).__name__}: {e}); the results are in {summary_path}",
                       stacklevel=2)

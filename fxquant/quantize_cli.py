@@ -193,6 +193,34 @@ def _one_line(e: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def _torch_load(path: str, option: str, fix: str) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU; a failure is one line naming the option and the fix."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise QuantizeInputError(f"{option} {path!r} cannot be read by torch.load(weights_only=True): {_one_line(e)}; {fix}.") from e
+
+
+def write_summary(out_dir: str, summary: Dict[str, Any]) -> str:
+    """Write `summary` to `out_dir/summary.json` (before anything that may fail: pictures, reports); return the path."""
+    path = os.path.join(out_dir, "summary.json")
+    with open(path, "w") as fh:
+        json.dump(summary, fh, indent=2)
+    return path
+
+
+def report_summary(rep: fxq.QuantReport) -> Dict[str, Any]:
+    """The numbers of a `fxq.report` for a JSON summary: average bits, sizes, and the bits of each quantizer."""
+    return {
+        "avg_weight_bits": rep.avg_weight_bits,
+        "avg_activation_bits": rep.avg_activation_bits,
+        "size_bytes_at_bits": rep.size_bytes,
+        "float_size_bytes": rep.float_size_bytes,
+        "compression": rep.compression,
+        "bits_per_quantizer": [{"name": r.name, "serves": r.serves, "kind": r.kind, "bits": r.bits} for r in rep.rows],
+    }
+
+
 def resolve_factory(spec: str) -> Tuple[Callable[[], Any], str]:
     """The callable named by `MODULE:FACTORY` (a dotted attribute path is allowed after the colon).
 
@@ -238,13 +266,7 @@ def load_state(path: str) -> Dict[str, torch.Tensor]:
     """
     if not os.path.isfile(path):
         raise QuantizeInputError(f"--weights {path!r} does not exist; give a state dict saved with torch.save(model.state_dict(), path).")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise QuantizeInputError(
-            f"--weights {path!r} cannot be read by torch.load(weights_only=True): {_one_line(e)}; save it with "
-            "torch.save(model.state_dict(), path)."
-        ) from e
+    state = _torch_load(path, "--weights", "save it with torch.save(model.state_dict(), path)")
     if isinstance(state, dict):
         for key in ("state_dict", "model"):
             inner = state.get(key)
@@ -411,13 +433,7 @@ def load_inputs(path: str, progress: bool = False) -> torch.Tensor:
         raise QuantizeInputError(f"--data {path!r} does not exist; give a .pt file, a .npy file or a folder of images.")
     suffix = os.path.splitext(path)[1].lower()
     if suffix in TENSOR_SUFFIXES:
-        try:
-            value = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise QuantizeInputError(
-                f"--data {path!r} cannot be read by torch.load(weights_only=True): {_one_line(e)}; save the inputs "
-                "with torch.save(x, path)."
-            ) from e
+        value = _torch_load(path, "--data", "save the inputs with torch.save(x, path)")
         data = _first_tensor(value)
         if data is None:
             raise QuantizeInputError(
@@ -546,7 +562,8 @@ def run_quantize(
         data: see `load_inputs`.
         bits: target bits as `W4A8`, `W8A8` or `W4` (see `parse_bits`).
         weights: a state dict for the model (`torch.load(weights_only=True)`).
-        steps: fine-tuning steps; 0 skips fine-tuning (post-training quantization at the initial 8 bits).
+        steps: fine-tuning steps; 0 skips fine-tuning (post-training quantization at the initial bits: 8, or
+            a target width above 8).
         out_dir: where `model.onnx`, `summary.json` and `report.txt` go (created).
         first_last_bits: bits of the first and last quantized layers, or None to learn them like the rest.
         seed: seeds torch, numpy and random, and the shuffle of the data into batches.
@@ -612,7 +629,6 @@ def run_quantize(
 
     say("[5/5] report")
     rep = fxq.report(qm)
-    rows = [{"name": r.name, "serves": r.serves, "kind": r.kind, "bits": r.bits} for r in rep.rows]
     summary: Dict[str, Any] = {
         "model": model_spec,
         "weights": weights,
@@ -632,11 +648,7 @@ def run_quantize(
         "steps_run": result.steps_run if result is not None else 0,
         "best_step": result.best_step if result is not None else None,
         "target_met": bool(result.met_target) if result is not None else None,
-        "avg_weight_bits": rep.avg_weight_bits,
-        "avg_activation_bits": rep.avg_activation_bits,
-        "size_bytes_at_bits": rep.size_bytes,
-        "float_size_bytes": rep.float_size_bytes,
-        "compression": rep.compression,
+        **report_summary(rep),
         "onnx_file_bytes": os.path.getsize(onnx_path),
         **fidelity,
         "parity_ok": parity.ok,
@@ -645,12 +657,9 @@ def run_quantize(
         "parity_argmax_agreement": parity.argmax_agreement,
         "integer_kernel_fraction": parity.integer_fraction,
         "parity": str(parity),
-        "bits_per_quantizer": rows,
         "seconds": time.perf_counter() - t_start,
     }
-    summary_path = os.path.join(out_dir, "summary.json")
-    with open(summary_path, "w") as fh:
-        json.dump(summary, fh, indent=2)
+    summary_path = write_summary(out_dir, summary)
     report_path = os.path.join(out_dir, "report.txt")
     with open(report_path, "w") as fh:
         fh.write(f"fxquant quantize {model_spec} --data {data} --bits {target.text} --steps {steps}\n\n")

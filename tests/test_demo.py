@@ -30,3 +30,26 @@ def test_inspect_prints_the_quant_nodes(tmp_path, capsys) -> None:  # noqa: ANN0
     assert main(["inspect", os.path.join(out, "model.onnx")]) == 0
     text = capsys.readouterr().out
     assert "conv1_weight" in text and "INT4" in text.upper()
+
+
+def test_quiet_demo_is_quiet_and_a_plot_failure_keeps_the_summary(tmp_path, capfd, monkeypatch) -> None:  # noqa: ANN001
+    import fxquant.demo
+
+    def broken_plot(rows, path) -> None:  # noqa: ANN001
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(fxquant.demo, "plot_bits", broken_plot)
+    out = str(tmp_path / "demo")
+    capfd.readouterr()
+    assert main(["demo", "--out", out, "--steps", "3", "--quiet"]) == 0
+    captured = capfd.readouterr()  # file-descriptor level: torch's log handlers write to the original stderr
+    assert captured.out == ""
+    for noise in ("torchvision", "LeafSpec", "FutureWarning", "it/s", "differs by"):
+        assert noise not in captured.err, captured.err
+    assert captured.err.strip().splitlines() == [
+        f"fxquant: warning: demo: could not draw {os.path.join(out, 'bits.png')} (RuntimeError: no display); "
+        f"the results are in {os.path.join(out, 'summary.json')}"
+    ]
+    with open(os.path.join(out, "summary.json")) as fh:
+        assert json.load(fh)["float_accuracy"] > 90.0
+    assert not os.path.exists(os.path.join(out, "bits.png"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -302,41 +302,26 @@ def _with_data(model_file: str, ok_args: List[str], data: str) -> List[str]:
     return argv
 
 
-def test_error_missing_data(model_file: str, tmp_path: Path, ok_args: List[str], capsys: pytest.CaptureFixture[str]) -> None:
-    line = _error(capsys, _with_data(model_file, ok_args, str(tmp_path / "none.pt")))
-    assert "none.pt' does not exist; give a .pt file, a .npy file or a folder of images" in line
+DATA_FILE_ERRORS = [
+    ("none.pt", None, "none.pt' does not exist; give a .pt file, a .npy file or a folder of images"),
+    ("junk.pt", lambda p: p.write_text("not a torch file"), "junk.pt' cannot be read by torch.load(weights_only=True)"),
+    ("junk.npy", lambda p: p.write_text("not numpy"), "junk.npy' cannot be read by numpy.load"),
+    ("labels.pt", lambda p: torch.save({"labels": [0, 1]}, p), "holds a dict without a tensor"),
+    ("empty.pt", lambda p: torch.save(torch.zeros(0, 1, 8, 8), p),
+     "holds a tensor of shape (0, 1, 8, 8); expected inputs (N, ...) with N >= 1"),
+    ("x.csv", lambda p: p.write_text("1,2\n"), "has an unsupported type '.csv'"),
+]
 
 
-def test_error_unreadable_data(model_file: str, tmp_path: Path, ok_args: List[str], capsys: pytest.CaptureFixture[str]) -> None:
-    path = tmp_path / "junk.pt"
-    path.write_text("not a torch file")
-    line = _error(capsys, _with_data(model_file, ok_args, str(path)))
-    assert "junk.pt' cannot be read by torch.load(weights_only=True)" in line
-
-
-def test_error_unreadable_npy(model_file: str, tmp_path: Path, ok_args: List[str], capsys: pytest.CaptureFixture[str]) -> None:
-    path = tmp_path / "junk.npy"
-    path.write_text("not numpy")
-    assert "junk.npy' cannot be read by numpy.load" in _error(capsys, _with_data(model_file, ok_args, str(path)))
-
-
-def test_error_data_without_tensor(model_file: str, tmp_path: Path, ok_args: List[str], capsys: pytest.CaptureFixture[str]) -> None:
-    path = tmp_path / "labels.pt"
-    torch.save({"labels": [0, 1]}, path)
-    assert "holds a dict without a tensor" in _error(capsys, _with_data(model_file, ok_args, str(path)))
-
-
-def test_error_empty_data_tensor(model_file: str, tmp_path: Path, ok_args: List[str], capsys: pytest.CaptureFixture[str]) -> None:
-    path = tmp_path / "empty.pt"
-    torch.save(torch.zeros(0, 1, 8, 8), path)
-    line = _error(capsys, _with_data(model_file, ok_args, str(path)))
-    assert "holds a tensor of shape (0, 1, 8, 8); expected inputs (N, ...) with N >= 1" in line
-
-
-def test_error_unsupported_data_type(model_file: str, tmp_path: Path, ok_args: List[str], capsys: pytest.CaptureFixture[str]) -> None:
-    path = tmp_path / "x.csv"
-    path.write_text("1,2\n")
-    assert "has an unsupported type '.csv'" in _error(capsys, _with_data(model_file, ok_args, str(path)))
+@pytest.mark.parametrize("name, write, message", DATA_FILE_ERRORS, ids=[e[0] for e in DATA_FILE_ERRORS])
+def test_error_data_file(
+    name: str, write: Optional[Callable[[Path], None]], message: str, model_file: str, tmp_path: Path,
+    ok_args: List[str], capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = tmp_path / name
+    if write is not None:
+        write(path)
+    assert message in _error(capsys, _with_data(model_file, ok_args, str(path)))
 
 
 def test_error_empty_image_folder(model_file: str, tmp_path: Path, ok_args: List[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -383,3 +368,12 @@ def test_error_no_layer_learns_bits(tmp_path: Path, ok_args: List[str], capsys: 
     path.write_text("from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 3))\n")
     line = _error(capsys, ["quantize", f"{path}:build"] + ok_args)
     assert "no weight of the model built by" in line and "give --first-last-bits none" in line
+
+
+def test_module_names_import_from_the_current_folder(
+    model_file: str, ok_args: List[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(os.path.dirname(model_file))
+    monkeypatch.delitem(__import__("sys").modules, "tinymodels", raising=False)
+    line = _error(capsys, ["quantize", "tinymodels:Tiny.nope"] + ok_args)
+    assert "'tinymodels:Tiny' has no attribute 'nope'" in line  # imported by name: the cwd is importable
