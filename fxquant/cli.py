@@ -18,6 +18,8 @@ from typing import List, Optional, TextIO, Type, Union
 
 USAGE_ERROR = 2
 """Exit status of a usage error (as argparse's), and of `fxquant` with no command."""
+INTERRUPTED = 130
+"""Exit status after Ctrl-C (128 + SIGINT, as shells report it)."""
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -152,7 +154,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the `fxquant` command; returns the exit status.
 
     With no command it prints the help on stderr and returns 2. When the reader of stdout goes away
-    (`| head`), it stops quietly with status 1 (the Python documentation's advice for SIGPIPE).
+    (`| head`), it stops quietly with status 1 (the Python documentation's advice for SIGPIPE); Ctrl-C
+    ends with one line and status 130 instead of a traceback.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -168,6 +171,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except BrokenPipeError:
         _silence_stdout()
         return 1
+    except KeyboardInterrupt:  # Ctrl-C outside fine-tuning (which stops with its best state itself)
+        print(f"fxquant {args.command}: interrupted", file=sys.stderr)
+        return INTERRUPTED
     return status
 
 

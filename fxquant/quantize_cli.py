@@ -11,11 +11,13 @@ What it does, in order (every input is checked before the long work starts):
    the float model towards `BitTarget(weight=W, activation=A)` (skipped with `--steps 0`: post-training
    quantization at the initial 8 bits), `fxq.freeze`, `fxq.export_onnx`, `fxq.verify` (no raise: the
    parity is reported), `fxq.report`;
-3. write `OUT/model.onnx`, then `OUT/summary.json` (bits, sizes, parity, step counts) as soon as the numbers
-   exist, then `OUT/report.txt` (the quantizer table, the parity and the fine-tuning summary).
+3. write `OUT/model.onnx`, then `OUT/summary.json` (bits, sizes, parity, step counts, and how close the
+   quantized outputs are to the float model's, which needs no labels) as soon as the numbers exist, then
+   `OUT/report.txt` (the quantizer table, the parity and the fine-tuning summary).
 
 Bad input raises `QuantizeInputError` with a one-line message; `fxquant.cli` prints it on stderr and exits
-with status 2. Argument parsing lives in `fxquant.cli`; the algorithms in the library steps.
+with status 2. `write_summary`, `report_summary` and `verify_reported` also serve `fxquant demo`. Argument
+parsing lives in `fxquant.cli`; the algorithms in the library steps.
 """
 
 from __future__ import annotations
@@ -467,10 +469,10 @@ def make_batches(data: torch.Tensor, batch_size: int, seed: int) -> List[torch.T
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_model_runs(model: nn.Module, batch: torch.Tensor, spec: str) -> Any:
+def _check_model_runs(model: nn.Module, batch: torch.Tensor, spec: str) -> None:
     try:
         with torch.no_grad():
-            return model(batch)
+            model(batch)
     except Exception as e:  # noqa: BLE001
         raise QuantizeInputError(
             f"the model built by {spec} fails on a data batch of shape {tuple(batch.shape)} ({batch.dtype}): "
@@ -594,14 +596,13 @@ def run_quantize(
     inputs = load_inputs(data, progress=not quiet)
     batches = make_batches(inputs, batch_size, seed)
     example = batches[0]
-    float_out = _check_model_runs(model, example, model_spec)
+    _check_model_runs(model, example, model_spec)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise QuantizeInputError(f"--out {out_dir!r} is a file; give a folder for model.onnx, summary.json and report.txt.")
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise QuantizeInputError(f"--out {out_dir!r} cannot be created: {_one_line(e)}") from e
-    del float_out
 
     say(f"[1/5] prepare {model_spec} ({sum(p.numel() for p in model.parameters())} parameters) on {len(inputs)} "
         f"inputs of shape {tuple(inputs.shape[1:])}; calibrate on {min(CALIBRATION_BATCHES, len(batches))} batches")
@@ -669,7 +670,8 @@ def run_quantize(
 
     say("")
     met = "no fine-tuning" if result is None else ("target met" if result.met_target else "target NOT met")
-    say(f"bits      target {target.text} ({met}): weights {rep.avg_weight_bits:.2f} on average (size-weighted), "
+    fixed = f"; first and last layers fixed at {first_last_bits}" if first_last_bits is not None else ""
+    say(f"bits      target {target.text} ({met}{fixed}): weights {rep.avg_weight_bits:.2f} on average (size-weighted), "
         f"activations {rep.avg_activation_bits:.2f}")
     say(f"size      {rep.size_bytes / 1024:.1f} KiB at these bits vs {rep.float_size_bytes / 1024:.1f} KiB float "
         f"({rep.compression:.1f}x); ONNX file {summary['onnx_file_bytes'] / 1024:.1f} KiB")

@@ -377,3 +377,33 @@ def test_module_names_import_from_the_current_folder(
     monkeypatch.delitem(__import__("sys").modules, "tinymodels", raising=False)
     line = _error(capsys, ["quantize", "tinymodels:Tiny.nope"] + ok_args)
     assert "'tinymodels:Tiny' has no attribute 'nope'" in line  # imported by name: the cwd is importable
+
+
+# -- the command line around it ---------------------------------------------------------------------
+
+
+def test_ctrl_c_is_one_line_and_status_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import fxquant.quantize_cli
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fxquant.quantize_cli, "run_quantize", interrupted)
+    assert main(["quantize", "m:f", "--data", "d.pt", "--bits", "W4"]) == 130
+    assert capsys.readouterr().err == "fxquant quantize: interrupted\n"
+
+
+def test_warnings_are_one_line_and_torch_pytree_notices_are_dropped(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import warnings
+
+    import fxquant.quantize_cli
+
+    def warns(*args: object, **kwargs: object) -> None:
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1)
+        warnings.warn("first line\n  second line", UserWarning, stacklevel=1)
+
+    monkeypatch.setattr(fxquant.quantize_cli, "run_quantize", warns)
+    assert main(["quantize", "m:f", "--data", "d.pt", "--bits", "W4"]) == 0
+    assert capsys.readouterr().err == "fxquant: warning: first line second line\n"
