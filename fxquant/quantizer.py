@@ -89,6 +89,12 @@ def dequantize_codes(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
     return (q.to(scale.dtype) - zero_point) * scale
 
 
+FOLLOW_SAMPLE = 65536
+"""Activation values `follow_bits_` searches the clip of, per change of integer bits."""
+FOLLOW_COLUMNS = 256
+"""Elements per output channel of a weight that `follow_bits_` searches the clip of."""
+FOLLOW_RATIOS = 16
+"""Candidate clip ratios of `follow_bits_` (calibration uses 24)."""
 DITHER_EXACT_BELOW = 64
 """Groups with fewer elements draw the dither's random signs one by one; larger groups draw their sum."""
 
@@ -543,9 +549,16 @@ class LearnableQuantizer(nn.Module):
         if torch.equal(last, bits):
             return
         sample = x.detach().flatten() if self.kind != KIND_WEIGHT else x.detach()
-        if sample.dim() == 1 and sample.numel() > 65536:
-            sample = sample[torch.randint(0, sample.numel(), (65536,), device=sample.device)]
-        ratio = self.mse_clip_ratio(sample, bits) / self.mse_clip_ratio(sample, last)
+        if sample.dim() == 1 and sample.numel() > FOLLOW_SAMPLE:
+            sample = sample[torch.randint(0, sample.numel(), (FOLLOW_SAMPLE,), device=sample.device)]
+        elif self.channel_axis == 0 and self.block_axis is None and sample.dim() > 1:
+            # per-channel weights: the ratio is estimated on a few columns of each channel (a large layer's
+            # full search at every bit change dominated the steps of a descent)
+            cols = sample.flatten(1)
+            if cols.shape[1] > FOLLOW_COLUMNS:
+                cols = cols[:, torch.randint(0, cols.shape[1], (FOLLOW_COLUMNS,), device=cols.device)]
+            sample = cols.reshape(cols.shape[0], cols.shape[1], *([1] * (sample.dim() - 2)))
+        ratio = self.mse_clip_ratio(sample, bits, FOLLOW_RATIOS) / self.mse_clip_ratio(sample, last, FOLLOW_RATIOS)
         if self.kind != KIND_WEIGHT:
             ratio = _mean_over_ranks(ratio)
         self.scale_clamps_(ratio)

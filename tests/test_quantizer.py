@@ -202,7 +202,9 @@ def test_clamps_follow_a_change_of_integer_bits_in_training() -> None:
     q.init_from_tensor(w)
     q(w)  # records the integer bits trained on
     hi_8 = q.hi.detach().clone()
-    expected = q.mse_clip_ratio(w, torch.tensor(2.0)) / q.mse_clip_ratio(w, torch.tensor(8.0))
+    from fxquant.quantizer import FOLLOW_RATIOS
+
+    expected = q.mse_clip_ratio(w, torch.tensor(2.0), FOLLOW_RATIOS) / q.mse_clip_ratio(w, torch.tensor(8.0), FOLLOW_RATIOS)
     q.set_bits(2)
     q(w)
     assert torch.allclose(q.hi.detach(), hi_8 * expected)
