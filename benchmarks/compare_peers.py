@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gzip
 import importlib.metadata as md
 import os
 import platform
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,37 +48,21 @@ from fxquant.demo import (
 )
 from fxquant.losses import jeffreys_divergence
 
-FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fashion_setup  # noqa: E402
+
 Batches = List[Tuple[torch.Tensor, torch.Tensor]]
 
 
 # ------------------------------------------------------------------------------------------------ data
 
 
-def _read_idx(path: str) -> np.ndarray:
-    with gzip.open(path, "rb") as fh:
-        data = fh.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 def load_fashion_mnist() -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Fashion-MNIST from the Debian package (installed with apt-get when missing); None if unavailable."""
-    if not os.path.isdir(FASHION_DIR) and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "-qq", "dataset-fashion-mnist"], check=False,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if not os.path.isdir(FASHION_DIR):
+    """Fashion-MNIST (`fashion_setup.load_fashion_mnist`); None if unavailable."""
+    try:
+        return fashion_setup.load_fashion_mnist()
+    except SystemExit:
         return None
-
-    def images(name: str) -> torch.Tensor:
-        return torch.from_numpy(_read_idx(os.path.join(FASHION_DIR, name)).copy()).float().unsqueeze(1) / 255.0
-
-    def labels(name: str) -> torch.Tensor:
-        return torch.from_numpy(_read_idx(os.path.join(FASHION_DIR, name)).copy()).long()
-
-    return (images("train-images-idx3-ubyte.gz"), labels("train-labels-idx1-ubyte.gz"),
-            images("t10k-images-idx3-ubyte.gz"), labels("t10k-labels-idx1-ubyte.gz"))
 
 
 # ------------------------------------------------------------------------------------------- model
