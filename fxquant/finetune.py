@@ -41,7 +41,14 @@ from fxquant.errors import ConfigError, FxQuantError, PrepareError, StateError
 from fxquant.losses import DISTILL_KINDS, distillation_loss, exterior_hinge, model_size_mb, output_leaves
 from fxquant.passes.insert import QUANTIZERS_ATTR
 from fxquant.preparation import module_state
-from fxquant.quantizer import KIND_ACTIVATION, KIND_WEIGHT, LearnableQuantizer, iter_learnable, make_estimator
+from fxquant.quantizer import (
+    KIND_ACTIVATION,
+    KIND_WEIGHT,
+    LearnableQuantizer,
+    iter_learnable,
+    make_estimator,
+    mean_over_ranks,
+)
 from fxquant.utils import quantizers_enabled
 
 PENALTIES = ("exterior", "size")
@@ -586,21 +593,6 @@ def _snapshot(module: nn.Module) -> Dict[str, Tensor]:
     return {k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in module.state_dict().items()}
 
 
-def _mean_over_ranks(value: float, device: torch.device) -> float:
-    """The mean of `value` over the ranks of a running torch.distributed job (itself otherwise).
-
-    Under DDP each rank sees other batches; averaging the selection metric makes every rank pick the same
-    step, so all ranks end with the same state.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t) / dist.get_world_size()
-
-
 class _Selector:
     """Keeps the best state among those that meet the target."""
 
@@ -651,7 +643,8 @@ class _Selector:
             metric = sum(recent) / len(recent)
         else:
             return
-        metric = _mean_over_ranks(metric, model_device(self.inner))
+        # under DDP each rank sees other batches: the mean over ranks makes every rank pick the same step
+        metric = float(mean_over_ranks(torch.tensor([metric], dtype=torch.float64, device=model_device(self.inner))))
         if math.isfinite(metric) and (self.best_metric is None or metric <= self.best_metric):
             self.best_metric, self.best_step = metric, step
             self.best_state = _snapshot(self.inner)

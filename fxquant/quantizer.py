@@ -175,7 +175,7 @@ def pseudo_quantization_noise(x: Tensor, step: Tensor, distribution: str) -> Ten
     return step * eps
 
 
-def _mean_over_ranks(t: Tensor) -> Tensor:
+def mean_over_ranks(t: Tensor) -> Tensor:
     """`t` averaged over the ranks of a running torch.distributed job (itself otherwise)."""
     import torch.distributed as dist
 
@@ -456,23 +456,23 @@ class LearnableQuantizer(nn.Module):
             return torch.pow(2.0, bits - 1.0) - 1.0
         return torch.pow(2.0, bits) - 1.0
 
-    def _step(self, bits: Tensor) -> Tensor:
-        lo, hi = self.clamp_bounds()
+    def _step_of(self, lo: Tensor, hi: Tensor, levels: Tensor) -> Tensor:
+        """The step of clamps `lo <= 0 <= hi` with `levels` steps between them (per side if symmetric)."""
         span = hi if self.symmetric else hi - lo
-        return torch.clamp(span / self._levels(bits), min=MIN_STEP)
+        return torch.clamp(span / levels, min=MIN_STEP)
 
     def step(self) -> Tensor:
         """Continuous step (differentiable), one per group."""
-        return self._step(self.bits())
+        lo, hi = self.clamp_bounds()
+        return self._step_of(lo, hi, self._levels(self.bits()))
 
     def _grid(self, lo: Tensor, hi: Tensor, bits: Tensor) -> Dict[str, Tensor]:
         """Integer scale, zero point and code range of the clamps `lo <= 0 <= hi` at integer `bits`."""
         levels = self._levels(bits)
+        scale = self._step_of(lo, hi, levels)
         if self.symmetric:
-            scale = torch.clamp(hi / levels, min=MIN_STEP)
             qmin, zero_point = -levels, torch.zeros_like(scale)
         else:
-            scale = torch.clamp((hi - lo) / levels, min=MIN_STEP)
             qmin = torch.zeros_like(levels)
             zero_point = torch.minimum(torch.clamp(torch.round(-lo / scale), 0.0, None), levels.expand_as(scale))
         shape = scale.shape
@@ -560,7 +560,7 @@ class LearnableQuantizer(nn.Module):
             sample = cols.reshape(cols.shape[0], cols.shape[1], *([1] * (sample.dim() - 2)))
         ratio = self.mse_clip_ratio(sample, bits, FOLLOW_RATIOS) / self.mse_clip_ratio(sample, last, FOLLOW_RATIOS)
         if self.kind != KIND_WEIGHT:
-            ratio = _mean_over_ranks(ratio)
+            ratio = mean_over_ranks(ratio)
         self.scale_clamps_(ratio)
         self.trained_bits = bits.clone()
 
@@ -643,11 +643,10 @@ class LearnableQuantizer(nn.Module):
             scale = 1.0 / math.sqrt(numel * float(2 ** (self.max_bits - (1 if self.symmetric else 0))))
             hi = grad_scale(hi, scale)
             lo = grad_scale(lo, scale)
+        step = self._step_of(lo, hi, levels)
         if self.symmetric:
-            step = torch.clamp(hi / levels, min=MIN_STEP)
             lo_grid, hi_grid = -step * levels, step * levels
         else:
-            step = torch.clamp((hi - lo) / levels, min=MIN_STEP)
             # the zero point lives on the integer grid in training too (straight-through rounding)
             zero_point = round_ste(-lo / step)
             lo_grid = -zero_point * step
