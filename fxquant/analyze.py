@@ -20,132 +20,21 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 import networkx as nx
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from fxquant.config import QuantConfig, QuantSpec, _check_weight_spec
 from fxquant.errors import ConfigError
+from fxquant.op_registry import SIGN_CLAMP, SIGN_FOLLOWS, SIGN_NONNEGATIVE, SIGN_SCALED, OpFacts, facts_of
 from fxquant.tracing import FLOAT_MODULES_ATTR
 
 META_KEY = "fxquant"
 MODULE_META_KEY = "fxquant_module"
 """`node.meta` key set by `functionalize_modules`: the module path a functional op came from."""
-
-
-@dataclass(frozen=True)
-class OpKindInfo:
-    """How to read a quantizable op: op kind, weight position, activation input positions."""
-
-    kind: str
-    weight_index: Optional[int]
-    input_indices: Tuple[int, ...]
-
-
-_CONV = OpKindInfo("conv", 1, (0,))
-_CONV_T = OpKindInfo("conv_transpose", 1, (0,))
-_LINEAR = OpKindInfo("linear", 1, (0,))
-_EMBEDDING = OpKindInfo("embedding", 1, ())
-_MATMUL = OpKindInfo("matmul", None, (0, 1))
-_ADDMM = OpKindInfo("matmul", None, (1, 2))  # addmm(bias, x, W): x @ W + bias (HF GPT-2's Conv1D)
-_ATEN_EMBEDDING = OpKindInfo("embedding", 0, ())  # aten.embedding(weight, indices, ...)
-
-aten = torch.ops.aten
-
-QUANTIZABLE_FUNCTIONS: Dict[Any, OpKindInfo] = {
-    F.conv1d: _CONV,
-    F.conv2d: _CONV,
-    F.conv3d: _CONV,
-    F.conv_transpose1d: _CONV_T,
-    F.conv_transpose2d: _CONV_T,
-    F.conv_transpose3d: _CONV_T,
-    F.linear: _LINEAR,
-    F.embedding: _EMBEDDING,
-    torch.matmul: _MATMUL,
-    operator.matmul: _MATMUL,
-    torch.bmm: _MATMUL,
-    torch.mm: _MATMUL,
-    torch.addmm: _ADDMM,
-    # aten ops, as in graphs captured by torch.export
-    aten.conv1d.default: _CONV,
-    aten.conv2d.default: _CONV,
-    aten.conv3d.default: _CONV,
-    aten.conv1d.padding: _CONV,
-    aten.conv2d.padding: _CONV,
-    aten.conv3d.padding: _CONV,
-    aten.conv_transpose1d.default: _CONV_T,
-    aten.conv_transpose2d.input: _CONV_T,
-    aten.conv_transpose3d.input: _CONV_T,
-    aten.linear.default: _LINEAR,
-    aten.embedding.default: _ATEN_EMBEDDING,
-    aten.matmul.default: _MATMUL,
-    aten.bmm.default: _MATMUL,
-    aten.mm.default: _MATMUL,
-    aten.addmm.default: _ADDMM,
-}
-QUANTIZABLE_METHODS: Dict[str, OpKindInfo] = {"matmul": _MATMUL, "bmm": _MATMUL, "mm": _MATMUL, "addmm": _ADDMM}
-
-_NONNEG_MODULES: Tuple[type, ...] = (
-    nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softmax, nn.Hardsigmoid, nn.Softplus,
-)
-_PASS_MODULES: Tuple[type, ...] = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity,
-    nn.Flatten, nn.Upsample, nn.PixelShuffle, nn.ZeroPad2d,
-)
-_NONNEG_FUNCTIONS: Set[Any] = {
-    F.relu, torch.relu, F.relu6, torch.sigmoid, F.sigmoid, F.softmax, torch.softmax, F.hardsigmoid,
-    torch.abs, torch.exp, F.softplus, torch.square,
-    aten.relu.default, aten.relu_.default, aten.relu6.default, aten.sigmoid.default, aten.softmax.int,
-    aten._softmax.default, aten.hardsigmoid.default, aten.abs.default, aten.exp.default,
-    aten.softplus.default, aten.square.default, aten.sqrt.default, aten.rsqrt.default,
-}
-_PASS_FUNCTIONS: Set[Any] = {
-    torch.flatten, torch.reshape, torch.permute, torch.transpose, operator.getitem, F.max_pool1d,
-    F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d, F.dropout, F.interpolate,
-    torch.squeeze, torch.unsqueeze, torch.cat, torch.concat, operator.add, torch.add, operator.mul,
-    torch.mul, torch.mean, torch.sum, torch.max, torch.amax, torch.chunk, torch.split, F.pad,
-    aten.flatten.using_ints, aten.reshape.default, aten.view.default, aten.permute.default, aten.transpose.int,
-    aten.t.default, aten.contiguous.default, aten.clone.default, aten.alias.default, aten.expand.default,
-    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default, aten.slice.Tensor,
-    aten.select.int, aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default, aten.cat.default,
-    aten.concat.default, aten.add.Tensor, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar,
-    aten.mean.dim, aten.mean.default, aten.sum.dim_IntList, aten.amax.default, aten.max_pool1d.default,
-    aten.max_pool2d.default, aten.max_pool3d.default, aten.max_pool2d_with_indices.default,
-    aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default, aten.adaptive_avg_pool1d.default,
-    aten.adaptive_avg_pool2d.default, aten.adaptive_avg_pool3d.default, aten.adaptive_max_pool2d.default,
-    aten.dropout.default, aten.upsample_nearest1d.vec, aten.upsample_nearest2d.vec, aten.upsample_nearest3d.vec,
-    aten.upsample_bilinear2d.vec, aten.pad.default, aten.constant_pad_nd.default, aten.to.dtype,
-    aten.to.dtype_layout, aten._to_copy.default, aten.pixel_shuffle.default, aten.repeat.default,
-}
-_NONNEG_METHODS: Set[str] = {"relu", "sigmoid", "softmax", "abs", "exp", "relu_", "sigmoid_"}
-_PASS_METHODS: Set[str] = {
-    "view", "reshape", "flatten", "permute", "transpose", "contiguous", "mean", "sum", "squeeze",
-    "unsqueeze", "expand", "repeat", "chunk", "split", "max", "amax", "__getitem__", "add", "mul",
-    "flip", "roll",
-}
-_JOIN_FUNCTIONS: Set[Any] = {
-    operator.add, torch.add, operator.iadd, torch.cat, torch.concat, aten.add.Tensor, aten.add_.Tensor,
-    aten.cat.default, aten.concat.default,
-}
-_CAT_FUNCTIONS: Set[Any] = {torch.cat, torch.concat, aten.cat.default, aten.concat.default}
-# Pass-through ops whose scalar operands must be >= 0 for the result to stay non-negative (x * -1 is not).
-_SCALED_FUNCTIONS: Set[Any] = {
-    operator.mul, torch.mul, operator.truediv, torch.div, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor,
-    aten.div.Scalar,
-}
-_CLAMP_FUNCTIONS: Set[Any] = {
-    F.hardtanh, torch.clamp, torch.clip, aten.hardtanh.default, aten.clamp.default, aten.clip.default,
-}
-_CLAMP_METHODS: Set[str] = {"clamp", "clamp_", "clip"}
-_JOIN_METHODS: Set[str] = {"add", "add_"}
 
 
 @dataclass
@@ -261,13 +150,10 @@ def _target_name(node: fx.Node) -> str:
     return getattr(t, "__name__", str(t))
 
 
-def quantizable_info(node: fx.Node) -> Optional[OpKindInfo]:
-    """The op kind of a node if fxquant knows how to quantize it, else None."""
-    if node.op == "call_function":
-        return QUANTIZABLE_FUNCTIONS.get(node.target)
-    if node.op == "call_method":
-        return QUANTIZABLE_METHODS.get(str(node.target))
-    return None
+def quantizable_info(node: fx.Node) -> Optional[OpFacts]:
+    """The registry entry of a node if fxquant quantizes that op (`OpFacts.kind` set), else None."""
+    facts = facts_of(node)
+    return facts if facts is not None and facts.kind is not None else None
 
 
 def _param_of(gm: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
@@ -339,63 +225,54 @@ def _weight_axes(kind: str, weight_index: int, rank: int) -> Tuple[int, Optional
     return 0, (1 if rank > 1 else None)
 
 
+def _lower_bound(facts: OpFacts, node: fx.Node) -> Any:
+    """The lower bound of a clamp-like op: its `min`/`min_val` argument, or a Hardtanh module's `min_val`."""
+    if node.op == "call_module":
+        return getattr(node.graph.owning_module.get_submodule(str(node.target)), "min_val", None)  # type: ignore[union-attr]
+    return facts.argument(node, "min", facts.argument(node, "min_val"))
+
+
 def _is_nonnegative(gm: fx.GraphModule, node: fx.Node, memo: Dict[str, bool]) -> bool:
-    """Whether `node`'s output is provably >= 0, from the ops on the graph."""
+    """Whether `node`'s output is provably >= 0, from the ops on the graph and their registry sign rules."""
     if node.name in memo:
         return memo[node.name]
     memo[node.name] = False  # cycles cannot happen in a DAG, but be safe while recursing
-    result = False
+    facts = facts_of(node)
     tensor_inputs = [a for a in node.args if isinstance(a, fx.Node)]
     for a in node.args:
         if isinstance(a, (list, tuple)):
             tensor_inputs.extend(x for x in a if isinstance(x, fx.Node))
-    first = tensor_inputs[0] if tensor_inputs else None
+    if node.op == "call_module":
+        tensor_inputs = tensor_inputs[:1]  # a module's first argument is its input
 
     def all_inputs_nonneg() -> bool:
         return bool(tensor_inputs) and all(_is_nonnegative(gm, a, memo) for a in tensor_inputs)
 
-    if node.op == "call_module":
-        mod = gm.get_submodule(str(node.target))
-        if isinstance(mod, _NONNEG_MODULES):
-            result = True
-        elif isinstance(mod, nn.Hardtanh):
-            result = mod.min_val >= 0 or (first is not None and _is_nonnegative(gm, first, memo))
-        elif isinstance(mod, _PASS_MODULES):
-            result = first is not None and _is_nonnegative(gm, first, memo)
-    elif node.op == "call_function":
-        if node.target in _NONNEG_FUNCTIONS:
-            result = True
-        elif node.target in _CLAMP_FUNCTIONS:
-            low = node.kwargs.get("min", node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else None))
-            result = (isinstance(low, (int, float)) and low >= 0) or all_inputs_nonneg()
-        elif node.target in _SCALED_FUNCTIONS:
-            scalars = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
-            result = all(c >= 0 for c in scalars) and all_inputs_nonneg()
-        elif node.target in _PASS_FUNCTIONS:
-            result = all_inputs_nonneg()
-    elif node.op == "call_method":
-        method = str(node.target)
-        if method in _NONNEG_METHODS:
-            result = True
-        elif method in _CLAMP_METHODS:
-            low = node.kwargs.get("min", node.args[1] if len(node.args) > 1 else None)
-            result = (isinstance(low, (int, float)) and low >= 0) or all_inputs_nonneg()
-        elif method in _PASS_METHODS:
-            result = all_inputs_nonneg()
+    result = False
+    if facts is None:
+        result = False
+    elif facts.sign == SIGN_NONNEGATIVE:
+        result = True
+    elif facts.sign == SIGN_CLAMP:
+        low = _lower_bound(facts, node)
+        result = (isinstance(low, (int, float)) and low >= 0) or all_inputs_nonneg()
+    elif facts.sign == SIGN_SCALED:
+        scalars = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+        result = all(c >= 0 for c in scalars) and all_inputs_nonneg()
+    elif facts.sign == SIGN_FOLLOWS:
+        result = all_inputs_nonneg()
     memo[node.name] = result
     return result
 
 
 def _join_inputs(node: fx.Node) -> List[fx.Node]:
     """Float tensor inputs of an add/concat join computed by the graph (not constants), if >= 2."""
-    is_join = (node.op == "call_function" and node.target in _JOIN_FUNCTIONS) or (
-        node.op == "call_method" and str(node.target) in _JOIN_METHODS
-    )
-    if not is_join:
+    facts = facts_of(node)
+    if facts is None or facts.join is None or node.op == "call_module":
         return []
     candidates: List[Any] = []
-    if node.target in _CAT_FUNCTIONS:
-        seq = node.args[0] if node.args else node.kwargs.get("tensors", ())
+    if facts.join == "cat":
+        seq = facts.argument(node, "tensors", ())
         candidates = list(seq) if isinstance(seq, (list, tuple)) else []
     else:
         candidates = list(node.args[:2])
@@ -585,33 +462,16 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
     return gm
 
 
-_FUSED_ACTIVATIONS: Set[Any] = {
-    F.relu, torch.relu, F.relu6, aten.relu.default, aten.relu_.default, aten.relu6.default,
-} | _CLAMP_FUNCTIONS
-_LAYOUT_FUNCTIONS: Set[Any] = {
-    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
-    aten.view.default, aten.reshape.default, aten.flatten.using_ints, aten.permute.default, aten.transpose.int,
-    aten.t.default, aten.contiguous.default, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default,
-}
-_LAYOUT_METHODS: Set[str] = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze"}
-
-
 def _is_fused_activation(node: fx.Node) -> bool:
     """ReLU/ReLU6/clamp: runtimes fold it into the integer op before a QuantizeLinear."""
-    if node.op == "call_function":
-        return node.target in _FUSED_ACTIVATIONS
-    if node.op == "call_method":
-        return str(node.target) in {"relu", "relu_"} | _CLAMP_METHODS
-    if node.op == "call_module":
-        return isinstance(node.graph.owning_module.get_submodule(str(node.target)), (nn.ReLU, nn.ReLU6, nn.Hardtanh))
-    return False
+    facts = facts_of(node)
+    return facts is not None and facts.fused_activation
 
 
 def _is_layout(node: fx.Node) -> bool:
-    """Shape-only ops that runtimes move a QuantizeLinear across (reshape, transpose, ...)."""
-    if node.op == "call_function":
-        return node.target in _LAYOUT_FUNCTIONS
-    return node.op == "call_method" and str(node.target) in _LAYOUT_METHODS
+    """Shape-only ops that runtimes move a QuantizeLinear across (reshape, transpose, ...), not modules."""
+    facts = facts_of(node)
+    return node.op != "call_module" and facts is not None and facts.layout_only
 
 
 def _through_layout(node: fx.Node) -> fx.Node:
@@ -628,13 +488,6 @@ def _quantized_after_layout(node: fx.Node, consumers_of: Dict[str, List[Tuple[st
     node = _through_layout(node)
     served = {c for c, _ in consumers_of.get(node.name, [])}
     return bool(node.users) and all(r.name in served for r in node.users)
-
-
-_OUTPUT_QUANTIZED_KINDS = ("conv", "conv_transpose")
-"""Ops whose integer kernel needs a QuantizeLinear after it. Linear/matmul are left out: onnxruntime runs
-them as `MatMulIntegerToFloat` (integer inputs, float output) when a float op reads them, and a Q/DQ pair
-on a GELU or softmax input costs more than it saves (measured: transformer block 0.86x of fp32 with, 2.0x
-without)."""
 
 
 def _kernel_only(config: QuantConfig, spec: Optional[QuantSpec]) -> Optional[QuantSpec]:
@@ -660,7 +513,8 @@ def _add_output_points(
     """
     for node in nodes:
         op = ops.get(node.name)
-        if op is None or op.kind not in _OUTPUT_QUANTIZED_KINDS or op.input_spec is None or not _is_float_tensor(node):
+        facts = quantizable_info(node)
+        if op is None or facts is None or not facts.output_quantized or op.input_spec is None or not _is_float_tensor(node):
             continue
         out = node
         if len(out.users) == 1 and _is_fused_activation(next(iter(out.users))):
@@ -717,17 +571,6 @@ class FloatOp:
     reason: str
 
 
-_FLOAT_KERNELS: Dict[Any, str] = {
-    F.scaled_dot_product_attention: "fused attention: its two matmuls stay float",
-    aten.scaled_dot_product_attention.default: "fused attention: its two matmuls stay float",
-    torch.einsum: "einsum is not quantized",
-    aten.einsum.default: "einsum is not quantized",
-    torch.baddbmm: "baddbmm is not quantized",
-    aten.baddbmm.default: "baddbmm is not quantized",
-}
-_NORM_NAMES = ("norm", "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm")
-
-
 def _reads_weight(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Whether `node` reads a parameter of rank >= 2 directly (also inside list arguments)."""
     stack: List[Any] = list(node.args) + list(node.kwargs.values())
@@ -763,18 +606,14 @@ def kept_float(gm: fx.GraphModule) -> List[FloatOp]:
             if target.startswith("fxq_quantizers.") or target in leaves:
                 continue
             mod = gm.get_submodule(target)
-            if any(True for _ in mod.parameters()) and not isinstance(mod, _FLOAT_BY_DESIGN_MODULES):
+            facts = facts_of(node)
+            if any(True for _ in mod.parameters()) and not (facts is not None and facts.float_by_design):
                 out.append(FloatOp(target, type(mod).__name__, "module type not quantized by fxquant"))
         elif node.op == "call_function":
             name = _names_of(gm, node, None)[0]
-            if node.target in _FLOAT_KERNELS:
-                out.append(FloatOp(name, _target_name(node), _FLOAT_KERNELS[node.target]))
-            elif not any(k in _target_name(node) for k in _NORM_NAMES) and _reads_weight(gm, node):
+            facts = facts_of(node)
+            if facts is not None and facts.float_reason:
+                out.append(FloatOp(name, _target_name(node), facts.float_reason))
+            elif not (facts is not None and facts.float_by_design) and _reads_weight(gm, node):
                 out.append(FloatOp(name, _target_name(node), "op with weights not quantized by fxquant"))
     return out
-
-
-_FLOAT_BY_DESIGN_MODULES: Tuple[type, ...] = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d,
-    nn.InstanceNorm2d, nn.InstanceNorm3d, nn.PReLU,
-)

@@ -16,11 +16,12 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import fx, nn
 
-from fxquant.analyze import QUANTIZABLE_FUNCTIONS, analyze, kept_float, quant_op
+from fxquant.analyze import analyze, kept_float, quant_op
 from fxquant.batches import model_device
 from fxquant.checkpoint import attach_checkpoint_info
 from fxquant.config import QuantConfig
 from fxquant.errors import PrepareError, StateError
+from fxquant.op_registry import quantized_kinds
 from fxquant.passes import run_passes
 from fxquant.passes.fold_bn import fold_batchnorm
 from fxquant.passes.freeze import freeze_quantizers
@@ -112,7 +113,7 @@ def check_something_quantized(gm: fx.GraphModule, model: nn.Module, config: Quan
     ops = [op for op in (quant_op(n) for n in gm.graph.nodes) if op is not None]
     if any(op.weight_spec is not None or op.input_spec is not None for op in ops):
         return
-    kinds = ", ".join(dict.fromkeys(info.kind for info in QUANTIZABLE_FUNCTIONS.values()))
+    kinds = ", ".join(quantized_kinds())
     what = type(model).__name__
     if ops and config.weight is None and config.activation is None and all(s is None for _, s in config.overrides):
         raise PrepareError(

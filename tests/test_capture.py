@@ -10,6 +10,7 @@ from models_zoo import ControlFlowNet, Gate
 from torch import nn
 
 import fxquant as fxq
+from fxquant.quantizer import BiasQuantizer
 from fxquant.tracing import capture_model, export_model
 
 # torch's own deprecation inside deepcopy of torch.export's pytree specs
@@ -22,10 +23,10 @@ def _quantizer_layout(qm: torch.fx.GraphModule) -> list:
 
 @pytest.mark.parametrize("name", sorted(MODEL_FACTORIES))
 def test_export_front_end_matches_symbolic_trace(name: str) -> None:
-    """Same quantizers (kind, served module paths, sign) and same outputs from both front ends."""
+    """Same quantizers (kind, served module paths, sign; int32 biases included) and same outputs from both front
+    ends: the op registry knows the torch and the aten spelling of every op."""
     model, x = make(name)
-    # int32 biases are placed on F.linear/F.conv calls only; compare the front ends with float biases
-    cfg = fxq.QuantConfig(integer_bias=False)
+    cfg = fxq.QuantConfig()
     traced = fxq.prepare(model, x, cfg, capture="symbolic_trace")
     exported = fxq.prepare(model, x, cfg, capture="export")
     assert exported.fxquant_capture == "export"
@@ -48,7 +49,10 @@ def test_export_graph_folds_batchnorm_and_trains() -> None:
     assert qm.training
     fxq.calibrate(qm, [x])
     qm(x).sum().backward()
-    assert all(q.hi.grad is not None for q in qm.fxq_quantizers.values())
+    learnable = [q for q in qm.fxq_quantizers.values() if isinstance(q, fxq.LearnableQuantizer)]
+    assert learnable and all(q.hi.grad is not None for q in learnable)
+    # the folded convs of the aten graph get int32 biases too (the registry knows aten.conv2d's bias)
+    assert any(isinstance(q, BiasQuantizer) for q in qm.fxq_quantizers.values())
 
 
 def test_export_names_come_from_nn_module_stack_and_overrides_use_them() -> None:

@@ -45,12 +45,12 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import numpy as np
 import onnx
 import torch
-import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import fx, nn
 
 from fxquant.errors import ExportError, PrepareError, StateError
 from fxquant.export.ops import TORCH_STORABLE, translation_table
+from fxquant.op_registry import facts_of
 from fxquant.passes.insert import QUANTIZERS_ATTR
 from fxquant.quantizer import FrozenActivationQuantizer, FrozenBias, FrozenWeight
 from fxquant.tracing import normalize_inputs, silenced
@@ -66,7 +66,6 @@ _SIGNED = [(2, T.INT2, -2, 1, 25), (4, T.INT4, -8, 7, 21), (8, T.INT8, -128, 127
 _UNSIGNED = [(2, T.UINT2, 0, 3, 25), (4, T.UINT4, 0, 15, 21), (8, T.UINT8, 0, 255, 13), (16, T.UINT16, 0, 2**16 - 1, 21)]
 TYPE_NAMES = {v: k for k, v in T.DataType.items()}
 TYPE_BITS = {T.INT2: 2, T.UINT2: 2, T.INT4: 4, T.UINT4: 4, T.INT8: 8, T.UINT8: 8, T.INT16: 16, T.UINT16: 16, T.INT32: 32}
-_LINEARS = {F.linear, torch._C._nn.linear}
 
 
 @dataclass
@@ -208,13 +207,19 @@ class _ExportDequantize(nn.Module):
         return torch.ops.fxquant.dequantize(self.codes, self.scale, self.axis, self.block, self.onnx_type)
 
 
+def _is_linear(node: fx.Node) -> bool:
+    """A linear layer (any spelling) with its weight as the second positional argument."""
+    facts = facts_of(node)
+    return node.op == "call_function" and facts is not None and facts.kind == "linear" and len(node.args) >= 2
+
+
 def _export_copy(frozen: fx.GraphModule, plans: Dict[str, QuantizerPlan]) -> fx.GraphModule:
     """A copy of `frozen` whose quantizers call the custom ops; blocked linears become MatMul."""
     gm = copy.deepcopy(frozen)
     container = getattr(gm, QUANTIZERS_ATTR)
     graph = gm.graph
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in _LINEARS or len(node.args) < 2:
+        if not _is_linear(node):
             continue
         w = node.args[1]
         if not (isinstance(w, fx.Node) and w.op == "call_module" and str(w.target).startswith(QUANTIZERS_ATTR + ".")):
@@ -224,7 +229,7 @@ def _export_copy(frozen: fx.GraphModule, plans: Dict[str, QuantizerPlan]) -> fx.
         plan = plans.get(name)
         if not isinstance(q, FrozenWeight) or plan is None or plan.lowering != "qdq":
             continue
-        if q.codes.dim() != 2 or any(u.target not in _LINEARS or u.args[1] is not w for u in w.users):
+        if q.codes.dim() != 2 or any(not _is_linear(u) or u.args[1] is not w for u in w.users):
             continue
         plan.transposed = True
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")

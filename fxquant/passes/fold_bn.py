@@ -17,22 +17,10 @@ from dataclasses import dataclass
 from typing import Any, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
-aten = torch.ops.aten
-
-_CONVS = {
-    F.conv1d, F.conv2d, F.conv3d, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
-    aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding,
-}
-_CONV_TS = {
-    F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, aten.conv_transpose1d.default,
-    aten.conv_transpose2d.input, aten.conv_transpose3d.input,
-}
-_LINEARS = {F.linear, aten.linear.default}
-_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+from fxquant.op_registry import facts_of
 
 
 @dataclass
@@ -62,49 +50,33 @@ def _tensor(gm: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
     return obj
 
 
-def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    if index < len(node.args):
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
 def _as_batchnorm(gm: fx.GraphModule, node: fx.Node) -> Optional[_BatchNorm]:
-    """The eval-mode BatchNorm computed by `node`, or None."""
+    """The eval-mode BatchNorm computed by `node`, or None (arguments read by their registry names)."""
+    facts = facts_of(node)
+    if facts is None or not facts.batchnorm:
+        return None
     try:
         if node.op == "call_module":
             bn = gm.get_submodule(str(node.target))
-            if not isinstance(bn, _BNS) or bn.running_mean is None or bn.running_var is None:
+            if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_mean is None or bn.running_var is None:
                 return None
             return _BatchNorm(node.args[0] if node.args else None, bn.running_mean, bn.running_var, bn.weight,
                               bn.bias, bn.eps, node, [node])
-        if node.op != "call_function":
+        if node.op != "call_function" or facts.argument(node, "training", False):
             return None
-        if node.target is F.batch_norm:
-            if _arg(node, 5, "training", False):
-                return None
-            return _BatchNorm(
-                node.args[0], _tensor(gm, _arg(node, 1, "running_mean")), _tensor(gm, _arg(node, 2, "running_var")),
-                _tensor(gm, _arg(node, 3, "weight")), _tensor(gm, _arg(node, 4, "bias")),
-                float(_arg(node, 7, "eps", 1e-5)), node, [node],
-            )
-        if node.target is aten.batch_norm.default:
-            if _arg(node, 5, "training", False):
-                return None
-            return _BatchNorm(
-                node.args[0], _tensor(gm, node.args[3]), _tensor(gm, node.args[4]), _tensor(gm, node.args[1]),
-                _tensor(gm, node.args[2]), float(_arg(node, 7, "eps", 1e-5)), node, [node],
-            )
-        if node.target is aten._native_batch_norm_legit_no_training.default:
+        output, erase = node, [node]
+        if "training" not in facts.arguments:  # aten's no-training form returns (out, mean, rstd)
             users = list(node.users)
             if len(users) != 1 or users[0].target is not operator.getitem or users[0].args[1] != 0:
                 return None
-            return _BatchNorm(
-                node.args[0], _tensor(gm, node.args[3]), _tensor(gm, node.args[4]), _tensor(gm, node.args[1]),
-                _tensor(gm, node.args[2]), float(_arg(node, 6, "eps", 1e-5)), users[0], [users[0], node],
-            )
+            output, erase = users[0], [users[0], node]
+        return _BatchNorm(
+            facts.argument(node, "input"), _tensor(gm, facts.argument(node, "running_mean")),
+            _tensor(gm, facts.argument(node, "running_var")), _tensor(gm, facts.argument(node, "weight")),
+            _tensor(gm, facts.argument(node, "bias")), float(facts.argument(node, "eps", 1e-5)), output, erase,
+        )
     except LookupError:
         return None
-    return None
 
 
 def _uses_of_target(gm: fx.GraphModule, target: str) -> int:
@@ -120,14 +92,12 @@ def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
         producer = bn.input
         if not isinstance(producer, fx.Node) or producer.op != "call_function" or len(producer.users) != 1:
             continue
-        is_conv = producer.target in _CONVS
-        is_conv_t = producer.target in _CONV_TS
-        if producer.target is aten.convolution.default:  # decomposed graphs: one op, `transposed` at 6
-            is_conv_t = bool(_arg(producer, 6, "transposed", False))
-            is_conv = not is_conv_t
-        is_linear = producer.target in _LINEARS
-        if not (is_conv or is_conv_t or is_linear):
+        facts = facts_of(producer)
+        if facts is None or not facts.absorbs_batchnorm:
             continue
+        is_linear = facts.kind == "linear"
+        # A decomposed convolution (no kind) is one op for both directions, told apart by `transposed`.
+        is_conv_t = facts.kind == "conv_transpose" or bool(facts.argument(producer, "transposed", False))
         weight_node = producer.args[1]
         bias_node = producer.args[2] if len(producer.args) > 2 else None
         if not isinstance(weight_node, fx.Node) or weight_node.op != "get_attr":

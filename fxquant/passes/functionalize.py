@@ -8,23 +8,13 @@ functional calls are handled the same way. The module path is kept in `node.meta
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch.nn.functional as F
 from torch import fx, nn
 
 from fxquant.analyze import MODULE_META_KEY
-
-_CONV_FUNCTIONS: Dict[type, Callable[..., Any]] = {
-    nn.Conv1d: F.conv1d,
-    nn.Conv2d: F.conv2d,
-    nn.Conv3d: F.conv3d,
-}
-_CONV_T_FUNCTIONS: Dict[type, Callable[..., Any]] = {
-    nn.ConvTranspose1d: F.conv_transpose1d,
-    nn.ConvTranspose2d: F.conv_transpose2d,
-    nn.ConvTranspose3d: F.conv_transpose3d,
-}
+from fxquant.op_registry import functional_form
 
 
 def _functional_call(gm: fx.GraphModule, node: fx.Node, mod: nn.Module) -> Optional[Tuple[Any, List[Any]]]:
@@ -36,38 +26,42 @@ def _functional_call(gm: fx.GraphModule, node: fx.Node, mod: nn.Module) -> Optio
     graph = gm.graph
     weight = graph.get_attr(f"{path}.weight")
     bias = graph.get_attr(f"{path}.bias") if getattr(mod, "bias", None) is not None else None
-    if type(mod) in _CONV_FUNCTIONS:
+    facts = functional_form(mod)
+    if facts is None:
+        return None
+    function = facts.functions[0]
+    if facts.kind == "conv":
         conv = mod  # type: ignore[assignment]
         padding: Any = conv.padding
         if conv.padding_mode != "zeros":
             x = graph.call_function(F.pad, (x, conv._reversed_padding_repeated_twice), {"mode": conv.padding_mode})
             padding = 0
-        return _CONV_FUNCTIONS[type(mod)], [x, weight, bias, conv.stride, padding, conv.dilation, conv.groups]
-    if type(mod) in _CONV_T_FUNCTIONS:
+        return function, [x, weight, bias, conv.stride, padding, conv.dilation, conv.groups]
+    if facts.kind == "conv_transpose":
         ct = mod
         if ct.padding_mode != "zeros":
             return None
-        return _CONV_T_FUNCTIONS[type(mod)], [
+        return function, [
             x, weight, bias, ct.stride, ct.padding, ct.output_padding, ct.groups, ct.dilation,
         ]
-    if type(mod) is nn.Linear:
-        return F.linear, [x, weight, bias]
-    if type(mod) is nn.Embedding:
+    if facts.kind == "linear":
+        return function, [x, weight, bias]
+    if facts.kind == "embedding":
         emb = mod
-        return F.embedding, [
+        return function, [
             x, weight, emb.padding_idx, emb.max_norm, emb.norm_type, emb.scale_grad_by_freq, emb.sparse,
         ]
     return None
 
 
 def functionalize_modules(gm: fx.GraphModule) -> fx.GraphModule:
-    """Replace calls of Conv*/ConvTranspose*/Linear/Embedding modules by their functional form."""
-    kinds = tuple(_CONV_FUNCTIONS) + tuple(_CONV_T_FUNCTIONS) + (nn.Linear, nn.Embedding)
+    """Replace calls of quantizable modules (exactly the registry's Conv*/ConvTranspose*/Linear/Embedding types)
+    by their functional form (`op_registry.functional_form`)."""
     for node in list(gm.graph.nodes):
         if node.op != "call_module":
             continue
         mod = gm.get_submodule(str(node.target))
-        if type(mod) not in kinds:
+        if functional_form(mod) is None:
             continue
         with gm.graph.inserting_before(node):
             call = _functional_call(gm, node, mod)

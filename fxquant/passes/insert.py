@@ -18,18 +18,14 @@ import re
 from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from fxquant.analyze import ActPoint, quant_op, tensor_info
 from fxquant.config import QuantConfig, QuantSpec
+from fxquant.op_registry import facts_of
 from fxquant.quantizer import KIND_ACTIVATION, KIND_WEIGHT, BiasQuantizer, LearnableQuantizer
 
 QUANTIZERS_ATTR = "fxq_quantizers"
-BIAS_OPS = frozenset(
-    {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d, F.linear, torch._C._nn.linear}
-)
-"""Ops whose bias integer runtimes add as int32 on the grid `s_x * s_w` (argument 2 is the bias)."""
 
 
 def quantizer_container(gm: fx.GraphModule) -> nn.ModuleDict:
@@ -212,16 +208,18 @@ def insert_bias_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
     """Put a `BiasQuantizer` on the bias of each conv/linear with quantized input and weight."""
     container = quantizer_container(gm)
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in BIAS_OPS or len(node.args) < 3:
+        facts = facts_of(node)
+        if node.op != "call_function" or facts is None or not facts.int32_bias:
             continue
-        x_q = _learnable_call(gm, node.args[0], KIND_ACTIVATION)
-        w_q = _learnable_call(gm, node.args[1], KIND_WEIGHT)
-        bias_node = node.args[2]
+        x_node, w_node = facts.argument(node, "input"), facts.argument(node, "weight")
+        x_q = _learnable_call(gm, x_node, KIND_ACTIVATION)
+        w_q = _learnable_call(gm, w_node, KIND_WEIGHT)
+        bias_node = facts.argument(node, "bias")
         if x_q is None or w_q is None or w_q.granularity == "per_group" or x_q.param_shape != ():
             continue
         if not (isinstance(bias_node, fx.Node) and bias_node.op == "get_attr"):
             continue
-        w_name = str(node.args[1].target)[len(QUANTIZERS_ATTR) + 1 :]  # type: ignore[union-attr]
+        w_name = str(w_node.target)[len(QUANTIZERS_ATTR) + 1 :]
         name = _safe_name(f"{w_name}_bias", container)
         container[name] = BiasQuantizer(x_q, w_q)
         with gm.graph.inserting_before(node):
