@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from fxquant.errors import ConfigError, StateError
+from fxquant.qparams import QParams, blocked_scale, container_for, per_tensor_or_axis, zeros_like_scale
 
 MIN_STEP = 1e-9
 """Smallest step: a dead group (hi == lo == 0) gets this step and one level instead of a division by 0."""
@@ -707,6 +708,17 @@ class FrozenActivationQuantizer(nn.Module):
             self.qmax.to(self.scale.dtype),
         )
 
+    def qparams(self) -> QParams:
+        """The typed parameters export and verify read (per tensor; a per-channel activation is per axis)."""
+        bits = int(self.bits.max())
+        axis = None if self.scale.numel() == 1 else next((d for d, n in enumerate(self.scale.shape) if n > 1), None)
+        scale, layout, axis = per_tensor_or_axis(self.scale, axis)
+        zero_point = self.zero_point.detach().reshape(scale.shape).clone()
+        return QParams(
+            self.kind, bits, scale, zero_point, int(self.qmin.min()), int(self.qmax.max()), layout, axis, None,
+            container_for(self.kind, bits),
+        )
+
 
 class FrozenWeight(nn.Module):
     """A frozen quantized weight: integer codes, per-group scales; forward returns `codes * scale`.
@@ -743,6 +755,20 @@ class FrozenWeight(nn.Module):
     def forward(self) -> Tensor:
         scale = expand_groups(self.scale, self.block_axis, self.group_size)
         return self.codes.to(scale.dtype) * scale
+
+    def qparams(self) -> QParams:
+        """The typed parameters export and verify read: symmetric, per tensor / per axis / blocked."""
+        bits = int(self.bits.max())
+        qmax = int(self.qmax.max())
+        container = container_for(self.kind, bits, self.codes.dim())
+        if self.granularity == "per_group":
+            assert self.block_axis is not None and self.group_size is not None
+            scale = blocked_scale(self.scale, tuple(self.codes.shape), self.block_axis, self.group_size)
+            return QParams(self.kind, bits, scale, zeros_like_scale(scale), -qmax, qmax, "blocked", self.block_axis,
+                           int(self.group_size), container)
+        axis = None if self.granularity == "per_tensor" else self.channel_axis
+        scale, layout, axis = per_tensor_or_axis(self.scale, axis)
+        return QParams(self.kind, bits, scale, zeros_like_scale(scale), -qmax, qmax, layout, axis, None, container)
 
 
 INT32_MAX = 2**31 - 1
@@ -793,6 +819,11 @@ class FrozenBias(nn.Module):
 
     def forward(self) -> Tensor:
         return self.codes.to(self.scale.dtype) * self.scale
+
+    def qparams(self) -> QParams:
+        """The typed parameters export reads: int32 codes, one scale per output channel."""
+        scale, layout, axis = per_tensor_or_axis(self.scale, 0)
+        return QParams(self.kind, 32, scale, zeros_like_scale(scale), -(2**31), INT32_MAX, layout, axis, None, "int32")
 
 
 class BiasQuantizer(nn.Module):

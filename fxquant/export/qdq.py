@@ -1,6 +1,8 @@
 """`export_onnx`: lower a frozen module to integer QDQ ONNX.
 
-How each frozen quantizer is lowered (`plan_quantizers`):
+Export is a thin lowering of what freeze decided: each frozen quantizer's `QParams` (`fxquant.qparams`:
+scale, zero point, code range, layout, container). `plan_quantizers` keeps its container unless the target
+opset lacks it or an option below asks for another:
 
 - weights (`FrozenWeight`): integer codes in the smallest signed container holding the learned bits
   (INT2, INT4, INT8, INT16; 3, 5, 6, 7 bits ride in the next container, their codes already in range;
@@ -52,6 +54,7 @@ from fxquant.errors import ExportError, PrepareError, StateError
 from fxquant.export.ops import TORCH_STORABLE, translation_table
 from fxquant.op_registry import facts_of
 from fxquant.passes.insert import QUANTIZERS_ATTR
+from fxquant.qparams import CONTAINER_BITS, QParams, smallest_container
 from fxquant.quantizer import FrozenActivationQuantizer, FrozenBias, FrozenWeight
 from fxquant.tracing import normalize_inputs, silenced
 
@@ -89,18 +92,30 @@ class QuantizerPlan:
         return TYPE_NAMES.get(self.onnx_type, "FLOAT") if self.onnx_type is not None else "FLOAT"
 
 
-def _container(table: List[Tuple[int, int, int, int, int]], bits: int, opset: Optional[int]) -> Optional[Tuple[int, int, int, int]]:
-    """(onnx type, type min, type max, opset) of the smallest container for `bits` allowed at `opset`."""
-    for fits, onnx_type, tmin, tmax, since in table:
-        if bits <= fits and (opset is None or since <= opset):
-            return onnx_type, tmin, tmax, since
+_ONNX_CONTAINERS: Dict[str, Tuple[int, int, int, int]] = {
+    name: (onnx_type, tmin, tmax, since)
+    for table, prefix in ((_SIGNED, "int"), (_UNSIGNED, "uint"))
+    for fits, onnx_type, tmin, tmax, since in table
+    for name in [f"{prefix}{fits}"]
+}
+"""ONNX type, type min, type max and the opset that introduced it, by `QParams.container` name."""
+
+
+def _lowest_allowed(container: str, opset: Optional[int]) -> Optional[str]:
+    """`container`, or the next wider one of the same signedness that exists at `opset` (None: none does)."""
+    signed = not container.startswith("u")
+    for fits in (2, 4, 8, 16):
+        name = f"{'' if signed else 'u'}int{fits}"
+        if fits >= CONTAINER_BITS[container] and (opset is None or _ONNX_CONTAINERS[name][3] <= opset):
+            return name
     return None
 
 
 def plan_quantizers(
     gm: fx.GraphModule, opset: Optional[int], narrow_activations: bool = False, int8_weights: bool = False
 ) -> Dict[str, QuantizerPlan]:
-    """Decide container type and lowering for every frozen quantizer of `gm` (see the module docstring)."""
+    """Lower every frozen quantizer's `QParams` (see the module docstring): its container, widened only where
+    `opset` lacks it or `int8_weights` asks; narrowed only with `narrow_activations`."""
     container = getattr(gm, QUANTIZERS_ATTR)
     fx_nodes: Dict[str, List[str]] = {}
     for node in gm.graph.nodes:
@@ -108,62 +123,54 @@ def plan_quantizers(
             fx_nodes.setdefault(str(node.target)[len(QUANTIZERS_ATTR) + 1 :], []).append(node.name)
     plans: Dict[str, QuantizerPlan] = {}
     for name, q in container.items():
-        if name not in fx_nodes:
+        if name not in fx_nodes or not isinstance(q, (FrozenWeight, FrozenActivationQuantizer, FrozenBias)):
             continue
-        common = dict(name=name, kind=q.kind, granularity=q.granularity, fx_node=",".join(fx_nodes[name]), serves=tuple(q.served))
-        if isinstance(q, FrozenBias):
-            plans[name] = QuantizerPlan(bits=32, lowering="qdq", onnx_type=T.INT32, opset_needed=13, **common)
-        elif isinstance(q, FrozenWeight):
-            bits = int(q.bits.max())
-            blocked_ok = q.granularity != "per_group" or opset is None or opset >= 21
-            want = max(bits, 8) if int8_weights else bits
-            if want <= 2 and q.codes.dim() >= 3:
-                # onnxruntime 1.32 fuses DequantizeLinear(int2) -> Conv -> QuantizeLinear into a QLinearConv
-                # that it then rejects (invalid model): 2-bit conv weights ride in INT4
-                want = 4
-            found = _container(_SIGNED, want, opset)
-            if not blocked_ok:
+        qp = q.qparams()
+        common = dict(name=name, kind=q.kind, granularity=q.granularity, fx_node=",".join(fx_nodes[name]),
+                      serves=tuple(q.served), bits=qp.bits)
+        if qp.kind == "bias":
+            plans[name] = QuantizerPlan(lowering="qdq", onnx_type=T.INT32, opset_needed=13, **common)
+        elif qp.kind == "weight":
+            want = smallest_container(8, signed=True) if int8_weights and CONTAINER_BITS[qp.container] < 8 else qp.container
+            chosen = _lowest_allowed(want, opset)
+            if qp.layout == "blocked" and opset is not None and opset < 21:
                 plans[name] = QuantizerPlan(
-                    bits=bits, lowering="float", onnx_type=None, opset_needed=21,
+                    lowering="float", onnx_type=None, opset_needed=21,
                     reason=f"blocked scales need opset 21 (got {opset})", **common,
                 )
-            elif found is None:  # 9-16 bits below opset 21: int32 holds them
-                plans[name] = QuantizerPlan(bits=bits, lowering="qdq", onnx_type=T.INT32, opset_needed=13, **common)
+            elif chosen is None:  # 9-16 bits below opset 21: int32 holds them
+                plans[name] = QuantizerPlan(lowering="qdq", onnx_type=T.INT32, opset_needed=13, **common)
             else:
-                since = max(found[3], 21 if q.granularity == "per_group" else 13)
-                plans[name] = QuantizerPlan(bits=bits, lowering="qdq", onnx_type=found[0], opset_needed=since, **common)
-        elif isinstance(q, FrozenActivationQuantizer):
-            bits = int(q.bits.max())
-            # onnxruntime 1.32 crashes on uint4/uint2 activations next to Clip/Relu or int2 weights, and has
-            # no kernel for them: below 8 bits they ride in uint8 with a float Clip (same numbers), unless
-            # the smallest container is asked for.
-            want = bits if narrow_activations else max(bits, 8)
-            found = _container(_UNSIGNED, want, opset)
-            if found is None or q.scale.numel() != 1:
-                need = _container(_UNSIGNED, bits, None)
+                onnx_type, _, _, since = _ONNX_CONTAINERS[chosen]
+                since = max(since, 21 if qp.layout == "blocked" else 13)
+                plans[name] = QuantizerPlan(lowering="qdq", onnx_type=onnx_type, opset_needed=since, **common)
+        else:
+            want = smallest_container(qp.bits, signed=False) if narrow_activations else qp.container
+            chosen = _lowest_allowed(want, opset)
+            if chosen is None or qp.layout != "per_tensor":
+                need = _ONNX_CONTAINERS[smallest_container(qp.bits, signed=False)][3]
                 plans[name] = QuantizerPlan(
-                    bits=bits, lowering="float", onnx_type=None, opset_needed=need[3] if need else 99,
-                    reason=f"no {bits}-bit QuantizeLinear type at opset {opset}", **common,
+                    lowering="float", onnx_type=None, opset_needed=need,
+                    reason=f"no {qp.bits}-bit QuantizeLinear type at opset {opset}", **common,
                 )
             else:
-                plans[name] = QuantizerPlan(bits=bits, lowering="qdq", onnx_type=found[0], opset_needed=found[3], **common)
+                onnx_type, _, _, since = _ONNX_CONTAINERS[chosen]
+                plans[name] = QuantizerPlan(lowering="qdq", onnx_type=onnx_type, opset_needed=since, **common)
     return plans
 
 
 class _ExportActivation(nn.Module):
     """Export-time stand-in of a `FrozenActivationQuantizer`: one `fxquant::quantize_dequantize` call."""
 
-    def __init__(self, q: FrozenActivationQuantizer, onnx_type: int) -> None:
+    def __init__(self, qp: QParams, onnx_type: int) -> None:
         super().__init__()
-        _, _, tmin, tmax = next((t, 0, lo, hi) for _, t, lo, hi, _ in _UNSIGNED if t == onnx_type)
-        self.qmin, self.qmax = int(q.qmin), int(q.qmax)
+        _, tmin, tmax, _ = next(v for v in _ONNX_CONTAINERS.values() if v[0] == onnx_type)
+        self.qmin, self.qmax = qp.qmin, qp.qmax
         self.onnx_type = onnx_type
         self.clip = (self.qmin, self.qmax) != (tmin, tmax)
         zp_dtype = TORCH_STORABLE.get(onnx_type, torch.int64)
-        scale = q.scale.detach().reshape(())
-        zp = q.zero_point.detach().reshape(())
-        self.register_buffer("scale", scale.clone())
-        self.register_buffer("zero_point", zp.to(zp_dtype))
+        self.register_buffer("scale", qp.scale.clone())
+        self.register_buffer("zero_point", qp.zero_point.to(zp_dtype))
         self.register_buffer("code_min", torch.tensor(self.qmin, dtype=zp_dtype))
         self.register_buffer("code_max", torch.tensor(self.qmax, dtype=zp_dtype))
 
@@ -177,31 +184,12 @@ class _ExportActivation(nn.Module):
 class _ExportDequantize(nn.Module):
     """Export-time stand-in of a `FrozenWeight`/`FrozenBias`: one `fxquant::dequantize` of its codes."""
 
-    def __init__(self, q: Union[FrozenWeight, FrozenBias], onnx_type: int, transposed: bool = False) -> None:
+    def __init__(self, codes: torch.Tensor, qp: QParams, onnx_type: int) -> None:
         super().__init__()
-        codes = q.codes
-        scale = q.scale.detach()
-        axis = getattr(q, "channel_axis", None)
-        block = 0
-        if q.granularity == "per_tensor" or scale.numel() == 1 and axis is None:
-            scale, axis, block = scale.reshape(()), 0, -1
-        elif q.granularity == "per_group":
-            axis, block = q.block_axis, int(q.group_size)
-            target = list(codes.shape)
-            target[axis] = target[axis] // block
-            scale = scale.expand(target).contiguous()
-        else:
-            scale = scale.reshape(-1)
-            axis = axis or 0
-        if transposed:  # linear weight (out, in) -> (in, out) for MatMul
-            codes = codes.t()
-            if block >= 0:
-                axis = 1 - axis
-            if scale.dim() == 2:
-                scale = scale.t()
+        block = {"per_tensor": -1, "per_axis": 0}.get(qp.layout, qp.block_size or 0)
         self.register_buffer("codes", codes.contiguous().to(TORCH_STORABLE.get(onnx_type, codes.dtype)))
-        self.register_buffer("scale", scale.contiguous())
-        self.axis, self.block, self.onnx_type = int(axis), int(block), int(onnx_type)
+        self.register_buffer("scale", qp.scale.contiguous())
+        self.axis, self.block, self.onnx_type = int(qp.axis or 0), int(block), int(onnx_type)
 
     def forward(self) -> torch.Tensor:
         return torch.ops.fxquant.dequantize(self.codes, self.scale, self.axis, self.block, self.onnx_type)
@@ -243,10 +231,14 @@ def _export_copy(frozen: fx.GraphModule, plans: Dict[str, QuantizerPlan]) -> fx.
         if plan.lowering != "qdq":
             continue
         q = container[name]
+        assert plan.onnx_type is not None
+        qp = q.qparams()
         if isinstance(q, FrozenActivationQuantizer):
-            container[name] = _ExportActivation(q, plan.onnx_type)
+            container[name] = _ExportActivation(qp, plan.onnx_type)
+        elif plan.transposed:  # linear weight (out, in) stored (in, out) for MatMul
+            container[name] = _ExportDequantize(q.codes.t(), qp.transposed(), plan.onnx_type)
         else:
-            container[name] = _ExportDequantize(q, plan.onnx_type, plan.transposed)
+            container[name] = _ExportDequantize(q.codes, qp, plan.onnx_type)
     gm.recompile()
     return gm
 

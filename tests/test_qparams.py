@@ -1,0 +1,93 @@
+"""QParams: the typed parameters freeze hands to export (containers, layouts, exactness, validation)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make
+
+import fxquant as fxq
+from fxquant.export.ops import broadcast_scale
+from fxquant.qparams import QParams, container_for
+from fxquant.quantizer import FrozenActivationQuantizer, FrozenBias, FrozenWeight, fake_quantize
+
+
+@pytest.mark.parametrize(
+    "kind, bits, rank, expected",
+    [
+        ("weight", 2, 2, "int2"), ("weight", 2, 4, "int4"), ("weight", 3, 2, "int4"), ("weight", 5, 4, "int8"),
+        ("weight", 8, 4, "int8"), ("weight", 12, 2, "int16"), ("activation", 2, 0, "uint8"),
+        ("activation", 8, 0, "uint8"), ("activation", 10, 0, "uint16"), ("bias", 32, 1, "int32"),
+    ],
+)
+def test_freeze_chooses_the_smallest_container_onnxruntime_runs(kind: str, bits: int, rank: int, expected: str) -> None:
+    assert container_for(kind, bits, rank) == expected
+
+
+def _frozen(weight: fxq.QuantSpec) -> torch.fx.GraphModule:
+    model, x = make("cnn")
+    qm = fxq.prepare(model, x, fxq.QuantConfig(weight=weight, first_last_bits=None))
+    fxq.calibrate(qm, [x])
+    return fxq.freeze(qm)
+
+
+@pytest.mark.parametrize("granularity, layout", [("per_channel", "per_axis"), ("per_tensor", "per_tensor")])
+def test_weight_qparams_dequantize_to_the_frozen_weight(granularity: str, layout: str) -> None:
+    frozen = _frozen(fxq.QuantSpec(bits=4, granularity=granularity))
+    weights = [q for q in frozen.fxq_quantizers.values() if isinstance(q, FrozenWeight)]
+    assert weights
+    for q in weights:
+        qp = q.qparams()
+        assert (qp.layout, qp.bits, qp.qmin, qp.qmax, qp.container) == (layout, 4, -7, 7, "int4")
+        axis = -1 if qp.axis is None else qp.axis
+        scale = broadcast_scale(q.codes, qp.scale, axis, 0)
+        assert torch.equal(q.codes.to(scale.dtype) * scale, q())
+
+
+def test_blocked_and_transposed_qparams() -> None:
+    model, x = make("mlp")
+    spec = fxq.QuantSpec(bits=4, granularity="per_group", group_size=8)
+    qm = fxq.prepare(model, x, fxq.QuantConfig(weight=spec, activation=None, first_last_bits=None))
+    frozen = fxq.freeze(qm)
+    q = frozen.fxq_quantizers["fc1_weight"]
+    qp = q.qparams()
+    assert (qp.layout, qp.axis, qp.block_size) == ("blocked", 1, 8)
+    assert qp.scale.shape == (q.codes.shape[0], q.codes.shape[1] // 8)
+    assert torch.equal(q.codes.to(qp.scale.dtype) * broadcast_scale(q.codes, qp.scale, 1, 8), q())
+    t = qp.transposed()
+    assert (t.axis, t.scale.shape) == (0, qp.scale.t().shape)
+    codes_t = q.codes.t()
+    assert torch.equal(codes_t.to(t.scale.dtype) * broadcast_scale(codes_t, t.scale, 0, 8), q().t())
+
+
+def test_activation_and_bias_qparams_match_the_frozen_modules() -> None:
+    frozen = _frozen(fxq.QuantSpec(bits=8))
+    acts = [q for q in frozen.fxq_quantizers.values() if isinstance(q, FrozenActivationQuantizer)]
+    biases = [q for q in frozen.fxq_quantizers.values() if isinstance(q, FrozenBias)]
+    assert acts and biases
+    x = torch.randn(1000) * 3
+    for q in acts:
+        qp = q.qparams()
+        assert qp.layout == "per_tensor" and qp.container == "uint8" and not qp.signed
+        zp = qp.zero_point.to(qp.scale.dtype)
+        y = fake_quantize(x, qp.scale, zp, torch.tensor(float(qp.qmin)), torch.tensor(float(qp.qmax)))
+        assert torch.equal(y, q(x))
+    for q in biases:
+        qp = q.qparams()
+        assert qp.container == "int32" and qp.bits == 32
+        assert torch.equal(q.codes.to(qp.scale.dtype) * qp.scale.reshape(-1), q())
+
+
+def test_inconsistent_qparams_are_refused() -> None:
+    s = torch.ones(3)
+    zp = torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="per_tensor has no axis"):
+        QParams("weight", 4, s, zp, -7, 7, "per_tensor", 0, None, "int4")
+    with pytest.raises(ValueError, match="block_size"):
+        QParams("weight", 4, s, zp, -7, 7, "blocked", 0, None, "int4")
+    with pytest.raises(ValueError, match="scale .* and zero point .* differ"):
+        QParams("weight", 4, s, zp[:2], -7, 7, "per_axis", 0, None, "int4")
+    with pytest.raises(ValueError, match="container 'int3'"):
+        QParams("weight", 4, s, zp, -7, 7, "per_axis", 0, None, "int3")
+    with pytest.raises(ValueError, match="layout 'rows'"):
+        QParams("weight", 4, s, zp, -7, 7, "rows", 0, None, "int4")
