@@ -5,11 +5,14 @@ The pipeline (each step takes the previous step's output):
 
 1. capture   `tracing.capture_model`: torch.fx symbolic trace (torch.export as a second front end)
 2. analyze   `analyze.analyze`: networkx view of the graph, annotations in `node.meta["fxquant"]`
+   (before analysis: `passes.functionalize`, `passes.attention`, `passes.fold_bn` lower modules, fused
+   attention and BatchNorm to the ops of `op_registry`, the one table of op facts)
 3. insert    `passes.insert`: learnable weight and activation quantizers (`quantizer.LearnableQuantizer`)
    -> `prepare(model, example_inputs, config)` runs 1-3 on a copy of the model
 4. calibrate `calibrate(qm, batches)`: clamps from data, bits start high
 5. finetune  `finetune(qm, batches, teacher=model, ...)`: distillation + bit-width penalty
-6. freeze    `freeze(qm)`: integer bits, zero points and weight codes (ONNX Q/DQ arithmetic)
+6. freeze    `freeze(qm)`: integer bits, zero points and weight codes (ONNX Q/DQ arithmetic); each frozen
+   quantizer's `qparams()` is the typed `qparams.QParams` export lowers
 7. export    `export_onnx(frozen, example_inputs, path)`: integer QDQ ONNX
 8. verify    `verify(frozen, path, batches)`: torch vs onnxruntime parity; `report(...)`: every quantizer
 

@@ -608,7 +608,8 @@ def kept_float(gm: fx.GraphModule) -> List[FloatOp]:
             mod = gm.get_submodule(target)
             facts = facts_of(node)
             if any(True for _ in mod.parameters()) and not (facts is not None and facts.float_by_design):
-                out.append(FloatOp(target, type(mod).__name__, "module type not quantized by fxquant"))
+                reason = facts.float_reason if facts is not None and facts.float_reason else "module type not quantized by fxquant"
+                out.append(FloatOp(target, type(mod).__name__, reason))
         elif node.op == "call_function":
             name = _names_of(gm, node, None)[0]
             facts = facts_of(node)

@@ -245,7 +245,11 @@ REGISTRY: Tuple[OpFacts, ...] = (
     # Kernels that apply weights fxquant does not quantize.
     OpFacts("scaled_dot_product_attention",
             functions=(F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default),
-            float_reason="fused attention: its two matmuls stay float"),
+            arguments=("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
+            float_reason="fused attention with dropout: its two matmuls stay float"),
+    OpFacts("multi_head_attention", modules=(nn.MultiheadAttention,),
+            arguments=("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask"),
+            float_reason="cross-attention or per-head masks: kept as a float module"),
     OpFacts("einsum", functions=(torch.einsum, aten.einsum.default), float_reason="einsum is not quantized"),
     OpFacts("baddbmm", functions=(torch.baddbmm, aten.baddbmm.default), float_reason="baddbmm is not quantized"),
 )

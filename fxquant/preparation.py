@@ -23,6 +23,7 @@ from fxquant.config import QuantConfig
 from fxquant.errors import PrepareError, StateError
 from fxquant.op_registry import quantized_kinds
 from fxquant.passes import run_passes
+from fxquant.passes.attention import decompose_attention
 from fxquant.passes.fold_bn import fold_batchnorm
 from fxquant.passes.freeze import freeze_quantizers
 from fxquant.passes.functionalize import functionalize_modules
@@ -186,7 +187,7 @@ def prepare(
     work = copy.deepcopy(model)
     gm, front_end = capture_model(work, capture, leaf_modules, example_inputs)
     propagate_shapes(gm, example_inputs)
-    run_passes(gm, (functionalize_modules, fold_batchnorm))
+    run_passes(gm, (functionalize_modules, decompose_attention, fold_batchnorm))
     propagate_shapes(gm, example_inputs)
     analyze(gm, config)
     check_something_quantized(gm, model, config)
