@@ -185,6 +185,10 @@ def prepare(
         raise PrepareError(f"config must be a fxq.QuantConfig, got {type(config).__name__}.")
     check_float32(model, example_inputs)
     work = copy.deepcopy(model)
+    # Capture the inference graph: Python branches on `self.training` (stochastic depth, dropout as a function)
+    # are decided at capture, and the training ones would be baked into every later step and the export.
+    # Module-level dropout stays a module and follows `qm.train()` / `qm.eval()`.
+    work.eval()
     gm, front_end = capture_model(work, capture, leaf_modules, example_inputs)
     propagate_shapes(gm, example_inputs)
     run_passes(gm, (functionalize_modules, decompose_attention, fold_batchnorm))

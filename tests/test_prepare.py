@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import make
 from torch import nn
 
@@ -153,3 +154,33 @@ def test_bad_inputs_are_clear_errors() -> None:
         fxq.prepare(model, x, {"mode": "ste"})  # type: ignore[arg-type]
     qm = fxq.prepare(model, {"x": x})  # keyword inputs work
     assert qm.fxq_quantizers is not None
+
+
+class StochasticDepth(nn.Module):
+    """A residual branch dropped at random in training (torchvision's StochasticDepth branches on training)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.training:
+            y = y * (torch.rand(x.shape[0], 1, 1, 1) > 0.5).float()
+        return x + F.dropout(y, 0.5, training=self.training)
+
+
+@pytest.mark.parametrize("capture", ["symbolic_trace", "export"])
+def test_a_model_in_training_mode_is_captured_as_its_inference_graph(capture: str, tmp_path) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    model = StochasticDepth().train()
+    x = torch.randn(2, 3, 8, 8)
+    qm = fxq.prepare(model, x, capture=capture)
+    assert model.training and qm.training  # the user's mode is kept on both
+    targets = " ".join(str(n.target) for n in qm.graph.nodes)
+    assert "rand" not in targets
+    dropouts = [n for n in qm.graph.nodes if n.op == "call_function" and "dropout" in str(n.target)]
+    assert dropouts and all(False in n.args or n.kwargs.get("training") is False for n in dropouts)
+    fxq.calibrate(qm, [x])
+    onnx_model = fxq.export_onnx(fxq.freeze(qm), x, tmp_path / "m.onnx")
+    assert not [n.op_type for n in onnx_model.graph.node if "Random" in n.op_type or n.op_type == "Dropout"]
