@@ -120,21 +120,22 @@ def call_batch(
     """`run_batch`, with a failure to run the batch re-raised as a `PrepareError` naming its shapes.
 
     Raises:
-        PrepareError: the model raised a TypeError, ValueError, RuntimeError or IndexError on this batch
-            (wrong shape, dtype or number of inputs); the message gives the batch's shapes and the
-            example input shapes the module was prepared with.
+        PrepareError: the model raised a TypeError, ValueError, RuntimeError, IndexError, KeyError or
+            AttributeError on this batch (wrong shape, dtype, number or form of inputs); the message gives the
+            batch's shapes, the example input shapes the module was prepared with, and what a batch may be.
     """
     try:
         return run_batch(model, batch, n_required)
     except (FxQuantError, torch.OutOfMemoryError):
         raise
-    except (TypeError, ValueError, RuntimeError, IndexError) as e:
+    except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError) as e:
         example = example_shapes(model)
         prepared = f"it was prepared with example inputs of shape {example}" if example else "check its inputs"
         first_line = str(e).splitlines()[0] if str(e) else ""
         raise PrepareError(
             f"a batch of shape {describe_shapes(batch)} does not fit the {who}: {prepared}. Give batches shaped "
-            f"like the example inputs (only the batch dimension may differ). The error was "
+            f"like the example inputs (only the batch dimension may differ): a tensor, a tuple of positional "
+            f"inputs, a dict of keyword inputs, or an (inputs, target) pair. The error was "
             f"{type(e).__name__}: {first_line}"
         ) from e
 

@@ -35,9 +35,18 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from fxquant.batches import Batch, cycle_batches, model_device, required_inputs, run_batch, split_batch, to_device
+from fxquant.batches import (
+    Batch,
+    call_batch,
+    cycle_batches,
+    model_device,
+    required_inputs,
+    run_batch,
+    split_batch,
+    to_device,
+)
 from fxquant.calibration import calibrate
-from fxquant.errors import ConfigError, FxQuantError, PrepareError, StateError
+from fxquant.errors import ConfigError, PrepareError, StateError
 from fxquant.losses import DISTILL_KINDS, distillation_loss, exterior_hinge, model_size_mb, output_leaves
 from fxquant.passes.insert import QUANTIZERS_ATTR
 from fxquant.preparation import module_state
@@ -479,19 +488,6 @@ def _check_target(target: Optional[BitTarget], bits: _Bits) -> None:
                 )
 
 
-def _call(model: nn.Module, batch: Batch, n_required: int, who: str) -> Tuple[Any, Optional[Any]]:
-    """Run one batch, turning a failure into a PrepareError that says what a batch must be."""
-    try:
-        return run_batch(model, batch, n_required)
-    except FxQuantError:
-        raise
-    except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError) as e:
-        raise PrepareError(
-            f"the first batch (a {type(batch).__name__}) does not fit the {who}: {type(e).__name__}: {e}. A batch "
-            "must be a tensor, a tuple of positional inputs, a dict of keyword inputs, or an (inputs, target) pair."
-        ) from e
-
-
 def _describe(output: Any) -> str:
     return ", ".join(f"{p}: {tuple(t.shape)}" for p, t in output_leaves(output)) or "no floating-point tensors"
 
@@ -505,9 +501,9 @@ def _dry_run(
     inner.eval()
     try:
         with torch.no_grad(), quantizers_enabled(inner, False):
-            out, target = _call(inner, batch, n_required, "quantized module")
+            out, target = call_batch(inner, batch, n_required, "quantized module")
             if teacher is not None:
-                t_out, _ = _call(teacher, batch, n_required, "teacher")
+                t_out, _ = call_batch(teacher, batch, n_required, "teacher")
                 s_leaves, t_leaves = output_leaves(out), output_leaves(t_out)
                 same = len(s_leaves) == len(t_leaves) and all(
                     s.shape == t.shape for (_, s), (_, t) in zip(s_leaves, t_leaves)
