@@ -33,10 +33,16 @@ def _inspect(args: argparse.Namespace) -> int:
     import fxquant
 
     try:
-        print(fxquant.report(args.model))
+        rep = fxquant.report(args.model)
     except fxquant.FxQuantError as e:
         print(f"fxquant inspect: {e}", file=sys.stderr)
         return USAGE_ERROR
+    print(rep)
+    if args.plot:
+        from fxquant.plots import plot_bits
+
+        plot_bits(rep.rows, args.plot, title=f"bits per quantizer of {os.path.basename(args.model)}")
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -94,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
     inspect = sub.add_parser("inspect", help="list the quant nodes and integer initializers of an exported model")
     inspect.add_argument("model", help="path to an .onnx file exported by fxquant")
+    inspect.add_argument("--plot", metavar="PNG", help="also draw the bits of every quantizer to this image file")
     inspect.set_defaults(func=_inspect)
     quantize = sub.add_parser(
         "quantize",

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxquant as fxq
+from fxquant.plots import plot_bits, plot_history, targets_of
 from fxquant.quantize_cli import report_summary, verify_reported, write_summary
 from fxquant.tracing import silenced
 
@@ -132,26 +133,6 @@ def export_float_onnx(model: nn.Module, example: torch.Tensor, path: str) -> Non
         )
 
 
-def plot_bits(rows: List[Dict[str, Any]], path: str) -> None:
-    """A bar chart of weight and activation bits per quantizer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [r["name"] for r in rows]
-    colors = ["tab:blue" if r["kind"] == "weight" else "tab:orange" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows)), 3.5))
-    ax.bar(range(len(rows)), [r["bits"] for r in rows], color=colors)
-    ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("bits")
-    ax.set_title("fxquant: learned bit-width per quantizer (blue: weights, orange: activations)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def run_demo(out_dir: str = "fxquant-demo", steps: int = 300, quiet: bool = False, seed: int = 0) -> Dict[str, Any]:
     """Run the demo; returns the summary that it also writes to `out_dir/summary.json`."""
     torch.manual_seed(seed)
@@ -231,12 +212,15 @@ def run_demo(out_dir: str = "fxquant-demo", steps: int = 300, quiet: bool = Fals
     }
     summary_path = write_summary(out_dir, summary)
     bits_path = os.path.join(out_dir, "bits.png")
+    history_path = os.path.join(out_dir, "finetune.png")
     try:
-        plot_bits(summary["bits_per_quantizer"], bits_path)
-    except Exception as e:  # noqa: BLE001 - the picture is optional; the numbers are already saved
+        plot_bits(rep.rows, bits_path, targets=targets_of(result),
+                  title="bits per quantizer after fine-tuning (first and last layers fixed at 8 bits)")
+        plot_history(result, history_path, title=f"fine-tune: {steps} steps, bits driven to 4")
+    except Exception as e:  # noqa: BLE001 - the pictures are optional; the numbers are already saved
         warnings.warn(f"demo: could not draw {bits_path} ({type(e).__name__}: {e}); the results are in {summary_path}",
                       stacklevel=2)
-        bits_path = ""
+        bits_path = history_path = ""
     say(str(rep))
     say("")
     say(str(parity))
@@ -248,6 +232,6 @@ def run_demo(out_dir: str = "fxquant-demo", steps: int = 300, quiet: bool = Fals
     say(f"latency   onnxruntime batch 64: {lat_q:.3f} ms quantized vs {lat_f:.3f} ms float ({lat_f / lat_q:.2f}x); "
         f"with int8_weights=True ({summary['int8_weights_onnx_file_bytes'] / 1024:.1f} KiB, integer conv kernels): "
         f"{lat_fast:.3f} ms ({lat_f / lat_fast:.2f}x)")
-    written = ", ".join(p for p in (onnx_path, fast_path, summary_path, bits_path) if p)
+    written = ", ".join(p for p in (onnx_path, fast_path, float_path, summary_path, bits_path, history_path) if p)
     say(f"wrote {written} in {summary['seconds']:.0f} s")
     return summary

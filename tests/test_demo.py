@@ -14,7 +14,7 @@ from fxquant.cli import main
 def test_demo_runs_end_to_end_and_writes_its_outputs(tmp_path) -> None:  # noqa: ANN001
     out = str(tmp_path / "demo")
     assert main(["demo", "--out", out, "--steps", "30", "--quiet"]) == 0
-    for name in ("model.onnx", "model_int8_weights.onnx", "summary.json", "bits.png"):
+    for name in ("model.onnx", "model_int8_weights.onnx", "summary.json", "bits.png", "finetune.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0
     with open(os.path.join(out, "summary.json")) as fh:
         summary = json.load(fh)
@@ -35,7 +35,7 @@ def test_inspect_prints_the_quant_nodes(tmp_path, capsys) -> None:  # noqa: ANN0
 def test_quiet_demo_is_quiet_and_a_plot_failure_keeps_the_summary(tmp_path, capfd, monkeypatch) -> None:  # noqa: ANN001
     import fxquant.demo
 
-    def broken_plot(rows, path) -> None:  # noqa: ANN001
+    def broken_plot(rows, path, **kwargs) -> None:  # noqa: ANN001, ANN003
         raise RuntimeError("no display")
 
     monkeypatch.setattr(fxquant.demo, "plot_bits", broken_plot)

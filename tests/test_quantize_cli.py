@@ -101,9 +101,11 @@ def _error(capsys: pytest.CaptureFixture[str], argv: List[str]) -> str:
 
 
 def _summary(out: Path) -> dict:
-    for name in ("model.onnx", "summary.json", "report.txt"):
+    for name in ("model.onnx", "summary.json", "report.txt", "bits.png"):
         assert (out / name).stat().st_size > 0, name
-    return json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert (out / "finetune.png").exists() == (summary["steps_run"] > 0)  # the history picture after a fine-tune
+    return summary
 
 
 # -- end to end ------------------------------------------------------------------------------------
