@@ -56,7 +56,7 @@ def plot_bits(rows: Sequence[Any], path: str, targets: Optional[Dict[str, float]
     ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("integer bits")
     ax.set_xlabel("quantizer (in graph order)")
-    ax.set_ylim(0, max(bits + [8.0]) + 1)
+    ax.set_ylim(0, max(bits + [8.0]) + 3.5)  # room above the bars for the legend
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -64,8 +64,8 @@ def plot_bits(rows: Sequence[Any], path: str, targets: Optional[Dict[str, float]
     for kind, value in (targets or {}).items():
         color = WEIGHT_COLOR if kind == "weight" else ACTIVATION_COLOR
         ax.axhline(value, color=color, linestyle="--", linewidth=1)
-        handles.append(Line2D([0], [0], color=color, linestyle="--", label=f"{kind} target {value:g} bits (average)"))
-    ax.legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.9)
+        handles.append(Line2D([0], [0], color=color, linestyle="--", label=f"{kind} target {value:g} bits"))
+    ax.legend(handles=handles, loc="upper left", ncol=2, fontsize=8, framealpha=0.9)
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
@@ -94,9 +94,9 @@ def plot_history(result: Any, path: str, title: str = "") -> None:
     fig, (loss_ax, bits_ax) = plt.subplots(1, 2, figsize=(10.0, 3.8))
     base = [r.base for r in history]
     total = [r.loss for r in history]
-    loss_ax.plot(steps, base, label="distillation loss", color="tab:green", linewidth=1)
     if any(r.penalty > 0 for r in history):
         loss_ax.plot(steps, total, label="loss with bit penalty", color="tab:red", linewidth=1, alpha=0.7)
+    loss_ax.plot(steps, base, label="distillation loss", color="tab:green", linewidth=1)
     positive = [v for v in base + total if isinstance(v, float) and math.isfinite(v) and v > 0]
     if positive and max(positive) / min(positive) > 20:
         loss_ax.set_yscale("log")
@@ -107,7 +107,7 @@ def plot_history(result: Any, path: str, title: str = "") -> None:
     bits_ax.plot(steps, [r.avg_weight_bits for r in history], color=WEIGHT_COLOR, alpha=0.4, linewidth=1,
                  label="all weights (size-weighted)")
     bits_ax.plot(steps, [r.avg_activation_bits for r in history], color=ACTIVATION_COLOR,
-                 label="activations (average)")
+                 label="activations (average, fixed ones included)")
     weight_target, activation_target = _target_values(result)
     if weight_target is not None:
         bits_ax.axhline(weight_target, color=WEIGHT_COLOR, linestyle="--", linewidth=1, label="weight target")
@@ -117,10 +117,10 @@ def plot_history(result: Any, path: str, title: str = "") -> None:
     bits_ax.set_xlabel("step")
     bits_ax.set_ylabel("integer bits")
     best = getattr(result, "best_step", None)
-    for ax in (loss_ax, bits_ax):
+    for ax, where in ((loss_ax, "best"), (bits_ax, "center right")):
         if best is not None:
             ax.axvline(best, color="gray", linestyle=":", linewidth=1, label=f"restored step {best}")
-        ax.legend(fontsize=8, framealpha=0.9)
+        ax.legend(fontsize=8, framealpha=0.9, loc=where)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
