@@ -94,10 +94,11 @@ def calibrate(
         qm.train(was_training)
     if seen == 0:
         raise PrepareError("calibrate got no batches; give at least one batch of model inputs.")
+    weights = _weights_read(qm)
     for name, q in quantizers:
         weight = None
         if q.kind == KIND_WEIGHT:
-            weight = _weight_of(qm, name)
+            weight = weights.get(name)
             if weight is not None:
                 q.init_from_tensor(weight)
         elif method == "percentile":
@@ -136,12 +137,13 @@ def _sample_hook(store: List[torch.Tensor]):  # noqa: ANN202 - torch hook signat
     return hook
 
 
-def _weight_of(qm: fx.GraphModule, quantizer_name: str) -> Optional[torch.Tensor]:
-    """The parameter a weight quantizer reads (its call node's get_attr input)."""
-    target = quantizer_name
+def _weights_read(qm: fx.GraphModule) -> Dict[str, torch.Tensor]:
+    """The parameter each weight quantizer reads (its call node's get_attr input), by quantizer target, in
+    one pass over the graph (a lookup per quantizer would be quadratic in the size of large models)."""
+    found: Dict[str, torch.Tensor] = {}
     for node in qm.graph.nodes:
-        if node.op == "call_module" and str(node.target) == target and node.args:
+        if node.op == "call_module" and node.args:
             src = node.args[0]
             if isinstance(src, fx.Node) and src.op == "get_attr":
-                return getattr_path(qm, str(src.target)).detach()
-    return None
+                found.setdefault(str(node.target), getattr_path(qm, str(src.target)).detach())
+    return found
