@@ -146,6 +146,7 @@ def prepare(
     *,
     capture: str = "auto",
     leaf_modules: Sequence[str] = (),
+    dynamic: bool = True,
 ) -> fx.GraphModule:
     """Capture `model` and insert learnable quantizers; the user's model is not modified.
 
@@ -157,14 +158,21 @@ def prepare(
             submodules kept float), `"symbolic_trace"`, `"export"` or `"symbolic_trace_leaves"`
             (see `fxquant.tracing`).
         leaf_modules: module paths to keep as opaque float calls (for code symbolic tracing rejects).
+        dynamic: accept any batch size, and any sequence length for integer inputs of rank 2 (token ids,
+            attention masks), in the prepared module (torch.export capture) and in its ONNX export, as far
+            as the model's code allows; the dims it fixes stay static, with a warning. `False` fixes every
+            size to the example's.
 
     Returns:
         A `torch.fx.GraphModule` with BatchNorm folded and quantizers in `qm.fxq_quantizers`, in the
-        same train/eval mode as `model`.
+        same train/eval mode as `model`. `qm.fxquant_dynamic_shapes` says which input dims may change
+        size; `qm.fxquant_capture_notes` says what the capture changed (e.g. a Hugging Face causal LM
+        captured with `use_cache=False`) or could not keep dynamic.
 
     Raises:
         PrepareError: `model` is already prepared or frozen, the inputs do not fit it, the model or its
-            inputs are not float32 (call `model.float()`), or no op of the model can be quantized.
+            inputs are not float32 (call `model.float()`), no op of the model can be quantized, or
+            `dynamic` is not a bool.
         CaptureError: no front end could capture the model (says where and what to do).
         ConfigError: an override matches nothing, or a spec does not fit a layer.
 
@@ -183,13 +191,18 @@ def prepare(
         config = QuantConfig()
     if not isinstance(config, QuantConfig):
         raise PrepareError(f"config must be a fxq.QuantConfig, got {type(config).__name__}.")
+    if not isinstance(dynamic, bool):
+        raise PrepareError(
+            f"dynamic={dynamic!r} is not a bool; pass dynamic=True (any batch size and sequence length) or "
+            "dynamic=False (the example's sizes only)."
+        )
     check_float32(model, example_inputs)
     work = copy.deepcopy(model)
     # Capture the inference graph: Python branches on `self.training` (stochastic depth, dropout as a function)
     # are decided at capture, and the training ones would be baked into every later step and the export.
     # Module-level dropout stays a module and follows `qm.train()` / `qm.eval()`.
     work.eval()
-    gm, front_end = capture_model(work, capture, leaf_modules, example_inputs)
+    gm, front_end = capture_model(work, capture, leaf_modules, example_inputs, dynamic)
     propagate_shapes(gm, example_inputs)
     run_passes(gm, (functionalize_modules, decompose_attention, fold_batchnorm))
     propagate_shapes(gm, example_inputs)

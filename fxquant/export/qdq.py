@@ -38,11 +38,12 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -56,7 +57,16 @@ from fxquant.op_registry import facts_of
 from fxquant.passes.insert import QUANTIZERS_ATTR
 from fxquant.qparams import CONTAINER_BITS, QParams, smallest_container
 from fxquant.quantizer import FrozenActivationQuantizer, FrozenBias, FrozenWeight
-from fxquant.tracing import normalize_inputs, silenced
+from fxquant.tracing import (
+    SHAPES_ATTR,
+    DynamicDim,
+    InputShapes,
+    candidate_dims,
+    export_with_dynamic_dims,
+    input_tensors,
+    normalize_inputs,
+    silenced,
+)
 
 T = onnx.TensorProto
 MIN_EXPORTER_OPSET = 18
@@ -187,12 +197,18 @@ class _ExportDequantize(nn.Module):
     def __init__(self, codes: torch.Tensor, qp: QParams, onnx_type: int) -> None:
         super().__init__()
         block = {"per_tensor": -1, "per_axis": 0}.get(qp.layout, qp.block_size or 0)
-        self.register_buffer("codes", codes.contiguous().to(TORCH_STORABLE.get(onnx_type, codes.dtype)))
+        stored = TORCH_STORABLE.get(onnx_type, codes.dtype)
+        self.register_buffer("codes", codes.contiguous().to(stored))
         self.register_buffer("scale", qp.scale.contiguous())
+        # weights carry explicit zeros (onnxruntime's QGemm needs them); int32 biases do not
+        zero_point = qp.zero_point.to(stored).contiguous() if qp.kind == "weight" else None
+        self.register_buffer("zero_point", zero_point)
         self.axis, self.block, self.onnx_type = int(qp.axis or 0), int(block), int(onnx_type)
 
     def forward(self) -> torch.Tensor:
-        return torch.ops.fxquant.dequantize(self.codes, self.scale, self.axis, self.block, self.onnx_type)
+        return torch.ops.fxquant.dequantize(
+            self.codes, self.scale, self.zero_point, self.axis, self.block, self.onnx_type
+        )
 
 
 def _is_linear(node: fx.Node) -> bool:
@@ -243,16 +259,56 @@ def _export_copy(frozen: fx.GraphModule, plans: Dict[str, QuantizerPlan]) -> fx.
     return gm
 
 
-def _dynamic_shapes(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-    """Dimension 0 of every tensor input is the dynamic batch (by position, or by name for keywords)."""
-    batch = torch.export.Dim("batch")
+def _dynamic_shapes(frozen: fx.GraphModule, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[DynamicDim, ...]:
+    """The input dims to export as dynamic: the batch dim of every tensor input and the sequence dim of every
+    rank-2 integer input (`candidate_dims`), less those the capture fixed (`fxquant_dynamic_shapes`)."""
+    wanted = candidate_dims(frozen.forward, args, kwargs)
+    recorded = getattr(frozen, SHAPES_ATTR, None)
+    if not isinstance(recorded, InputShapes):
+        return wanted
+    kept = {(d.keys, d.axis) for d in recorded.dynamic}
+    return tuple(d for d in wanted if (d.keys, d.axis) in kept)
 
-    def spec(a: Any) -> Any:
-        return {0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None
 
-    if kwargs:
-        return {k: spec(v) for k, v in kwargs.items()}
-    return tuple(spec(a) for a in args)
+def _onnx_input_dims(args: Tuple[Any, ...], kwargs: Dict[str, Any], model: onnx.ModelProto, d: DynamicDim) -> Any:
+    """The ONNX graph input dimension that `d` became (None when the inputs cannot be paired): the exporter
+    makes one graph input per tensor input, in the order torch.export flattens them."""
+    tensors = [keys for keys, leaf in input_tensors(args, kwargs) if isinstance(leaf, torch.Tensor)]
+    if len(tensors) != len(model.graph.input) or d.keys not in tensors:
+        return None
+    dims = model.graph.input[tensors.index(d.keys)].type.tensor_type.shape.dim
+    return dims[d.axis] if d.axis < len(dims) else None
+
+
+def _kept_dynamic(
+    program: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any], dims: Sequence[DynamicDim]
+) -> Dict[DynamicDim, Optional[int]]:
+    """Which of `dims` the exported ONNX model kept symbolic (a `dim_param`, no bound known)."""
+    out: Dict[DynamicDim, Optional[int]] = {}
+    for d in dims:
+        dim = _onnx_input_dims(args, kwargs, program.model_proto, d)
+        if dim is None or dim.HasField("dim_param"):
+            out[d] = None
+    return out
+
+
+def _name_dynamic_dims(model: onnx.ModelProto, shapes: InputShapes, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+    """Rename the exporter's symbols (`s72`) to `batch` and `sequence` (`batch_2`, ... when the model keeps
+    several independent ones) in the graph's inputs, outputs and value infos."""
+    names: Dict[str, str] = {}
+    for d in shapes.dynamic:
+        dim = _onnx_input_dims(args, kwargs, model, d)
+        if dim is None or not dim.HasField("dim_param") or dim.dim_param in names:
+            continue
+        taken = sum(1 for n in names.values() if n.split("_")[0] == d.role)
+        names[dim.dim_param] = d.role if taken == 0 else f"{d.role}_{taken + 1}"
+    if not names:
+        return
+    pattern = re.compile(r"\b(" + "|".join(re.escape(s) for s in names) + r")\b")
+    for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param"):
+                dim.dim_param = pattern.sub(lambda m: names[m.group(0)], dim.dim_param)
 
 
 def _as_args(example_inputs: Any) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
@@ -462,8 +518,10 @@ def export_onnx(
 
     Args:
         frozen: a module returned by `fxq.freeze`.
-        example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs; dimension 0 of
-            every tensor input is exported as a dynamic batch dimension.
+        example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs. The batch dim of
+            every tensor input (ONNX dim `batch`) and the sequence dim of every rank-2 integer input
+            (`sequence`) are exported dynamic, unless the capture fixed them (`prepare(..., dynamic=False)`,
+            or the model's code; a warning then names the dims fixed at the example's size).
         path: where to write the model (`None`: do not write). Models of 2 GB or more get their tensors in
             `<path>.data` next to it; smaller ones are one self-contained file.
         opset: ONNX opset (default: the lowest the integer types need: 18, 21 or 25). A lower one widens
@@ -519,13 +577,19 @@ def export_onnx(
         )
     gm = _export_copy(frozen, plans)
     gm.eval()
-    dynamic = _dynamic_shapes(args, kwargs)
+
+    def export(a: Tuple[Any, ...], kw: Dict[str, Any], dynamic: Any) -> Any:
+        return torch.onnx.export(
+            gm, a, kwargs=kw or None, dynamo=True, external_data=False, opset_version=chosen,
+            custom_translation_table=translation_table(chosen), dynamic_shapes=dynamic, optimize=True,
+            verbose=False,
+        )
+
     try:
         with _quiet():
-            program = torch.onnx.export(
-                gm, args, kwargs=kwargs or None, dynamo=True, external_data=False, opset_version=chosen,
-                custom_translation_table=translation_table(chosen), dynamic_shapes=dynamic, optimize=True,
-                verbose=False,
+            program, shapes = export_with_dynamic_dims(
+                export, gm.forward, args, kwargs, _dynamic_shapes(frozen, args, kwargs), _kept_dynamic,
+                give_up=lambda e: _has_onnx_function(e) is not None,
             )
     except Exception as e:  # noqa: BLE001 - re-raised with what to do
         op = _has_onnx_function(e)
@@ -536,7 +600,11 @@ def export_onnx(
                 "torch.onnx (custom_translation_table)."
             ) from e
         raise ExportError(f"torch.onnx could not export the frozen module: {type(e).__name__}: {str(e)[:2000]}") from e
+    static = shapes.static_note(args, kwargs)
+    if static:
+        warnings.warn(f"fxquant export: {static}", stacklevel=2)
     model = program.model_proto
+    _name_dynamic_dims(model, shapes, args, kwargs)
     _fold_casts(model)
     _annotate(model, plans, keep_torch_metadata)
     if out_path is not None:
