@@ -197,18 +197,12 @@ class _ExportDequantize(nn.Module):
     def __init__(self, codes: torch.Tensor, qp: QParams, onnx_type: int) -> None:
         super().__init__()
         block = {"per_tensor": -1, "per_axis": 0}.get(qp.layout, qp.block_size or 0)
-        stored = TORCH_STORABLE.get(onnx_type, codes.dtype)
-        self.register_buffer("codes", codes.contiguous().to(stored))
+        self.register_buffer("codes", codes.contiguous().to(TORCH_STORABLE.get(onnx_type, codes.dtype)))
         self.register_buffer("scale", qp.scale.contiguous())
-        # weights carry explicit zeros (onnxruntime's QGemm needs them); int32 biases do not
-        zero_point = qp.zero_point.to(stored).contiguous() if qp.kind == "weight" else None
-        self.register_buffer("zero_point", zero_point)
         self.axis, self.block, self.onnx_type = int(qp.axis or 0), int(block), int(onnx_type)
 
     def forward(self) -> torch.Tensor:
-        return torch.ops.fxquant.dequantize(
-            self.codes, self.scale, self.zero_point, self.axis, self.block, self.onnx_type
-        )
+        return torch.ops.fxquant.dequantize(self.codes, self.scale, self.axis, self.block, self.onnx_type)
 
 
 def _is_linear(node: fx.Node) -> bool:
