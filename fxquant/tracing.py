@@ -7,8 +7,9 @@ Three front ends (`prepare(..., capture=...)`):
   `fx.GraphModule` (so `train()`/`eval()` work). Graphs of aten ops (`aten.linear`, `aten.conv2d`, ...)
   with parameters as `get_attr` nodes at their original paths and `node.meta["nn_module_stack"]`
   naming the user's modules. The model is exported in eval mode (dropout off, BatchNorm on running
-  statistics, so BN folds), with the batch dimension dynamic where torch.export allows it.
-  Hugging Face `transformers` models need this front end.
+  statistics, so BN folds). Hugging Face `transformers` models need this front end; a causal LM whose
+  forward would return a key/value cache (`config.use_cache=True`, their default) is captured with
+  `use_cache=False` (on fxquant's copy; `gm.fxquant_capture_notes` says so).
 - `"symbolic_trace_leaves"`: symbolic trace that keeps every submodule it cannot trace as an opaque
   float call (a leaf) and quantizes the rest; `gm.fxquant_float_modules` says which stayed float and why.
 
@@ -18,6 +19,17 @@ rejects (most of `transformers`), while the leaf fallback leaves whole submodule
 (for data-dependent control flow, which neither of the others can capture). With user `leaf_modules`,
 `"auto"` skips torch.export (it has no leaves) so the user's leaves stay float. When every front end
 fails, one `CaptureError` lists what each said and what to do.
+
+Shapes: the captured module, and the ONNX exported from it, accept any batch size (dimension 0 of every
+tensor input) and, for token inputs (integer tensors of rank 2: ids, attention masks, position ids), any
+sequence length (dimension 1), also when the example has a batch of 1: torch.export specializes sizes 0
+and 1, so such dims are exported from the example repeated to size 2 with `Dim.AUTO`. Dims the model's
+code fixes (a branch on the batch size, a fixed-length position table) stay at the example's size: the
+export is retried with them static (after an error, first the sequence dims, then all), with a warning.
+`gm.fxquant_dynamic_shapes` (`InputShapes`) lists what is dynamic (with bounds such as
+`max_position_embeddings`) and what stayed static and why; `prepare(..., dynamic=False)` fixes every size.
+Symbolic trace fixes no size (the model's own code decides). Other dimensions (image sizes, feature
+widths) are always the example's.
 
 This module does not analyze or change the graph; it only captures it and records shapes in
 `node.meta["tensor_meta"]`.
