@@ -594,9 +594,15 @@ def verify(
             # Localise one failed level: ORT_DISABLE_ALL first, the export's own Q/DQ arithmetic.
             target = next((r for r in failed if r.level == LEVELS["disabled"]), failed[0])
             level_key = next(k for k, v in LEVELS.items() if v == target.level)
-            target.divergence = _localize(
-                frozen, model_path, target.provider, level_key, first_batch, n_req, tolerance_steps, rtol, tmp,
-            )
+            try:
+                target.divergence = _localize(
+                    frozen, model_path, target.provider, level_key, first_batch, n_req, tolerance_steps, rtol, tmp,
+                )
+            except Exception as e:  # noqa: BLE001 - a diagnosis that fails must not hide the parity result
+                target.divergence = Divergence(
+                    None, None, None, 0.0, 0.0, 0,
+                    note=f"not localised: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                )
     report = VerifyReport(
         output_step=step, error_unit=unit, tolerance=tol, results=results, op_histogram=histogram,
         integer_kernels=sum(v for k, v in histogram.items() if k in INTEGER_KERNELS),

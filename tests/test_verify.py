@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import onnx
@@ -340,3 +341,19 @@ def test_perturbation_scales_every_activation_quantizer_input() -> None:
     assert len(clean) == len(quantizers) >= 3
     assert torch.equal(moved[0], clean[0] * 1.5)  # the input quantizer sees the model's input scaled
     assert all(torch.equal(a, b) for a, b in zip(after, clean))  # the hooks are gone after the block
+
+
+def test_a_localisation_that_fails_does_not_hide_the_parity_result(monkeypatch) -> None:  # noqa: ANN001
+    verify_module = importlib.import_module("fxquant.verify")  # the module (fxq.verify is the function)
+
+    def broken(model: onnx.ModelProto) -> None:
+        raise RuntimeError("no codes here")
+
+    monkeypatch.setattr(verify_module, "_onnx_activation_codes", broken)
+    frozen, x = _frozen("mlp", fxq.QuantConfig(weight=_spec(8), activation=_spec(8), first_last_bits=None))
+    bad = _corrupt_scale(fxq.export_onnx(frozen, x), "fc1_weight.scale", 3.0)
+    report = fxq.verify(frozen, bad, [x], raise_on_failure=False, levels=("disabled",))
+    assert not report.ok
+    assert str(report.results[0].divergence) == (
+        "no activation quantizer diverged (compared 0 activation quantizers); not localised: RuntimeError: no codes here"
+    )
