@@ -437,10 +437,11 @@ def hf_llama() -> Tuple[nn.Module, Any, List[Any]]:
 
 
 def hf_t5() -> Tuple[nn.Module, Any, List[Any]]:
-    """Encoder-decoder: `T5ForConditionalGeneration` called with `decoder_input_ids` (teacher forcing)."""
+    """Encoder-decoder: `T5ForConditionalGeneration` (one encoder and one decoder layer: self-, causal self- and
+    cross-attention, relative position buckets) called with `decoder_input_ids` (teacher forcing)."""
     import transformers as T
 
-    cfg = T.T5Config(vocab_size=64, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2,
+    cfg = T.T5Config(vocab_size=64, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2,
                      relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
                      use_cache=False, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     model = _seeded(lambda: T.T5ForConditionalGeneration(cfg)).eval()
