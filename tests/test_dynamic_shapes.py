@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Dict
+from types import SimpleNamespace
+from typing import Any, Dict, Optional
 
 import numpy as np
 import onnxruntime as ort
@@ -17,7 +18,7 @@ from models_zoo import hf_bert
 from torch import nn
 
 import fxquant as fxq
-from fxquant.tracing import BATCH, SEQUENCE, DynamicDim, candidate_dims, widen_size_one
+from fxquant.tracing import BATCH, SEQUENCE, DynamicDim, candidate_dims, export_model, widen_size_one
 
 # torch's own deprecation inside deepcopy of torch.export's pytree specs
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
@@ -259,3 +260,34 @@ def test_dynamic_false_fixes_every_size() -> None:
 def test_dynamic_must_be_a_bool() -> None:
     with pytest.raises(fxq.PrepareError, match=r"dynamic='batch' is not a bool; pass dynamic=True \(any batch size and sequence length\) or dynamic=False"):
         fxq.prepare(SmallCNN().eval(), torch.randn(1, 3, 8, 8), dynamic="batch")  # type: ignore[arg-type]
+
+
+class _Cache:
+    """Stands in for a `transformers` DynamicCache: not a pytree type, so torch.export cannot return it."""
+
+
+class CachedLM(nn.Module):
+    """Returns a cache object next to its logits unless `use_cache` is off, like a Hugging Face causal LM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(use_cache=True)
+        self.emb = nn.Embedding(20, 8)
+        self.fc = nn.Linear(8, 20)
+
+    def forward(self, ids: torch.Tensor, use_cache: Optional[bool] = None) -> Any:
+        logits = self.fc(self.emb(ids))
+        return (logits, _Cache()) if (self.config.use_cache if use_cache is None else use_cache) else logits
+
+
+def test_export_model_switches_the_cache_off_and_restores_the_config() -> None:
+    torch.manual_seed(0)
+    model = CachedLM().eval()
+    gm = export_model(model, torch.randint(0, 20, (1, 5)))
+    assert model.config.use_cache is True
+    assert gm.fxquant_capture_notes == (
+        "CachedLM was captured with use_cache=False (torch.export cannot return its key/value cache): the prepared "
+        "module and its ONNX compute the outputs without past_key_values; the model itself keeps use_cache=True.",
+    )
+    ids = torch.randint(0, 20, (3, 7))
+    assert torch.equal(gm(ids), model(ids, use_cache=False))
