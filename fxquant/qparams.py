@@ -9,8 +9,10 @@ nothing between the steps passes string-keyed dicts.
 
 Containers (the smallest ONNX integer type holding the codes, with the exceptions onnxruntime needs):
 
-- weights: signed INT2/INT4/INT8/INT16 (3, 5, 6, 7 bits ride in the next one); 2-bit conv weights ride in
-  INT4 (onnxruntime 1.32 builds an invalid QLinearConv from INT2 ones);
+- weights: signed INT4/INT8/INT16 (3, 5, 6, 7 bits ride in the next one); 2-bit weights ride in INT4 too:
+  onnxruntime 1.32 builds an invalid QLinearConv/QGemm from INT2 weights next to a quantized input, and fuses
+  a weight-only DequantizeLinear(INT2) -> MatMul into a MatMulNBits that computes wrong numbers (measured:
+  1.67 of the output's max off);
 - activations: UINT8 up to 8 bits, UINT16 above (onnxruntime has no uint2/uint4 activation kernels; a
   narrower width is clipped to its code range inside the container);
 - biases: INT32 (what integer kernels add).
@@ -42,13 +44,13 @@ def smallest_container(bits: int, signed: bool, floor: int = 0) -> str:
     raise ValueError(f"no ONNX integer container holds {bits} bits")
 
 
-def container_for(kind: str, bits: int, weight_rank: int = 2) -> str:
-    """The container freeze gives a quantizer of `kind` ("weight", "activation", "bias") at `bits`
-    (see the module docstring); `weight_rank` >= 3 marks a conv weight."""
+def container_for(kind: str, bits: int) -> str:
+    """The container freeze gives a quantizer of `kind` ("weight", "activation", "bias") at `bits` (see the
+    module docstring)."""
     if kind == "bias":
         return "int32"
     if kind == "weight":
-        return smallest_container(bits, signed=True, floor=4 if weight_rank >= 3 else 0)
+        return smallest_container(bits, signed=True, floor=4)
     return smallest_container(bits, signed=False, floor=8)
 
 

@@ -760,7 +760,7 @@ class FrozenWeight(nn.Module):
         """The typed parameters export and verify read: symmetric, per tensor / per axis / blocked."""
         bits = int(self.bits.max())
         qmax = int(self.qmax.max())
-        container = container_for(self.kind, bits, self.codes.dim())
+        container = container_for(self.kind, bits)
         if self.granularity == "per_group":
             assert self.block_axis is not None and self.group_size is not None
             scale = blocked_scale(self.scale, tuple(self.codes.shape), self.block_axis, self.group_size)

@@ -40,6 +40,29 @@ def _optimized_ops(path: str, tmp_path) -> collections.Counter:  # noqa: ANN001
     return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
 
 
+def _code_types(model: onnx.ModelProto) -> collections.Counter:
+    """Data types of the integer codes (initializers read as DequantizeLinear's first input)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    return collections.Counter(
+        inits[n.input[0]].data_type for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+    )
+
+
+def test_weight_dequantize_has_a_zero_point_of_the_codes_type(tmp_path) -> None:  # noqa: ANN001
+    """onnxruntime builds QGemm only from a weight DequantizeLinear with an explicit zero point."""
+    frozen, x = _frozen("cnn", _spec(8), _spec(8))
+    model = fxq.export_onnx(frozen, x, str(tmp_path / "cnn.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    weight_dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.name.endswith("_weight/DequantizeLinear")]
+    assert len(weight_dqs) == 6
+    for n in weight_dqs:
+        assert len(n.input) == 3 and inits[n.input[2]].data_type == inits[n.input[0]].data_type
+        assert not onnx.numpy_helper.to_array(inits[n.input[2]]).any()
+    bias_dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and "_bias/" in n.name]
+    assert bias_dqs and all(len(n.input) == 2 for n in bias_dqs)
+    assert _optimized_ops(str(tmp_path / "cnn.onnx"), tmp_path)["QGemm"] == 1  # the linear head
+
+
 def test_w8a8_cnn_golden_ops_and_integer_kernels(tmp_path) -> None:
     frozen, x = _frozen("cnn", _spec(8), _spec(8))
     path = str(tmp_path / "cnn.onnx")
@@ -59,7 +82,7 @@ def test_w8a8_cnn_golden_ops_and_integer_kernels(tmp_path) -> None:
         + ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "DequantizeLinear", "MatMul", "Add"]
     )
     types = collections.Counter(i.data_type for i in model.graph.initializer if i.data_type != T.FLOAT and i.data_type != T.INT64)
-    assert types[T.INT8] == 6 and types[T.INT32] == 6 and types[T.UINT8] >= 1  # weights, biases, zero points
+    assert _code_types(model) == {T.INT8: 6, T.INT32: 6} and types[T.UINT8] >= 1  # weights, biases; zero points
     zps = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.data_type == T.UINT8}
     # the zero point after every ReLU is the type minimum (0), so onnxruntime absorbs the ReLU
     relu_q = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and "act_relu" in n.name]
@@ -90,9 +113,8 @@ def test_w4a4_runs_as_integer_kernels_with_int8_weights(tmp_path) -> None:  # no
     small, fast = str(tmp_path / "w4.onnx"), str(tmp_path / "w4_int8.onnx")
     small_model = fxq.export_onnx(frozen, x, small)
     fast_model = fxq.export_onnx(frozen, x, fast, int8_weights=True)
-    types = lambda m: collections.Counter(i.data_type for i in m.graph.initializer)  # noqa: E731
-    assert types(small_model)[T.INT4] == 6 and types(small_model)[T.INT8] == 0
-    assert types(fast_model)[T.INT4] == 0 and types(fast_model)[T.INT8] == 6
+    assert _code_types(small_model)[T.INT4] == 6 and _code_types(small_model)[T.INT8] == 0
+    assert _code_types(fast_model)[T.INT4] == 0 and _code_types(fast_model)[T.INT8] == 6
     assert os.path.getsize(small) < os.path.getsize(fast)
     small_ops, fast_ops = _optimized_ops(small, tmp_path), _optimized_ops(fast, tmp_path)
     # onnxruntime 1.32: no int4-weight conv kernel (a conv whose output is not re-quantized fuses its ReLU)
@@ -105,14 +127,19 @@ def test_w4a4_runs_as_integer_kernels_with_int8_weights(tmp_path) -> None:  # no
 
 
 def test_two_bit_conv_weights_load_and_match_in_onnxruntime(tmp_path) -> None:  # noqa: ANN001
-    """onnxruntime 1.32 turns DQ(int2) -> Conv -> Q into a QLinearConv it rejects: conv weights ride in int4."""
+    """onnxruntime 1.32 turns DQ(int2) -> Conv/Gemm with a quantized input into a QLinearConv/QGemm it rejects,
+    and DQ(int2) -> MatMul of a weight-only layer into a wrong MatMulNBits: 2-bit weights ride in int4."""
     frozen, x = _frozen("cnn", _spec(2), _spec(8))
     path = str(tmp_path / "w2a8.onnx")
     model = fxq.export_onnx(frozen, x, path)
-    codes = [i for i in model.graph.initializer if i.data_type in (T.INT2, T.INT4)]
-    assert {i.data_type for i in codes if len(i.dims) == 4} == {T.INT4}  # conv weights
-    assert {i.data_type for i in codes if len(i.dims) == 2} == {T.INT2}  # the linear head keeps int2
+    assert _code_types(model) == {T.INT4: 6, T.INT32: 6}
     result = fxq.verify(frozen, path, [x], raise_on_failure=False)
+    assert all(r.ok for r in result.results), str(result)
+    weight_only, x = _frozen("mlp", _spec(2), None)
+    path = str(tmp_path / "w2.onnx")
+    model = fxq.export_onnx(weight_only, x, path)
+    assert _code_types(model) == {T.INT4: 3}
+    result = fxq.verify(weight_only, path, [x], raise_on_failure=False)
     assert all(r.ok for r in result.results), str(result)
 
 
@@ -142,8 +169,8 @@ def test_weight_only_int4_blocked_linear_becomes_matmulnbits(tmp_path) -> None:
     [
         (4, 4, False, 21, T.INT4, T.UINT8),
         (4, 4, True, 21, T.INT4, T.UINT4),
-        (2, 4, False, 25, T.INT2, T.UINT8),
-        (2, 2, True, 25, T.INT2, T.UINT2),
+        (2, 4, False, 21, T.INT4, T.UINT8),  # 2-bit weights next to a quantized input ride in INT4
+        (2, 2, True, 25, T.INT4, T.UINT2),  # the uint2 activations need opset 25
         (3, 6, False, 21, T.INT4, T.UINT8),
         (8, 16, False, 21, T.INT8, T.UINT16),
     ],

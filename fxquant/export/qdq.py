@@ -5,9 +5,10 @@ scale, zero point, code range, layout, container). `plan_quantizers` keeps its c
 opset lacks it or an option below asks for another:
 
 - weights (`FrozenWeight`): integer codes in the smallest signed container holding the learned bits
-  (INT2, INT4, INT8, INT16; 3, 5, 6, 7 bits ride in the next container, their codes already in range;
+  (INT4, INT8, INT16; 3, 5, 6, 7 bits ride in the next container, their codes already in range;
   `int8_weights=True` puts every width below 8 in INT8, which onnxruntime's QLinearConv/QGemm need; 2-bit
-  conv weights ride in INT4, as onnxruntime 1.32 builds an invalid QLinearConv from INT2 ones),
+  weights ride in INT4, see `fxquant.qparams`), with an explicit zero point (onnxruntime builds QGemm only
+  from a weight DequantizeLinear that has one),
   then `DequantizeLinear` per tensor, per channel (`axis`) or blocked (`axis`, `block_size`). Linear
   layers are exported as `MatMul(x, DQ(W^T)) [+ bias]` with the codes stored transposed: the pattern
   onnxruntime turns into `MatMulNBits` (blocked weights, float input), `QLinearMatMul` or
@@ -20,7 +21,7 @@ opset lacks it or an option below asks for another:
   take no space in the file, so nothing is lost by default). 8-bit activations are uint8 with the zero point at 0 after ReLU, and weights are
   symmetric int8: the types onnxruntime fuses into QLinearConv/QLinearAdd/QGemm.
 - the opset is the lowest the containers need (18, the exporter's floor, for 8-bit; 21 for 4/16-bit
-  and blocked scales; 25 for 2-bit). With a lower `opset` given, narrow containers widen and a quantizer
+  and blocked scales; 25 for 2-bit activations with `narrow_activations`). With a lower `opset` given, narrow containers widen and a quantizer
   with no container at that opset (16-bit activations below 21) is exported as float arithmetic that
   computes the same numbers; it is reported (warning, `metadata_props`, `fxquant inspect`).
 
@@ -197,12 +198,18 @@ class _ExportDequantize(nn.Module):
     def __init__(self, codes: torch.Tensor, qp: QParams, onnx_type: int) -> None:
         super().__init__()
         block = {"per_tensor": -1, "per_axis": 0}.get(qp.layout, qp.block_size or 0)
-        self.register_buffer("codes", codes.contiguous().to(TORCH_STORABLE.get(onnx_type, codes.dtype)))
+        stored = TORCH_STORABLE.get(onnx_type, codes.dtype)
+        self.register_buffer("codes", codes.contiguous().to(stored))
         self.register_buffer("scale", qp.scale.contiguous())
+        # weights carry explicit zeros (onnxruntime's QGemm needs them); int32 biases do not
+        zero_point = qp.zero_point.to(stored).contiguous() if qp.kind == "weight" else None
+        self.register_buffer("zero_point", zero_point)
         self.axis, self.block, self.onnx_type = int(qp.axis or 0), int(block), int(onnx_type)
 
     def forward(self) -> torch.Tensor:
-        return torch.ops.fxquant.dequantize(self.codes, self.scale, self.axis, self.block, self.onnx_type)
+        return torch.ops.fxquant.dequantize(
+            self.codes, self.scale, self.zero_point, self.axis, self.block, self.onnx_type
+        )
 
 
 def _is_linear(node: fx.Node) -> bool:
