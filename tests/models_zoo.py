@@ -372,6 +372,11 @@ class TinyMHAViT(nn.Module):
         return self.head(self.ln(self.layers(x))[:, 0])
 
 
+def first_sample(inputs: Any) -> Any:
+    """The batch-1 example: the first sample of every input (a tensor or a dict of tensors)."""
+    return {k: v[:1] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[:1]
+
+
 def _vision(model: nn.Module, shape: Tuple[int, ...]) -> Tuple[nn.Module, Any, List[Any]]:
     torch.manual_seed(0)
     batches = [torch.randn(4, *shape) for _ in range(3)]
@@ -489,3 +494,6 @@ ZOO: Dict[str, Factory] = {
     "wav2vec2": hf_wav2vec2,
 }
 HF_MODELS = ("bert", "gpt2", "vit", "distilbert", "llama", "t5", "wav2vec2")
+CNN_MODELS = ("resnet", "mobilenet", "unet", "densenet", "convnext")
+"""Convolutional networks (benchmarked against onnxruntime's `quantize_static`); the others are attention or
+recurrent models (against `quantize_dynamic`)."""

@@ -27,7 +27,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from models_zoo import HF_MODELS, ZOO
+from models_zoo import HF_MODELS, ZOO, first_sample
 
 import fxquant as fxq
 from fxquant.verify import u8s8_kernels_saturate
@@ -85,11 +85,6 @@ def _run(module: torch.nn.Module, inputs: Any) -> torch.Tensor:
     return out
 
 
-def _first_sample(inputs: Any) -> Any:
-    """The batch-1 example: the first sample of every input."""
-    return {k: v[:1] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[:1]
-
-
 def _config() -> fxq.QuantConfig:
     """W8A8 (the default), with 7-bit weights where onnxruntime's fused u8s8 kernels saturate 8-bit ones (x86
     without VNNI; see the module docstring)."""
@@ -120,7 +115,7 @@ def _ort_argmax_agreement(path: Path, frozen: torch.nn.Module, batch: Any, level
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_prepare_calibrate_train_freeze_export(name: str, tmp_path: Path) -> None:
     model, example, batches = ZOO[name]()
-    single = _first_sample(example)
+    single = first_sample(example)
     # prepared and exported from a batch-1 example; everything below runs on batches of 4
     qm = fxq.prepare(model, single, _config())
     assert qm.fxquant_capture == EXPECTED_CAPTURE[name]
