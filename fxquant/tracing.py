@@ -46,7 +46,7 @@ import os
 import traceback
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
 import torch.fx._pytree as fx_pytree
@@ -63,8 +63,9 @@ FLOAT_MODULES_ATTR = "fxquant_float_modules"
 """Attribute on a captured GraphModule: `{module path: why it stayed a float leaf}` (leaf fallback and
 user leaves)."""
 MAX_AUTO_LEAVES = 64
-BATCH = "batch"
-SEQUENCE = "sequence"
+Role = Literal["batch", "sequence"]
+BATCH: Role = "batch"
+SEQUENCE: Role = "sequence"
 SHAPES_ATTR = "fxquant_dynamic_shapes"
 """Attribute on a captured GraphModule: the `InputShapes` it accepts (which input dims may take any size)."""
 NOTES_ATTR = "fxquant_capture_notes"
@@ -251,7 +252,7 @@ class DynamicDim:
     name: str
     keys: InputKeys
     axis: int
-    role: str
+    role: Role
     max_size: Optional[int] = field(default=None, compare=False)
 
     def __str__(self) -> str:
