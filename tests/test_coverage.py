@@ -74,6 +74,7 @@ EXPECTED_KEPT_FLOAT = {
     "control_flow": 1,  # the Gate leaf
     "swin": 2,  # the relative position bias gathers (table[index]), one per block
     "mha_vit": 1,  # the position embedding add
+    "vit": 2,  # the class token expand and the position embedding add
     "wav2vec2": 1,  # the weight norm of the positional conv
 }
 
