@@ -18,7 +18,7 @@ from models_zoo import hf_bert
 from torch import nn
 
 import fxquant as fxq
-from fxquant.tracing import BATCH, SEQUENCE, DynamicDim, candidate_dims, export_model, widen_size_one
+from fxquant.tracing import BATCH, SEQUENCE, DynamicDim, candidate_dims, capture_model, export_model, widen_size_one
 
 # torch's own deprecation inside deepcopy of torch.export's pytree specs
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
@@ -293,3 +293,13 @@ def test_export_model_switches_the_cache_off_and_restores_the_config() -> None:
     )
     ids = torch.randint(0, 20, (3, 7))
     assert torch.equal(gm(ids), model(ids, use_cache=False))
+
+
+def test_symbolic_trace_records_the_example_dims_and_dynamic_false_pins_them() -> None:
+    example = torch.randn(1, 3, 8, 8)
+    gm, _ = capture_model(SmallCNN().eval(), "symbolic_trace", (), example)
+    assert [str(d) for d in gm.fxquant_dynamic_shapes.dynamic] == ["x dim 0 (batch)"]
+    gm, _ = capture_model(SmallCNN().eval(), "symbolic_trace", (), example, dynamic=False)
+    shapes = gm.fxquant_dynamic_shapes
+    assert shapes.dynamic == () and [(str(d), why) for d, why in shapes.static] == [("x dim 0 (batch)", "dynamic=False")]
+    assert gm.fxquant_capture_notes == ()  # pinned on purpose: nothing to warn about
