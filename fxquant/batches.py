@@ -128,6 +128,16 @@ def call_batch(
         return run_batch(model, batch, n_required)
     except (FxQuantError, torch.OutOfMemoryError):
         raise
+    except AssertionError as e:
+        if "Guard failed" not in str(e):
+            raise
+        # torch.export's size guards: the capture kept a dimension static (its note says why)
+        notes = "; ".join(str(n) for n in getattr(model, "fxquant_capture_notes", ()) or ()) or "see the capture"
+        raise PrepareError(
+            f"a batch of shape {describe_shapes(batch)} does not fit the {who}: the capture fixed some input "
+            f"sizes ({notes}). Give batches of those sizes, or prepare from an example whose sizes the model "
+            f"accepts as dynamic. The guard was: {str(e).splitlines()[0]}"
+        ) from e
     except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError) as e:
         example = example_shapes(model)
         prepared = f"it was prepared with example inputs of shape {example}" if example else "check its inputs"

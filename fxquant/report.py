@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Set
 from torch import fx, nn
 
 from fxquant.analyze import kept_float
+from fxquant.tracing import NOTES_ATTR
 from fxquant.errors import StateError
 from fxquant.passes.insert import QUANTIZERS_ATTR
 from fxquant.quantizer import (
@@ -103,6 +104,8 @@ class QuantReport:
         )
         for row in self.extra.get("kept_float", []):
             lines.append(f"kept float: {row['name']} ({row['op']}): {row['reason']}")
+        for note in self.extra.get("capture_notes", []):
+            lines.append(f"capture: {note}")
         return "\n".join(lines)
 
 
@@ -196,5 +199,9 @@ def report(module: Any) -> QuantReport:
         float_param_numel=other,
         size_bytes=size,
         float_size_bytes=float_size,
-        extra={"kept_float": [asdict(f) for f in kept_float(module)]},
+        extra={
+            "kept_float": [asdict(f) for f in kept_float(module)],
+            # what the capture changed or fixed (cache switched off, sizes kept static), from tracing
+            "capture_notes": [str(n) for n in getattr(module, NOTES_ATTR, ()) or ()],
+        },
     )

@@ -202,6 +202,10 @@ def test_batch_fixed_by_the_model_code_stays_static_with_a_warning() -> None:
     with torch.no_grad(), fxq.quantizers_enabled(qm, False):
         x = torch.randn(1, 16)
         assert torch.allclose(qm(x), model(x), atol=1e-6)
+    assert "capture: x dim 0 (batch) is fixed at 1" in str(fxq.report(qm))
+    with pytest.raises(fxq.PrepareError, match=r"a batch of shape \(4, 16\) does not fit the module returned by "
+                       r"fxq.prepare: the capture fixed some input sizes \(x dim 0 \(batch\) is fixed at 1"):
+        fxq.calibrate(qm, [torch.randn(4, 16)])
 
 
 def test_sequence_fixed_by_the_model_code_keeps_the_batch_dynamic(tmp_path: Path) -> None:
