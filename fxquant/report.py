@@ -12,7 +12,6 @@ from typing import Any, Dict, List, Set
 from torch import fx, nn
 
 from fxquant.analyze import kept_float
-from fxquant.tracing import NOTES_ATTR
 from fxquant.errors import StateError
 from fxquant.passes.insert import QUANTIZERS_ATTR
 from fxquant.quantizer import (
@@ -23,6 +22,7 @@ from fxquant.quantizer import (
     LearnableQuantizer,
     quantizer_summary,
 )
+from fxquant.tracing import NOTES_ATTR
 
 FLOAT_BITS = 32
 
