@@ -10,7 +10,9 @@ with random weights, CPU:
   error relative to the frozen module's max |output| at ORT_DISABLE_ALL and at ORT_ENABLE_ALL (`VNNI` marks a
   difference `fxq.verify` explains by this CPU's saturating u8s8 kernels, `!` one over its tolerance), the
   model's own sensitivity (`VerifyReport.sensitivity`), and the share of conv/matmul nodes that run as integer
-  kernels in onnxruntime's optimized graph (`VerifyReport.integer_fraction`);
+  kernels in onnxruntime's optimized graph (`VerifyReport.integer_fraction`); on CPUs whose u8s8 kernels
+  saturate (x86 without VNNI) also ORT_ENABLE_ALL parity of the same model with 7-bit weights, which those
+  kernels compute exactly;
 - latency at batch 1, one intra-op thread, ORT_ENABLE_ALL, median of `--iters` runs interleaved in one
   process, of the fxquant export, of the float model's ONNX export (`torch.onnx.export(dynamo=True)`), and of
   onnxruntime's quantization of that float export: `quantize_static` (QDQ, uint8 activations, int8
@@ -29,6 +31,7 @@ import argparse
 import logging
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -52,7 +55,8 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 BEGIN, END = "<!-- coverage-table:begin -->", "<!-- coverage-table:end -->"
 COLUMNS = [
     ("model", "model"), ("capture", "capture"), ("quantizers", "quantizers (w+a)"), ("kept_float", "kept float"),
-    ("disabled", "parity ORT_DISABLE_ALL"), ("all", "parity ORT_ENABLE_ALL"), ("sensitivity", "own sensitivity"),
+    ("disabled", "parity ORT_DISABLE_ALL"), ("all", "parity ORT_ENABLE_ALL"),
+    ("all_w7", "ORT_ENABLE_ALL, 7-bit weights"), ("sensitivity", "own sensitivity"),
     ("int_kernels", "integer conv/matmul"), ("fxq_ms", "fxquant ms"), ("float_ms", "float ms"),
     ("ort_ms", "ORT quantizer ms"), ("vs_float", "vs float"), ("vs_ort", "vs ORT quantizer"), ("ort_ops", "ORT ops"),
     ("note", "note"),
@@ -96,9 +100,35 @@ def _latencies_ms(paths: Dict[str, str], inputs: Any, iters: int, rounds: int = 
     return {k: 1000 * float(np.median(v)) for k, v in times.items()}
 
 
-def _float_export(model: torch.nn.Module, example: Any, path: str) -> None:
+def _reason(e: BaseException, limit: int = 120) -> str:
+    """One line on why `e` happened: torch.onnx's "Exception summary" line when there is one, else the first
+    line; terminal colour codes removed."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "## Exception summary" in lines:
+        lines = lines[lines.index("## Exception summary") + 1 :]
+    line = lines[0] if lines else type(e).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+class _Positional(torch.nn.Module):
+    """The model called with its keyword inputs as positional arguments, returning its first output tensor (what
+    the TorchScript exporter takes)."""
+
+    def __init__(self, model: torch.nn.Module, names: List[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        out = self.model(**dict(zip(self.names, args)))
+        return out if isinstance(out, torch.Tensor) else (out["logits"] if "logits" in out else out[0])
+
+
+def _float_export(model: torch.nn.Module, example: Any, path: str) -> str:
     """The float model through torch.onnx's dynamo exporter, from the batch-4 example with a dynamic batch (so
-    that onnxruntime's calibration can feed the zoo's batches), static if that fails."""
+    that onnxruntime's calibration can feed the zoo's batches), static if that fails, and through the
+    TorchScript exporter (`dynamo=False`) if the dynamo exporter fails on the model. Returns a note ("" when
+    the dynamo export worked)."""
     args, kwargs = normalize_inputs(example)
     auto = torch.export.Dim.AUTO
     dyn: Any = (
@@ -107,8 +137,19 @@ def _float_export(model: torch.nn.Module, example: Any, path: str) -> None:
     try:
         torch.onnx.export(model, args, path, kwargs=kwargs, dynamo=True, external_data=False, dynamic_shapes=dyn,
                           verbose=False)
+        return ""
     except Exception:  # noqa: BLE001 - a static float export still times batch 1
+        pass
+    try:
         torch.onnx.export(model, args, path, kwargs=kwargs, dynamo=True, external_data=False, verbose=False)
+        return ""
+    except Exception as e:  # noqa: BLE001 - the TorchScript exporter is the last resort for the float baseline
+        dynamo_error = _reason(e)
+    names = list(kwargs) or [f"input_{i}" for i in range(len(args))]
+    values = tuple(kwargs.values()) or args
+    torch.onnx.export(_Positional(model, list(kwargs)) if kwargs else model, values, path, input_names=names,
+                      dynamic_axes={n: {0: "batch"} for n in names}, dynamo=False)
+    return f"float ONNX by the TorchScript exporter (dynamo=True failed: {dynamo_error})"
 
 
 class _Reader:
@@ -151,6 +192,18 @@ def _parity(r: Any) -> str:
     return text
 
 
+def _parity_w7(model: torch.nn.Module, single: Any, batches: List[Any], path: Path) -> str:
+    """ORT_ENABLE_ALL parity with 7-bit weights (first and last layers too), which the u8s8 kernels of a CPU
+    without VNNI compute without saturating: what the fused kernels give where the CPU is not the limit."""
+    config = fxq.QuantConfig(weight=fxq.QuantSpec(bits=7, max_bits=7, granularity="per_channel"), first_last_bits=None)
+    qm = fxq.prepare(model, single, config)
+    fxq.calibrate(qm, batches)
+    frozen = fxq.freeze(qm)
+    fxq.export_onnx(frozen, single, path)
+    result = fxq.verify(frozen, path, batches, levels=("all",), raise_on_failure=False)
+    return _parity(result.results[0])
+
+
 def _row(name: str, tmp: Path, iters: int, top_ops: int) -> Dict[str, str]:
     model, example, batches = ZOO[name]()
     single = first_sample(example)
@@ -158,7 +211,7 @@ def _row(name: str, tmp: Path, iters: int, top_ops: int) -> Dict[str, str]:
     try:
         qm = fxq.prepare(model, single)
     except fxq.FxQuantError as e:
-        row.update(capture="FAILED", note=str(e).splitlines()[0])
+        row.update(capture="FAILED", note=_reason(e))
         return row
     fxq.calibrate(qm, batches)
     quantizers = list(qm.fxq_quantizers.values())
@@ -174,10 +227,12 @@ def _row(name: str, tmp: Path, iters: int, top_ops: int) -> Dict[str, str]:
         fxq.export_onnx(frozen, single, path)
         result = fxq.verify(frozen, path, batches, raise_on_failure=False)
     except fxq.FxQuantError as e:
-        row.update(disabled="export failed", note=str(e).splitlines()[0][:100])
+        row.update(disabled="export failed", note=_reason(e))
         return row
     for r in result.results:
         row["disabled" if r.level == "ORT_DISABLE_ALL" else "all"] = _parity(r)
+    if u8s8_kernels_saturate():
+        row["all_w7"] = _parity_w7(model, single, batches, tmp / f"{name}_w7.onnx")
     hist = sorted(result.op_histogram.items(), key=lambda kv: -kv[1])[:top_ops]
     row.update(
         sensitivity=f"{result.sensitivity:.2g}",
@@ -186,16 +241,18 @@ def _row(name: str, tmp: Path, iters: int, top_ops: int) -> Dict[str, str]:
     )
     float_path = str(tmp / f"{name}_float.onnx")
     try:
-        _float_export(model, example, float_path)
+        note = _float_export(model, example, float_path)
     except Exception as e:  # noqa: BLE001 - the table says why there is no float baseline
-        row["note"] = f"float export failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+        row["note"] = f"float export failed: {_reason(e)}"
         return row
+    if note:
+        row["note"] = note
     paths = {"fxq": path, "float": float_path}
     method = ""
     try:
         paths["ort"], method = _ort_quantized(name, float_path, batches, tmp)
     except Exception as e:  # noqa: BLE001
-        row["note"] = f"onnxruntime quantization failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+        row["note"] = f"onnxruntime quantization failed: {_reason(e)}"
     ms = _latencies_ms(paths, single, iters)
     row.update(fxq_ms=f"{ms['fxq']:.3f}", float_ms=f"{ms['float']:.3f}", vs_float=f"{ms['float'] / ms['fxq']:.2f}x")
     if "ort" in ms:
