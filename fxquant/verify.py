@@ -288,6 +288,19 @@ def _run_session(sess: Any, feed: Dict[str, np.ndarray], batch: Batch, key: Tupl
         ) from e
 
 
+def _difference(refs: List[List[np.ndarray]], others: List[List[np.ndarray]]) -> Tuple[float, Optional[float]]:
+    """Max abs difference over every output of every batch, and the share of equal argmax of the first output
+    where it is a classifier's `(batch, classes)` (else None)."""
+    max_abs, agree, total = 0.0, 0, 0
+    for ref, other in zip(refs, others):
+        for r, o in zip(ref, other):
+            max_abs = max(max_abs, float(np.abs(r.astype(np.float64) - o).max(initial=0.0)))
+        if ref[0].ndim == 2 and ref[0].shape[1] > 1:
+            agree += int((ref[0].argmax(1) == other[0].argmax(1)).sum())
+            total += ref[0].shape[0]
+    return max_abs, (agree / total if total else None)
+
+
 def _feed(sess: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Dict[str, np.ndarray]:
     """onnxruntime's feed for one batch: positional inputs by order, keywords by name."""
     names = [x.name for x in sess.get_inputs()]
@@ -548,14 +561,7 @@ def verify(
         tol = tolerance_steps if step is not None else rtol
         scale_ref = max((float(np.abs(r).max(initial=0.0)) for ref in refs for r in ref), default=0.0)
         norm = max(scale_ref, 1e-12)
-        sens_abs, sens_agree, sens_total = 0.0, 0, 0
-        for ref, mv in zip(refs, moved):
-            for r, m in zip(ref, mv):
-                sens_abs = max(sens_abs, float(np.abs(r.astype(np.float64) - m).max(initial=0.0)))
-            if ref[0].ndim == 2 and ref[0].shape[1] > 1:
-                sens_agree += int((ref[0].argmax(1) == mv[0].argmax(1)).sum())
-                sens_total += ref[0].shape[0]
-        sens_agreement = sens_agree / sens_total if sens_total else None
+        sens_abs, sens_agreement = _difference(refs, moved)
         # The plain tolerance, or the model's own sensitivity where that is larger (absolute units).
         tol_abs = tolerance_steps * step if step is not None else rtol * scale_ref
         allowed_abs = max(tol_abs, SENSITIVITY_FACTOR * sens_abs)
@@ -564,16 +570,8 @@ def verify(
             needed_agreement = min(min_argmax_agreement, 1.0 - SENSITIVITY_FACTOR * (1.0 - sens_agreement))
         results: List[LevelResult] = []
         for (provider, level), got in outs.items():
-            max_abs, agree, total = 0.0, 0, 0
-            for ref, out in zip(refs, got):
-                for r, o in zip(ref, out):
-                    max_abs = max(max_abs, float(np.abs(r.astype(np.float64) - o).max(initial=0.0)))
-                r0, o0 = ref[0], out[0]
-                if r0.ndim == 2 and r0.shape[1] > 1:
-                    agree += int((r0.argmax(1) == o0.argmax(1)).sum())
-                    total += r0.shape[0]
+            max_abs, agreement = _difference(refs, got)
             error = max_abs / step if step is not None else max_abs / norm
-            agreement = agree / total if total else None
             plain = max_abs <= tol_abs and (agreement is None or agreement >= min_argmax_agreement)
             ok = max_abs <= allowed_abs and (agreement is None or agreement >= needed_agreement)
             results.append(LevelResult(
@@ -620,9 +618,9 @@ def verify(
         where = next((f" At {x.level} it {x.divergence}." for x in failed if x.divergence is not None and x.divergence.quantizer), "")
         raise ParityError(
             f"onnxruntime ({r.provider}, {r.level}) differs from the frozen module: max abs error {r.max_abs_error:.3g} = "
-            f"{r.error:.3g} {unit}, allowed {r.allowed:.3g} (the larger of the tolerance {tol:g} and "
-            f"{SENSITIVITY_FACTOR:g} x the model's own sensitivity {report.sensitivity:.3g} relative to max |output|)"
-            f"{agree}.{where} If only {LEVELS['all']} fails, an optimized kernel changes the numbers (compare levels "
+            f"{r.error:.3g} {unit}, allowed {r.allowed:.3g} = the larger of the tolerance {tol:g} and "
+            f"{SENSITIVITY_FACTOR:g} x the model's own sensitivity {sens_abs / (step if step is not None else norm):.3g} "
+            f"(same unit){agree}.{where} If only {LEVELS['all']} fails, an optimized kernel changes the numbers (compare levels "
             "in the report); otherwise the export is wrong for this model. Pass raise_on_failure=False to get the "
             "full report.\n" + str(report)
         )

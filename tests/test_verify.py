@@ -267,8 +267,8 @@ def test_corrupted_middle_layer_is_named_as_the_divergence(chaotic) -> None:  # 
     bad = _corrupt_scale(model, "convs_5_weight.scale", 1.5)  # convs[5] is the FX node conv2d_6
     with pytest.raises(
         fxq.ParityError,
-        match=r"allowed [0-9.e-]+ \(the larger of the tolerance 0.01 and 1.5 x the model's own sensitivity [0-9.e-]+ "
-        r"relative to max \|output\|\).* At ORT_DISABLE_ALL it first diverges at quantizer act_conv2d_6 "
+        match=r"relative to max \|output\|, allowed [0-9.e-]+ = the larger of the tolerance 0.01 and 1.5 x the model's "
+        r"own sensitivity [0-9.e-]+ \(same unit\).* At ORT_DISABLE_ALL it first diverges at quantizer act_conv2d_6 "
         r"\(FX node fxq_quantizers_act_conv2d_6, after conv2d_6\): [0-9.e+]+ of its steps \(allowed [0-9.e+]+\); "
         r"compared 27 activation quantizers\.",
     ):
