@@ -250,7 +250,7 @@ def _is_nonnegative(gm: fx.GraphModule, node: fx.Node, memo: Dict[str, bool]) ->
 
     result = False
     if facts is None:
-        result = False
+        pass  # an op the registry does not know: nothing is known about its sign
     elif facts.sign == SIGN_NONNEGATIVE:
         result = True
     elif facts.sign == SIGN_CLAMP:

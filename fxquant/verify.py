@@ -234,7 +234,7 @@ def u8s8_kernels_saturate(cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 def _max_weight_bits(frozen: fx.GraphModule) -> int:
     quantizers = getattr(frozen, QUANTIZERS_ATTR, None)
-    bits = [int(q.bits.max()) for q in quantizers.values() if isinstance(q, FrozenWeight)] if quantizers else []
+    bits = [q.qparams().bits for q in quantizers.values() if isinstance(q, FrozenWeight)] if quantizers else []
     return max(bits, default=0)
 
 
@@ -247,7 +247,7 @@ def _output_step(frozen: fx.GraphModule) -> Optional[float]:
     if isinstance(node, fx.Node) and node.op == "call_module" and str(node.target).startswith(QUANTIZERS_ATTR + "."):
         q = frozen.get_submodule(str(node.target))
         if isinstance(q, FrozenActivationQuantizer):
-            return float(q.scale.max())
+            return q.qparams().step
     return None
 
 

@@ -114,11 +114,11 @@ _ONNX_CONTAINERS: Dict[str, Tuple[int, int, int, int]] = {
 
 def _lowest_allowed(container: str, opset: Optional[int]) -> Optional[str]:
     """`container`, or the next wider one of the same signedness that exists at `opset` (None: none does)."""
-    signed = not container.startswith("u")
-    for fits in (2, 4, 8, 16):
-        name = f"{'' if signed else 'u'}int{fits}"
-        if fits >= CONTAINER_BITS[container] and (opset is None or _ONNX_CONTAINERS[name][3] <= opset):
-            return name
+    unsigned = container.startswith("u")
+    for name, (_, _, _, since) in _ONNX_CONTAINERS.items():  # each signedness in increasing width
+        if name.startswith("u") == unsigned and CONTAINER_BITS[name] >= CONTAINER_BITS[container]:
+            if opset is None or since <= opset:
+                return name
     return None
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from fxquant.analyze import MODULE_META_KEY
+from fxquant.analyze import MODULE_META_KEY, module_stack_path
 from fxquant.op_registry import facts_of
 
 
@@ -114,10 +114,7 @@ def _attention_core(
 
 def _where(node: fx.Node) -> str:
     """The module path an attention call came from (for the matmuls' names), else the node name."""
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        return str(list(stack.values())[-1][0])
-    return str(node.meta.get(MODULE_META_KEY) or node.name)
+    return module_stack_path(node) or str(node.meta.get(MODULE_META_KEY) or node.name)
 
 
 def _decompose_sdpa(gm: fx.GraphModule, node: fx.Node) -> bool:
