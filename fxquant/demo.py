@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import warnings
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxquant as fxq
-from fxquant.plots import plot_bits, plot_history, targets_of
+from fxquant.plots import draw_pictures
 from fxquant.quantize_cli import report_summary, verify_reported, write_summary
 from fxquant.tracing import silenced
 
@@ -211,16 +210,11 @@ def run_demo(out_dir: str = "fxquant-demo", steps: int = 300, quiet: bool = Fals
         "seconds": time.perf_counter() - t_start,
     }
     summary_path = write_summary(out_dir, summary)
-    bits_path = os.path.join(out_dir, "bits.png")
-    history_path = os.path.join(out_dir, "finetune.png")
-    try:
-        plot_bits(rep.rows, bits_path, targets=targets_of(result),
-                  title="bits per quantizer after fine-tuning (first and last layers fixed at 8 bits)")
-        plot_history(result, history_path, title=f"fine-tune: {steps} steps, bits driven to 4")
-    except Exception as e:  # noqa: BLE001 - the pictures are optional; the numbers are already saved
-        warnings.warn(f"demo: could not draw {bits_path} ({type(e).__name__}: {e}); the results are in {summary_path}",
-                      stacklevel=2)
-        bits_path = history_path = ""
+    pictures = draw_pictures(
+        out_dir, rep.rows, result, summary_path, "demo",
+        bits_title="bits per quantizer after fine-tuning (first and last layers fixed at 8 bits)",
+        history_title=f"fine-tune: {steps} steps, bits driven to 4",
+    )
     say(str(rep))
     say("")
     say(str(parity))
@@ -232,6 +226,6 @@ def run_demo(out_dir: str = "fxquant-demo", steps: int = 300, quiet: bool = Fals
     say(f"latency   onnxruntime batch 64: {lat_q:.3f} ms quantized vs {lat_f:.3f} ms float ({lat_f / lat_q:.2f}x); "
         f"with int8_weights=True ({summary['int8_weights_onnx_file_bytes'] / 1024:.1f} KiB, integer conv kernels): "
         f"{lat_fast:.3f} ms ({lat_f / lat_fast:.2f}x)")
-    written = ", ".join(p for p in (onnx_path, fast_path, float_path, summary_path, bits_path, history_path) if p)
+    written = ", ".join([onnx_path, fast_path, float_path, summary_path, *pictures])
     say(f"wrote {written} in {summary['seconds']:.0f} s")
     return summary

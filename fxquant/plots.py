@@ -6,6 +6,9 @@
 - `plot_history(result, path)`: the `FinetuneResult` of `fxq.finetune`, per step: the loss (distillation and
   penalty) and the average weight and activation bits against their targets, with the restored step marked.
 
+- `draw_pictures(out_dir, rows, result, ...)`: both into `out_dir` (`bits.png`, `finetune.png`), a failure to
+  draw being one warning: the numbers are saved before (`fxquant demo`, `fxquant quantize`).
+
 matplotlib is imported here only (headless `Agg` backend), so the library works without it until a picture
 is asked for; `fxquant demo`, `fxquant quantize` and `fxquant inspect --plot` call these.
 """
@@ -13,7 +16,9 @@ is asked for; `fxquant demo`, `fxquant quantize` and `fxquant inspect --plot` ca
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+import os
+import warnings
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 WEIGHT_COLOR = "tab:blue"
 ACTIVATION_COLOR = "tab:orange"
@@ -126,3 +131,27 @@ def plot_history(result: Any, path: str, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def draw_pictures(
+    out_dir: str, rows: Sequence[Any], result: Optional[Any], summary_path: str, who: str, bits_title: str,
+    history_title: str,
+) -> List[str]:
+    """`out_dir/bits.png`, and `out_dir/finetune.png` when `result` (a `FinetuneResult`) has a history.
+
+    A failure to draw is one warning (`"<who>: could not draw <path> (...); the results are in <summary>"`),
+    not an error: the numbers are already in `summary_path`. Returns the paths written.
+    """
+    written: List[str] = []
+    path = os.path.join(out_dir, "bits.png")
+    try:
+        plot_bits(rows, path, targets=targets_of(result) if result is not None else None, title=bits_title)
+        written.append(path)
+        if result is not None and result.history:
+            path = os.path.join(out_dir, "finetune.png")
+            plot_history(result, path, title=history_title)
+            written.append(path)
+    except Exception as e:  # noqa: BLE001 - the pictures are optional; the numbers are already saved
+        warnings.warn(f"{who}: could not draw {path} ({type(e).__name__}: {e}); the results are in {summary_path}",
+                      stacklevel=3)
+    return written

@@ -667,7 +667,12 @@ def run_quantize(
         fh.write(f"{rep}\n\n{parity}\n")
         if result is not None:
             fh.write(f"\n{result}\n")
-    pictures = _draw_pictures(out_dir, rep, result, summary_path)
+    from fxquant.plots import draw_pictures
+
+    pictures = draw_pictures(
+        out_dir, rep.rows, result, summary_path, "quantize", bits_title="bits per quantizer",
+        history_title=f"fine-tune: {result.steps_run} steps" if result is not None else "",
+    )
 
     say("")
     met = "no fine-tuning" if result is None else ("target met" if result.met_target else "target NOT met")
@@ -686,23 +691,3 @@ def run_quantize(
             say(f"note      {r.provider} {r.level} differs by {r.error:.3g} {parity.error_unit}: {r.explained}")
     say(f"wrote {', '.join([onnx_path, summary_path, report_path, *pictures])} in {summary['seconds']:.0f} s")
     return summary
-
-
-def _draw_pictures(out_dir: str, rep: fxq.QuantReport, result: Optional[Any], summary_path: str) -> List[str]:
-    """`bits.png` (and `finetune.png` after a fine-tune); a failure to draw is a warning, the numbers are saved."""
-    from fxquant.plots import plot_bits, plot_history, targets_of
-
-    written: List[str] = []
-    try:
-        path = os.path.join(out_dir, "bits.png")
-        plot_bits(rep.rows, path, targets=targets_of(result) if result is not None else None,
-                  title="bits per quantizer")
-        written.append(path)
-        if result is not None and result.history:
-            path = os.path.join(out_dir, "finetune.png")
-            plot_history(result, path, title=f"fine-tune: {result.steps_run} steps")
-            written.append(path)
-    except Exception as e:  # noqa: BLE001 - the pictures are optional; the numbers are already saved
-        warnings.warn(f"quantize: could not draw the pictures ({type(e).__name__}: {e}); the results are in "
-                      f"{summary_path}", stacklevel=2)
-    return written

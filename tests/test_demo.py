@@ -33,12 +33,12 @@ def test_inspect_prints_the_quant_nodes(tmp_path, capsys) -> None:  # noqa: ANN0
 
 
 def test_quiet_demo_is_quiet_and_a_plot_failure_keeps_the_summary(tmp_path, capfd, monkeypatch) -> None:  # noqa: ANN001
-    import fxquant.demo
+    import fxquant.plots
 
     def broken_plot(rows, path, **kwargs) -> None:  # noqa: ANN001, ANN003
         raise RuntimeError("no display")
 
-    monkeypatch.setattr(fxquant.demo, "plot_bits", broken_plot)
+    monkeypatch.setattr(fxquant.plots, "plot_bits", broken_plot)
     out = str(tmp_path / "demo")
     capfd.readouterr()
     assert main(["demo", "--out", out, "--steps", "3", "--quiet"]) == 0
