@@ -18,6 +18,8 @@ Targets apply to quantizers that learn their bits (`learn_bits=True`); first/las
 by `QuantConfig(first_last_bits=8)` are reported but not constrained. "Meets the target" is judged on the
 integer bits that eval and `freeze` use (`round(b)`), never on the continuous ones.
 
+Distributed: DDP-wrapped, or FSDP2-sharded with replicated quantizers (see `finetune`'s `qm` argument).
+
 Fine-tuning changes parameter values, never the graph. Calibration is `fxquant.calibration`; numerics of
 the quantizers are `fxquant.quantizer`; the losses are `fxquant.losses`.
 """
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -462,6 +465,118 @@ def _unwrap(qm: nn.Module) -> nn.Module:
     return qm.module if isinstance(qm, wrappers) else qm
 
 
+FSDP_RECIPE = f"fully_shard(qm, ignored_params=set(qm.{QUANTIZERS_ATTR}.parameters()))"
+"""How to shard a prepared module with FSDP2: one group for the weights, quantizer parameters replicated."""
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _fsdp_modules(inner: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """`(name, module)` of every module of `inner` that FSDP2's `fully_shard` was applied to (root: `""`)."""
+    if not dist.is_available():
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    return [(name, m) for name, m in inner.named_modules() if isinstance(m, FSDPModule)]
+
+
+def _reshard(inner: nn.Module) -> None:
+    """Register FSDP2's sharded parameters again: after a forward pass without backward (eval, calibration)
+    the root keeps the gathered ones, which an optimizer must not hold."""
+    for _, m in _fsdp_modules(inner):
+        m.reshard()  # type: ignore[operator]
+
+
+def _check_fsdp(inner: nn.Module) -> bool:
+    """Whether FSDP2 shards `inner`; raise when it does so in a way fine-tuning cannot follow."""
+    sharded = _fsdp_modules(inner)
+    if not sharded:
+        return False
+    names = [name for name, _ in sharded]
+    if names[0] != "":
+        raise ConfigError(
+            f"fully_shard was applied to {names} inside the prepared module but not to the module itself, whose "
+            "graph reads most weights directly (get_attr): their gradients would not be averaged over ranks. "
+            f"Shard the prepared module itself: {FSDP_RECIPE}."
+        )
+    called = {str(n.target) for n in inner.graph.nodes if n.op == "call_module"}
+    never = [name for name in names[1:] if name not in called]
+    if never:
+        raise ConfigError(
+            f"fully_shard was applied to {never}, whose forward the prepared graph never runs (it reads their "
+            "weights with get_attr nodes), so FSDP would never gather those weights. Shard the prepared module "
+            f"as one group instead: {FSDP_RECIPE} (without fully_shard on its submodules)."
+        )
+    _reshard(inner)
+    sharded_quantizers = [
+        name for name, p in inner.named_parameters() if name.startswith(QUANTIZERS_ATTR + ".") and _is_dtensor(p)
+    ]
+    if sharded_quantizers:
+        raise ConfigError(
+            f"fully_shard sharded the quantizer parameters {_first(sharded_quantizers)}; quantizers write their "
+            "clamps in place during training and fine-tuning reads their bits between steps, so they must stay "
+            f"replicated: {FSDP_RECIPE}."
+        )
+    return True
+
+
+def _first(names: List[str], shown: int = 4) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+@torch.no_grad()
+def _broadcast_quantizers(inner: nn.Module) -> None:
+    """Give every rank rank 0's quantizer parameters and buffers (one broadcast).
+
+    FSDP2 leaves the replicated (ignored) quantizer parameters as each rank calibrated them, and DDP only
+    synchronised them when it wrapped the module (not after a calibration inside `finetune`)."""
+    quantizers = getattr(inner, QUANTIZERS_ATTR)
+    tensors = list(itertools.chain(quantizers.parameters(), quantizers.buffers()))
+    if not tensors:
+        return
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])  # exact for f32, ints, bools
+    dist.broadcast(flat, src=0)
+    for t, value in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(value.view(t.shape).to(t.dtype))
+
+
+def _clip_grad_norm(params: List[nn.Parameter], max_norm: float) -> float:
+    """`clip_grad_norm_` over all of `params`; returns the global norm. Under FSDP2 the sharded (DTensor) and
+    the replicated parameters are normed apart (torch refuses a list mixing them) and the norms combined."""
+    sharded = [p for p in params if _is_dtensor(p)]
+    parts = [part for part in (sharded, [p for p in params if not _is_dtensor(p)]) if part]
+
+    def value(norm: Tensor) -> float:
+        return float(norm.full_tensor() if _is_dtensor(norm) else norm)  # type: ignore[attr-defined]
+
+    if len(parts) <= 1:
+        return value(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    total = math.sqrt(sum(value(torch.nn.utils.clip_grad_norm_(part, math.inf)) ** 2 for part in parts))
+    if math.isfinite(total) and total > max_norm:
+        with torch.no_grad():
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(max_norm / (total + 1e-6))
+    return total
+
+
+@torch.no_grad()
+def _average_replicated_grads(params: List[nn.Parameter]) -> None:
+    """Average over ranks the gradients FSDP2 does not reduce: those of its ignored (replicated) parameters."""
+    grads = [p.grad for p in params if p.grad is not None and not _is_dtensor(p)]
+    if not grads:
+        return
+    flat = mean_over_ranks(torch.cat([g.reshape(-1).to(torch.float64) for g in grads]))
+    for g, value in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(value.view(g.shape))
+
+
 def _check_target(target: Optional[BitTarget], bits: _Bits) -> None:
     if target is None:
         return
@@ -544,9 +659,10 @@ def param_groups(
     Each group is a dict with `name` (`"weights"`, `"quantizer_clamps"`, `"quantizer_bits"`), `params`,
     `lr`, `weight_decay` (never on quantizer parameters) and `betas` (`beta1 = Schedule.bits_beta1` for the
     bits); empty groups are left out. After each `optimizer.step()`, call `fxq.project_quantizers(qm)`.
+    Under FSDP2 the module is resharded first, so the groups hold the sharded (DTensor) weights.
 
     Args:
-        qm: a prepared module (or one wrapped by DistributedDataParallel).
+        qm: a prepared module (or one wrapped by DistributedDataParallel, or sharded by FSDP2 `fully_shard`).
         schedule: learning rates (default `Schedule()`); `bits_lr` defaults to `3 / steps`.
         steps: the step budget (sets the default bits learning rate).
         learn_bits: include the bits group (False: bits stay fixed, as in fine-tuning without a target).
@@ -556,7 +672,9 @@ def param_groups(
     """
     schedule = schedule if schedule is not None else Schedule()
     weights, clamps, bits = [], [], []
-    for name, p in _unwrap(qm).named_parameters():
+    inner = _unwrap(qm)
+    _reshard(inner)
+    for name, p in inner.named_parameters():
         if not p.requires_grad:
             continue
         if name.startswith(QUANTIZERS_ATTR + "."):
@@ -670,7 +788,14 @@ def finetune(
     Args:
         qm: a module returned by `fxq.prepare` (calibrated or not: an uncalibrated one is calibrated on the
             first 8 batches), or that module wrapped by `DistributedDataParallel` (its quantizer
-            parameters exist before wrapping). Device: wherever `qm` lives; batches follow it.
+            parameters exist before wrapping), or sharded in place by FSDP2 as
+            `fully_shard(qm, ignored_params=set(qm.fxq_quantizers.parameters()))`: the weights are sharded
+            (DTensors, one FSDP group: the flat graph reads them with get_attr, so `fully_shard` on their
+            modules would never gather them) and the quantizer parameters are replicated (`fully_shard`
+            refuses their scalar bits; they are written in place during training and read between steps).
+            Under DDP and FSDP2 every rank starts from rank 0's quantizers (broadcast) and, under FSDP2,
+            `finetune` averages the quantizer gradients over the ranks of the default process group, so
+            every rank ends with the same state. Device: wherever `qm` lives; batches follow it.
         batches: any iterable of batches (`fxquant.batches`: a tensor, a tuple of positional inputs, a dict
             of keyword inputs, or an `(inputs, target)` pair as a DataLoader yields). A list or a
             DataLoader is cycled when `steps` exceeds its length.
@@ -706,7 +831,9 @@ def finetune(
 
     Raises:
         StateError: `qm` is not a prepared module.
-        ConfigError: a bad argument (steps, penalty, distill, a target outside `[min_bits, max_bits]`, ...).
+        ConfigError: a bad argument (steps, penalty, distill, a target outside `[min_bits, max_bits]`, ...),
+            or FSDP2 sharding that fine-tuning cannot follow (sharded quantizer parameters, `fully_shard` on
+            a submodule whose forward the graph never runs, or not on the prepared module itself).
         PrepareError: no batches, batches of a structure the module cannot take, a teacher whose output
             differs from the student's, or a `loss_fn` with batches that carry no targets.
 
@@ -748,6 +875,7 @@ def finetune(
     if not bits.weights and not bits.activations:
         raise StateError("finetune found no quantizers in qm; pass the module returned by fxq.prepare.")
     _check_target(target, bits)
+    fsdp = _check_fsdp(inner)
     if batches is None:
         raise PrepareError("finetune got batches=None; give an iterable of batches (a list or a DataLoader).")
 
@@ -776,11 +904,13 @@ def finetune(
             prefetched += list(itertools.islice(stream, 7))
             calibrate(inner, prefetched, num_batches=len(prefetched))
             result.calibrated = True
+        if fsdp or isinstance(qm, nn.parallel.DistributedDataParallel):
+            _broadcast_quantizers(inner)
         result.bits_before = bits.stats()
         return _train(
             qm, inner, teacher, itertools.chain(prefetched, stream), n_required, steps, target, penalty,
             size_lambda, loss_fn, distill, val_list, eval_every or max(1, steps // 20), schedule, optimizer,
-            grad_clip, progress, bits, result,
+            grad_clip, progress, bits, result, fsdp,
         )
     finally:
         inner.train(was_training)
@@ -795,7 +925,7 @@ def _train(
     steps: int, target: Optional[BitTarget], penalty: Optional[str], size_lambda: float, loss_fn: Optional[LossFn],
     distill: str, val_list: Optional[List[Batch]], eval_every: int, schedule: Schedule,
     optimizer_factory: Optional[OptimizerFactory], grad_clip: Optional[float], progress: bool, bits: _Bits,
-    result: FinetuneResult,
+    result: FinetuneResult, fsdp: bool,
 ) -> FinetuneResult:
     # without a target (and no size penalty) nothing drives the bits: they stay where they are
     groups = param_groups(inner, schedule, steps, learn_bits=target is not None or penalty == "size")
@@ -852,8 +982,9 @@ def _train(
                 loss = base + pen
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else math.inf)
-                finite = bool(torch.isfinite(norm))
+                if fsdp:
+                    _average_replicated_grads(params)
+                finite = math.isfinite(_clip_grad_norm(params, grad_clip if grad_clip is not None else math.inf))
             if not finite:
                 result.nonfinite_steps.append(step)
                 bad_in_a_row += 1

@@ -1,4 +1,5 @@
-"""finetune under DistributedDataParallel (gloo, 2 CPU processes): every rank ends with the same state."""
+"""finetune under DistributedDataParallel and FSDP2 `fully_shard` (gloo, CPU processes): every rank ends with
+the same state."""
 
 from __future__ import annotations
 
@@ -53,3 +54,110 @@ def test_ddp_finetune_gives_the_same_quantizer_state_on_every_rank() -> None:
     # the quantizers did train: bits moved from 8 towards the target
     bits = [v for k, v in a["state"].items() if k.endswith("bits_param")]
     assert any(float(v.min()) < 1.0 for v in bits)
+
+
+def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from conftest import make
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, _ = make("mlp")
+        torch.manual_seed(100 + rank)  # each rank sees different data
+        batches = [torch.randn(16, 16) for _ in range(4)]
+        cfg = fxq.QuantConfig(weight=fxq.QuantSpec(bits=8), activation=fxq.QuantSpec(bits=8), first_last_bits=None)
+        qm = fxq.prepare(model, batches[0], cfg)
+        fxq.calibrate(qm, batches)  # rank-specific clamps: finetune starts every rank from rank 0's quantizers
+        fully_shard(qm, ignored_params=set(qm.fxq_quantizers.parameters()))
+        result = fxq.finetune(qm, batches, teacher=model, steps=12, target_bits=6, progress=False)
+        sharded = {n: isinstance(p, DTensor) for n, p in qm.named_parameters()}
+        full = get_model_state_dict(qm, options=StateDictOptions(full_state_dict=True))
+        torch.manual_seed(7)
+        x = torch.randn(8, 16)
+        qm.eval()
+        with torch.no_grad():
+            out = qm(x)
+        # the gathered checkpoint, saved and loaded back into a fresh (unsharded) prepared module
+        path = os.path.join(out_dir, f"ckpt{rank}.pt")
+        torch.save(full, path)
+        fresh = fxq.prepare(make("mlp")[0], x, cfg)
+        fxq.load_state_dict(fresh, torch.load(path, weights_only=True))
+        with torch.no_grad():
+            fresh_out = fresh.eval()(x)
+        state = {k: v for k, v in full.items() if isinstance(v, torch.Tensor)}
+        record = {"state": state, "best_step": result.best_step, "met": result.met_target, "sharded": sharded}
+        record.update(out=out, fresh_out=fresh_out, float_fc1=model.fc1.weight.detach().clone())
+        torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_fsdp2_finetune_gives_the_same_quantizers_on_every_rank_and_a_checkpoint_that_loads_back() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        mp.spawn(_fsdp_worker, args=(2, init_file, tmp), nprocs=2, join=True)
+        a, b = (torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in (0, 1))
+    # weights sharded (DTensor), quantizer parameters replicated, as finetune's docstring states
+    assert a["sharded"]["fc1.weight"] and a["sharded"]["fc2.bias"]
+    assert not any(s for n, s in a["sharded"].items() if n.startswith("fxq_quantizers."))
+    assert a["best_step"] == b["best_step"] and a["met"] and b["met"]
+    assert a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        assert torch.equal(a["state"][k], b["state"][k]), k
+    bits = [v for k, v in a["state"].items() if k.endswith("bits_param")]
+    assert bits and all(float(v.max()) < 1.0 for v in bits)  # every bit-width moved from 8 to the target
+    assert not torch.equal(a["state"]["fc1.weight"], a["float_fc1"])  # the sharded weights trained too
+    assert torch.equal(a["out"], b["out"])
+    assert torch.equal(a["fresh_out"], a["out"]) and torch.equal(b["fresh_out"], b["out"])
+
+
+def _fsdp_errors_worker(rank: int, world: int, init_file: str) -> None:
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from conftest import make
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, x = make("mlp")
+        cfg = fxq.QuantConfig(weight=fxq.QuantSpec(bits=8), activation=fxq.QuantSpec(bits=8), first_last_bits=None)
+
+        def prepared() -> torch.nn.Module:
+            qm = fxq.prepare(model, x, cfg)
+            fxq.calibrate(qm, [x])
+            return qm
+
+        def finetune(qm: torch.nn.Module) -> None:
+            fxq.finetune(qm, [x], teacher=model, steps=2, target_bits=6, progress=False)
+
+        quantizers = lambda qm: set(qm.fxq_quantizers.parameters())  # noqa: E731
+        qm = prepared()
+        fully_shard(qm.fc1)  # a block the flat graph never calls: its weights would never be gathered
+        fully_shard(qm, ignored_params=quantizers(qm))
+        with pytest.raises(fxq.ConfigError, match=r"fully_shard was applied to \['fc1'\], whose forward the prepared"):
+            finetune(qm)
+        qm = prepared()
+        fully_shard(qm.fc1)
+        with pytest.raises(fxq.ConfigError, match="but not to the module itself"):
+            finetune(qm)
+        qm = prepared()  # only the scalar bits left out: the clamps would be sharded
+        fully_shard(qm, ignored_params={p for p in quantizers(qm) if p.dim() == 0})
+        with pytest.raises(fxq.ConfigError, match=r"sharded the quantizer parameters fxq_quantizers\.fc1_weight\.hi"):
+            finetune(qm)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_fsdp2_sharding_that_finetune_cannot_follow_is_refused_with_the_fix() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_fsdp_errors_worker, args=(1, os.path.join(tmp, "init")), nprocs=1, join=True)
