@@ -32,6 +32,7 @@ from fxquant.passes.insert import (
     insert_activation_quantizers,
     insert_bias_quantizers,
     insert_weight_quantizers,
+    tensors_read_by_quantizers,
 )
 from fxquant.quantizer import iter_learnable
 from fxquant.tracing import FLOAT_MODULES_ATTR, capture_model, propagate_shapes, set_preserved_attr
@@ -147,8 +148,9 @@ def prepare(
     capture: str = "auto",
     leaf_modules: Sequence[str] = (),
     dynamic: bool = True,
+    inplace: bool = False,
 ) -> fx.GraphModule:
-    """Capture `model` and insert learnable quantizers; the user's model is not modified.
+    """Capture `model` and insert learnable quantizers; the user's model is not modified (unless `inplace`).
 
     Args:
         model: any `nn.Module`.
@@ -162,6 +164,11 @@ def prepare(
             attention masks), in the prepared module (torch.export capture) and in its ONNX export, as far
             as the model's code allows; the dims it fixes stay static, with a warning. `False` fixes every
             size to the example's.
+        inplace: build the prepared module from `model`'s own parameters instead of a copy, so that a large
+            model is not held twice: the prepared module then shares (and fine-tuning changes) the model's
+            weights, BatchNorm-folded layers get new weights, and `model` itself is left in eval mode and
+            must not be used as the float model afterwards (nor as a teacher: fine-tune with
+            `teacher=None` or a separate float copy).
 
     Returns:
         A `torch.fx.GraphModule` with BatchNorm folded and quantizers in `qm.fxq_quantizers`, in the
@@ -172,7 +179,7 @@ def prepare(
     Raises:
         PrepareError: `model` is already prepared or frozen, the inputs do not fit it, the model or its
             inputs are not float32 (call `model.float()`), no op of the model can be quantized, or
-            `dynamic` is not a bool.
+            `dynamic` or `inplace` is not a bool.
         CaptureError: no front end could capture the model (says where and what to do).
         ConfigError: an override matches nothing, or a spec does not fit a layer.
 
@@ -196,8 +203,14 @@ def prepare(
             f"dynamic={dynamic!r} is not a bool; pass dynamic=True (any batch size and sequence length) or "
             "dynamic=False (the example's sizes only)."
         )
+    if not isinstance(inplace, bool):
+        raise PrepareError(
+            f"inplace={inplace!r} is not a bool; pass inplace=False (prepare a copy, the default) or inplace=True "
+            "(reuse the model's parameters; the model must not be used afterwards)."
+        )
     check_float32(model, example_inputs)
-    work = copy.deepcopy(model)
+    was_training = model.training
+    work = model if inplace else copy.deepcopy(model)
     # Capture the inference graph: Python branches on `self.training` (stochastic depth, dropout as a function)
     # are decided at capture, and the training ones would be baked into every later step and the export.
     # Module-level dropout stays a module and follows `qm.train()` / `qm.eval()`.
@@ -223,7 +236,7 @@ def prepare(
     set_preserved_attr(gm, CONFIG_ATTR, config)
     set_preserved_attr(gm, CAPTURE_ATTR, front_end)
     attach_checkpoint_info(gm, model, config, front_end)
-    gm.train(model.training)
+    gm.train(was_training)
     return gm
 
 
@@ -249,8 +262,16 @@ def freeze(qm: fx.GraphModule) -> fx.GraphModule:
                 f"quantizer {name!r} (serving {', '.join(q.served)}) was never calibrated; run "
                 "fxq.calibrate(qm, batches) before fxq.freeze."
             )
-    frozen = copy.deepcopy(qm)
+    # The tensors the quantizers read are shared with the copy, not copied: the freeze pass only reads them
+    # (into integer codes) and then drops them from the copy, so the weights are never held twice.
+    memo = {id(t): t for t in tensors_read_by_quantizers(qm).values()}
+    frozen = copy.deepcopy(qm, memo)
     run_passes(frozen, (freeze_quantizers,))
+    for module in frozen.modules():  # a shared tensor that a node still reads (besides its quantizer) is copied
+        for store in (module._parameters, module._buffers):
+            for key, t in store.items():
+                if t is not None and id(t) in memo:
+                    store[key] = nn.Parameter(t.detach().clone()) if isinstance(t, nn.Parameter) else t.clone()
     frozen.eval()
     for p in frozen.parameters():
         p.requires_grad_(False)

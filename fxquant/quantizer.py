@@ -96,6 +96,8 @@ FOLLOW_COLUMNS = 256
 """Elements per output channel of a weight that `follow_bits_` searches the clip of."""
 FOLLOW_RATIOS = 16
 """Candidate clip ratios of `follow_bits_` (calibration uses 24)."""
+MSE_SLICE = 1 << 18
+"""Elements per slice of `mse_clip_ratio`'s search (1 MB of float32: fits in a core's L2 cache)."""
 DITHER_EXACT_BELOW = 64
 """Groups with fewer elements draw the dither's random signs one by one; larger groups draw their sum."""
 
@@ -495,29 +497,73 @@ class LearnableQuantizer(nn.Module):
         lo, hi = self.clamp_bounds()
         return self._grid(lo, hi, self.integer_bits())
 
+    def _split_blocks(self, x: Tensor) -> Tuple[Tensor, Tuple[int, ...]]:
+        """`x` with its block axis split into `(blocks, group_size)`, and the group shape in that view (a 1
+        after the blocks), so that per-block parameters broadcast without being repeated."""
+        shape = tuple(self.param_shape)
+        if self.block_axis is None or self.group_size is None or self.group_size == 1 or not shape:
+            return x, shape
+        axis = self.block_axis
+        split = list(x.shape)
+        split[axis : axis + 1] = [split[axis] // self.group_size, self.group_size]
+        view = list(shape)
+        view.insert(axis + 1, 1)
+        return x.reshape(split), tuple(view)
+
     @torch.no_grad()
     def mse_clip_ratio(self, x: Tensor, bits: Tensor, ratios: int = 24) -> Tensor:
         """Per group, the `r` in `(0.2, 1]` whose clamps `r * (lo, hi)` quantize `x` at integer `bits` with
-        the least squared error (`x`: the weight itself, or a sample of a per-tensor activation)."""
+        the least squared error (`x`: the weight itself, or a sample of a per-tensor activation).
+
+        The error of each candidate is `fake_quantize`'s, computed in place on slices of `MSE_SLICE`
+        elements along the first axis (a slice stays in cache for all candidates, and no tensor of the
+        size of `x` is allocated per candidate: on a 0.1B-parameter LLM this search was 93% of calibrate).
+        Ties keep the larger clip.
+        """
         lo0, hi0 = self.clamp_bounds()
-        shape = self.param_shape
-        x = x.detach().to(hi0.dtype)
-        best_err: Optional[Tensor] = None
-        best_r = torch.ones(shape, dtype=hi0.dtype, device=hi0.device)
-        for r in torch.linspace(1.0, 0.2, ratios).tolist():
-            p = self._grid(lo0 * r, hi0 * r, bits)
-            y = fake_quantize(x, *(expand_groups(p[k], self.block_axis, self.group_size)
-                                   for k in ("scale", "zero_point", "qmin", "qmax")))
-            err = (y - x).pow(2)
-            err = (reduce_to_groups(err, shape, self.block_axis, self.group_size, "sum") if shape else err.sum())
-            err = err.reshape(shape)
-            if best_err is None:
-                best_err = err
-                continue
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_r = torch.where(better, torch.full_like(best_r, r), best_r)
-        return best_r
+        xv, view = self._split_blocks(x.detach().to(hi0.dtype))
+        if xv.dim() == 0:
+            xv = xv.reshape(1)
+        candidates = torch.linspace(1.0, 0.2, ratios, dtype=hi0.dtype, device=hi0.device)
+        grids = []
+        for r in candidates.tolist():
+            grid = self._grid(lo0 * r, hi0 * r, bits)
+            grids.append({k: grid[k].reshape(view) for k in ("scale", "zero_point", "qmin", "qmax")})
+        # one code range for all groups (the bits are not per group) clamps with numbers: 3x faster
+        code_range = [
+            (float(g["qmin"].flatten()[0]), float(g["qmax"].flatten()[0]))
+            if bool((g["qmin"] == g["qmin"].flatten()[0]).all() and (g["qmax"] == g["qmax"].flatten()[0]).all())
+            else (g["qmin"], g["qmax"])
+            for g in grids
+        ]
+        rows = xv.shape[0]
+        sliced = bool(view) and view[0] == rows and rows > 1  # groups along the first axis: slice them too
+        errors = torch.zeros((ratios, *view), dtype=hi0.dtype, device=hi0.device)
+        per_slice = max(1, MSE_SLICE // max(xv[0].numel(), 1))
+        for a in range(0, rows, per_slice):
+            xs = xv[a : a + per_slice]
+            t = torch.empty_like(xs)
+            for k, grid in enumerate(grids):
+                p = {n: v[a : a + per_slice] for n, v in grid.items()} if sliced else grid
+                torch.div(xs, p["scale"], out=t)
+                t.round_()
+                if not self.symmetric:  # symmetric grids have zero point 0
+                    t.add_(p["zero_point"])
+                t.clamp_(min=code_range[k][0], max=code_range[k][1])
+                if not self.symmetric:
+                    t.sub_(p["zero_point"])
+                t.mul_(p["scale"]).sub_(xs).square_()
+                if not view:
+                    errors[k] += t.sum()
+                    continue
+                dims = [d for d, n in enumerate(p["scale"].shape) if n == 1 and t.shape[d] != 1]
+                err = t.sum(dim=dims, keepdim=True) if dims else t
+                if sliced:
+                    errors[k, a : a + per_slice] = err
+                else:
+                    errors[k] += err
+        best = torch.argmin(errors, dim=0)  # the first of equal errors: the larger clip
+        return candidates[best].reshape(self.param_shape)
 
     @torch.no_grad()
     def scale_clamps_(self, ratio: Tensor) -> None:
@@ -539,8 +585,9 @@ class LearnableQuantizer(nn.Module):
 
         The clamps are scaled by `c(new) / c(old)`, with `c(B)` the least-squared-error clip ratio of the
         current `x` at `B` bits: a descent from 8 to 2 bits then lands on a grid fit for 2 bits while keeping
-        what the clamps learned. Under torch.distributed the ratio of an activation (seen on each rank's own
-        batch) is averaged over the ranks, so every rank keeps the same clamps.
+        what the clamps learned. Under torch.distributed the ratio (of an activation seen on each rank's own
+        batch, or of a weight on randomly drawn columns) is averaged over the ranks, so every rank keeps the
+        same clamps.
         """
         bits = self.integer_bits().expand(self.param_shape) if self.param_shape else self.integer_bits()
         last = self.trained_bits
@@ -560,8 +607,7 @@ class LearnableQuantizer(nn.Module):
                 cols = cols[:, torch.randint(0, cols.shape[1], (FOLLOW_COLUMNS,), device=cols.device)]
             sample = cols.reshape(cols.shape[0], cols.shape[1], *([1] * (sample.dim() - 2)))
         ratio = self.mse_clip_ratio(sample, bits, FOLLOW_RATIOS) / self.mse_clip_ratio(sample, last, FOLLOW_RATIOS)
-        if self.kind != KIND_WEIGHT:
-            ratio = mean_over_ranks(ratio)
+        ratio = mean_over_ranks(ratio)  # each rank samples its own batch and columns: replicas stay equal
         self.scale_clamps_(ratio)
         self.trained_bits = bits.clone()
 

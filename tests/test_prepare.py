@@ -184,3 +184,64 @@ def test_a_model_in_training_mode_is_captured_as_its_inference_graph(capture: st
     fxq.calibrate(qm, [x])
     onnx_model = fxq.export_onnx(fxq.freeze(qm), x, tmp_path / "m.onnx")
     assert not [n.op_type for n in onnx_model.graph.node if "Random" in n.op_type or n.op_type == "Dropout"]
+
+
+def test_freeze_shares_no_tensor_with_the_prepared_module_and_leaves_it_trainable() -> None:
+    torch.manual_seed(0)
+    shared = nn.Linear(8, 8)
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = shared, nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            # `a.weight` also feeds a float op besides its quantized linear: freeze must keep a copy
+            return self.b(self.a(x)) + (self.a.weight.sum() * 0.0)
+
+    x = torch.randn(4, 8)
+    qm = fxq.prepare(Tied(), x)
+    fxq.calibrate(qm, [x])
+    trainable = [p.requires_grad for p in qm.parameters()]
+    frozen = fxq.freeze(qm)
+    ptrs = {t.data_ptr() for t in list(qm.parameters()) + list(qm.buffers())}
+    assert not any(t.data_ptr() in ptrs for t in list(frozen.parameters()) + list(frozen.buffers()))
+    assert [p.requires_grad for p in qm.parameters()] == trainable and any(trainable)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), qm.eval()(x))
+
+
+def _storages(module: nn.Module) -> set:
+    return {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers())}
+
+
+@pytest.mark.parametrize("capture", ["symbolic_trace", "export"])
+def test_prepare_inplace_reuses_the_model_weights_and_holds_no_second_copy(capture: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    model.train()
+    x = torch.randn(2, 3, 8, 8)
+    reference = copy.deepcopy(model).eval()
+    linear = model[4].weight
+    qm = fxq.prepare(model, x, capture=capture, inplace=True)
+    assert qm.training  # the model's mode is kept for the prepared module
+    float_storages = _storages(model)
+    prepared = {n: t.untyped_storage().data_ptr() for n, t in qm.named_parameters() if not n.startswith("fxq_quantizers.")}
+    assert linear.untyped_storage().data_ptr() in prepared.values()  # the linear weight is the model's own tensor
+    # every float tensor of the prepared module is the model's, except the BatchNorm-folded conv's new weights
+    assert len([p for p in prepared.values() if p not in float_storages]) <= 2
+    fxq.calibrate(qm, [x])
+    with torch.no_grad(), fxq.quantizers_enabled(qm, False):
+        torch.testing.assert_close(qm.eval()(x), reference(x))
+
+
+def test_prepare_copies_by_default() -> None:
+    model, x = make("mlp")
+    qm = fxq.prepare(model, x)
+    assert not (_storages(model) & _storages(qm))
+
+
+def test_inplace_must_be_a_bool() -> None:
+    model, x = make("mlp")
+    with pytest.raises(fxq.PrepareError, match="inplace='yes' is not a bool; pass inplace=False"):
+        fxq.prepare(model, x, inplace="yes")

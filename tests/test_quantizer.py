@@ -279,3 +279,56 @@ def test_ste_fine_tuning_matches_a_plain_lsq_forward_and_gradients() -> None:
         assert cos(q[name].hi.grad, s.grad) > 0.9999, name  # per channel: the same direction as LSQ's steps
     for name, s in (("act_x", s_x), ("act_mean", s_h)):
         assert float(q[name].hi.grad) * float(s.grad) > 0, name  # per tensor: the same sign
+
+
+def _direct_mse_clip_ratio(q: LearnableQuantizer, x: torch.Tensor, bits: torch.Tensor, ratios: int) -> torch.Tensor:
+    """The clip search written plainly: `fake_quantize` at every candidate, error summed per group."""
+    from fxquant.quantizer import expand_groups, reduce_to_groups
+
+    lo0, hi0 = q.clamp_bounds()
+    best_err, best_r = None, torch.ones(q.param_shape)
+    for r in torch.linspace(1.0, 0.2, ratios).tolist():
+        p = q._grid(lo0 * r, hi0 * r, bits)
+        y = fake_quantize(x, *(expand_groups(p[k], q.block_axis, q.group_size) for k in ("scale", "zero_point", "qmin", "qmax")))
+        err = (y - x).pow(2)
+        err = reduce_to_groups(err, q.param_shape, q.block_axis, q.group_size, "sum") if q.param_shape else err.sum()
+        err = err.reshape(q.param_shape)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_r = torch.where(better, torch.full_like(best_r, r), best_r)
+    return best_r
+
+
+@pytest.mark.parametrize("layout", ["per_channel_conv", "per_channel_transposed", "per_group", "activation", "nonnegative"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_mse_clip_ratio_matches_the_direct_search_across_slices(layout: str, bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fxquant.quantizer as fq
+
+    monkeypatch.setattr(fq, "MSE_SLICE", 64)  # many slices, and a last one that is shorter
+    torch.manual_seed(bits)
+    if layout == "per_channel_conv":
+        x = torch.randn(13, 3, 3, 3) * torch.rand(13, 1, 1, 1)
+        q = LearnableQuantizer(kind="weight", tensor_shape=tuple(x.shape), bits=bits, min_bits=2, max_bits=8,
+                               granularity="per_channel", channel_axis=0, symmetric=True)
+    elif layout == "per_channel_transposed":  # channels on axis 1: the groups sum across slices
+        x = torch.randn(9, 5, 3, 3)
+        q = LearnableQuantizer(kind="weight", tensor_shape=tuple(x.shape), bits=bits, min_bits=2, max_bits=8,
+                               granularity="per_channel", channel_axis=1, symmetric=True)
+    elif layout == "per_group":
+        x = torch.randn(7, 96)
+        q = LearnableQuantizer(kind="weight", tensor_shape=tuple(x.shape), bits=bits, min_bits=2, max_bits=8,
+                               granularity="per_group", channel_axis=0, block_axis=1, group_size=32, symmetric=True)
+    else:
+        x = torch.randn(1000) + (2.0 if layout == "nonnegative" else 0.3)
+        if layout == "nonnegative":
+            x = x.clamp(min=0.0)
+        q = LearnableQuantizer(kind="activation", tensor_shape=(1000,), bits=bits, min_bits=2, max_bits=8,
+                               nonnegative=layout == "nonnegative")
+    q.init_from_tensor(x)
+    b = torch.tensor(float(bits))
+    expected = _direct_mse_clip_ratio(q, x, b, 24)
+    assert torch.equal(q.mse_clip_ratio(x, b), expected)
+    assert bool((expected < 1.0).any()) or bits == 8  # the search does pick clips below min/max at low bits

@@ -126,6 +126,19 @@ def getattr_path(root: nn.Module, path: str) -> torch.Tensor:
     return obj
 
 
+def tensors_read_by_quantizers(gm: fx.GraphModule) -> Dict[str, torch.Tensor]:
+    """The parameter or buffer each weight and bias quantizer reads (its call node's get_attr input), by
+    quantizer target, in one pass over the graph (a lookup per quantizer would be quadratic in the size of
+    large models)."""
+    found: Dict[str, torch.Tensor] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.args and str(node.target).startswith(QUANTIZERS_ATTR + "."):
+            src = node.args[0]
+            if isinstance(src, fx.Node) and src.op == "get_attr":
+                found.setdefault(str(node.target), getattr_path(gm, str(src.target)))
+    return found
+
+
 def insert_activation_quantizers(gm: fx.GraphModule, *, config: QuantConfig) -> fx.GraphModule:
     """Insert activation quantizers after annotated producers, rewiring only the annotated consumers."""
     container = quantizer_container(gm)

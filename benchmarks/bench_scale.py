@@ -1,0 +1,188 @@
+"""How fxquant's steps scale with model size: Llama-style causal LMs from ~10M to ~1B parameters, on CPU.
+
+For each size, in a fresh subprocess (so peak memory is that model's alone): the time of `prepare`,
+`calibrate` per batch as a ratio to a float forward of the same batch (and its fixed part, the clip search
+on every weight, in seconds), `freeze` and `export_onnx`, and the
+peak resident memory of each step as a ratio to the float model's parameter bytes. Two memory figures:
+`peak` is the process's resident memory above what it held before the model was built (the user's float
+model included, so 1.0 is the least possible), `adds` is what the step adds above the memory at its start.
+Prepare runs as a copy (the default; the user's model is kept) and with `inplace=True`.
+
+    python benchmarks/bench_scale.py [--sizes 10m,100m,400m,1b] [--tokens 128] [--batches 2] [--no-export]
+
+Targets (issue 13): growth linear in size; calibrate <= 2x a float forward; peak <= 2x the model (1.3x in
+place). Memory is sampled every 2 ms from /proc/self/statm (Linux).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Callable, Dict, List, Tuple
+
+SIZES: Dict[str, Dict[str, int]] = {
+    # hidden, layers, heads, kv heads, intermediate, vocab (vocab 32000 as on model hubs)
+    "10m": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=688, vocab_size=32000),
+    "100m": dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=4, intermediate_size=2048, vocab_size=32000),
+    "400m": dict(hidden_size=1280, num_hidden_layers=14, num_attention_heads=16, num_key_value_heads=4, intermediate_size=3456, vocab_size=32000),
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4, intermediate_size=5504, vocab_size=32000),
+}
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak resident set size while the block runs, sampled by a thread."""
+
+    def __enter__(self) -> "PeakMemory":
+        self.start = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def _timed(fn: Callable[[], object]) -> Tuple[object, float, PeakMemory]:
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        out = fn()
+        seconds = time.perf_counter() - t0
+    return out, seconds, mem
+
+
+def _one(size: str, tokens: int, num_batches: int, export: bool, inplace: bool) -> Dict[str, float]:
+    """Measure one model in this process; returns the figures as a dict."""
+    import gc
+
+    import torch
+    import transformers as T
+
+    import fxquant as fxq
+
+    torch.set_num_threads(int(os.environ.get("FXQ_THREADS", "2")))
+    baseline = _rss()
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(max_position_embeddings=max(64, tokens), bos_token_id=0, eos_token_id=0, **SIZES[size])
+    model = T.LlamaForCausalLM(cfg).eval()
+    params = sum(p.numel() for p in model.parameters())
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    gen = torch.Generator().manual_seed(1)
+
+    def batch(b: int, n: int) -> Dict[str, torch.Tensor]:
+        return {"input_ids": torch.randint(0, cfg.vocab_size, (b, n), generator=gen)}
+
+    example = batch(1, tokens)
+    calib = [batch(2, tokens) for _ in range(num_batches + 1)]
+    with torch.no_grad():
+        model(**calib[0], use_cache=False)  # warm up
+        t0 = time.perf_counter()
+        model(**calib[0], use_cache=False)
+        float_forward = time.perf_counter() - t0
+    out: Dict[str, float] = {"params_M": params / 1e6, "model_GB": model_bytes / 1e9, "float_forward_s": float_forward}
+
+    def record(step: str, seconds: float, mem: PeakMemory) -> None:
+        out[f"{step}_s"] = seconds
+        out[f"{step}_peak_x"] = (mem.peak - baseline) / model_bytes
+        out[f"{step}_adds_x"] = (mem.peak - mem.start) / model_bytes
+
+    cfg_q = fxq.QuantConfig()
+    qm, seconds, mem = _timed(lambda: fxq.prepare(model, example, cfg_q, inplace=inplace))
+    record("prepare", seconds, mem)
+    if inplace:
+        del model  # the user's name for it; qm holds the weights now
+    gc.collect()
+    # calibrate = a fixed part (the clip search on every weight) + a part per batch: timed with one batch and
+    # with 1 + num_batches, the difference is the cost per batch
+    _, one, mem_one = _timed(lambda: fxq.calibrate(qm, calib[:1], num_batches=1, progress=False))
+    _, seconds, mem = _timed(lambda: fxq.calibrate(qm, calib, num_batches=len(calib), progress=False))
+    record("calibrate", seconds, mem if mem.peak >= mem_one.peak else mem_one)
+    per_batch = max(seconds - one, 0.0) / (len(calib) - 1)
+    out["calibrate_per_batch_x_float"] = per_batch / float_forward
+    out["calibrate_weights_s"] = max(one - per_batch, 0.0)
+    frozen, seconds, mem = _timed(lambda: fxq.freeze(qm))
+    record("freeze", seconds, mem)
+    if export:
+        del qm
+        gc.collect()
+        with tempfile.TemporaryDirectory() as tmp:
+            _, seconds, mem = _timed(lambda: fxq.export_onnx(frozen, example, os.path.join(tmp, "m.onnx")))
+            record("export", seconds, mem)
+            out["onnx_MB"] = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)) / 1e6
+    out["overall_peak_x"] = max(v for k, v in out.items() if k.endswith("_peak_x"))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="10m,100m,400m,1b", help=f"comma-separated, from {sorted(SIZES)}")
+    parser.add_argument("--tokens", type=int, default=128, help="sequence length of the example and batches")
+    parser.add_argument("--batches", type=int, default=2, help="calibration batches beyond the first (batch size 2)")
+    parser.add_argument("--no-export", action="store_true", help="skip export_onnx (the slowest step)")
+    parser.add_argument("--modes", default="copy,inplace", help="prepare modes: copy, inplace or both")
+    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--_child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._child:
+        size, mode = args._child.split(":")
+        row = _one(size, args.tokens, args.batches, not args.no_export, mode == "inplace")
+        print("ROW " + json.dumps(row))
+        return
+    rows: List[Dict[str, object]] = []
+    for size in args.sizes.split(","):
+        if size not in SIZES:
+            parser.error(f"unknown size {size!r}; choose from {sorted(SIZES)}")
+        for mode in args.modes.split(","):
+            cmd = [sys.executable, __file__, "--_child", f"{size}:{mode}", "--tokens", str(args.tokens), "--batches", str(args.batches)]
+            if args.no_export:
+                cmd.append("--no-export")
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+            if proc.returncode != 0 or not lines:
+                print(f"{size} {mode}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
+                continue
+            row = {"size": size, "prepare": mode, **json.loads(lines[-1][4:])}
+            rows.append(row)
+            _print_row(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+_HEADER_SHOWN = False
+
+
+def _print_row(row: Dict[str, object]) -> None:
+    global _HEADER_SHOWN
+    cols = ["size", "prepare", "params_M", "float_forward_s", "prepare_s", "calibrate_per_batch_x_float", "calibrate_weights_s", "freeze_s",
+            "export_s", "prepare_peak_x", "calibrate_peak_x", "freeze_peak_x", "export_peak_x", "prepare_adds_x",
+            "calibrate_adds_x", "freeze_adds_x", "export_adds_x", "overall_peak_x"]
+    if not _HEADER_SHOWN:
+        print(" | ".join(cols), flush=True)
+        _HEADER_SHOWN = True
+    cells = []
+    for c in cols:
+        v = row.get(c, "-")
+        cells.append(f"{v:.2f}" if isinstance(v, float) else str(v))
+    print(" | ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
