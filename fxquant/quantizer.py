@@ -70,18 +70,29 @@ def grad_scale(x: Tensor, scale: float) -> Tensor:
     return (x - x * scale).detach() + x * scale
 
 
+def _in_place(x: Tensor, scale: Tensor) -> bool:
+    """Whether quantization may run in place on one temporary (no gradient is being recorded)."""
+    return not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad))
+
+
 def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor) -> Tensor:
     """Exactly ONNX QuantizeLinear followed by DequantizeLinear, in float.
 
     `q = clamp(round_half_even(x / scale) + zero_point, qmin, qmax)`, returns `(q - zero_point) * scale`.
-    All arguments broadcast against `x`; `zero_point`, `qmin`, `qmax` hold integers (as floats).
+    All arguments broadcast against `x`; `zero_point`, `qmin`, `qmax` hold integers (as floats). Without
+    autograd it computes in place on one temporary (a large layer otherwise held several of its size).
     """
-    q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+    q = quantize_codes(x, scale, zero_point, qmin, qmax)
+    if _in_place(x, scale):
+        return q.sub_(zero_point).mul_(scale)
     return (q - zero_point) * scale
 
 
 def quantize_codes(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor) -> Tensor:
     """The integer codes `q` of `fake_quantize` (as floats holding integers)."""
+    if _in_place(x, scale):
+        q = torch.div(x, scale)
+        return q.round_().add_(zero_point).clamp_(min=qmin, max=qmax)
     return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
 
 

@@ -102,7 +102,9 @@ def insert_weight_quantizers(gm: fx.GraphModule, *, config: QuantConfig) -> fx.G
             q.served = q.served + (op.name,)
         qnode = call_of.get(weight_node)
         if qnode is None:
-            with gm.graph.inserting_after(weight_node):
+            # just before its first quantized user (graph order): a capture lists every weight at the start,
+            # and a quantized copy computed there would keep all of them alive through the whole forward
+            with gm.graph.inserting_before(node):
                 qnode = gm.graph.call_module(f"{QUANTIZERS_ATTR}.{name}", (weight_node,))
             call_of[weight_node] = qnode
         node.replace_input_with(weight_node, qnode)
