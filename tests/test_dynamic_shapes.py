@@ -186,6 +186,29 @@ def test_hf_llama_with_default_use_cache_captures_with_mask_and_positions(tmp_pa
         np.testing.assert_allclose(out, frozen(**batch).logits.numpy(), atol=1e-5)
 
 
+def test_hf_gpt2_with_default_use_cache_takes_other_batches_and_lengths(tmp_path: Path) -> None:
+    import transformers as T
+
+    cfg = T.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=16, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = T.GPT2LMHeadModel(cfg).eval()
+    assert model.config.use_cache is True
+    qm = fxq.prepare(model, _tokens(1, 8))
+    assert "captured with use_cache=False" in qm.fxquant_capture_notes[0]
+    assert {(d.name, d.role) for d in qm.fxquant_dynamic_shapes.dynamic} == {
+        (name, role) for name in ("input_ids", "attention_mask") for role in (BATCH, SEQUENCE)
+    }
+    fxq.calibrate(qm, [_tokens(4, 6), _tokens(2, 10)])
+    fxq.finetune(qm, [_tokens(3, 5)], teacher=model, steps=2, progress=False)
+    frozen = fxq.freeze(qm)
+    path = tmp_path / "gpt2.onnx"
+    fxq.export_onnx(frozen, _tokens(1, 8), path)
+    batch = _tokens(3, 5)
+    out = _session(path).run(None, {k: v.numpy() for k, v in batch.items()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(out, frozen(**batch).logits.numpy(), atol=1e-5)
+
+
 def test_batch_fixed_by_the_model_code_stays_static_with_a_warning() -> None:
     torch.manual_seed(0)
     model = BatchBranch().eval()
