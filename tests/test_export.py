@@ -361,3 +361,25 @@ def test_export_rejects_inputs_it_cannot_read() -> None:
     fxq.calibrate(qm, [x])
     with pytest.raises(fxq.ExportError, match=r"example_inputs of type str is not understood"):
         fxq.export_onnx(fxq.freeze(qm), "x")
+
+
+def test_a_model_past_the_protobuf_limit_is_written_with_external_data(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """Models of 2 GB or more go to `<path>.data` (the limit is lowered here to exercise that path)."""
+    import fxquant.export.qdq as qdq
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)), torch.randn(4, 64)
+    qm = fxq.prepare(model, x)
+    fxq.calibrate(qm, [x])
+    frozen = fxq.freeze(qm)
+    monkeypatch.setattr(qdq, "TWO_GB", 1024)
+    path = tmp_path / "big.onnx"
+    fxq.export_onnx(frozen, x, path)
+    data = tmp_path / "big.onnx.data"
+    assert data.exists() and data.stat().st_size > path.stat().st_size
+    assert any(init.data_location == onnx.TensorProto.EXTERNAL for init in onnx.load(str(path), load_external_data=False).graph.initializer)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(out, frozen(x).numpy(), atol=1e-4)
+    assert fxq.verify(frozen, path, [x]).ok
