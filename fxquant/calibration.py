@@ -1,4 +1,4 @@
-"""Calibration: set quantizer clamps from data before fine-tuning (algorithms.md section 3).
+"""Calibration: set quantizer clamps from data before fine-tuning (docs/algorithms.md, "Calibration").
 
 Weights: per-group min/max of the (BatchNorm-folded) weights. Activations: running min/max over a few
 batches, or a percentile of the observed values, seen with float weights and float activations upstream

@@ -1,4 +1,5 @@
-"""Fine-tuning: distillation from the float teacher plus a bit-width penalty (algorithms.md section 4).
+"""Fine-tuning: distillation from the float teacher plus a bit-width penalty (docs/algorithms.md, sections
+"Penalties on the bit-widths", "Distillation loss" and "Fine-tuning schedule and the chosen state").
 
 `finetune(qm, batches, teacher=model, steps=300, target_bits=4)` trains a prepared module in place:
 

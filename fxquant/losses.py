@@ -1,4 +1,5 @@
-"""Losses of fine-tuning (algorithms.md section 4): distillation from the float teacher and the penalties.
+"""Losses of fine-tuning: distillation from the float teacher and the penalties (docs/algorithms.md,
+"Distillation loss" and "Penalties on the bit-widths").
 
 - `jeffreys_divergence`: `KL(p_T || p_S) + KL(p_S || p_T)` at temperature 1, over the last axis (logits).
 - `distillation_loss`: pairs the student's and the teacher's output leaves (tensors in nested tuples,

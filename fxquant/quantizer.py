@@ -1,6 +1,6 @@
 """Quantizer numerics first (pure functions), then the learnable and the frozen quantizer modules.
 
-Parametrisation (algorithms.md section 1), per group of elements:
+Parametrisation (docs/algorithms.md, "The quantizer grid", "Learnable bit-widths"), per group of elements:
 
 - continuous bit-width `b = min_bits + (max_bits - min_bits) * p`, with `p` a learnable parameter kept in
   [0, 1] by a straight-through clamp (the value is clamped, the gradient always passes) and projected back
@@ -22,9 +22,9 @@ of x, step and clamps reduced to the parameters' shapes (GDNSQ's dither drawn pe
 LSQ's gradient scale applies to all of a clamp's gradient (its step part and its clip part alike). The
 noise estimator (DiffQ) keeps the continuous `b` in its noise scale.
 
-Initialisation for the grid trained on (algorithms.md section 4): `fit_clamps_mse` shrinks min/max clamps
-to the least-squared-error clip at the current integer bits, and `follow_bits_` rescales the clamps when
-`round(b)` changes during training.
+Initialisation for the grid trained on (docs/algorithms.md, "Calibration" and "Following the bits"):
+`fit_clamps_mse` shrinks min/max clamps to the least-squared-error clip at the current integer bits, and
+`follow_bits_` rescales the clamps when `round(b)` changes during training.
 
 Eval and frozen: integer bits `B = round(b)` and exactly ONNX QuantizeLinear/DequantizeLinear:
 `q = clamp(round_half_even(x / s) + zp, qmin, qmax)`, `x_hat = (q - zp) * s` (`fake_quantize`).
@@ -142,7 +142,7 @@ def dither_of_groups(grad_in: Tensor, shape: torch.Size) -> Tensor:
 class _RoundClamp(torch.autograd.Function):
     """`y = step * round(clamp(x, lo, hi) / step)` with straight-through gradients, in one autograd node.
 
-    `lo` and `hi` lie on the grid of `step`. Gradients (algorithms.md section 1):
+    `lo` and `hi` lie on the grid of `step`. Gradients (docs/algorithms.md, "Training estimators"):
     `dy/dx = 1` inside `[lo, hi]`, 0 outside; `dy/dstep = round(u) - u` inside (`u = x / step`), plus GDNSQ's
     dither when `dither` is set; `dy/dlo = 1` below `lo`, `dy/dhi = 1` above `hi`. Each is reduced to its
     parameter's (broadcast) shape here, so the graph holds one node per quantizer instead of a dozen
@@ -586,7 +586,7 @@ class LearnableQuantizer(nn.Module):
     @torch.no_grad()
     def fit_clamps_mse(self, x: Tensor, ratios: int = 24) -> None:
         """Shrink the clamps per group to the clip of least squared error on `x` at the current integer bits
-        (initialisation for the grid trained on, algorithms.md section 4: min/max is near-optimal at 8 bits
+        (initialisation for the grid trained on, docs/algorithms.md, "Calibration": min/max is near-optimal at 8 bits
         and poor at 2-4)."""
         self.scale_clamps_(self.mse_clip_ratio(x, self.integer_bits(), ratios))
 
