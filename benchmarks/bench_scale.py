@@ -1,14 +1,14 @@
 """How fxquant's steps scale with model size: Llama-style causal LMs from ~10M to ~1B parameters, on CPU.
 
 For each size, in a fresh subprocess (so peak memory is that model's alone): the time of `prepare`,
-`calibrate` per batch as a ratio to a float forward of the same batch (and its fixed part, the clip search
-on every weight, in seconds), `freeze` and `export_onnx`, and the
+`calibrate` per batch as a ratio to a float forward of the same batch (and, in seconds, its fixed part: the
+clip search on every weight and on a bounded sample of every activation), `freeze` and `export_onnx`, and the
 peak resident memory of each step as a ratio to the float model's parameter bytes. Two memory figures:
 `peak` is the process's resident memory above what it held before the model was built (the user's float
 model included, so 1.0 is the least possible), `adds` is what the step adds above the memory at its start.
 Prepare runs as a copy (the default; the user's model is kept) and with `inplace=True`.
 
-    python benchmarks/bench_scale.py [--sizes 10m,100m,400m,1b] [--tokens 128] [--batches 2] [--no-export]
+    python benchmarks/bench_scale.py [--sizes 10m,100m,400m,1b] [--batch 4] [--tokens 128] [--batches 4] [--no-export]
 
 Targets (issue 13): growth linear in size; calibrate <= 2x a float forward; peak <= 2x the model (1.3x in
 place). Memory is sampled every 2 ms from /proc/self/statm (Linux).
@@ -68,7 +68,7 @@ def _timed(fn: Callable[[], object]) -> Tuple[object, float, PeakMemory]:
     return out, seconds, mem
 
 
-def _one(size: str, tokens: int, num_batches: int, export: bool, inplace: bool) -> Dict[str, float]:
+def _one(size: str, batch_size: int, tokens: int, num_batches: int, export: bool, inplace: bool) -> Dict[str, float]:
     """Measure one model in this process; returns the figures as a dict."""
     import gc
 
@@ -90,8 +90,8 @@ def _one(size: str, tokens: int, num_batches: int, export: bool, inplace: bool) 
         return {"input_ids": torch.randint(0, cfg.vocab_size, (b, n), generator=gen)}
 
     example = batch(1, tokens)
-    calib = [batch(2, tokens) for _ in range(num_batches + 1)]
-    with torch.no_grad():
+    calib = [batch(batch_size, tokens) for _ in range(num_batches)]
+    with torch.no_grad():  # the float forward of one calibration batch
         model(**calib[0], use_cache=False)  # warm up
         t0 = time.perf_counter()
         model(**calib[0], use_cache=False)
@@ -109,14 +109,24 @@ def _one(size: str, tokens: int, num_batches: int, export: bool, inplace: bool) 
     if inplace:
         del model  # the user's name for it; qm holds the weights now
     gc.collect()
-    # calibrate = a fixed part (the clip search on every weight) + a part per batch: timed with one batch and
-    # with 1 + num_batches, the difference is the cost per batch
-    _, one, mem_one = _timed(lambda: fxq.calibrate(qm, calib[:1], num_batches=1, progress=False))
+    # calibrate = observing the batches + a fixed part, the clip search (`fit_clamps_mse`) on every weight and
+    # on at most SAMPLE_MAX observed values per activation: timed apart by wrapping the search
+    from fxquant.quantizer import LearnableQuantizer
+
+    search = {"s": 0.0}
+    fit = LearnableQuantizer.fit_clamps_mse
+
+    def timed_fit(self: LearnableQuantizer, *a: object, **k: object) -> None:
+        t0 = time.perf_counter()
+        fit(self, *a, **k)
+        search["s"] += time.perf_counter() - t0
+
+    LearnableQuantizer.fit_clamps_mse = timed_fit  # type: ignore[method-assign]
     _, seconds, mem = _timed(lambda: fxq.calibrate(qm, calib, num_batches=len(calib), progress=False))
-    record("calibrate", seconds, mem if mem.peak >= mem_one.peak else mem_one)
-    per_batch = max(seconds - one, 0.0) / (len(calib) - 1)
-    out["calibrate_per_batch_x_float"] = per_batch / float_forward
-    out["calibrate_weights_s"] = max(one - per_batch, 0.0)
+    LearnableQuantizer.fit_clamps_mse = fit  # type: ignore[method-assign]
+    record("calibrate", seconds, mem)
+    out["calibrate_per_batch_x_float"] = (seconds - search["s"]) / len(calib) / float_forward
+    out["calibrate_search_s"] = search["s"]
     frozen, seconds, mem = _timed(lambda: fxq.freeze(qm))
     record("freeze", seconds, mem)
     if export:
@@ -134,7 +144,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="10m,100m,400m,1b", help=f"comma-separated, from {sorted(SIZES)}")
     parser.add_argument("--tokens", type=int, default=128, help="sequence length of the example and batches")
-    parser.add_argument("--batches", type=int, default=2, help="calibration batches beyond the first (batch size 2)")
+    parser.add_argument("--batch", type=int, default=4, help="batch size of the calibration batches")
+    parser.add_argument("--batches", type=int, default=4, help="calibration batches")
     parser.add_argument("--no-export", action="store_true", help="skip export_onnx (the slowest step)")
     parser.add_argument("--modes", default="copy,inplace", help="prepare modes: copy, inplace or both")
     parser.add_argument("--json", help="also write the rows here")
@@ -142,7 +153,7 @@ def main() -> None:
     args = parser.parse_args()
     if args._child:
         size, mode = args._child.split(":")
-        row = _one(size, args.tokens, args.batches, not args.no_export, mode == "inplace")
+        row = _one(size, args.batch, args.tokens, args.batches, not args.no_export, mode == "inplace")
         print("ROW " + json.dumps(row))
         return
     rows: List[Dict[str, object]] = []
@@ -150,7 +161,7 @@ def main() -> None:
         if size not in SIZES:
             parser.error(f"unknown size {size!r}; choose from {sorted(SIZES)}")
         for mode in args.modes.split(","):
-            cmd = [sys.executable, __file__, "--_child", f"{size}:{mode}", "--tokens", str(args.tokens), "--batches", str(args.batches)]
+            cmd = [sys.executable, __file__, "--_child", f"{size}:{mode}", "--tokens", str(args.tokens), "--batch", str(args.batch), "--batches", str(args.batches)]
             if args.no_export:
                 cmd.append("--no-export")
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -171,7 +182,7 @@ _HEADER_SHOWN = False
 
 def _print_row(row: Dict[str, object]) -> None:
     global _HEADER_SHOWN
-    cols = ["size", "prepare", "params_M", "float_forward_s", "prepare_s", "calibrate_per_batch_x_float", "calibrate_weights_s", "freeze_s",
+    cols = ["size", "prepare", "params_M", "float_forward_s", "prepare_s", "calibrate_per_batch_x_float", "calibrate_search_s", "freeze_s",
             "export_s", "prepare_peak_x", "calibrate_peak_x", "freeze_peak_x", "export_peak_x", "prepare_adds_x",
             "calibrate_adds_x", "freeze_adds_x", "export_adds_x", "overall_peak_x"]
     if not _HEADER_SHOWN:

@@ -2,12 +2,12 @@
 
 Weights: per-group min/max of the (BatchNorm-folded) weights. Activations: running min/max over a few
 batches, or a percentile of the observed values, seen with float weights and float activations upstream
-(the batches run through the prepared module with every quantizer passing its input through). With `method="mse"` (the default) both are then shrunk,
-per group, to the clip of least squared quantization error at the quantizer's current integer bits
-(`LearnableQuantizer.fit_clamps_mse`, on the weight itself or on a sample of the observed activations):
-min/max is near-optimal at 8 bits and poor at 2-4, so a quantizer that starts at low bits starts from a
-grid fit for them. Bits restart at each quantizer's initial bits (high precision) unless `bits` is given;
-fine-tuning then descends to the target.
+(the batches run through the prepared module with every quantizer passing its input through). With
+`method="mse"` (the default) both are then shrunk, per group, to the clip of least squared quantization
+error at the quantizer's current integer bits (`LearnableQuantizer.fit_clamps_mse`, on the weight itself
+or on a sample of the observed activations): min/max is near-optimal at 8 bits and poor at 2-4, so a
+quantizer that starts at low bits starts from a grid fit for them. Bits stay where they are (the initial,
+high precision after `prepare`) unless `bits` is given; fine-tuning then descends to the target.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from fxquant.quantizer import KIND_WEIGHT, LearnableQuantizer, iter_learnable
 METHODS = ("mse", "minmax", "percentile")
 SAMPLE_PER_BATCH = 16384
 """Activation values kept per batch and quantizer for `method="mse"` (a random sample)."""
+SAMPLE_MAX = 8 * SAMPLE_PER_BATCH
+"""Activation values the clip search of `method="mse"` runs on, at most (a random subset of the batches'
+samples): its cost stays fixed however many batches are observed."""
 
 
 def calibrate(
@@ -125,7 +128,10 @@ def calibrate(
             if q.kind == KIND_WEIGHT and weight is not None:
                 q.fit_clamps_mse(weight)
             elif q.kind != KIND_WEIGHT and samples.get(name):
-                q.fit_clamps_mse(torch.cat(samples[name]))
+                observed = torch.cat(samples[name])
+                if observed.numel() > SAMPLE_MAX:
+                    observed = observed[torch.randperm(observed.numel(), device=observed.device)[:SAMPLE_MAX]]
+                q.fit_clamps_mse(observed)
     return qm
 
 

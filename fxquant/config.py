@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence, Tuple, Union
 
 from fxquant.errors import ConfigError
+from fxquant.quantizer import ESTIMATORS
 
 Granularity = Literal["per_tensor", "per_channel", "per_group"]
 Mode = Literal["dither", "noise", "ste"]
 NoiseDistribution = Literal["uniform", "gaussian"]
 
 GRANULARITIES: Tuple[str, ...] = ("per_tensor", "per_channel", "per_group")
-MODES: Tuple[str, ...] = ("dither", "noise", "ste")
+MODES: Tuple[str, ...] = tuple(ESTIMATORS)  # one list: an estimator added there is a mode here
 NOISE_DISTRIBUTIONS: Tuple[str, ...] = ("uniform", "gaussian")
 MIN_SUPPORTED_BITS = 1
 MAX_SUPPORTED_BITS = 16
@@ -140,7 +141,7 @@ class QuantConfig:
             ResNet at W2A2: 2-bit residual sums cut top-1 from 69.5% to 51.2% after 60 steps). `None`: they
             follow `activation` (learned, same target).
         integer_bias: in eval mode (and so in `freeze` and the exported ONNX), round the bias of each
-            conv/linear with quantized input and per-channel weight to the int32 grid `s_x * s_w`, as
+            conv/linear with quantized input and weight to the int32 grid `s_x * s_w`, as
             integer kernels add it, in training too (straight-through), so training sees the bias it deploys.
 
     Example:

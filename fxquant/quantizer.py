@@ -523,7 +523,7 @@ class LearnableQuantizer(nn.Module):
 
     @torch.no_grad()
     def mse_clip_ratio(self, x: Tensor, bits: Tensor, ratios: int = 24) -> Tensor:
-        """Per group, the `r` in `(0.2, 1]` whose clamps `r * (lo, hi)` quantize `x` at integer `bits` with
+        """Per group, the `r` in `[0.2, 1]` whose clamps `r * (lo, hi)` quantize `x` at integer `bits` with
         the least squared error (`x`: the weight itself, or a sample of a per-tensor activation).
 
         The error of each candidate is `fake_quantize`'s, computed in place on slices of `MSE_SLICE`
@@ -859,8 +859,7 @@ class FrozenBias(nn.Module):
     """A conv/linear bias on the int32 grid `s_x * s_w` of the op's input and weight scales.
 
     Integer kernels (onnxruntime's QLinearConv, QGemm) add the bias as int32 codes on that grid, so the
-    frozen module rounds it the same way; this is the only place where a frozen module differs from the
-    eval-mode prepared module (by at most `s_x * s_w / 2` per bias element, far below one output step).
+    frozen module adds it the same way, as the eval-mode prepared module's `BiasQuantizer` does.
     Forward returns `codes * scale` (ONNX DequantizeLinear of an int32 tensor).
     """
 

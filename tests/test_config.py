@@ -41,7 +41,7 @@ def test_config_errors_are_fxquant_errors() -> None:
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(mode="lsq"), r"mode='lsq' is unknown; expected one of \('dither', 'noise', 'ste'\)"),
+        (dict(mode="lsq"), r"mode='lsq' is unknown; expected one of \('dither', 'ste', 'noise'\)"),
         (dict(noise="laplace"), r"noise='laplace' is unknown"),
         (dict(weight=8), r"QuantConfig.weight=8 is not a QuantSpec"),
         (dict(first_last_bits=1), r"first_last_bits=1 is outside 2\.\.16"),

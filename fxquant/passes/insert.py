@@ -6,7 +6,8 @@
   analysis `ActPoint` (shared by every consumer of that tensor with the same spec, and by a whole join
   group when scales are shared at joins).
 - `insert_bias_quantizers`: `get_attr bias -> call_module BiasQuantizer -> op` for conv/linear ops whose
-  input (per tensor) and weight (per tensor/channel) are quantized: int32 bias in eval, float in training.
+  input (per tensor) and weight (per tensor/channel) are quantized: the int32 bias on `s_x * s_w`, in
+  eval and (straight-through) in training.
 
 Quantizer modules live in the `ModuleDict` `gm.fxq_quantizers`; call_module targets are
 `fxq_quantizers.<name>`.
