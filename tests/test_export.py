@@ -383,3 +383,40 @@ def test_a_model_past_the_protobuf_limit_is_written_with_external_data(tmp_path,
     with torch.no_grad():
         np.testing.assert_allclose(out, frozen(x).numpy(), atol=1e-4)
     assert fxq.verify(frozen, path, [x]).ok
+
+
+class _Lookup(nn.Module):
+    def __init__(self, tied: bool) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.head = nn.Linear(16, 50, bias=False)
+        if tied:
+            self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.emb(ids)))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_an_embedding_table_is_gathered_as_integer_codes_then_scaled(tmp_path, tied: bool) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (3, 7))
+    qm = fxq.prepare(_Lookup(tied), ids, fxq.QuantConfig(first_last_bits=None))
+    fxq.calibrate(qm, [ids])
+    frozen = fxq.freeze(qm)
+    path = tmp_path / "lookup.onnx"
+    model = fxq.export_onnx(frozen, ids, path)
+    inits = {i.name: i for i in model.graph.initializer}
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits]
+    table = [n for n in gathers if inits[n.input[0]].dims == [50, 16]]
+    if tied:  # one integer table serves the lookup and the head: it stays DequantizeLinear -> Gather
+        assert not table
+    else:
+        assert len(table) == 1 and inits[table[0].input[0]].data_type == T.INT8
+        dequantized = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+        assert table[0].input[0] not in dequantized  # no DequantizeLinear of the whole table
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    other = torch.randint(0, 50, (5, 4))  # another batch and length
+    out = session.run(None, {session.get_inputs()[0].name: other.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(out, frozen(other).numpy(), rtol=1e-6, atol=1e-6)
