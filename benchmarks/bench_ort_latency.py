@@ -1,180 +1,231 @@
-"""onnxruntime latency of fxquant's W8A8 QDQ export vs the float ONNX export and vs
-`onnxruntime.quantization.quantize_static` of that float export, on a ResNet-style CNN and a transformer
-block. Same machine, same session settings, one run; prints milliseconds per batch and ratios.
+"""onnxruntime latency of fxquant's W8A8 export at the sizes people deploy, against the float ONNX export and
+against onnxruntime's own quantizers of that float export, in one run on this machine.
 
-    python benchmarks/bench_ort_latency.py [--threads 2] [--iters 50]
+Models (random weights, BatchNorm statistics set to a sane state, definitions written here: no downloads):
+ResNet-18 and MobileNetV2 at 224x224 (torchvision's architectures), a BERT-style encoder (hidden 256, 4
+layers, 4 heads, 128 tokens; Hugging Face `BertForSequenceClassification`) and a ViT (hidden 192, 6 layers,
+3 heads, 224x224 in 16x16 patches; `ViTForImageClassification`). Each goes `prepare -> calibrate (4 batches) ->
+freeze -> export_onnx` at the default `QuantConfig()` (W8A8, first/last layers 8-bit too), then:
+
+- the median ms per batch at `--batch` (1) and `--threads` (1) intra-op threads, ORT_ENABLE_ALL, the three
+  models' runs interleaved (as in `coverage_table.py`, whose export and quantizer helpers this reuses);
+- onnxruntime's baseline: `quantize_static` (QDQ, uint8 activations, int8 per-channel weights, calibrated on
+  the same batches) for the CNNs, `quantize_dynamic` (int8 weights) for the transformers;
+- the share of conv/matmul nodes that run as integer kernels in onnxruntime's optimized graph, and the parity
+  `fxq.verify` reports.
+
+Targets (issue 11): no export slower than float; CNNs as fast as `quantize_static` (ResNet-18 >= 3x float);
+transformers as fast as `quantize_dynamic`. On an x86 CPU without VNNI the u8s8 kernels are slower than on
+one with it; the CPU is printed.
+
+    python benchmarks/bench_ort_latency.py [--iters 60] [--threads 1] [--batch 1] [resnet18 mobilenet_v2 bert vit]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
-import time
 import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import numpy as np
-import onnxruntime as ort
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+import coverage_table as ct  # noqa: E402 - benchmarks/ is on sys.path when this script runs
 import fxquant as fxq
+from fxquant.tracing import normalize_inputs
 
 
-class ResNetish(nn.Module):
-    """Stem + 3 stages of two basic residual blocks (BN, ReLU), global pool, linear head."""
-
-    def __init__(self, width: int = 32, classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        blocks = []
-        c = width
-        for stage, out in enumerate((width, 2 * width, 4 * width)):
-            for i in range(2):
-                stride = 2 if (i == 0 and stage > 0) else 1
-                blocks.append(_Block(c, out, stride))
-                c = out
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Linear(c, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.stem(x))
-        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+def _bn_stats(model: nn.Module) -> nn.Module:
+    """Running statistics of a trained network's order of magnitude (random weights otherwise explode)."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model
 
 
-class _Block(nn.Module):
+class _Basic(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
-        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.b1 = nn.BatchNorm2d(cout)
-        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.b2 = nn.BatchNorm2d(cout)
-        self.down = None
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample: Optional[nn.Module] = None
         if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.b1(self.c1(x)))
-        y = self.b2(self.c2(y))
-        return F.relu(y + (x if self.down is None else self.down(x)))
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
 
 
-class Transformer(nn.Module):
-    """Two pre-LN encoder blocks (d=256, 4 heads, MLP 1024) over 64 tokens, mean-pooled head."""
+class ResNet18(nn.Module):
+    """torchvision's resnet18: 7x7 stem, max pool, four stages of two basic blocks, average pool, fc."""
 
-    def __init__(self, d: int = 256, heads: int = 4, layers: int = 2, classes: int = 10) -> None:
+    def __init__(self, classes: int = 1000) -> None:
         super().__init__()
-        self.layers = nn.ModuleList([_Encoder(d, heads) for _ in range(layers)])
-        self.head = nn.Linear(d, classes)
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+        blocks: List[nn.Module] = []
+        cin = 64
+        for i, cout in enumerate((64, 128, 256, 512)):
+            blocks += [_Basic(cin, cout, 1 if i == 0 else 2), _Basic(cout, cout, 1)]
+            cin = cout
+        self.layers = nn.Sequential(*blocks)
+        self.fc = nn.Linear(512, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(x.mean(dim=1))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.layers(self.stem(x)), 1), 1))
 
 
-class _Encoder(nn.Module):
-    def __init__(self, d: int, heads: int) -> None:
+def _conv_bn(cin: int, cout: int, k: int, stride: int, groups: int = 1, act: bool = True) -> nn.Sequential:
+    layers: List[nn.Module] = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    if act:
+        layers.append(nn.ReLU6())
+    return nn.Sequential(*layers)
+
+
+class _Inverted(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
         super().__init__()
-        self.h = heads
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        hidden = cin * expand
+        layers: List[nn.Module] = [_conv_bn(cin, hidden, 1, 1)] if expand != 1 else []
+        layers += [_conv_bn(hidden, hidden, 3, stride, groups=hidden), _conv_bn(hidden, cout, 1, 1, act=False)]
+        self.conv = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).reshape(b, t, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4).unbind(0)
-        att = torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * (d // self.h) ** -0.5, dim=-1)
-        x = x + self.proj(torch.matmul(att, v).transpose(1, 2).reshape(b, t, d))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+        return x + self.conv(x) if self.residual else self.conv(x)
 
 
-def _session(path: str, threads: int) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+class MobileNetV2(nn.Module):
+    """torchvision's mobilenet_v2 (width 1.0): inverted residuals with depthwise 3x3 convs and ReLU6."""
+
+    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+
+    def __init__(self, classes: int = 1000) -> None:
+        super().__init__()
+        layers: List[nn.Module] = [_conv_bn(3, 32, 3, 2)]
+        cin = 32
+        for t, c, n, s in self.SETTINGS:
+            for i in range(n):
+                layers.append(_Inverted(cin, c, s if i == 0 else 1, t))
+                cin = c
+        layers.append(_conv_bn(cin, 1280, 1, 1))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(1280, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
 
 
-def _latency_ms(path: str, x: np.ndarray, threads: int, iters: int) -> float:
-    sess = _session(path, threads)
-    feed = {sess.get_inputs()[0].name: x}
-    for _ in range(5):
-        sess.run(None, feed)
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t)
-    return 1000 * float(np.median(times))
+def _images(batch: int, n: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(batch, 3, 224, 224, generator=g), [torch.randn(4, 3, 224, 224, generator=g) for _ in range(n)]
 
 
-class _Reader:
-    """CalibrationDataReader for onnxruntime.quantization."""
+def _bert(batch: int) -> Tuple[nn.Module, Any, List[Any]]:
+    import transformers as T
 
-    def __init__(self, name: str, batches: list) -> None:
-        self.it = iter([{name: b.numpy()} for b in batches])
+    cfg = T.BertConfig(vocab_size=30522, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                       intermediate_size=1024, max_position_embeddings=512, num_labels=2)
+    torch.manual_seed(0)
+    model = T.BertForSequenceClassification(cfg).eval()
+    g = torch.Generator().manual_seed(2)
 
-    def get_next(self):  # noqa: ANN201
-        return next(self.it, None)
+    def tokens(b: int) -> Dict[str, torch.Tensor]:
+        return {"input_ids": torch.randint(0, 30522, (b, 128), generator=g), "attention_mask": torch.ones(b, 128, dtype=torch.long)}
+
+    return model, tokens(batch), [tokens(4) for _ in range(4)]
 
 
-def bench(name: str, model: nn.Module, x: torch.Tensor, calib: list, tmp: str, threads: int, iters: int) -> None:
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+def _vit(batch: int) -> Tuple[nn.Module, Any, List[Any]]:
+    import transformers as T
 
-    model.eval()
-    float_path = os.path.join(tmp, f"{name}_fp32.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), float_path, dynamo=True, external_data=False,
-                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, verbose=False)
-    ort_path = os.path.join(tmp, f"{name}_ort_qdq.onnx")
-    pre = os.path.join(tmp, f"{name}_pre.onnx")
-    try:
-        quant_pre_process(float_path, pre)
-    except Exception:  # noqa: BLE001 - pre-processing is optional
-        pre = float_path
-    quantize_static(pre, ort_path, _Reader(_session(float_path, 1).get_inputs()[0].name, calib),
-                    quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    per_channel=True)
-    qm = fxq.prepare(model, x, fxq.QuantConfig(first_last_bits=None))
-    fxq.calibrate(qm, calib)
+    cfg = T.ViTConfig(hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768,
+                      image_size=224, patch_size=16, num_labels=1000)
+    torch.manual_seed(0)
+    model = T.ViTForImageClassification(cfg).eval()
+    x, calib = _images(batch, 4)
+    return model, {"pixel_values": x}, [{"pixel_values": c} for c in calib]
+
+
+def _cnn(cls: Callable[[], nn.Module]) -> Callable[[int], Tuple[nn.Module, Any, List[Any]]]:
+    def make(batch: int) -> Tuple[nn.Module, Any, List[Any]]:
+        torch.manual_seed(0)
+        x, calib = _images(batch, 4)
+        return _bn_stats(cls()).eval(), x, calib
+
+    return make
+
+
+MODELS: Dict[str, Tuple[Callable[[int], Tuple[nn.Module, Any, List[Any]]], bool]] = {
+    "resnet18": (_cnn(ResNet18), True),
+    "mobilenet_v2": (_cnn(MobileNetV2), True),
+    "bert": (_bert, False),
+    "vit": (_vit, False),
+}
+"""name -> (factory of (model, example at the benchmark batch, calibration batches), quantize_static or not)"""
+
+
+def bench(name: str, batch: int, iters: int, tmp: Path) -> Dict[str, str]:
+    make, static = MODELS[name]
+    model, example, calib = make(batch)
+    qm = fxq.prepare(model, example)
+    fxq.calibrate(qm, calib, progress=False)
     frozen = fxq.freeze(qm)
-    ours = os.path.join(tmp, f"{name}_fxq_w8a8.onnx")
-    fxq.export_onnx(frozen, x, ours)
-    report = fxq.verify(frozen, ours, calib[:2], raise_on_failure=False)
-    xb = x.numpy()
-    fp = _latency_ms(float_path, xb, threads, iters)
-    oq = _latency_ms(ort_path, xb, threads, iters)
-    fq = _latency_ms(ours, xb, threads, iters)
-    print(f"{name}: batch {tuple(x.shape)}, {threads} threads, median of {iters}")
-    print(f"  fp32 ONNX               {fp:8.2f} ms")
-    print(f"  ORT quantize_static     {oq:8.2f} ms   ({fp / oq:.2f}x vs fp32)")
-    print(f"  fxquant W8A8 QDQ        {fq:8.2f} ms   ({fp / fq:.2f}x vs fp32, {oq / fq:.2f}x vs quantize_static)")
-    print(f"  fxquant integer kernels {report.integer_kernels}/{report.integer_kernels + report.float_compute}, "
-          f"parity {report.max_error:.3g} {report.error_unit}, argmax {report.argmax_agreement}")
+    ours = str(tmp / f"{name}_fxq.onnx")
+    fxq.export_onnx(frozen, example, ours)
+    result = fxq.verify(frozen, ours, calib[:1], raise_on_failure=False)
+    float_path = str(tmp / f"{name}_float.onnx")
+    ct._float_export(model, calib[0], float_path)
+    ort_path, method = ct._ort_quantized(name, float_path, calib, tmp, static=static)
+    ms = ct._latencies_ms({"fxq": ours, "float": float_path, "ort": ort_path}, example, iters)
+    args, kwargs = normalize_inputs(example)
+    shape = tuple((list(kwargs.values())[0] if kwargs else args[0]).shape)
+    parity = ", ".join(f"{r.level}: {r.relative_error:.2g}{'' if r.ok else ' (explained: VNNI)' if r.explained else ' !'}"
+                       for r in result.results)
+    return {
+        "model": name, "input": "x".join(map(str, shape)), "float ms": f"{ms['float']:.2f}",
+        f"ORT {method} ms": f"{ms['ort']:.2f}", "fxquant ms": f"{ms['fxq']:.2f}",
+        "vs float": f"{ms['float'] / ms['fxq']:.2f}x", "vs ORT": f"{ms['ort'] / ms['fxq']:.2f}x",
+        "ORT vs float": f"{ms['float'] / ms['ort']:.2f}x",
+        "integer conv/matmul": f"{100 * result.integer_fraction:.0f}% ({result.integer_kernels}/{result.integer_kernels + result.float_compute})",
+        "parity": parity,
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=50)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("models", nargs="*", default=list(MODELS), help=f"from {list(MODELS)}")
+    parser.add_argument("--iters", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        cnn = ResNetish()
-        for m in cnn.modules():  # non-trivial BN statistics
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_var.uniform_(0.5, 1.5)
-                m.running_mean.normal_(0, 0.1)
-        bench("resnet_cnn", cnn, torch.randn(8, 3, 64, 64), [torch.randn(8, 3, 64, 64) for _ in range(4)], tmp,
-              args.threads, args.iters)
-        bench("transformer", Transformer(), torch.randn(8, 64, 256), [torch.randn(8, 64, 256) for _ in range(4)], tmp,
-              args.threads, args.iters)
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown models {unknown}; choose from {list(MODELS)}")
+    ct.THREADS = args.threads
+    torch.set_num_threads(2)
+    print(f"CPU: {ct._cpu()}; onnxruntime {ct.ort.__version__}; batch {args.batch}, {args.threads} intra-op thread(s), "
+          f"median of {args.iters} runs, ORT_ENABLE_ALL\n")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in args.models:
+            rows.append(bench(name, args.batch, args.iters, Path(tmp)))
+            row = rows[-1]
+            print(" | ".join(f"{k}: {v}" for k, v in row.items()), flush=True)
+    keys = list(dict.fromkeys(k.replace("static", "quantizer").replace("dynamic", "quantizer") for r in rows for k in r))
+    print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for r in rows:
+        cells = {k.replace("static", "quantizer").replace("dynamic", "quantizer"): v for k, v in r.items()}
+        print("| " + " | ".join(cells.get(k, "") for k in keys) + " |")
 
 
 if __name__ == "__main__":

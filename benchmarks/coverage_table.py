@@ -63,9 +63,13 @@ COLUMNS = [
 ]
 
 
+THREADS = 1
+"""onnxruntime intra-op threads of the timed sessions (bench_ort_latency.py sets its own)."""
+
+
 def _session(path: str, opt_path: Optional[str] = None) -> ort.InferenceSession:
     so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
+    so.intra_op_num_threads = THREADS
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
@@ -162,8 +166,9 @@ class _Reader:
         return next(self.it, None)
 
 
-def _ort_quantized(name: str, float_path: str, batches: List[Any], tmp: Path) -> Tuple[str, str]:
-    """onnxruntime's quantization of the float export: (path, method)."""
+def _ort_quantized(name: str, float_path: str, batches: List[Any], tmp: Path, static: bool) -> Tuple[str, str]:
+    """onnxruntime's quantization of the float export, `quantize_static` (QDQ, calibrated on `batches`) or
+    `quantize_dynamic`: (path, method)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -173,7 +178,7 @@ def _ort_quantized(name: str, float_path: str, batches: List[Any], tmp: Path) ->
     except Exception:  # noqa: BLE001 - pre-processing is optional
         pre = float_path
     out = str(tmp / f"{name}_ort.onnx")
-    if name in CNN_MODELS:
+    if static:
         quantize_static(pre, out, _Reader(_session(float_path), batches), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
         return out, "static"
@@ -250,7 +255,7 @@ def _row(name: str, tmp: Path, iters: int, top_ops: int) -> Dict[str, str]:
     paths = {"fxq": path, "float": float_path}
     method = ""
     try:
-        paths["ort"], method = _ort_quantized(name, float_path, batches, tmp)
+        paths["ort"], method = _ort_quantized(name, float_path, batches, tmp, static=name in CNN_MODELS)
     except Exception as e:  # noqa: BLE001
         row["note"] = f"onnxruntime quantization failed: {_reason(e)}"
     ms = _latencies_ms(paths, single, iters)

@@ -469,13 +469,17 @@ def _is_fused_activation(node: fx.Node) -> bool:
 
 
 def _is_layout(node: fx.Node) -> bool:
-    """Shape-only ops that runtimes move a QuantizeLinear across (reshape, transpose, ...), not modules."""
+    """Ops that runtimes move a QuantizeLinear across: shape-only functions and methods (reshape, transpose,
+    ...; not modules), and max pooling (functions or modules: it selects values, `OpFacts.selects_values`)."""
     facts = facts_of(node)
-    return node.op != "call_module" and facts is not None and facts.layout_only
+    if facts is None:
+        return False
+    return facts.selects_values or (node.op != "call_module" and facts.layout_only)
 
 
 def _through_layout(node: fx.Node) -> fx.Node:
-    """The end of the chain of single-reader shape-only ops that starts after `node` (`node` if none)."""
+    """The end of the chain of single-reader shape-only (or max pooling) ops that starts after `node`
+    (`node` if none)."""
     while len(node.users) == 1 and _is_layout(next(iter(node.users))):
         node = next(iter(node.users))
     return node

@@ -66,6 +66,9 @@ class OpFacts:
         kind: quantized-op kind (one of `KINDS`), None when fxquant does not quantize the op.
         sign: one of `SIGNS`.
         layout_only: moves data without computing (reshape, transpose, ...).
+        selects_values: each output is one of its inputs' values (max pooling): quantizing after it equals
+            quantizing before it (quantization is monotone), and onnxruntime moves a QuantizeLinear across
+            it (QDQ propagation), so a conv's output quantizer goes after it, as after a reshape.
         fused_activation: an integer kernel applies it before its QuantizeLinear (ReLU, ReLU6, clamp).
         join: "add" or "cat" for joins whose inputs share a scale, else None.
         int32_bias: integer runtimes add its `bias` argument in int32 on the grid `s_x * s_w`.
@@ -87,6 +90,7 @@ class OpFacts:
     kind: Optional[str] = None
     sign: str = SIGN_NONE
     layout_only: bool = False
+    selects_values: bool = False
     fused_activation: bool = False
     join: Optional[str] = None
     int32_bias: bool = False
@@ -134,12 +138,15 @@ class OpFacts:
 
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_T_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
-_POOLS = (
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+_MAX_POOLS = (
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
     aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default, aten.max_pool2d_with_indices.default,
+    aten.adaptive_max_pool2d.default,
+)
+_AVG_POOLS = (
+    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
     aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default, aten.adaptive_avg_pool1d.default,
-    aten.adaptive_avg_pool2d.default, aten.adaptive_avg_pool3d.default, aten.adaptive_max_pool2d.default,
+    aten.adaptive_avg_pool2d.default, aten.adaptive_avg_pool3d.default,
 )
 
 
@@ -207,9 +214,11 @@ REGISTRY: Tuple[OpFacts, ...] = (
     ), methods=("view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze"),
         modules=(nn.Flatten,), sign=SIGN_FOLLOWS, layout_only=True),
     # Ops that keep the sign of their inputs.
-    OpFacts("pooling", functions=_POOLS, modules=(
-        nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
-        nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    OpFacts("max pooling", functions=_MAX_POOLS, modules=(
+        nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    ), sign=SIGN_FOLLOWS, selects_values=True),
+    OpFacts("average pooling", functions=_AVG_POOLS, modules=(
+        nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     ), sign=SIGN_FOLLOWS),
     OpFacts("add", functions=(operator.add, torch.add, operator.iadd, aten.add.Tensor, aten.add_.Tensor),
             methods=("add", "add_"), arguments=("input", "other"), sign=SIGN_FOLLOWS, join="add"),

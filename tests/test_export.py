@@ -420,3 +420,43 @@ def test_an_embedding_table_is_gathered_as_integer_codes_then_scaled(tmp_path, t
     out = session.run(None, {session.get_inputs()[0].name: other.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(out, frozen(other).numpy(), rtol=1e-6, atol=1e-6)
+
+
+class _StemPool(nn.Module):
+    """conv -> BN -> ReLU -> max pool -> conv, as ResNet stems are."""
+
+    def __init__(self, module_pool: bool) -> None:
+        super().__init__()
+        self.conv1, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.pool = nn.MaxPool2d(3, 2, 1) if module_pool else None
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn(self.conv1(x)))
+        y = self.pool(y) if self.pool is not None else torch.nn.functional.max_pool2d(y, 3, 2, 1)
+        return self.conv2(y)
+
+
+@pytest.mark.parametrize("module_pool", [True, False])
+def test_max_pooling_runs_on_integers_with_the_conv_output_quantized_after_it(tmp_path, module_pool: bool) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    qm = fxq.prepare(_StemPool(module_pool).eval(), x, fxq.QuantConfig(first_last_bits=None))
+    relu = next(n for n in qm.graph.nodes if n.target is torch.relu)
+    # no quantizer of its own between the ReLU and the pool: the one after the pool serves both
+    assert len(relu.users) == 1 and not str(next(iter(relu.users)).target).startswith("fxq_quantizers.")
+    fxq.calibrate(qm, [x, torch.randn_like(x)])
+    frozen = fxq.freeze(qm)
+    path = str(tmp_path / "stem.onnx")
+    fxq.export_onnx(frozen, x, path)
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    graph = onnx.load(so.optimized_model_filepath).graph
+    produced_by = {o: n.op_type for n in graph.node for o in n.output}
+    pools = [n for n in graph.node if "MaxPool" in n.op_type]
+    assert pools and all(produced_by.get(n.input[0]) != "DequantizeLinear" for n in pools)  # an integer max pool
+    # the first conv (ReLU fused) is an integer kernel; the last one, whose output is the model's, runs in float
+    assert [n.op_type for n in graph.node].count("QLinearConv") == 1
+    assert fxq.verify(frozen, path, [x]).ok
