@@ -29,10 +29,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import coverage_table as ct  # noqa: E402 - benchmarks/ is on sys.path when this script runs
 import torch
 from torch import nn
 
-import coverage_table as ct  # noqa: E402 - benchmarks/ is on sys.path when this script runs
 import fxquant as fxq
 from fxquant.tracing import normalize_inputs
 
