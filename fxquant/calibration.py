@@ -27,9 +27,9 @@ from fxquant.quantizer import KIND_WEIGHT, LearnableQuantizer, iter_learnable
 METHODS = ("mse", "minmax", "percentile")
 SAMPLE_PER_BATCH = 16384
 """Activation values kept per batch and quantizer for `method="mse"` (a random sample)."""
-SAMPLE_MAX = 8 * SAMPLE_PER_BATCH
-"""Activation values the clip search of `method="mse"` runs on, at most (a random subset of the batches'
-samples): its cost stays fixed however many batches are observed."""
+SAMPLE_BATCHES = 8
+"""Batches whose samples the clip search of `method="mse"` runs on, at most (a uniform random choice of the
+observed batches): its cost stays fixed however many batches are observed."""
 
 
 def calibrate(
@@ -73,6 +73,7 @@ def calibrate(
         raise StateError("calibrate found no learnable quantizers; pass the module returned by fxq.prepare.")
     was_training = qm.training
     samples: Dict[str, List[torch.Tensor]] = {}
+    reservoirs: Dict[str, _Reservoir] = {}
     hooks = []
     weights_enabled = [(q, q.enabled) for _, q in quantizers if q.kind == KIND_WEIGHT]
     for name, q in quantizers:
@@ -88,8 +89,8 @@ def calibrate(
             samples[name] = []
             hooks.append(q.register_forward_hook(_percentile_hook(samples[name], percentile)))
         elif method == "mse":
-            samples[name] = []
-            hooks.append(q.register_forward_hook(_sample_hook(samples[name])))
+            reservoirs[name] = _Reservoir(min(num_batches, SAMPLE_BATCHES), q.hi.device)
+            hooks.append(q.register_forward_hook(reservoirs[name].hook))
     seen = 0
     qm.eval()
     try:
@@ -127,11 +128,8 @@ def calibrate(
         if method == "mse":
             if q.kind == KIND_WEIGHT and weight is not None:
                 q.fit_clamps_mse(weight)
-            elif q.kind != KIND_WEIGHT and samples.get(name):
-                observed = torch.cat(samples[name])
-                if observed.numel() > SAMPLE_MAX:
-                    observed = observed[torch.randperm(observed.numel(), device=observed.device)[:SAMPLE_MAX]]
-                q.fit_clamps_mse(observed)
+            elif q.kind != KIND_WEIGHT and name in reservoirs and reservoirs[name].seen:
+                q.fit_clamps_mse(reservoirs[name].values())
     return qm
 
 
@@ -154,11 +152,29 @@ def _percentile_hook(store: List[torch.Tensor], percentile: float):  # noqa: ANN
     return hook
 
 
-def _sample_hook(store: List[torch.Tensor]):  # noqa: ANN202 - torch hook signature
-    def hook(module: LearnableQuantizer, args, output) -> None:  # noqa: ANN001
+class _Reservoir:
+    """Random samples of one activation, `SAMPLE_PER_BATCH` values from each of up to `slots` batches (a
+    uniform choice among all observed batches), in one buffer allocated before the batches run. Small
+    tensors kept from every batch between the batches' large temporaries fragmented glibc's heap: on a
+    100M-parameter Llama, calibrate's resident memory grew by 0.37x the model per batch (3.1x in all, 1.7x
+    with this buffer)."""
+
+    def __init__(self, slots: int, device: torch.device) -> None:
+        self.buffer = torch.empty(slots, SAMPLE_PER_BATCH, device=device)
+        self.lengths = [0] * slots
+        self.seen = 0
+
+    def hook(self, module: LearnableQuantizer, args, output) -> None:  # noqa: ANN001 - torch hook signature
         x = args[0].detach().flatten()
+        slot = self.seen if self.seen < len(self.lengths) else int(torch.randint(0, self.seen + 1, ()))
+        self.seen += 1
+        if slot >= len(self.lengths):
+            return
         if x.numel() > SAMPLE_PER_BATCH:
             x = x[torch.randint(0, x.numel(), (SAMPLE_PER_BATCH,), device=x.device)]
-        store.append(x.float())
+        self.buffer[slot, : x.numel()].copy_(x)
+        self.lengths[slot] = x.numel()
 
-    return hook
+    def values(self) -> torch.Tensor:
+        """The kept samples, concatenated."""
+        return torch.cat([self.buffer[i, :n] for i, n in enumerate(self.lengths) if n])
