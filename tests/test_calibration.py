@@ -119,3 +119,22 @@ def test_run_passes_names_the_failing_pass() -> None:
         run_passes(gm, (ok, broken))
     with pytest.raises(fxq.PassError, match=r"pass replaces returned a new module"):
         run_passes(gm, (replaces,))
+
+
+def test_the_clip_search_keeps_samples_of_at_most_eight_batches_in_one_buffer() -> None:
+    from fxquant.calibration import SAMPLE_BATCHES, SAMPLE_PER_BATCH, _Reservoir
+
+    torch.manual_seed(0)
+    reservoir = _Reservoir(SAMPLE_BATCHES, torch.device("cpu"))
+    buffer = reservoir.buffer.data_ptr()
+    small = torch.arange(10.0)
+    reservoir.hook(None, (small,), None)
+    small.fill_(-1.0)  # a copy was kept, not a view of the batch's tensor
+    for b in range(1, 30):  # batch b holds the value b; the large ones are sampled
+        reservoir.hook(None, (torch.full((3 * SAMPLE_PER_BATCH,), float(b)),), None)
+    values = reservoir.values()
+    assert reservoir.seen == 30 and reservoir.buffer.data_ptr() == buffer
+    kept = set(values.unique().tolist())
+    assert len(values) <= SAMPLE_BATCHES * SAMPLE_PER_BATCH and len(kept) <= SAMPLE_BATCHES
+    assert -1.0 not in kept and kept <= set(range(0, 30)) | set(float(i) for i in range(10))
+    assert any(v >= SAMPLE_BATCHES for v in kept)  # later batches replace earlier ones (reservoir)
