@@ -287,7 +287,10 @@ def _is_linear(node: fx.Node) -> bool:
 
 def _export_copy(frozen: fx.GraphModule, plans: Dict[str, QuantizerPlan]) -> fx.GraphModule:
     """A copy of `frozen` whose quantizers call the custom ops; blocked linears become MatMul."""
-    gm = copy.deepcopy(frozen)
+    # the copy's graph and quantizer modules change, its tensors do not: they are shared, not copied (a
+    # large model's codes and float weights were held twice during export)
+    memo = {id(t): t for t in list(frozen.parameters()) + list(frozen.buffers())}
+    gm = copy.deepcopy(frozen, memo)
     container = getattr(gm, QUANTIZERS_ATTR)
     graph = gm.graph
     _gather_embeddings(gm, plans)
