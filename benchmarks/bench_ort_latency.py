@@ -31,21 +31,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import coverage_table as ct  # noqa: E402 - benchmarks/ is on sys.path when this script runs
 import torch
+from models_zoo import init_bn_statistics  # on the path coverage_table sets
 from torch import nn
 
 import fxquant as fxq
 from fxquant.tracing import normalize_inputs
-
-
-def _bn_stats(model: nn.Module) -> nn.Module:
-    """Running statistics of a trained network's order of magnitude (random weights otherwise explode)."""
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model
 
 
 class _Basic(nn.Module):
@@ -159,7 +149,7 @@ def _cnn(cls: Callable[[], nn.Module]) -> Callable[[int], Tuple[nn.Module, Any, 
     def make(batch: int) -> Tuple[nn.Module, Any, List[Any]]:
         torch.manual_seed(0)
         x, calib = _images(batch, 4)
-        return _bn_stats(cls()).eval(), x, calib
+        return init_bn_statistics(cls()).eval(), x, calib
 
     return make
 

@@ -7,7 +7,7 @@ partition/merge by reshape/permute, relative position bias) models, a torchvisio
 `nn.MultiheadAttention`, a recurrent model (LSTM + GRU), a model with data-dependent control flow, and
 Hugging Face `transformers` models built from small configs with random weights (no downloads): encoders
 (BERT, DistilBERT, ViT), decoder-only LMs (GPT-2, Llama), an encoder-decoder (T5) and an audio conv front
-end (Wav2Vec2). BatchNorm statistics are set to a sane state (`_init_bn`).
+end (Wav2Vec2). BatchNorm statistics are set to a sane state (`init_bn_statistics`).
 
 `ZOO` maps a name to a factory returning `(model in eval mode, example inputs, batches)`; inputs are
 what `fxq.prepare` takes (a tensor, a tuple or a dict of keyword arguments).
@@ -24,7 +24,7 @@ from torch import nn
 Factory = Callable[[], Tuple[nn.Module, Any, List[Any]]]
 
 
-def _init_bn(model: nn.Module) -> nn.Module:
+def init_bn_statistics(model: nn.Module) -> nn.Module:
     g = torch.Generator().manual_seed(1)
     for m in model.modules():
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
@@ -380,7 +380,7 @@ def first_sample(inputs: Any) -> Any:
 def _vision(model: nn.Module, shape: Tuple[int, ...]) -> Tuple[nn.Module, Any, List[Any]]:
     torch.manual_seed(0)
     batches = [torch.randn(4, *shape) for _ in range(3)]
-    return _init_bn(model).eval(), batches[0], batches
+    return init_bn_statistics(model).eval(), batches[0], batches
 
 
 def _tokens(model: nn.Module, vocab: int, seq: int = 8, mask: bool = False, key: str = "input_ids"):  # noqa: ANN202

@@ -14,8 +14,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 import fxquant as fxq
 
+_CONFIG = fxq.QuantConfig(weight=fxq.QuantSpec(bits=8), activation=fxq.QuantSpec(bits=8), first_last_bits=None)
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+
+def _calibrated_on_rank(rank: int, world: int, init_file: str) -> tuple:
+    """Join the gloo group; the conftest MLP, this rank's own 4 batches, and the module prepared and
+    calibrated on them (rank-specific clamps)."""
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
@@ -23,13 +27,17 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        model, _ = make("mlp")
-        torch.manual_seed(100 + rank)  # each rank sees different data
-        batches = [torch.randn(16, 16) for _ in range(4)]
-        cfg = fxq.QuantConfig(weight=fxq.QuantSpec(bits=8), activation=fxq.QuantSpec(bits=8), first_last_bits=None)
-        qm = fxq.prepare(model, batches[0], cfg)
-        fxq.calibrate(qm, batches)  # rank-specific clamps: DDP broadcasts rank 0's state when it wraps
+    model, _ = make("mlp")
+    torch.manual_seed(100 + rank)  # each rank sees different data
+    batches = [torch.randn(16, 16) for _ in range(4)]
+    qm = fxq.prepare(model, batches[0], _CONFIG)
+    fxq.calibrate(qm, batches)
+    return model, batches, qm
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    model, batches, qm = _calibrated_on_rank(rank, world, init_file)
+    try:  # DDP broadcasts rank 0's state when it wraps
         ddp = DistributedDataParallel(qm)
         result = fxq.finetune(ddp, batches, teacher=model, steps=12, target_bits=6, progress=False)
         state = {k: v.detach().cpu() for k, v in qm.state_dict().items() if isinstance(v, torch.Tensor)}
@@ -57,23 +65,13 @@ def test_ddp_finetune_gives_the_same_quantizer_state_on_every_rank() -> None:
 
 
 def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    import sys
-
-    sys.path.insert(0, os.path.dirname(__file__))
-    from conftest import make
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        model, _ = make("mlp")
-        torch.manual_seed(100 + rank)  # each rank sees different data
-        batches = [torch.randn(16, 16) for _ in range(4)]
-        cfg = fxq.QuantConfig(weight=fxq.QuantSpec(bits=8), activation=fxq.QuantSpec(bits=8), first_last_bits=None)
-        qm = fxq.prepare(model, batches[0], cfg)
-        fxq.calibrate(qm, batches)  # rank-specific clamps: finetune starts every rank from rank 0's quantizers
+    model, batches, qm = _calibrated_on_rank(rank, world, init_file)
+    from conftest import make  # on the path _calibrated_on_rank set
+    try:  # finetune starts every rank from rank 0's quantizers
         fully_shard(qm, ignored_params=set(qm.fxq_quantizers.parameters()))
         result = fxq.finetune(qm, batches, teacher=model, steps=12, target_bits=6, progress=False)
         sharded = {n: isinstance(p, DTensor) for n, p in qm.named_parameters()}
@@ -86,7 +84,7 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         # the gathered checkpoint, saved and loaded back into a fresh (unsharded) prepared module
         path = os.path.join(out_dir, f"ckpt{rank}.pt")
         torch.save(full, path)
-        fresh = fxq.prepare(make("mlp")[0], x, cfg)
+        fresh = fxq.prepare(make("mlp")[0], x, _CONFIG)
         fxq.load_state_dict(fresh, torch.load(path, weights_only=True))
         with torch.no_grad():
             fresh_out = fresh.eval()(x)
@@ -129,10 +127,9 @@ def _fsdp_errors_worker(rank: int, world: int, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model, x = make("mlp")
-        cfg = fxq.QuantConfig(weight=fxq.QuantSpec(bits=8), activation=fxq.QuantSpec(bits=8), first_last_bits=None)
 
         def prepared() -> torch.nn.Module:
-            qm = fxq.prepare(model, x, cfg)
+            qm = fxq.prepare(model, x, _CONFIG)
             fxq.calibrate(qm, [x])
             return qm
 
