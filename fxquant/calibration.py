@@ -79,7 +79,7 @@ def calibrate(
     for name, q in quantizers:
         if q.kind == KIND_WEIGHT:
             # the batches see float weights, like the observed activations (a fake-quantized copy of every
-            # weight per batch made calibrating a 0.1B-parameter LLM 10x slower than its float forward)
+            # weight per batch cost many float forwards on large models)
             q.enabled = False
             continue
         q.observed_min.fill_(float("inf"))
@@ -155,9 +155,8 @@ def _percentile_hook(store: List[torch.Tensor], percentile: float):  # noqa: ANN
 class _Reservoir:
     """Random samples of one activation, `SAMPLE_PER_BATCH` values from each of up to `slots` batches (a
     uniform choice among all observed batches), in one buffer allocated before the batches run. Small
-    tensors kept from every batch between the batches' large temporaries fragmented glibc's heap: on a
-    100M-parameter Llama, calibrate's resident memory grew by 0.37x the model per batch (3.1x in all, 1.7x
-    with this buffer)."""
+    tensors kept from every batch between the batches' large temporaries fragment glibc's heap, and
+    calibrate's resident memory then grows with every batch (see benchmarks/bench_scale.py)."""
 
     def __init__(self, slots: int, device: torch.device) -> None:
         self.buffer = torch.empty(slots, SAMPLE_PER_BATCH, device=device)

@@ -219,8 +219,8 @@ class _ExportDequantize(nn.Module):
 class _ExportGatherDequantize(nn.Module):
     """Export-time stand-in of an embedding table's `FrozenWeight`, called with the indices: Gather of the
     integer codes, Cast, Mul by the (gathered, when per row) scale. The same numbers as DequantizeLinear of
-    the whole table followed by Gather, at the cost of the looked-up rows instead of the table's (on a
-    30522 x 256 vocabulary that DequantizeLinear was a third of a BERT's latency)."""
+    the whole table followed by Gather, at the cost of the looked-up rows instead of the whole table's on
+    every call (a large share of a transformer's latency; see benchmarks/bench_ort_latency.py)."""
 
     def __init__(self, codes: torch.Tensor, qp: QParams, onnx_type: int) -> None:
         super().__init__()
