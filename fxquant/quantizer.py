@@ -123,6 +123,13 @@ def reduce_to_shape(t: Tensor, shape: torch.Size) -> Tensor:
     return out.reshape(shape)
 
 
+def _sum_of_products(a: Tensor, b: Tensor, shape: torch.Size) -> Tensor:
+    """`reduce_to_shape(a * b, shape)`; one pass without a temporary when `shape` is a single group."""
+    if math.prod(shape) == 1 and a.shape == b.shape:
+        return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(shape)
+    return reduce_to_shape(a * b, shape)
+
+
 def dither_of_groups(grad_in: Tensor, shape: torch.Size) -> Tensor:
     """GDNSQ's dither term of the step gradient, `sum_i g_i r_i / sqrt(3)` per group, `r_i` i.i.d. in {-1/2, 1/2}.
 
@@ -135,7 +142,7 @@ def dither_of_groups(grad_in: Tensor, shape: torch.Size) -> Tensor:
     if numel_per_group < DITHER_EXACT_BELOW:
         r = torch.randint(0, 2, grad_in.shape, device=grad_in.device).to(grad_in.dtype) - 0.5
         return reduce_to_shape(grad_in * r, shape) / math.sqrt(3.0)
-    variance = reduce_to_shape(grad_in * grad_in, shape) / 12.0
+    variance = _sum_of_products(grad_in, grad_in, shape) / 12.0
     return torch.randn(shape, device=grad_in.device, dtype=grad_in.dtype) * variance.sqrt()
 
 
@@ -147,26 +154,43 @@ class _RoundClamp(torch.autograd.Function):
     dither when `dither` is set; `dy/dlo = 1` below `lo`, `dy/dhi = 1` above `hi`. Each is reduced to its
     parameter's (broadcast) shape here, so the graph holds one node per quantizer instead of a dozen
     element-wise ops.
+
+    Cost: the forward makes two temporaries of `x`'s size (in place from then on) and keeps a one-byte mask
+    of the clipped elements; the backward makes one (`dL/dx`). With one clamp pair for the whole tensor
+    (per-tensor activations) the clamps' gradients are sums over the clipped elements only (few) and the
+    step's a dot product, so the backward reads the gradient about three times instead of a dozen.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, step: Tensor, lo: Tensor, hi: Tensor, dither: bool) -> Tensor:  # noqa: ANN001
-        u = torch.clamp(x, lo, hi) / step
+        clamped = torch.clamp(x, lo, hi)
+        outside = clamped != x
+        u = clamped.div_(step)
         q = torch.round(u)
-        ctx.save_for_backward(x, q - u, lo, hi)
+        # saved as u - q (in place on u); the step's gradient is q - u
+        ctx.save_for_backward(x, u.sub_(q), outside, lo, hi)
         ctx.step_shape, ctx.dither = step.shape, dither
-        return q * step
+        return q.mul_(step)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
-        x, residual, lo, hi = ctx.saved_tensors
-        above, below = x > hi, x < lo
-        grad_hi = reduce_to_shape(grad * above, hi.shape) if ctx.needs_input_grad[3] else None
-        grad_lo = reduce_to_shape(grad * below, lo.shape) if ctx.needs_input_grad[2] else None
-        grad_in = grad.masked_fill(above | below, 0.0)
-        grad_step = None
+        x, minus_residual, outside, lo, hi = ctx.saved_tensors
+        grad_in = torch.where(outside, 0.0, grad)
+        need_lo, need_hi = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        grad_lo = grad_hi = grad_step = None
+        if lo.numel() == 1 and hi.numel() == 1 and (need_lo or need_hi):
+            x_out, grad_out = x[outside], grad[outside]
+            if need_hi:
+                grad_hi = torch.where(x_out > hi.reshape(()), grad_out, 0.0).sum().reshape(hi.shape)
+            if need_lo:
+                grad_lo = torch.where(x_out < lo.reshape(()), grad_out, 0.0).sum().reshape(lo.shape)
+        else:
+            if need_hi:
+                grad_hi = reduce_to_shape(torch.where(x > hi, grad, 0.0), hi.shape)
+            if need_lo:
+                grad_lo = reduce_to_shape(torch.where(x < lo, grad, 0.0), lo.shape)
         if ctx.needs_input_grad[1]:
-            grad_step = reduce_to_shape(grad * residual, ctx.step_shape)
+            grad_step = -_sum_of_products(grad_in, minus_residual, ctx.step_shape)
             if ctx.dither:
                 grad_step = grad_step + dither_of_groups(grad_in, ctx.step_shape)
         return grad_in, grad_step, grad_lo, grad_hi, None

@@ -107,6 +107,32 @@ def test_round_clamp_gradients_match_lsq_autograd_reference() -> None:
     assert torch.allclose(x.grad, x2.grad) and torch.allclose(step.grad, s2.grad, atol=1e-6)
 
 
+@pytest.mark.parametrize("clamp_shape", [(), (1, 3, 1)], ids=["one clamp pair", "per channel"])
+def test_round_clamp_clamp_and_step_gradients_match_plain_autograd(clamp_shape: tuple) -> None:
+    """Both backward paths (sums over the clipped elements for one clamp pair, reductions per group
+    otherwise) equal the same function written with plain autograd ops, asymmetric clamps included."""
+    from fxquant.quantizer import round_clamp
+
+    torch.manual_seed(0)
+    x = (torch.randn(5, 3, 7) * 2).requires_grad_(True)
+    step = torch.full(clamp_shape, 0.25, requires_grad=True)
+    lo = torch.full(clamp_shape, -1.0, requires_grad=True)
+    hi = torch.full(clamp_shape, 1.5, requires_grad=True)
+    g = torch.randn(5, 3, 7)
+    (round_clamp(x, step, lo, hi) * g).sum().backward()
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, step, lo, hi)]
+    x2, s2, lo2, hi2 = leaves
+    inside = (x2 >= lo2) & (x2 <= hi2)
+    u = x2 / s2
+    rounded = (u + (torch.round(u) - u).detach()) * s2
+    y2 = torch.where(x2 > hi2, hi2 + 0 * x2, torch.where(x2 < lo2, lo2 + 0 * x2, rounded))
+    (y2 * g).sum().backward()
+    assert bool((~inside).any()) and bool(((x2 > hi2) & (x2 < 2)).any())
+    for ours, reference in zip((x, step, lo, hi), leaves):
+        assert ours.grad is not None and reference.grad is not None
+        assert torch.allclose(ours.grad, reference.grad, atol=1e-5), (ours.grad, reference.grad)
+
+
 def test_large_groups_draw_the_dither_sum_with_its_exact_variance() -> None:
     from fxquant.quantizer import dither_of_groups
 
