@@ -19,6 +19,7 @@ demo: setup
 	$(BIN)/fxquant demo
 
 test: setup
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 lint: setup

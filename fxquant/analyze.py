@@ -159,6 +159,7 @@ def quantizable_info(node: fx.Node) -> Optional[OpFacts]:
 def _param_of(gm: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
     """The parameter or buffer behind a `get_attr` node, else None."""
     if isinstance(node, fx.Node) and node.op == "get_attr":
+        value: Any
         try:
             value = gm.get_parameter(str(node.target))
         except AttributeError:
@@ -173,8 +174,8 @@ def _param_of(gm: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
 def _is_float_tensor(node: Any) -> bool:
     if not isinstance(node, fx.Node):
         return False
-    tm = node.meta.get("tensor_meta")
-    return hasattr(tm, "dtype") and tm.dtype.is_floating_point
+    dtype = getattr(node.meta.get("tensor_meta"), "dtype", None)
+    return isinstance(dtype, torch.dtype) and dtype.is_floating_point
 
 
 def module_stack_path(node: fx.Node) -> str:
@@ -332,8 +333,9 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
     weighted: List[str] = []
     for node in nodes:
         info = quantizable_info(node)
-        if info is None:
+        if info is None or info.kind is None:
             continue
+        kind: str = info.kind
         weight_index = info.weight_index
         input_indices = list(info.input_indices)
         if info.kind == "matmul":
@@ -360,10 +362,10 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
             assert param is not None
             right = info.kind == "matmul" and weight_index == info.input_indices[-1]
             position = (1 if right else 0) if info.kind == "matmul" else weight_index
-            channel_axis, block_axis = _weight_axes(info.kind, position, param.dim())
+            channel_axis, block_axis = _weight_axes(kind, position, param.dim())
             weighted.append(node.name)
         ops[node.name] = QuantOp(
-            kind=info.kind,
+            kind=kind,
             name=names[0],
             weight_index=weight_index,
             weight_spec=None,
@@ -443,11 +445,11 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
         _add_output_points(nodes, ops, consumers_of, config)
 
     for node in nodes:
-        info: Optional[TensorInfo] = None
+        tensor_info: Optional[TensorInfo] = None
         if _is_float_tensor(node):
-            info = _tensor_info(gm, node, memo, group_of, consumers_of, config)
-        if info is not None or node.name in ops:
-            node.meta[META_KEY] = NodeAnnotation(op=ops.get(node.name), tensor=info)
+            tensor_info = _tensor_info(gm, node, memo, group_of, consumers_of, config)
+        if tensor_info is not None or node.name in ops:
+            node.meta[META_KEY] = NodeAnnotation(op=ops.get(node.name), tensor=tensor_info)
 
     unused = [config.overrides[i][0] for i in range(len(config.overrides)) if i not in used_overrides]
     if unused:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Sequence, Tuple, Union
+from typing import Any, Literal, Optional, Sequence, Tuple, Union
 
 from fxquant.errors import ConfigError
 from fxquant.quantizer import ESTIMATORS
@@ -94,7 +94,7 @@ class QuantSpec:
                 f"(got granularity={self.granularity!r}). Remove group_size or set granularity='per_group'."
             )
 
-    def replace(self, **changes: object) -> "QuantSpec":
+    def replace(self, **changes: Any) -> "QuantSpec":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
@@ -217,7 +217,7 @@ class QuantConfig:
             normalized.append((pattern, spec))
         object.__setattr__(self, "overrides", tuple(normalized))
 
-    def replace(self, **changes: object) -> "QuantConfig":
+    def replace(self, **changes: Any) -> "QuantConfig":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 

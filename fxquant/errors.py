@@ -5,6 +5,8 @@ Every message names the thing that is wrong (module, node, value), what was expe
 
 from __future__ import annotations
 
+from typing import Optional
+
 
 class FxQuantError(Exception):
     """Base class of every error fxquant raises on purpose."""
@@ -16,6 +18,9 @@ class ConfigError(FxQuantError, ValueError):
 
 class CaptureError(FxQuantError, RuntimeError):
     """The model could not be captured as an FX graph by any front end that was tried."""
+
+    fxq_module_path: Optional[str] = None
+    """The submodule whose code stopped symbolic tracing, when known (read by the leaf fallback)."""
 
 
 class PrepareError(FxQuantError, ValueError):

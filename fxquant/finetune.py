@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from tqdm.auto import tqdm
 
 from fxquant.batches import (
@@ -477,10 +477,16 @@ class SizePenalty:
 # --------------------------------------------------------------------------------------------------
 
 
-def _unwrap(qm: nn.Module) -> nn.Module:
+def _unwrap(qm: nn.Module) -> fx.GraphModule:
     """The prepared GraphModule inside a DistributedDataParallel / DataParallel wrapper (or `qm`)."""
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    return qm.module if isinstance(qm, wrappers) else qm
+    inner = qm.module if isinstance(qm, wrappers) else qm
+    if not isinstance(inner, fx.GraphModule):
+        raise StateError(
+            f"fine-tuning expects a module returned by fxq.prepare (a GraphModule, optionally inside DistributedDataParallel), "
+            f"got {type(inner).__name__}; call fxq.prepare(model, example_inputs, config) first."
+        )
+    return inner
 
 
 FSDP_RECIPE = f"fully_shard(qm, ignored_params=set(qm.{QUANTIZERS_ATTR}.parameters()))"
@@ -495,8 +501,9 @@ def _is_dtensor(t: Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def _fsdp_modules(inner: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """`(name, module)` of every module of `inner` that FSDP2's `fully_shard` was applied to (root: `""`)."""
+def _fsdp_modules(inner: nn.Module) -> List[Tuple[str, Any]]:
+    """`(name, module)` of every module of `inner` that FSDP2's `fully_shard` was applied to (root: `""`; each an
+    `FSDPModule`, which the type checker does not know as an `nn.Module`)."""
     if not dist.is_available():
         return []
     from torch.distributed.fsdp import FSDPModule
@@ -508,10 +515,10 @@ def _reshard(inner: nn.Module) -> None:
     """Register FSDP2's sharded parameters again: after a forward pass without backward (eval, calibration)
     the root keeps the gathered ones, which an optimizer must not hold."""
     for _, m in _fsdp_modules(inner):
-        m.reshard()  # type: ignore[operator]
+        m.reshard()
 
 
-def _check_fsdp(inner: nn.Module) -> bool:
+def _check_fsdp(inner: fx.GraphModule) -> bool:
     """Whether FSDP2 shards `inner`; raise when it does so in a way fine-tuning cannot follow."""
     sharded = _fsdp_modules(inner)
     if not sharded:
@@ -689,7 +696,9 @@ def param_groups(
         >>> opt = torch.optim.Adam(fxq.param_groups(qm))
     """
     schedule = schedule if schedule is not None else Schedule()
-    weights, clamps, bits = [], [], []
+    weights: List[nn.Parameter] = []
+    clamps: List[nn.Parameter] = []
+    bits: List[nn.Parameter] = []
     inner = _unwrap(qm)
     _reshard(inner)
     for name, p in inner.named_parameters():

@@ -271,7 +271,10 @@ def _index(entries: Iterable[OpFacts]) -> Tuple[Dict[Any, OpFacts], Dict[str, Op
     methods: Dict[str, OpFacts] = {}
     modules: Dict[type, OpFacts] = {}
     for entry in entries:
-        for table, keys in ((functions, entry.functions), (methods, entry.methods), (modules, entry.modules)):
+        tables: Tuple[Tuple[Dict[Any, OpFacts], Tuple[Any, ...]], ...] = (
+            (functions, tuple(entry.functions)), (methods, tuple(entry.methods)), (modules, tuple(entry.modules))
+        )
+        for table, keys in tables:
             for key in keys:
                 if key in table:
                     raise ValueError(f"{key!r} is declared by both {table[key].name!r} and {entry.name!r}")

@@ -65,7 +65,7 @@ def plot_bits(rows: Sequence[Any], path: str, targets: Optional[Dict[str, float]
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    handles = [Patch(color=WEIGHT_COLOR, label="weights"), Patch(color=ACTIVATION_COLOR, label="activations")]
+    handles: List[Any] = [Patch(color=WEIGHT_COLOR, label="weights"), Patch(color=ACTIVATION_COLOR, label="activations")]
     for kind, value in (targets or {}).items():
         color = WEIGHT_COLOR if kind == "weight" else ACTIVATION_COLOR
         ax.axhline(value, color=color, linestyle="--", linewidth=1)

@@ -268,10 +268,12 @@ def freeze(qm: fx.GraphModule) -> fx.GraphModule:
     frozen = copy.deepcopy(qm, memo)
     run_passes(frozen, (freeze_quantizers,))
     for module in frozen.modules():  # a shared tensor that a node still reads (besides its quantizer) is copied
-        for store in (module._parameters, module._buffers):
-            for key, t in store.items():
-                if t is not None and id(t) in memo:
-                    store[key] = nn.Parameter(t.detach().clone()) if isinstance(t, nn.Parameter) else t.clone()
+        for key, param in module._parameters.items():
+            if param is not None and id(param) in memo:
+                module._parameters[key] = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+        for key, buffer in module._buffers.items():
+            if buffer is not None and id(buffer) in memo:
+                module._buffers[key] = buffer.clone()
     frozen.eval()
     for p in frozen.parameters():
         p.requires_grad_(False)

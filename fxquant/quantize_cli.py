@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 
 import fxquant as fxq
 from fxquant.errors import FxQuantError
@@ -506,7 +506,7 @@ def applicable_target(qm: nn.Module, target: TargetBits, first_last_bits: Option
 
 
 def verify_reported(
-    frozen: nn.Module, onnx_path: str, batches: Sequence[Any], *, raise_on_failure: bool = False, **kwargs: Any
+    frozen: fx.GraphModule, onnx_path: str, batches: Sequence[Any], *, raise_on_failure: bool = False, **kwargs: Any
 ) -> fxq.VerifyReport:
     """`fxq.verify` for a caller that prints or saves the report itself (by default without raising).
 

@@ -34,8 +34,9 @@ This module knows nothing of graphs; passes decide where quantizers go.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -331,7 +332,7 @@ def reduce_to_groups(
     x: Tensor, param_shape: Tuple[int, ...], block_axis: Optional[int], group_size: Optional[int], op: str
 ) -> Tensor:
     """Reduce `x` (same shape as the quantized tensor) to the group shape with `op` in {"amax", "amin", "sum"}."""
-    reducers = {"amax": torch.amax, "amin": torch.amin, "sum": torch.sum}
+    reducers: Dict[str, Callable[..., Tensor]] = {"amax": torch.amax, "amin": torch.amin, "sum": torch.sum}
     reduce = reducers[op]
     if len(param_shape) == 0:
         return reduce(x)
@@ -375,6 +376,14 @@ class LearnableQuantizer(nn.Module):
         nonnegative: pin `lo` at 0 (activations after ReLU, sigmoid, softmax, ...).
         served: names of the graph nodes this quantizer serves (for reports).
     """
+
+    bits_param: nn.Parameter
+    hi: nn.Parameter
+    lo: Optional[Tensor]
+    initialized: Tensor
+    observed_min: Tensor
+    observed_max: Tensor
+    trained_bits: Tensor
 
     def __init__(
         self,
@@ -565,10 +574,10 @@ class LearnableQuantizer(nn.Module):
             grid = self._grid(lo0 * r, hi0 * r, bits)
             grids.append({k: grid[k].reshape(view) for k in ("scale", "zero_point", "qmin", "qmax")})
         # one code range for all groups (the bits are not per group) clamps with numbers: 3x faster
-        code_range = [
+        scalar_range: List[Optional[Tuple[float, float]]] = [
             (float(g["qmin"].flatten()[0]), float(g["qmax"].flatten()[0]))
             if bool((g["qmin"] == g["qmin"].flatten()[0]).all() and (g["qmax"] == g["qmax"].flatten()[0]).all())
-            else (g["qmin"], g["qmax"])
+            else None
             for g in grids
         ]
         rows = xv.shape[0]
@@ -584,7 +593,11 @@ class LearnableQuantizer(nn.Module):
                 t.round_()
                 if not self.symmetric:  # symmetric grids have zero point 0
                     t.add_(p["zero_point"])
-                t.clamp_(min=code_range[k][0], max=code_range[k][1])
+                numbers = scalar_range[k]
+                if numbers is not None:
+                    t.clamp_(numbers[0], numbers[1])
+                else:
+                    t.clamp_(min=p["qmin"], max=p["qmax"])
                 if not self.symmetric:
                     t.sub_(p["zero_point"])
                 t.mul_(p["scale"]).sub_(xs).square_()
@@ -768,6 +781,12 @@ class LearnableQuantizer(nn.Module):
 class FrozenActivationQuantizer(nn.Module):
     """Eval-only activation quantizer with integer bits and zero point: ONNX Q -> DQ exactly."""
 
+    bits: Tensor
+    scale: Tensor
+    zero_point: Tensor
+    qmin: Tensor
+    qmax: Tensor
+
     def __init__(self, source: LearnableQuantizer) -> None:
         super().__init__()
         p = source.integer_params()
@@ -807,6 +826,11 @@ class FrozenWeight(nn.Module):
     Replaces both the float parameter and its quantizer in a frozen graph; it takes no input. The codes
     are stored as int8 (bits <= 8) or int16 (bits <= 16) so a frozen state dict is small.
     """
+
+    codes: Tensor
+    bits: Tensor
+    scale: Tensor
+    qmax: Tensor
 
     def __init__(self, source: LearnableQuantizer, weight: Tensor) -> None:
         super().__init__()
@@ -887,6 +911,9 @@ class FrozenBias(nn.Module):
     Forward returns `codes * scale` (ONNX DequantizeLinear of an int32 tensor).
     """
 
+    codes: Tensor
+    scale: Tensor
+
     def __init__(self, codes: Tensor, scale: Tensor, served: Tuple[str, ...]) -> None:
         super().__init__()
         self.kind = KIND_BIAS
@@ -917,6 +944,9 @@ class BiasQuantizer(nn.Module):
     a systematic per-channel offset the weights never learned to absorb (measured: 87% top-1 in training
     mode, 82% in eval on a Fashion-MNIST ResNet).
     """
+
+    input_quantizer: LearnableQuantizer
+    weight_quantizer: LearnableQuantizer
 
     def __init__(self, input_quantizer: LearnableQuantizer, weight_quantizer: LearnableQuantizer) -> None:
         super().__init__()
@@ -955,8 +985,36 @@ class BiasQuantizer(nn.Module):
         return bias + (rounded - bias).detach() if self.training else rounded
 
 
-def quantizer_summary(q: nn.Module) -> Dict[str, object]:
-    """A plain-dict summary of a learnable or frozen quantizer (used by reports)."""
+AnyQuantizer = Union[LearnableQuantizer, FrozenActivationQuantizer, FrozenWeight]
+"""The quantizers reports describe (the int32 bias is derived from two of them)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizerSummary:
+    """What reports show of one learnable or frozen quantizer, at the integer bits eval and freeze use."""
+
+    kind: str
+    served: Tuple[str, ...]
+    granularity: str
+    bits: float
+    """Mean integer bits over groups."""
+    bits_min: float
+    bits_max: float
+    bits_continuous: float
+    """Mean continuous (learned) bits; equal to `bits` for a frozen quantizer."""
+    learn_bits: bool
+    step_min: float
+    step_max: float
+    lo_min: float
+    """Lowest clamp as the integer grid realises it."""
+    hi_max: float
+    zero_point_max: float
+    signed: bool
+    numel: int
+
+
+def quantizer_summary(q: AnyQuantizer) -> QuantizerSummary:
+    """The summary of a learnable or frozen quantizer (used by reports)."""
     if isinstance(q, LearnableQuantizer):
         p = q.integer_params()
         bits_cont = q.bits().detach()
@@ -980,26 +1038,23 @@ def quantizer_summary(q: nn.Module) -> Dict[str, object]:
             lo = (q.qmin.to(scale.dtype) - zero_point) * scale
             hi = (q.qmax.to(scale.dtype) - zero_point) * scale
         learn = False
-    numel = math.prod(q.tensor_shape) if q.tensor_shape else 1
-    # numel-weighted mean bits over groups (bits is per tensor or per group)
-    mean_bits = float(bits.float().mean())
-    return {
-        "kind": q.kind,
-        "served": q.served,
-        "granularity": q.granularity,
-        "bits": mean_bits,
-        "bits_min": float(bits.min()),
-        "bits_max": float(bits.max()),
-        "bits_continuous": float(bits_cont.float().mean()),
-        "learn_bits": learn,
-        "step_min": float(scale.min()),
-        "step_max": float(scale.max()),
-        "lo_min": float(lo.min()),
-        "hi_max": float(hi.max()),
-        "zero_point_max": float(zero_point.max()),
-        "signed": bool(float(lo.min()) < 0.0),
-        "numel": numel,
-    }
+    return QuantizerSummary(
+        kind=q.kind,
+        served=tuple(q.served),
+        granularity=q.granularity,
+        bits=float(bits.float().mean()),
+        bits_min=float(bits.min()),
+        bits_max=float(bits.max()),
+        bits_continuous=float(bits_cont.float().mean()),
+        learn_bits=learn,
+        step_min=float(scale.min()),
+        step_max=float(scale.max()),
+        lo_min=float(lo.min()),
+        hi_max=float(hi.max()),
+        zero_point_max=float(zero_point.max()),
+        signed=bool(float(lo.min()) < 0.0),
+        numel=math.prod(q.tensor_shape) if q.tensor_shape else 1,
+    )
 
 
 def iter_learnable(module: nn.Module) -> List[Tuple[str, LearnableQuantizer]]:

@@ -7,7 +7,8 @@ read by `fxquant.export` and summarised there. `QuantReport` prints as a table a
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Set
+import os
+from typing import TYPE_CHECKING, Any, Dict, List, Set, Union, overload
 
 from torch import fx, nn
 
@@ -23,6 +24,11 @@ from fxquant.quantizer import (
     quantizer_summary,
 )
 from fxquant.tracing import NOTES_ATTR
+
+if TYPE_CHECKING:  # the export floor imports this module
+    import onnx
+
+    from fxquant.export.onnx_report import OnnxQuantReport
 
 FLOAT_BITS = 32
 
@@ -129,7 +135,15 @@ def _quantized_param_targets(gm: fx.GraphModule) -> Set[str]:
     return targets
 
 
-def report(module: Any) -> QuantReport:
+@overload
+def report(module: nn.Module) -> QuantReport: ...
+
+
+@overload
+def report(module: Union[str, bytes, "os.PathLike[str]", "onnx.ModelProto"]) -> "OnnxQuantReport": ...
+
+
+def report(module: Any) -> Union[QuantReport, "OnnxQuantReport"]:
     """A report of every quantizer in a prepared or frozen module (or an exported `.onnx` file).
 
     Raises:
@@ -139,7 +153,7 @@ def report(module: Any) -> QuantReport:
         from fxquant.export import onnx_report  # the export floor reads ONNX files
 
         return onnx_report(module)
-    if not isinstance(module, nn.Module) or not hasattr(module, QUANTIZERS_ATTR):
+    if not isinstance(module, fx.GraphModule) or not hasattr(module, QUANTIZERS_ATTR):
         raise StateError(
             f"report expects a module from fxq.prepare or fxq.freeze (or an .onnx path), got {type(module).__name__}."
         )
@@ -152,7 +166,7 @@ def report(module: Any) -> QuantReport:
         if not isinstance(q, (LearnableQuantizer, FrozenActivationQuantizer, FrozenWeight)):
             continue
         s = quantizer_summary(q)
-        numel = int(s["numel"])  # type: ignore[arg-type]
+        numel = s.numel
         bytes_at_bits = 0.0
         if q.kind == KIND_WEIGHT:
             bits = q.integer_bits() if isinstance(q, LearnableQuantizer) else q.bits.float()
@@ -161,23 +175,23 @@ def report(module: Any) -> QuantReport:
             weight_bits_sum += bytes_at_bits * 8.0
             weight_numel += numel
         else:
-            act_bits.append(float(s["bits"]))  # type: ignore[arg-type]
-        bmin, bmax = float(s["bits_min"]), float(s["bits_max"])  # type: ignore[arg-type]
+            act_bits.append(s.bits)
+        bmin, bmax = s.bits_min, s.bits_max
         bits_range = f"{bmin:.0f}" if bmin == bmax else f"{bmin:.0f}-{bmax:.0f}"
         rows.append(
             QuantizerRow(
                 name=name,
                 serves=", ".join(q.served),
                 kind=q.kind,
-                granularity=str(s["granularity"]),
-                bits=float(s["bits"]),  # type: ignore[arg-type]
-                bits_continuous=float(s["bits_continuous"]),  # type: ignore[arg-type]
+                granularity=s.granularity,
+                bits=s.bits,
+                bits_continuous=s.bits_continuous,
                 bits_range=bits_range,
-                step_min=float(s["step_min"]),  # type: ignore[arg-type]
-                step_max=float(s["step_max"]),  # type: ignore[arg-type]
-                lo=float(s["lo_min"]),  # type: ignore[arg-type]
-                hi=float(s["hi_max"]),  # type: ignore[arg-type]
-                signed=bool(s["signed"]),
+                step_min=s.step_min,
+                step_max=s.step_max,
+                lo=s.lo_min,
+                hi=s.hi_max,
+                signed=s.signed,
                 numel=numel,
                 bytes_at_bits=bytes_at_bits,
             )

@@ -167,7 +167,7 @@ def symbolic_trace_model(model: nn.Module, leaf_modules: Sequence[str] = ()) -> 
             f"  error: {type(e).__name__}: {e}\n"
             "  fix: " + "; or ".join(fixes) + "."
         )
-        error.fxq_module_path = where[0]  # type: ignore[attr-defined] - read by the leaf fallback
+        error.fxq_module_path = where[0]
         raise error from e
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)
@@ -314,7 +314,7 @@ def _input_name(forward: Any, keys: InputKeys) -> str:
     return head + "".join(f"[{k!r}]" for k in keys[2:])
 
 
-def input_tensors(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> List[Tuple[InputKeys, Any]]:
+def input_tensors(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> List[Tuple[Optional[InputKeys], Any]]:
     """Every leaf of `(args, kwargs)` in the order torch.export flattens them, with its keys (None: a leaf
     inside a container fxquant does not look into)."""
     return [(_keys_of(path), leaf) for path, leaf in pytree.tree_flatten_with_path((args, kwargs))[0]]
@@ -621,7 +621,7 @@ def capture_model(
         return with_leaves(), "symbolic_trace_leaves"
     except CaptureError as e:
         failures.append(("symbolic_trace_leaves", e))
-    said = "\n".join(f"- {name}:\n{_indent(e)}" for name, e in failures)
+    said = "\n".join(f"- {name}:\n{_indent(str(e))}" for name, e in failures)
     raise CaptureError(
         f"no front end could capture {type(model).__name__} (tried {', '.join(n for n, _ in failures)}):\n{said}\n"
         "What to do: make the failing code traceable (no Python control flow on tensor values; torch.where or "

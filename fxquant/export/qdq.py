@@ -82,7 +82,7 @@ METADATA_PREFIX = "fxquant."
 _SIGNED = [(2, T.INT2, -2, 1, 25), (4, T.INT4, -8, 7, 21), (8, T.INT8, -128, 127, 13), (16, T.INT16, -(2**15), 2**15 - 1, 21)]
 _UNSIGNED = [(2, T.UINT2, 0, 3, 25), (4, T.UINT4, 0, 15, 21), (8, T.UINT8, 0, 255, 13), (16, T.UINT16, 0, 2**16 - 1, 21)]
 TYPE_NAMES = {v: k for k, v in T.DataType.items()}
-TYPE_BITS = {T.INT2: 2, T.UINT2: 2, T.INT4: 4, T.UINT4: 4, T.INT8: 8, T.UINT8: 8, T.INT16: 16, T.UINT16: 16, T.INT32: 32}
+TYPE_BITS: Dict[int, int] = {T.INT2: 2, T.UINT2: 2, T.INT4: 4, T.UINT4: 4, T.INT8: 8, T.UINT8: 8, T.INT16: 16, T.UINT16: 16, T.INT32: 32}
 
 
 @dataclass
@@ -221,6 +221,9 @@ class _ExportGatherDequantize(nn.Module):
     integer codes, Cast, Mul by the (gathered, when per row) scale. The same numbers as DequantizeLinear of
     the whole table followed by Gather, at the cost of the looked-up rows instead of the whole table's on
     every call (a large share of a transformer's latency; see benchmarks/bench_ort_latency.py)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
 
     def __init__(self, codes: torch.Tensor, qp: QParams, onnx_type: int) -> None:
         super().__init__()

@@ -8,7 +8,7 @@ arguments bound with `functools.partial`.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from typing import Callable, List, Sequence
 
 from torch import fx
 
@@ -20,7 +20,7 @@ Pass = Callable[[fx.GraphModule], fx.GraphModule]
 def pass_name(p: Pass) -> str:
     """The name of a pass function (also through `functools.partial`)."""
     while isinstance(p, functools.partial):
-        p = p.func  # type: ignore[assignment]
+        p = p.func
     return getattr(p, "__name__", repr(p))
 
 
@@ -31,7 +31,7 @@ def run_passes(gm: fx.GraphModule, passes: Sequence[Pass]) -> fx.GraphModule:
         FxQuantError: errors raised on purpose by a pass pass through unchanged.
         PassError: any other failure, naming the pass and the ones that ran before it.
     """
-    done = []
+    done: List[Pass] = []
     for p in passes:
         try:
             result = p(gm)

@@ -70,9 +70,11 @@ def _as_batchnorm(gm: fx.GraphModule, node: fx.Node) -> Optional[_BatchNorm]:
             if len(users) != 1 or users[0].target is not operator.getitem or users[0].args[1] != 0:
                 return None
             output, erase = users[0], [users[0], node]
+        mean, var = _tensor(gm, facts.argument(node, "running_mean")), _tensor(gm, facts.argument(node, "running_var"))
+        if mean is None or var is None:  # batch statistics only: nothing to fold
+            return None
         return _BatchNorm(
-            facts.argument(node, "input"), _tensor(gm, facts.argument(node, "running_mean")),
-            _tensor(gm, facts.argument(node, "running_var")), _tensor(gm, facts.argument(node, "weight")),
+            facts.argument(node, "input"), mean, var, _tensor(gm, facts.argument(node, "weight")),
             _tensor(gm, facts.argument(node, "bias")), float(facts.argument(node, "eps", 1e-5)), output, erase,
         )
     except LookupError:

@@ -31,10 +31,11 @@ def _functional_call(gm: fx.GraphModule, node: fx.Node, mod: nn.Module) -> Optio
         return None
     function = facts.functions[0]
     if facts.kind == "conv":
-        conv = mod  # type: ignore[assignment]
+        conv: Any = mod
         padding: Any = conv.padding
         if conv.padding_mode != "zeros":
-            x = graph.call_function(F.pad, (x, conv._reversed_padding_repeated_twice), {"mode": conv.padding_mode})
+            pad: Tuple[int, ...] = tuple(conv._reversed_padding_repeated_twice)
+            x = graph.call_function(F.pad, (x, pad), {"mode": str(conv.padding_mode)})
             padding = 0
         return function, [x, weight, bias, conv.stride, padding, conv.dilation, conv.groups]
     if facts.kind == "conv_transpose":

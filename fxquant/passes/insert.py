@@ -47,6 +47,13 @@ def _safe_name(name: str, taken: nn.ModuleDict) -> str:
     return candidate
 
 
+def _learnable(module: nn.Module) -> LearnableQuantizer:
+    """A quantizer fetched back from the container (always a `LearnableQuantizer` before freeze)."""
+    if not isinstance(module, LearnableQuantizer):
+        raise TypeError(f"expected a LearnableQuantizer in the container, found {type(module).__name__}")
+    return module
+
+
 def _make_quantizer(
     spec: QuantSpec, config: QuantConfig, kind: str, shape: Tuple[int, ...], served: Tuple[str, ...], *,
     channel_axis: Optional[int] = None, block_axis: Optional[int] = None, nonnegative: bool = False,
@@ -99,7 +106,7 @@ def insert_weight_quantizers(gm: fx.GraphModule, *, config: QuantConfig) -> fx.G
             container[name] = q
             by_param[id(param)] = name
         else:
-            q = container[name]
+            q = _learnable(container[name])
             q.served = q.served + (op.name,)
         qnode = call_of.get(weight_node)
         if qnode is None:
@@ -197,7 +204,7 @@ def _activation_quantizer(
 ) -> str:
     key = (point.join_group, point.spec) if point.join_group is not None else None
     if key is not None and key in shared:
-        q = container[shared[key]]
+        q = _learnable(container[shared[key]])
         q.served = q.served + served
         return shared[key]
     nonneg = group_nonneg[key] if key is not None else point.nonnegative
