@@ -6,8 +6,8 @@ read by `fxquant.export` and summarised there. `QuantReport` prints as a table a
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 import os
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Set, Union, overload
 
 from torch import fx, nn
