@@ -171,6 +171,7 @@ def test_weight_only_int4_blocked_linear_becomes_matmulnbits(tmp_path) -> None:
         (4, 4, True, 21, T.INT4, T.UINT4),
         (2, 4, False, 21, T.INT4, T.UINT8),  # 2-bit weights next to a quantized input ride in INT4
         (2, 2, True, 25, T.INT4, T.UINT2),  # the uint2 activations need opset 25
+        (4, 3, True, 21, T.INT4, T.UINT8),  # 3 bits in UINT4 are clipped in UINT8 (Clip takes no 4-bit type)
         (3, 6, False, 21, T.INT4, T.UINT8),
         (8, 16, False, 21, T.INT8, T.UINT16),
     ],

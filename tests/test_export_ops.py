@@ -51,7 +51,7 @@ from onnx import helper
 from onnx.reference import ReferenceEvaluator
 from torch import Tensor, nn
 
-from fxquant.export.ops import TORCH_STORABLE, translation_table
+from fxquant.export.ops import TORCH_STORABLE, clipped_type, translation_table
 
 T = onnx.TensorProto
 TYPE_NAMES = {v: k for k, v in T.DataType.items()}
@@ -84,9 +84,16 @@ class QDQCase:
         return (self.qmin, self.qmax) != CONTAINER_RANGE[self.onnx_type]
 
     @property
+    def graph_type(self) -> int:
+        """The type of the codes in the graph: the container's, or the 8-bit type a clipped 4-/2-bit one runs
+        in (ONNX Clip takes no 4- or 2-bit type)."""
+        return clipped_type(self.onnx_type, self.clip)
+
+    @property
     def index_dtype(self) -> torch.dtype:
-        """The torch dtype of the zero point and code range: the container's, else int64 (then Cast)."""
-        return TORCH_STORABLE.get(self.onnx_type, torch.int64)
+        """The torch dtype of the zero point and code range (as `_ExportActivation` stores them): the graph
+        type's, else int64 (then Cast)."""
+        return TORCH_STORABLE.get(self.graph_type, torch.int64)
 
     def inputs(self) -> Tuple[Tensor, ...]:
         """x (ties, both clamps, beyond the container, random), scale, zero_point, code_min, code_max."""
@@ -415,25 +422,25 @@ def test_quantize_dequantize_emits_quantize_clip_only_when_asked_dequantize(case
     _skip_unsupported(case)
     model, feeds = _case_model(case)
     x, scale, zero_point, code_min, code_max = _exported(case.opset).inputs[case.name]
-    cast = case.onnx_type not in TORCH_STORABLE
+    cast = case.graph_type not in TORCH_STORABLE
     counts = collections.Counter(n.op_type for n in model.graph.node)
     want = {"QuantizeLinear": 1, "DequantizeLinear": 1, "Clip": int(case.clip), "Cast": (3 if case.clip else 1) * cast}
     assert counts == +collections.Counter(want), counts  # unary +: drop the zero counts
     (q,) = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
     (dq,) = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
     assert list(q.input[:2]) == [x, scale] and len(q.input) == 3
-    _assert_is_input_or_cast(model, q.input[2], zero_point, case.onnx_type, cast)
+    _assert_is_input_or_cast(model, q.input[2], zero_point, case.graph_type, cast)
     codes = q.output[0]
     if case.clip:
         (clip,) = [n for n in model.graph.node if n.op_type == "Clip"]
         assert clip.input[0] == q.output[0]
-        _assert_is_input_or_cast(model, clip.input[1], code_min, case.onnx_type, cast)
-        _assert_is_input_or_cast(model, clip.input[2], code_max, case.onnx_type, cast)
+        _assert_is_input_or_cast(model, clip.input[1], code_min, case.graph_type, cast)
+        _assert_is_input_or_cast(model, clip.input[2], code_max, case.graph_type, cast)
         codes = clip.output[0]
     assert list(dq.input) == [codes, scale, q.input[2]]
     assert list(dq.output) == [model.graph.output[0].name]
     q_codes, dq_codes = _run(model, feeds, [q.output[0], codes])
-    assert q_codes.dtype == helper.tensor_dtype_to_np_dtype(case.onnx_type)  # codes in the container type
+    assert q_codes.dtype == helper.tensor_dtype_to_np_dtype(case.graph_type)  # codes in the graph type
     assert dq_codes.astype(np.int64).min() == case.qmin and dq_codes.astype(np.int64).max() == case.qmax
     if case.clip:  # the Clip matters: the inputs have codes past the range, inside the container
         assert q_codes.astype(np.int64).min() < case.qmin or q_codes.astype(np.int64).max() > case.qmax
@@ -489,25 +496,7 @@ def test_dequantize_emits_one_dequantize_linear_with_the_scale_layout(case: DQCa
 
 # ------------------------------------------------------------------------------------------------------- validity
 
-_CLIP_OF_A_4_OR_2_BIT_TYPE = (
-    "bug in ops.py qdq_onnx: with clip=True it emits Clip on the QuantizeLinear output in the container type, "
-    "and ONNX Clip (opset 13+) takes no uint4/uint2; export_onnx(narrow_activations=True) of a 3-bit "
-    "activation (UINT4, codes 0..7) so writes an invalid model (checker: 'Clip ... unsupported type: "
-    "tensor(uint4)'; onnxruntime: INVALID_GRAPH)"
-)
-
-
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(
-            c, id=c.name,
-            marks=[pytest.mark.xfail(strict=True, raises=onnx.shape_inference.InferenceError, reason=_CLIP_OF_A_4_OR_2_BIT_TYPE)]
-            if isinstance(c, QDQCase) and c.clip and c.onnx_type in (T.UINT4, T.UINT2, T.INT4, T.INT2) else [],
-        )
-        for c in ALL_CASES
-    ],
-)
+@pytest.mark.parametrize("case", ALL_CASES, ids=_case_id)
 def test_translation_is_valid_onnx_at_the_exported_opset(case: Case) -> None:
     model, _ = _case_model(case)
     assert [o.version for o in model.opset_import if o.domain == ""] == [case.opset]

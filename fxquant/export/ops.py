@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, Optional
 
 import onnxscript
 import torch
+from onnx import TensorProto
 from torch import Tensor
 
 from fxquant.quantizer import fake_quantize
@@ -74,6 +75,17 @@ def _(codes, scale, zero_point, axis, block_size, onnx_type):  # noqa: ANN001, A
 TORCH_STORABLE = {2: torch.uint8, 3: torch.int8, 4: torch.uint16, 5: torch.int16, 6: torch.int32}
 """ONNX container types a torch buffer holds directly (no Cast needed): UINT8, INT8, UINT16, INT16, INT32."""
 
+CLIP_TYPE = {TensorProto.UINT4: TensorProto.UINT8, TensorProto.UINT2: TensorProto.UINT8,
+             TensorProto.INT4: TensorProto.INT8, TensorProto.INT2: TensorProto.INT8}
+"""The 8-bit type a narrower width in a 4- or 2-bit container is clipped in: ONNX Clip takes no 4- or 2-bit
+type, so QuantizeLinear -> Clip -> DequantizeLinear run in the 8-bit type of the same sign (the same numbers:
+the codes fit it)."""
+
+
+def clipped_type(onnx_type: int, clip: bool) -> int:
+    """The ONNX type the codes of `quantize_dequantize` have in the exported graph."""
+    return CLIP_TYPE.get(onnx_type, onnx_type) if clip else onnx_type
+
 
 def translation_table(opset: int) -> Dict[Any, Callable[..., Any]]:
     """`custom_translation_table` for `torch.onnx.export` at `opset` (>= 18)."""
@@ -81,9 +93,10 @@ def translation_table(opset: int) -> Dict[Any, Callable[..., Any]]:
     op = module
 
     def qdq_onnx(x, scale, zero_point, code_min, code_max, qmin: int, qmax: int, onnx_type: int, clip: bool):  # noqa: ANN001, ANN202
-        if onnx_type not in TORCH_STORABLE:
-            zero_point = op.Cast(zero_point, to=onnx_type)
-            code_min, code_max = op.Cast(code_min, to=onnx_type), op.Cast(code_max, to=onnx_type)
+        codes_type = clipped_type(onnx_type, clip)
+        if codes_type not in TORCH_STORABLE:
+            zero_point = op.Cast(zero_point, to=codes_type)
+            code_min, code_max = op.Cast(code_min, to=codes_type), op.Cast(code_max, to=codes_type)
         q = op.QuantizeLinear(x, scale, zero_point)
         if clip:  # a narrower width in a wider container: clip the integer codes, as integer kernels allow
             q = op.Clip(q, code_min, code_max)

@@ -56,7 +56,7 @@ from onnx import numpy_helper
 from torch import fx, nn
 
 from fxquant.errors import ExportError, PrepareError, StateError
-from fxquant.export.ops import TORCH_STORABLE, translation_table
+from fxquant.export.ops import TORCH_STORABLE, clipped_type, translation_table
 from fxquant.op_registry import facts_of
 from fxquant.passes.insert import QUANTIZERS_ATTR
 from fxquant.qparams import CONTAINER_BITS, QParams, smallest_container
@@ -181,9 +181,9 @@ class _ExportActivation(nn.Module):
         super().__init__()
         _, tmin, tmax, _ = next(v for v in _ONNX_CONTAINERS.values() if v[0] == onnx_type)
         self.qmin, self.qmax = qp.qmin, qp.qmax
-        self.onnx_type = onnx_type
         self.clip = (self.qmin, self.qmax) != (tmin, tmax)
-        zp_dtype = TORCH_STORABLE.get(onnx_type, torch.int64)
+        self.onnx_type = clipped_type(onnx_type, self.clip)  # a clipped 3-bit UINT4 runs in UINT8
+        zp_dtype = TORCH_STORABLE.get(self.onnx_type, torch.int64)
         self.register_buffer("scale", qp.scale.clone())
         self.register_buffer("zero_point", qp.zero_point.to(zp_dtype))
         self.register_buffer("code_min", torch.tensor(self.qmin, dtype=zp_dtype))
