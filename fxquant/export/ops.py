@@ -75,7 +75,7 @@ def _(codes, scale, zero_point, axis, block_size, onnx_type):  # noqa: ANN001, A
 TORCH_STORABLE = {2: torch.uint8, 3: torch.int8, 4: torch.uint16, 5: torch.int16, 6: torch.int32}
 """ONNX container types a torch buffer holds directly (no Cast needed): UINT8, INT8, UINT16, INT16, INT32."""
 
-CLIP_TYPE = {TensorProto.UINT4: TensorProto.UINT8, TensorProto.UINT2: TensorProto.UINT8,
+CLIP_TYPE: Dict[int, int] = {TensorProto.UINT4: TensorProto.UINT8, TensorProto.UINT2: TensorProto.UINT8,
              TensorProto.INT4: TensorProto.INT8, TensorProto.INT2: TensorProto.INT8}
 """The 8-bit type a narrower width in a 4- or 2-bit container is clipped in: ONNX Clip takes no 4- or 2-bit
 type, so QuantizeLinear -> Clip -> DequantizeLinear run in the 8-bit type of the same sign (the same numbers:
