@@ -592,6 +592,16 @@ def _clip_grad_norm(params: List[nn.Parameter], max_norm: float) -> float:
 
 
 @torch.no_grad()
+def _on_every_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on every rank of the default process group (one all-reduce of one number).
+
+    A distributed step is taken or skipped by all ranks together: a rank that skipped its backward alone
+    (a non-finite loss on its own batch) left the others waiting in the gradient all-reduce forever."""
+    t = torch.tensor(1.0 if flag else 0.0, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0.5)
+
+
 def _average_replicated_grads(params: List[nn.Parameter]) -> None:
     """Average over ranks the gradients FSDP2 does not reduce: those of its ignored (replicated) parameters."""
     grads = [p.grad for p in params if p.grad is not None and not _is_dtensor(p)]
@@ -960,6 +970,7 @@ def _train(
     params = [p for g in groups for p in g["params"]]
     quantizers = bits.weights + bits.activations
     device = model_device(inner)
+    distributed = fsdp or isinstance(qm, nn.parallel.DistributedDataParallel)
     selector = _Selector(inner, teacher, val_list, n_required, distill, loss_fn)
     result.metric = selector.metric_name
 
@@ -1003,6 +1014,8 @@ def _train(
             active = 0
             base_value = float(base.detach())
             finite = math.isfinite(base_value)
+            if distributed:
+                finite = _on_every_rank(finite, device)
             if finite:
                 if penalty_term is not None:
                     pen, active = penalty_term(bits, base, step)
@@ -1012,6 +1025,8 @@ def _train(
                 if fsdp:
                     _average_replicated_grads(params)
                 finite = math.isfinite(_clip_grad_norm(params, grad_clip if grad_clip is not None else math.inf))
+                if distributed:  # FSDP2 norms each rank's own shard
+                    finite = _on_every_rank(finite, device)
             if not finite:
                 result.nonfinite_steps.append(step)
                 bad_in_a_row += 1

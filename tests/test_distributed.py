@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 
 import pytest
 import torch
@@ -62,6 +63,40 @@ def test_ddp_finetune_gives_the_same_quantizer_state_on_every_rank() -> None:
     # the quantizers did train: bits moved from 8 towards the target
     bits = [v for k, v in a["state"].items() if k.endswith("bits_param")]
     assert any(float(v.min()) < 1.0 for v in bits)
+
+
+def _nonfinite_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    model, batches, qm = _calibrated_on_rank(rank, world, init_file)
+    if rank == 1:  # only this rank's second batch is broken
+        batches[1] = batches[1].clone()
+        batches[1][0, 0] = float("nan")
+    try:
+        ddp = DistributedDataParallel(qm)
+        with pytest.warns(fxq.FinetuneWarning, match="non-finite"):
+            result = fxq.finetune(ddp, batches, teacher=model, steps=8, target_bits=6, progress=False)
+        state = {k: v.detach().cpu() for k, v in qm.state_dict().items() if isinstance(v, torch.Tensor)}
+        torch.save({"state": state, "nonfinite": result.nonfinite_steps}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank_instead_of_hanging() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        context = mp.spawn(_nonfinite_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=False)
+        limit = 240.0
+        deadline = time.monotonic() + limit
+        # join() answers False each time one rank ends while another still runs; it raises if a rank failed
+        while not context.join(timeout=max(deadline - time.monotonic(), 0.0)):
+            if time.monotonic() >= deadline:
+                for p in context.processes:
+                    p.kill()
+                pytest.fail(f"the ranks did not finish within {limit:.0f} s: a rank waits for another")
+        a = torch.load(os.path.join(tmp, "rank0.pt"), weights_only=True)
+        b = torch.load(os.path.join(tmp, "rank1.pt"), weights_only=True)
+    assert a["nonfinite"] == b["nonfinite"] == [2, 6]  # the broken batch comes back every 4 steps
+    for k in a["state"]:
+        assert torch.equal(a["state"][k], b["state"][k]), k
 
 
 def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
