@@ -19,7 +19,8 @@ The pipeline (each step takes the previous step's output):
 Three contracts hold everywhere:
 
 1. a pass (`fxquant.passes`) is a plain function `GraphModule -> GraphModule` that changes the graph in
-   place and returns it; `run_passes` lints and recompiles after each;
+   place and returns it, declared with what it requires and ensures; `run_passes` checks that contract,
+   lints and recompiles after each;
 2. analysis only writes `node.meta["fxquant"]`;
 3. fine-tuning changes parameter values, never the graph.
 """

@@ -29,7 +29,9 @@ from torch import fx, nn
 
 from fxquant.config import QuantConfig, QuantSpec, _check_weight_spec
 from fxquant.errors import ConfigError
+from fxquant.graph import is_quantizer_path, stored_tensor
 from fxquant.op_registry import SIGN_CLAMP, SIGN_FOLLOWS, SIGN_NONNEGATIVE, SIGN_SCALED, OpFacts, facts_of
+from fxquant.passes import ANALYZED, FUNCTIONAL, SHAPES, graph_pass
 from fxquant.tracing import FLOAT_MODULES_ATTR
 
 META_KEY = "fxquant"
@@ -158,17 +160,7 @@ def quantizable_info(node: fx.Node) -> Optional[OpFacts]:
 
 def _param_of(gm: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
     """The parameter or buffer behind a `get_attr` node, else None."""
-    if isinstance(node, fx.Node) and node.op == "get_attr":
-        value: Any
-        try:
-            value = gm.get_parameter(str(node.target))
-        except AttributeError:
-            try:
-                value = gm.get_buffer(str(node.target))
-            except AttributeError:
-                value = getattr(gm, str(node.target), None) if "." not in str(node.target) else None
-        return value if isinstance(value, torch.Tensor) else None
-    return None
+    return stored_tensor(gm, node)
 
 
 def _is_float_tensor(node: Any) -> bool:
@@ -310,6 +302,7 @@ def _fixed(spec: QuantSpec, bits: int) -> QuantSpec:
     )
 
 
+@graph_pass(requires=(FUNCTIONAL, SHAPES), ensures=(ANALYZED,), analysis=True)
 def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
     """Annotate `gm`'s nodes with `node.meta["fxquant"]` (QuantOp on ops, TensorInfo on producers).
 
@@ -609,7 +602,7 @@ def kept_float(gm: fx.GraphModule) -> List[FloatOp]:
             continue
         if node.op == "call_module":
             target = str(node.target)
-            if target.startswith("fxq_quantizers.") or target in leaves:
+            if is_quantizer_path(target) or target in leaves:
                 continue
             mod = gm.get_submodule(target)
             facts = facts_of(node)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from fxquant.batches import Batch, call_batch, check_batches
 from fxquant.errors import ConfigError, PrepareError, StateError
-from fxquant.passes.insert import tensors_read_by_quantizers
+from fxquant.graph import tensors_read_by_quantizers
 from fxquant.quantizer import KIND_WEIGHT, LearnableQuantizer, iter_learnable
 
 METHODS = ("mse", "minmax", "percentile")

@@ -26,6 +26,7 @@ import torch
 from torch import fx, nn
 
 from fxquant.errors import CheckpointError
+from fxquant.graph import is_quantizer_path, module_state
 
 INFO_ATTR = "fxq_checkpoint"
 INFO_KEY = f"{INFO_ATTR}._extra_state"
@@ -61,7 +62,7 @@ def graph_signature(gm: fx.GraphModule) -> str:
     for node in gm.graph.nodes:
         if node.op in ("call_function", "call_method"):
             parts.append(f"{node.op}:{getattr(node.target, '__name__', str(node.target))}")
-        elif node.op == "call_module" and not str(node.target).startswith("fxq_quantizers."):
+        elif node.op == "call_module" and not is_quantizer_path(str(node.target)):
             parts.append(f"call_module:{node.target}")
     digest = hashlib.sha1("\n".join(parts).encode()).hexdigest()[:12]
     return f"{len(parts)} ops, {digest}"
@@ -71,14 +72,6 @@ def _config_fields(config: Any) -> Dict[str, str]:
     if dataclasses.is_dataclass(config):
         return {f.name: repr(getattr(config, f.name)) for f in dataclasses.fields(config)}
     return {"config": repr(config)}
-
-
-def module_state(module: nn.Module) -> str:
-    """`"frozen"` if the module holds frozen quantizers, else `"prepared"`."""
-    from fxquant.quantizer import FrozenActivationQuantizer, FrozenWeight
-
-    frozen = any(isinstance(m, (FrozenWeight, FrozenActivationQuantizer)) for m in module.modules())
-    return "frozen" if frozen else "prepared"
 
 
 def attach_checkpoint_info(gm: fx.GraphModule, model: nn.Module, config: Any, capture: str) -> fx.GraphModule:
@@ -110,7 +103,7 @@ def attach_checkpoint_info(gm: fx.GraphModule, model: nn.Module, config: Any, ca
 def _add_state_on_save(module: nn.Module, state_dict: Dict[str, Any], prefix: str, local_metadata: Any) -> None:
     key = prefix + INFO_KEY
     if isinstance(state_dict.get(key), dict):
-        state_dict[key] = {**state_dict[key], "state": module_state(module)}
+        state_dict[key] = {**state_dict[key], "state": module_state(module) or "prepared"}
 
 
 def _check_on_load(
@@ -138,7 +131,7 @@ def _differences(module: nn.Module, state_dict: Mapping[str, Any], strict: bool,
                 "float weights belong in the float model: load them there, then call fxq.prepare"
             )
         else:
-            here = {**mine.info, "state": module_state(module)}
+            here = {**mine.info, "state": module_state(module) or "prepared"}
             if "state" in theirs and theirs["state"] != here["state"]:
                 diffs.append(
                     f"state: a {theirs['state']} module's checkpoint, this module is {here['state']} "

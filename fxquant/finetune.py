@@ -51,9 +51,8 @@ from fxquant.batches import (
 )
 from fxquant.calibration import calibrate
 from fxquant.errors import ConfigError, PrepareError, StateError
+from fxquant.graph import QUANTIZERS_ATTR, is_quantizer_path, module_state, quantizers_of
 from fxquant.losses import DISTILL_KINDS, distillation_loss, exterior_hinge, model_size_mb, output_leaves
-from fxquant.passes.insert import QUANTIZERS_ATTR
-from fxquant.preparation import module_state
 from fxquant.quantizer import (
     KIND_ACTIVATION,
     KIND_WEIGHT,
@@ -293,7 +292,7 @@ class _Bits:
         self.learn_weights = [q for q in self.weights if q.learn_bits]
         self.learn_activations = [q for q in self.activations if q.learn_bits]
         quantized = sum(math.prod(q.tensor_shape) for q in self.weights)
-        params = {id(p): p for n, p in module.named_parameters() if not n.startswith(QUANTIZERS_ATTR + ".")}
+        params = {id(p): p for n, p in module.named_parameters() if not is_quantizer_path(n)}
         self.float_numel = max(sum(p.numel() for p in params.values()) - quantized, 0)
 
     def constraints(self) -> Optional[Tuple[Tensor, Tensor]]:
@@ -540,7 +539,7 @@ def _check_fsdp(inner: fx.GraphModule) -> bool:
         )
     _reshard(inner)
     sharded_quantizers = [
-        name for name, p in inner.named_parameters() if name.startswith(QUANTIZERS_ATTR + ".") and _is_dtensor(p)
+        name for name, p in inner.named_parameters() if is_quantizer_path(name) and _is_dtensor(p)
     ]
     if sharded_quantizers:
         raise ConfigError(
@@ -561,7 +560,9 @@ def _broadcast_quantizers(inner: nn.Module) -> None:
 
     FSDP2 leaves the replicated (ignored) quantizer parameters as each rank calibrated them, and DDP only
     synchronised them when it wrapped the module (not after a calibration inside `finetune`)."""
-    quantizers = getattr(inner, QUANTIZERS_ATTR)
+    quantizers = quantizers_of(inner)
+    if quantizers is None:
+        return
     tensors = list(itertools.chain(quantizers.parameters(), quantizers.buffers()))
     if not tensors:
         return
@@ -714,7 +715,7 @@ def param_groups(
     for name, p in inner.named_parameters():
         if not p.requires_grad:
             continue
-        if name.startswith(QUANTIZERS_ATTR + "."):
+        if is_quantizer_path(name):
             (bits if name.endswith(".bits_param") else clamps).append(p)
         else:
             weights.append(p)

@@ -21,31 +21,19 @@ from fxquant.batches import model_device
 from fxquant.checkpoint import attach_checkpoint_info
 from fxquant.config import QuantConfig
 from fxquant.errors import PrepareError, StateError
+from fxquant.graph import STATE_ATTR, module_state, quantizers_of, tensors_read_by_quantizers
 from fxquant.op_registry import quantized_kinds
 from fxquant.passes import run_passes
 from fxquant.passes.attention import decompose_attention
 from fxquant.passes.fold_bn import fold_batchnorm
 from fxquant.passes.freeze import freeze_quantizers
 from fxquant.passes.functionalize import functionalize_modules
-from fxquant.passes.insert import (
-    QUANTIZERS_ATTR,
-    insert_activation_quantizers,
-    insert_bias_quantizers,
-    insert_weight_quantizers,
-    tensors_read_by_quantizers,
-)
+from fxquant.passes.insert import insert_activation_quantizers, insert_bias_quantizers, insert_weight_quantizers
 from fxquant.quantizer import iter_learnable
 from fxquant.tracing import FLOAT_MODULES_ATTR, capture_model, propagate_shapes, set_preserved_attr
 
-STATE_ATTR = "fxquant_state"
-"""Attribute on fxquant's GraphModules: "prepared" or "frozen"."""
 CONFIG_ATTR = "fxquant_config"
 CAPTURE_ATTR = "fxquant_capture"
-
-
-def module_state(module: nn.Module) -> Optional[str]:
-    """"prepared", "frozen" or None for a module fxquant did not make."""
-    return getattr(module, STATE_ATTR, None)
 
 
 _FLOAT32_FIX = "fxquant quantizes float32 models; call model.float() first (and cast inputs with x.float())."
@@ -216,10 +204,10 @@ def prepare(
     # Module-level dropout stays a module and follows `qm.train()` / `qm.eval()`.
     work.eval()
     gm, front_end = capture_model(work, capture, leaf_modules, example_inputs, dynamic)
-    propagate_shapes(gm, example_inputs)
-    run_passes(gm, (functionalize_modules, decompose_attention, fold_batchnorm))
-    propagate_shapes(gm, example_inputs)
-    analyze(gm, config)
+    shapes = functools.partial(propagate_shapes, example_inputs=example_inputs)
+    run_passes(
+        gm, (shapes, functionalize_modules, decompose_attention, fold_batchnorm, shapes, functools.partial(analyze, config=config))
+    )
     check_something_quantized(gm, model, config)
     run_passes(
         gm,
@@ -229,8 +217,9 @@ def prepare(
             *((insert_bias_quantizers,) if config.integer_bias else ()),
         ),
     )
-    if hasattr(gm, QUANTIZERS_ATTR):
-        getattr(gm, QUANTIZERS_ATTR).to(model_device(work))
+    container = quantizers_of(gm)
+    if container is not None:
+        container.to(model_device(work))
     # preserved: they survive copy.deepcopy(qm), which freeze and users rely on
     set_preserved_attr(gm, STATE_ATTR, "prepared")
     set_preserved_attr(gm, CONFIG_ATTR, config)

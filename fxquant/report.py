@@ -14,11 +14,11 @@ from torch import fx, nn
 
 from fxquant.analyze import kept_float
 from fxquant.errors import StateError
-from fxquant.passes.insert import QUANTIZERS_ATTR
+from fxquant.graph import is_quantizer_path, quantizer_calls, quantizers_of
 from fxquant.quantizer import (
-    KIND_BIAS,
     KIND_WEIGHT,
     FrozenActivationQuantizer,
+    FrozenBias,
     FrozenWeight,
     LearnableQuantizer,
     quantizer_summary,
@@ -126,12 +126,11 @@ def _range(a: float, b: float) -> str:
 def _quantized_param_targets(gm: fx.GraphModule) -> Set[str]:
     """Parameters read by weight quantizers (biases read by bias quantizers stay 32-bit entries)."""
     targets = set()
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and str(node.target).startswith(QUANTIZERS_ATTR + ".") and node.args:
-            src = node.args[0]
-            q = gm.get_submodule(str(node.target))
-            if isinstance(src, fx.Node) and src.op == "get_attr" and getattr(q, "kind", None) == KIND_WEIGHT:
-                targets.add(str(src.target))
+    for node, _ in quantizer_calls(gm.graph):
+        src = node.args[0] if node.args else None
+        q = gm.get_submodule(str(node.target))
+        if isinstance(src, fx.Node) and src.op == "get_attr" and getattr(q, "kind", None) == KIND_WEIGHT:
+            targets.add(str(src.target))
     return targets
 
 
@@ -153,11 +152,11 @@ def report(module: Any) -> Union[QuantReport, "OnnxQuantReport"]:
         from fxquant.export import onnx_report  # the export floor reads ONNX files
 
         return onnx_report(module)
-    if not isinstance(module, fx.GraphModule) or not hasattr(module, QUANTIZERS_ATTR):
+    container = quantizers_of(module) if isinstance(module, fx.GraphModule) else None
+    if container is None:
         raise StateError(
             f"report expects a module from fxq.prepare or fxq.freeze (or an .onnx path), got {type(module).__name__}."
         )
-    container = getattr(module, QUANTIZERS_ATTR)
     rows: List[QuantizerRow] = []
     weight_bits_sum = 0.0
     weight_numel = 0
@@ -199,10 +198,10 @@ def report(module: Any) -> Union[QuantReport, "OnnxQuantReport"]:
     quantized = _quantized_param_targets(module)
     other = sum(
         p.numel() for n, p in module.named_parameters()
-        if not n.startswith(QUANTIZERS_ATTR + ".") and n not in quantized
+        if not is_quantizer_path(n) and n not in quantized
     )
     # a frozen module stores biases as int32 codes (32 bits, like the float biases they replace)
-    other += sum(m.codes.numel() for m in container.values() if getattr(m, "kind", None) == KIND_BIAS and hasattr(m, "codes"))
+    other += sum(m.codes.numel() for m in container.values() if isinstance(m, FrozenBias))
     size = weight_bits_sum / 8.0 + other * FLOAT_BITS / 8.0
     float_size = (weight_numel + other) * FLOAT_BITS / 8.0
     return QuantReport(

@@ -56,6 +56,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxquant.errors import CaptureError, PrepareError
+from fxquant.passes import SHAPES, graph_pass
 
 Inputs = Any
 CAPTURES: Tuple[str, ...] = ("auto", "symbolic_trace", "export", "symbolic_trace_leaves")
@@ -672,8 +673,9 @@ def placeholder_args(gm: fx.GraphModule, example_inputs: Inputs) -> Tuple[Any, .
     return tuple(values)
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs: Inputs) -> None:
-    """Run `example_inputs` through `gm`, recording `node.meta["tensor_meta"]` (fx ShapeProp)."""
+@graph_pass(ensures=(SHAPES,), analysis=True)
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Inputs) -> fx.GraphModule:
+    """Run `example_inputs` through `gm`, recording `node.meta["tensor_meta"]` (fx ShapeProp); returns `gm`."""
     args = placeholder_args(gm, example_inputs)
     was_training = gm.training
     gm.eval()
@@ -687,3 +689,4 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Inputs) -> None:
         ) from e
     finally:
         gm.train(was_training)
+    return gm

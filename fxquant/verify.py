@@ -39,7 +39,7 @@ from torch import fx
 from fxquant.batches import Batch, call_batch, check_batches, describe_shapes, required_inputs, split_batch
 from fxquant.errors import ParityError, PrepareError, StateError
 from fxquant.export.onnx_report import read_onnx_file
-from fxquant.passes.insert import QUANTIZERS_ATTR
+from fxquant.graph import module_state, quantizer_calls, quantizer_name, quantizers_of
 from fxquant.quantizer import FrozenActivationQuantizer, FrozenWeight
 
 INTEGER_KERNELS = frozenset({
@@ -233,7 +233,7 @@ def u8s8_kernels_saturate(cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 
 def _max_weight_bits(frozen: fx.GraphModule) -> int:
-    quantizers = getattr(frozen, QUANTIZERS_ATTR, None)
+    quantizers = quantizers_of(frozen)
     bits = [q.qparams().bits for q in quantizers.values() if isinstance(q, FrozenWeight)] if quantizers else []
     return max(bits, default=0)
 
@@ -244,7 +244,8 @@ def _output_step(frozen: fx.GraphModule) -> Optional[float]:
     node = out.args[0]
     if isinstance(node, (tuple, list)) and len(node) == 1:
         node = node[0]
-    if isinstance(node, fx.Node) and node.op == "call_module" and str(node.target).startswith(QUANTIZERS_ATTR + "."):
+    if quantizer_name(node) is not None:
+        assert isinstance(node, fx.Node)
         q = frozen.get_submodule(str(node.target))
         if isinstance(q, FrozenActivationQuantizer):
             return q.qparams().step
@@ -310,7 +311,7 @@ def _feed(sess: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Dict[str,
 
 
 def _activation_quantizers(frozen: fx.GraphModule) -> Dict[str, FrozenActivationQuantizer]:
-    container = getattr(frozen, QUANTIZERS_ATTR, None)
+    container = quantizers_of(frozen)
     if container is None:
         return {}
     return {name: q for name, q in container.named_children() if isinstance(q, FrozenActivationQuantizer)}
@@ -409,11 +410,9 @@ def _localize(
     points, shared = _onnx_activation_codes(model)
     quantizers = _activation_quantizers(frozen)
     calls: Dict[str, List[fx.Node]] = {}
-    for node in frozen.graph.nodes:
-        if node.op == "call_module" and str(node.target).startswith(QUANTIZERS_ATTR + "."):
-            name = str(node.target)[len(QUANTIZERS_ATTR) + 1 :]
-            if name in quantizers:
-                calls.setdefault(name, []).append(node)
+    for node, name in quantizer_calls(frozen.graph):
+        if name in quantizers:
+            calls.setdefault(name, []).append(node)
     order = [name for name, nodes in calls.items() if name in points and len(nodes) == 1]  # graph order
     unmatched = sorted(set(quantizers) - set(order))
     existing = {o.name for o in model.graph.output}
@@ -506,8 +505,6 @@ def verify(
         ParityError: an error or argmax agreement is beyond tolerance (names the provider and level).
     """
     import onnxruntime as ort
-
-    from fxquant.preparation import module_state
 
     if module_state(frozen) != "frozen":
         raise StateError(

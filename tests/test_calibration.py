@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import make
 
 import fxquant as fxq
 from fxquant.batches import cycle_batches, split_batch
-from fxquant.passes import run_passes
+from fxquant.passes import (
+    ACTIVATIONS_QUANTIZED,
+    ANALYZED,
+    BN_FOLDED,
+    FROZEN,
+    FUNCTIONAL,
+    SHAPES,
+    WEIGHTS_QUANTIZED,
+    graph_pass,
+    properties,
+    run_passes,
+)
+from fxquant.passes.freeze import freeze_quantizers
+from fxquant.passes.functionalize import functionalize_modules
+from fxquant.tracing import propagate_shapes
 
 
 def test_minmax_and_percentile_set_activation_clamps() -> None:
@@ -106,12 +122,15 @@ def test_run_passes_names_the_failing_pass() -> None:
     model, _ = make("mlp")
     gm = torch.fx.symbolic_trace(model)
 
+    @graph_pass()
     def ok(g: torch.fx.GraphModule) -> torch.fx.GraphModule:
         return g
 
+    @graph_pass()
     def broken(g: torch.fx.GraphModule) -> torch.fx.GraphModule:
         raise KeyError("boom")
 
+    @graph_pass()
     def replaces(g: torch.fx.GraphModule) -> torch.fx.GraphModule:
         return torch.fx.symbolic_trace(model)
 
@@ -119,6 +138,52 @@ def test_run_passes_names_the_failing_pass() -> None:
         run_passes(gm, (ok, broken))
     with pytest.raises(fxq.PassError, match=r"pass replaces returned a new module"):
         run_passes(gm, (replaces,))
+
+
+def test_run_passes_checks_each_contract_and_records_what_the_passes_ensure() -> None:
+    model, x = make("mlp")
+    gm = torch.fx.symbolic_trace(model)
+
+    @graph_pass(requires=(FUNCTIONAL,), ensures=("tested",))
+    def needs_functional(g: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        return g
+
+    @graph_pass(analysis=True)
+    def rewrites_while_analysing(g: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        out = next(n for n in g.graph.nodes if n.op == "output")
+        with g.graph.inserting_before(out):
+            negated = g.graph.call_function(torch.neg, (out.args[0],))
+        out.args = (negated,)
+        return g
+
+    def undeclared(g: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        return g
+
+    with pytest.raises(fxq.PassError, match=r"pass needs_functional requires 'functional', which the module does "
+                       r"not have \(it has no property\); 'functional' is ensured by functionalize_modules: run "
+                       r"that pass first"):
+        run_passes(gm, (needs_functional,))
+    with pytest.raises(fxq.PassError, match=r"undeclared is not a declared graph pass; decorate it with @fxquant"):
+        run_passes(gm, (undeclared,))
+    run_passes(gm, (functools.partial(propagate_shapes, example_inputs=x), functionalize_modules, needs_functional))
+    # functionalize rewrote the graph after the shapes were recorded: they are stale, the rest holds
+    assert properties(gm) == {FUNCTIONAL, "tested"}
+    run_passes(gm, (functools.partial(propagate_shapes, example_inputs=x),))
+    assert properties(gm) == {FUNCTIONAL, "tested", SHAPES}
+    with pytest.raises(fxq.PassError, match=r"analysis pass rewrites_while_analysing changed the graph"):
+        run_passes(gm, (rewrites_while_analysing,))
+
+
+def test_a_prepared_and_a_frozen_module_carry_the_properties_of_the_passes_that_made_them() -> None:
+    model, x = make("cnn")
+    qm = fxq.prepare(model, x)
+    assert {FUNCTIONAL, BN_FOLDED, SHAPES, ANALYZED, WEIGHTS_QUANTIZED, ACTIVATIONS_QUANTIZED} <= properties(qm)
+    assert FROZEN not in properties(qm)
+    fxq.calibrate(qm, [x], progress=False)
+    frozen = fxq.freeze(qm)
+    assert FROZEN in properties(frozen) and FROZEN not in properties(qm)
+    with pytest.raises(fxq.PassError, match=r"pass freeze_quantizers requires 'activation quantizers inserted', 'weight quantizers inserted'"):
+        run_passes(torch.fx.symbolic_trace(model), (freeze_quantizers,))
 
 
 def test_the_clip_search_keeps_samples_of_at_most_eight_batches_in_one_buffer() -> None:

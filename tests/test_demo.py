@@ -9,6 +9,8 @@ import pytest
 
 from fxquant.cli import main
 
+pytestmark = pytest.mark.slow  # minutes: see the marker in pyproject.toml
+
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_demo_runs_end_to_end_and_writes_its_outputs(tmp_path) -> None:  # noqa: ANN001

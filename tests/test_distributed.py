@@ -15,6 +15,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 import fxquant as fxq
 
+pytestmark = pytest.mark.slow  # minutes: see the marker in pyproject.toml
+
 _CONFIG = fxq.QuantConfig(weight=fxq.QuantSpec(bits=8), activation=fxq.QuantSpec(bits=8), first_last_bits=None)
 
 

@@ -19,7 +19,8 @@ import onnx
 from onnx import numpy_helper
 
 from fxquant.errors import StateError
-from fxquant.export.qdq import METADATA_PREFIX, TYPE_BITS, TYPE_NAMES
+from fxquant.export.plan import TYPE_BITS, TYPE_NAMES
+from fxquant.export.qdq import METADATA_PREFIX
 
 _SIGNED_TYPES = {onnx.TensorProto.INT2, onnx.TensorProto.INT4, onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32}
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -44,23 +43,21 @@ import os
 import re
 import secrets
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
 import torch
-import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import fx, nn
 
 from fxquant.errors import ExportError, PrepareError, StateError
-from fxquant.export.ops import TORCH_STORABLE, clipped_type, translation_table
-from fxquant.op_registry import facts_of
-from fxquant.passes.insert import QUANTIZERS_ATTR
-from fxquant.qparams import CONTAINER_BITS, QParams, smallest_container
-from fxquant.quantizer import FrozenActivationQuantizer, FrozenBias, FrozenWeight
+from fxquant.export.lowering import export_copy
+from fxquant.export.ops import translation_table
+from fxquant.export.plan import TYPE_BITS, QuantizerPlan, plan_quantizers
+from fxquant.graph import module_state, quantizer_target
 from fxquant.tracing import (
     SHAPES_ATTR,
     DynamicDim,
@@ -77,269 +74,6 @@ MIN_EXPORTER_OPSET = 18
 """torch.onnx's dynamo exporter emits opset 18 or later (8-bit QDQ alone would need 13)."""
 TWO_GB = 2**31
 METADATA_PREFIX = "fxquant."
-
-# (bits that fit, ONNX type, type's min, type's max, opset that introduced it)
-_SIGNED = [(2, T.INT2, -2, 1, 25), (4, T.INT4, -8, 7, 21), (8, T.INT8, -128, 127, 13), (16, T.INT16, -(2**15), 2**15 - 1, 21)]
-_UNSIGNED = [(2, T.UINT2, 0, 3, 25), (4, T.UINT4, 0, 15, 21), (8, T.UINT8, 0, 255, 13), (16, T.UINT16, 0, 2**16 - 1, 21)]
-TYPE_NAMES = {v: k for k, v in T.DataType.items()}
-TYPE_BITS: Dict[int, int] = {T.INT2: 2, T.UINT2: 2, T.INT4: 4, T.UINT4: 4, T.INT8: 8, T.UINT8: 8, T.INT16: 16, T.UINT16: 16, T.INT32: 32}
-
-
-@dataclass
-class QuantizerPlan:
-    """How one frozen quantizer is lowered to ONNX."""
-
-    name: str
-    kind: str
-    bits: int
-    granularity: str
-    lowering: str  # "qdq" (integer Q/DQ) or "float" (same numbers as float ops; no integer container)
-    onnx_type: Optional[int]
-    fx_node: str
-    serves: Tuple[str, ...]
-    opset_needed: int
-    reason: str = ""
-    transposed: bool = False
-    gathered: bool = False  # an embedding table: its rows are gathered as integer codes, then scaled
-
-    @property
-    def type_name(self) -> str:
-        return TYPE_NAMES.get(self.onnx_type, "FLOAT") if self.onnx_type is not None else "FLOAT"
-
-
-_ONNX_CONTAINERS: Dict[str, Tuple[int, int, int, int]] = {
-    name: (onnx_type, tmin, tmax, since)
-    for table, prefix in ((_SIGNED, "int"), (_UNSIGNED, "uint"))
-    for fits, onnx_type, tmin, tmax, since in table
-    for name in [f"{prefix}{fits}"]
-}
-"""ONNX type, type min, type max and the opset that introduced it, by `QParams.container` name."""
-
-
-def _lowest_allowed(container: str, opset: Optional[int]) -> Optional[str]:
-    """`container`, or the next wider one of the same signedness that exists at `opset` (None: none does)."""
-    unsigned = container.startswith("u")
-    for name, (_, _, _, since) in _ONNX_CONTAINERS.items():  # each signedness in increasing width
-        if name.startswith("u") == unsigned and CONTAINER_BITS[name] >= CONTAINER_BITS[container]:
-            if opset is None or since <= opset:
-                return name
-    return None
-
-
-def plan_quantizers(
-    gm: fx.GraphModule, opset: Optional[int], narrow_activations: bool = False, int8_weights: bool = False
-) -> Dict[str, QuantizerPlan]:
-    """Lower every frozen quantizer's `QParams` (see the module docstring): its container, widened only where
-    `opset` lacks it or `int8_weights` asks; narrowed only with `narrow_activations`."""
-    container = getattr(gm, QUANTIZERS_ATTR)
-    fx_nodes: Dict[str, List[str]] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and str(node.target).startswith(QUANTIZERS_ATTR + "."):
-            fx_nodes.setdefault(str(node.target)[len(QUANTIZERS_ATTR) + 1 :], []).append(node.name)
-    plans: Dict[str, QuantizerPlan] = {}
-    for name, q in container.items():
-        if name not in fx_nodes or not isinstance(q, (FrozenWeight, FrozenActivationQuantizer, FrozenBias)):
-            continue
-        qp = q.qparams()
-        common = dict(name=name, kind=q.kind, granularity=q.granularity, fx_node=",".join(fx_nodes[name]),
-                      serves=tuple(q.served), bits=qp.bits)
-        if qp.kind == "bias":
-            plans[name] = QuantizerPlan(lowering="qdq", onnx_type=T.INT32, opset_needed=13, **common)
-        elif qp.kind == "weight":
-            want = smallest_container(8, signed=True) if int8_weights and CONTAINER_BITS[qp.container] < 8 else qp.container
-            chosen = _lowest_allowed(want, opset)
-            if qp.layout == "blocked" and opset is not None and opset < 21:
-                plans[name] = QuantizerPlan(
-                    lowering="float", onnx_type=None, opset_needed=21,
-                    reason=f"blocked scales need opset 21 (got {opset})", **common,
-                )
-            elif chosen is None:  # 9-16 bits below opset 21: int32 holds them
-                plans[name] = QuantizerPlan(lowering="qdq", onnx_type=T.INT32, opset_needed=13, **common)
-            else:
-                onnx_type, _, _, since = _ONNX_CONTAINERS[chosen]
-                since = max(since, 21 if qp.layout == "blocked" else 13)
-                plans[name] = QuantizerPlan(lowering="qdq", onnx_type=onnx_type, opset_needed=since, **common)
-        else:
-            want = smallest_container(qp.bits, signed=False) if narrow_activations else qp.container
-            chosen = _lowest_allowed(want, opset)
-            if chosen is None or qp.layout != "per_tensor":
-                need = _ONNX_CONTAINERS[smallest_container(qp.bits, signed=False)][3]
-                plans[name] = QuantizerPlan(
-                    lowering="float", onnx_type=None, opset_needed=need,
-                    reason=f"no {qp.bits}-bit QuantizeLinear type at opset {opset}", **common,
-                )
-            else:
-                onnx_type, _, _, since = _ONNX_CONTAINERS[chosen]
-                plans[name] = QuantizerPlan(lowering="qdq", onnx_type=onnx_type, opset_needed=since, **common)
-    return plans
-
-
-class _ExportActivation(nn.Module):
-    """Export-time stand-in of a `FrozenActivationQuantizer`: one `fxquant::quantize_dequantize` call."""
-
-    def __init__(self, qp: QParams, onnx_type: int) -> None:
-        super().__init__()
-        _, tmin, tmax, _ = next(v for v in _ONNX_CONTAINERS.values() if v[0] == onnx_type)
-        self.qmin, self.qmax = qp.qmin, qp.qmax
-        self.clip = (self.qmin, self.qmax) != (tmin, tmax)
-        self.onnx_type = clipped_type(onnx_type, self.clip)  # a clipped 3-bit UINT4 runs in UINT8
-        zp_dtype = TORCH_STORABLE.get(self.onnx_type, torch.int64)
-        self.register_buffer("scale", qp.scale.clone())
-        self.register_buffer("zero_point", qp.zero_point.to(zp_dtype))
-        self.register_buffer("code_min", torch.tensor(self.qmin, dtype=zp_dtype))
-        self.register_buffer("code_max", torch.tensor(self.qmax, dtype=zp_dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.fxquant.quantize_dequantize(
-            x, self.scale, self.zero_point, self.code_min, self.code_max, self.qmin, self.qmax, self.onnx_type,
-            self.clip,
-        )
-
-
-class _ExportDequantize(nn.Module):
-    """Export-time stand-in of a `FrozenWeight`/`FrozenBias`: one `fxquant::dequantize` of its codes."""
-
-    def __init__(self, codes: torch.Tensor, qp: QParams, onnx_type: int) -> None:
-        super().__init__()
-        block = {"per_tensor": -1, "per_axis": 0}.get(qp.layout, qp.block_size or 0)
-        stored = TORCH_STORABLE.get(onnx_type, codes.dtype)
-        self.register_buffer("codes", codes.contiguous().to(stored))
-        self.register_buffer("scale", qp.scale.contiguous())
-        # weights carry explicit zeros (onnxruntime's QGemm needs them); int32 biases do not
-        zero_point = qp.zero_point.to(stored).contiguous() if qp.kind == "weight" else None
-        self.register_buffer("zero_point", zero_point)
-        self.axis, self.block, self.onnx_type = int(qp.axis or 0), int(block), int(onnx_type)
-
-    def forward(self) -> torch.Tensor:
-        return torch.ops.fxquant.dequantize(
-            self.codes, self.scale, self.zero_point, self.axis, self.block, self.onnx_type
-        )
-
-
-class _ExportGatherDequantize(nn.Module):
-    """Export-time stand-in of an embedding table's `FrozenWeight`, called with the indices: Gather of the
-    integer codes, Cast, Mul by the (gathered, when per row) scale. The same numbers as DequantizeLinear of
-    the whole table followed by Gather, at the cost of the looked-up rows instead of the whole table's on
-    every call (a large share of a transformer's latency; see benchmarks/bench_ort_latency.py)."""
-
-    codes: torch.Tensor
-    scale: torch.Tensor
-
-    def __init__(self, codes: torch.Tensor, qp: QParams, onnx_type: int) -> None:
-        super().__init__()
-        self.register_buffer("codes", codes.contiguous().to(TORCH_STORABLE[onnx_type]))
-        self.per_row = qp.layout == "per_axis" and qp.axis == 0
-        scale = qp.scale.reshape(-1, 1) if self.per_row else qp.scale
-        self.register_buffer("scale", scale.contiguous())
-
-    def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(indices, self.codes).to(self.scale.dtype)
-        return rows * (F.embedding(indices, self.scale) if self.per_row else self.scale)
-
-
-_GATHERED_TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.INT16)
-"""Containers an embedding's codes are gathered in (onnxruntime's Gather has no 2- or 4-bit types)."""
-
-
-def _readers(graph: fx.Graph) -> Dict[str, List[fx.Node]]:
-    """By quantizer target, every node that reads one of its calls (a weight shared by two layers may be
-    called twice): a lowering that changes what a quantizer computes must fit all of them."""
-    readers: Dict[str, List[fx.Node]] = {}
-    for node in graph.nodes:
-        if node.op == "call_module" and str(node.target).startswith(QUANTIZERS_ATTR + "."):
-            readers.setdefault(str(node.target), []).extend(node.users)
-    return readers
-
-
-def _gather_embeddings(gm: fx.GraphModule, plans: Dict[str, QuantizerPlan]) -> None:
-    """`embedding(dequantize(table), ids)` -> `gather_dequantize(ids)` for 8/16-bit tables whose only users
-    are embeddings (a table tied with a linear head keeps one DequantizeLinear that both read)."""
-    container = getattr(gm, QUANTIZERS_ATTR)
-    graph = gm.graph
-    readers = _readers(graph)
-    for node in list(graph.nodes):
-        facts = facts_of(node)
-        if node.op != "call_function" or facts is None or facts.kind != "embedding":
-            continue
-        w, ids = facts.argument(node, "weight"), facts.argument(node, "input")
-        if not (isinstance(w, fx.Node) and w.op == "call_module" and str(w.target).startswith(QUANTIZERS_ATTR + ".")):
-            continue
-        name = str(w.target)[len(QUANTIZERS_ATTR) + 1 :]
-        q, plan = container[name], plans.get(name)
-        if not isinstance(q, FrozenWeight) or plan is None or plan.lowering != "qdq" or plan.onnx_type not in _GATHERED_TYPES:
-            continue
-        qp = q.qparams()
-        if q.codes.dim() != 2 or not (qp.layout == "per_tensor" or (qp.layout == "per_axis" and qp.axis in (0, 1))):
-            continue
-        if facts.argument(node, "max_norm") is not None or any(facts_of(u) is not facts for u in readers[str(w.target)]):
-            continue
-        plan.gathered = True
-        with graph.inserting_before(node):
-            out = graph.call_module(str(w.target), (ids,))
-        node.replace_all_uses_with(out)
-        graph.erase_node(node)
-        if not w.users:
-            graph.erase_node(w)
-
-
-def _is_linear(node: fx.Node) -> bool:
-    """A linear layer (any spelling) with its weight as the second positional argument."""
-    facts = facts_of(node)
-    return node.op == "call_function" and facts is not None and facts.kind == "linear" and len(node.args) >= 2
-
-
-def _export_copy(frozen: fx.GraphModule, plans: Dict[str, QuantizerPlan]) -> fx.GraphModule:
-    """A copy of `frozen` whose quantizers call the custom ops; blocked linears become MatMul."""
-    # the copy's graph and quantizer modules change, its tensors do not: they are shared, not copied (a
-    # large model's codes and float weights were held twice during export)
-    memo = {id(t): t for t in list(frozen.parameters()) + list(frozen.buffers())}
-    gm = copy.deepcopy(frozen, memo)
-    container = getattr(gm, QUANTIZERS_ATTR)
-    graph = gm.graph
-    _gather_embeddings(gm, plans)
-    readers = _readers(graph)
-    calls_of: Dict[str, List[fx.Node]] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls_of.setdefault(str(node.target), []).append(node)
-    for node in list(graph.nodes):
-        if not _is_linear(node):
-            continue
-        w = node.args[1]
-        if not (isinstance(w, fx.Node) and w.op == "call_module" and str(w.target).startswith(QUANTIZERS_ATTR + ".")):
-            continue
-        name = str(w.target)[len(QUANTIZERS_ATTR) + 1 :]
-        q = container[name]
-        plan = plans.get(name)
-        if not isinstance(q, FrozenWeight) or plan is None or plan.lowering != "qdq":
-            continue
-        calls = calls_of[str(w.target)]
-        if q.codes.dim() != 2 or any(not _is_linear(u) or u.args[1] not in calls for u in readers[str(w.target)]):
-            continue
-        plan.transposed = True
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        with graph.inserting_before(node):
-            out = graph.call_function(torch.matmul, (node.args[0], w))
-            if bias is not None:
-                out = graph.call_function(torch.add, (out, bias))
-        node.replace_all_uses_with(out)
-        graph.erase_node(node)
-    for name, plan in plans.items():
-        if plan.lowering != "qdq":
-            continue
-        q = container[name]
-        assert plan.onnx_type is not None
-        qp = q.qparams()
-        if isinstance(q, FrozenActivationQuantizer):
-            container[name] = _ExportActivation(qp, plan.onnx_type)
-        elif plan.gathered:
-            container[name] = _ExportGatherDequantize(q.codes, qp, plan.onnx_type)
-        elif plan.transposed:  # linear weight (out, in) stored (in, out) for MatMul
-            container[name] = _ExportDequantize(q.codes.t(), qp.transposed(), plan.onnx_type)
-        else:
-            container[name] = _ExportDequantize(q.codes, qp, plan.onnx_type)
-    gm.recompile()
-    return gm
 
 
 def _dynamic_shapes(frozen: fx.GraphModule, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[DynamicDim, ...]:
@@ -499,7 +233,7 @@ def _annotate(model: onnx.ModelProto, plans: Dict[str, QuantizerPlan], keep_torc
     """Name and tag the Q/DQ nodes by quantizer; strip exporter debug data a deployed file does not need."""
     scope_names = {}
     for name in plans:
-        scope_names[f"{QUANTIZERS_ATTR}.{name}"] = name
+        scope_names[quantizer_target(name)] = name
         scope_names[name] = name
     counters: Dict[Tuple[str, str], int] = {}
     for node in model.graph.node:
@@ -631,8 +365,6 @@ def export_onnx(
     Example:
         >>> fxq.export_onnx(fxq.freeze(qm), torch.randn(1, 3, 32, 32), "model.onnx")
     """
-    from fxquant.preparation import module_state
-
     state = module_state(frozen) if isinstance(frozen, nn.Module) else None
     if state != "frozen":
         raise StateError(
@@ -658,7 +390,7 @@ def export_onnx(
             + f". Export with opset={max(p.opset_needed for p in floats)} for integer Q/DQ.",
             stacklevel=2,
         )
-    gm = _export_copy(frozen, plans)
+    gm = export_copy(frozen, plans)
     gm.eval()
 
     def export(a: Tuple[Any, ...], kw: Dict[str, Any], dynamic: Any) -> Any:

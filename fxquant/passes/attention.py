@@ -30,6 +30,7 @@ from torch import Tensor, fx, nn
 
 from fxquant.analyze import MODULE_META_KEY, module_stack_path
 from fxquant.op_registry import facts_of
+from fxquant.passes import ANALYZED, ATTENTION_DECOMPOSED, SHAPES, graph_pass
 
 
 def attention_scores(
@@ -204,6 +205,7 @@ def _keep_mask(attn_mask: Tensor) -> Tensor:
     return ~attn_mask if attn_mask.dtype == torch.bool else attn_mask
 
 
+@graph_pass(ensures=(ATTENTION_DECOMPOSED,), invalidates=(SHAPES, ANALYZED))
 def decompose_attention(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite fused attention calls and self-attention `nn.MultiheadAttention` modules as matmuls (see the
     module docstring); other calls stay as they are."""

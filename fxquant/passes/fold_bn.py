@@ -20,7 +20,9 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
+from fxquant.graph import stored_tensor
 from fxquant.op_registry import facts_of
+from fxquant.passes import ANALYZED, BN_FOLDED, FUNCTIONAL, SHAPES, graph_pass
 
 
 @dataclass
@@ -38,16 +40,13 @@ class _BatchNorm:
 
 
 def _tensor(gm: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
+    """The stored tensor behind `node` (None for an absent argument); LookupError for anything else."""
     if node is None:
         return None
-    if not isinstance(node, fx.Node) or node.op != "get_attr":
+    tensor = stored_tensor(gm, node)
+    if tensor is None:
         raise LookupError("not a stored tensor")
-    obj: Any = gm
-    for part in str(node.target).split("."):
-        obj = getattr(obj, part)
-    if not isinstance(obj, torch.Tensor):
-        raise LookupError("not a tensor")
-    return obj
+    return tensor
 
 
 def _as_batchnorm(gm: fx.GraphModule, node: fx.Node) -> Optional[_BatchNorm]:
@@ -85,6 +84,7 @@ def _uses_of_target(gm: fx.GraphModule, target: str) -> int:
     return sum(len(n.users) for n in gm.graph.nodes if n.op == "get_attr" and n.target == target)
 
 
+@graph_pass(requires=(FUNCTIONAL,), ensures=(BN_FOLDED,), invalidates=(SHAPES, ANALYZED))
 def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
     """Fold `layer -> BatchNorm` pairs into the layer's weight and bias (eval-mode statistics)."""
     for node in list(gm.graph.nodes):

@@ -15,7 +15,8 @@ from typing import Dict
 
 from torch import fx, nn
 
-from fxquant.passes.insert import QUANTIZERS_ATTR, getattr_path
+from fxquant.graph import is_quantizer_path, quantizer_calls, quantizer_container, tensor_at
+from fxquant.passes import ACTIVATIONS_QUANTIZED, FROZEN, WEIGHTS_QUANTIZED, graph_pass
 from fxquant.quantizer import (
     KIND_WEIGHT,
     BiasQuantizer,
@@ -26,19 +27,17 @@ from fxquant.quantizer import (
 )
 
 
+@graph_pass(requires=(WEIGHTS_QUANTIZED, ACTIVATIONS_QUANTIZED), ensures=(FROZEN,))
 def freeze_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
     """Replace every `LearnableQuantizer` call in `gm` by its frozen counterpart."""
-    container = getattr(gm, QUANTIZERS_ATTR)
+    container = quantizer_container(gm)
     frozen: Dict[str, nn.Module] = {}
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not str(node.target).startswith(QUANTIZERS_ATTR + "."):
-            continue
-        name = str(node.target)[len(QUANTIZERS_ATTR) + 1 :]
+    for node, name in list(quantizer_calls(gm.graph)):
         q = container[name]
         if isinstance(q, BiasQuantizer):
             bias_node = node.args[0]
             assert isinstance(bias_node, fx.Node) and bias_node.op == "get_attr"
-            found = q.integer_bias(getattr_path(gm, str(bias_node.target)))
+            found = q.integer_bias(tensor_at(gm, str(bias_node.target)))
             if found is None:  # codes beyond int32: the prepared module keeps this bias float too
                 node.replace_all_uses_with(bias_node)
                 gm.graph.erase_node(node)
@@ -54,7 +53,7 @@ def freeze_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
             weight_node = node.args[0]
             assert isinstance(weight_node, fx.Node) and weight_node.op == "get_attr"
             if name not in frozen:
-                weight = getattr_path(gm, str(weight_node.target))
+                weight = tensor_at(gm, str(weight_node.target))
                 frozen[name] = FrozenWeight(q, weight)
             node.args = ()
             if not weight_node.users:
@@ -72,7 +71,7 @@ def _delete_unread_parameters(gm: fx.GraphModule) -> None:
     read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     called = [str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
     for path, _ in list(gm.named_parameters()):
-        if path in read or path.startswith(QUANTIZERS_ATTR + "."):
+        if path in read or is_quantizer_path(path):
             continue
         if any(path.startswith(c + ".") for c in called):
             continue

@@ -15,6 +15,7 @@ from torch import fx, nn
 
 from fxquant.analyze import MODULE_META_KEY
 from fxquant.op_registry import functional_form
+from fxquant.passes import ANALYZED, FUNCTIONAL, SHAPES, graph_pass
 
 
 def _functional_call(gm: fx.GraphModule, node: fx.Node, mod: nn.Module) -> Optional[Tuple[Any, List[Any]]]:
@@ -55,6 +56,7 @@ def _functional_call(gm: fx.GraphModule, node: fx.Node, mod: nn.Module) -> Optio
     return None
 
 
+@graph_pass(ensures=(FUNCTIONAL,), invalidates=(SHAPES, ANALYZED))
 def functionalize_modules(gm: fx.GraphModule) -> fx.GraphModule:
     """Replace calls of quantizable modules (exactly the registry's Conv*/ConvTranspose*/Linear/Embedding types)
     by their functional form (`op_registry.functional_form`)."""

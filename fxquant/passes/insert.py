@@ -9,8 +9,8 @@
   input (per tensor) and weight (per tensor/channel) are quantized: the int32 bias on `s_x * s_w`, in
   eval and (straight-through) in training.
 
-Quantizer modules live in the `ModuleDict` `gm.fxq_quantizers`; call_module targets are
-`fxq_quantizers.<name>`.
+Quantizer modules live in the container of `fxquant.graph` (`gm.fxq_quantizers`); call_module targets
+are `fxq_quantizers.<name>`.
 """
 
 from __future__ import annotations
@@ -18,24 +18,14 @@ from __future__ import annotations
 import re
 from typing import Dict, Optional, Tuple
 
-import torch
 from torch import fx, nn
 
 from fxquant.analyze import ActPoint, quant_op, tensor_info
 from fxquant.config import QuantConfig, QuantSpec
+from fxquant.graph import quantizer_container, quantizer_name, quantizer_target, stored_tensor
 from fxquant.op_registry import facts_of
+from fxquant.passes import ACTIVATIONS_QUANTIZED, ANALYZED, BIASES_QUANTIZED, SHAPES, WEIGHTS_QUANTIZED, graph_pass
 from fxquant.quantizer import KIND_ACTIVATION, KIND_WEIGHT, BiasQuantizer, LearnableQuantizer
-
-QUANTIZERS_ATTR = "fxq_quantizers"
-
-
-def quantizer_container(gm: fx.GraphModule) -> nn.ModuleDict:
-    """The `ModuleDict` holding `gm`'s quantizers (created on first use)."""
-    if not hasattr(gm, QUANTIZERS_ATTR):
-        gm.add_submodule(QUANTIZERS_ATTR, nn.ModuleDict())
-    container = getattr(gm, QUANTIZERS_ATTR)
-    assert isinstance(container, nn.ModuleDict)
-    return container
 
 
 def _safe_name(name: str, taken: nn.ModuleDict) -> str:
@@ -45,6 +35,15 @@ def _safe_name(name: str, taken: nn.ModuleDict) -> str:
         i += 1
         candidate = f"{base}_{i}"
     return candidate
+
+
+def _quantizer_call(graph: fx.Graph, name: str, source: fx.Node) -> fx.Node:
+    """A call of quantizer `name` on `source` (at the graph's insertion point), with `source`'s shape: a
+    quantizer keeps the shape and dtype of what it reads, so the module keeps its `SHAPES` property."""
+    node = graph.call_module(quantizer_target(name), (source,))
+    if "tensor_meta" in source.meta:
+        node.meta["tensor_meta"] = source.meta["tensor_meta"]
+    return node
 
 
 def _learnable(module: nn.Module) -> LearnableQuantizer:
@@ -82,6 +81,7 @@ def _make_quantizer(
     )
 
 
+@graph_pass(requires=(ANALYZED, SHAPES), ensures=(WEIGHTS_QUANTIZED,))
 def insert_weight_quantizers(gm: fx.GraphModule, *, config: QuantConfig) -> fx.GraphModule:
     """Insert a weight quantizer between each annotated op and its weight parameter."""
     container = quantizer_container(gm)
@@ -93,7 +93,8 @@ def insert_weight_quantizers(gm: fx.GraphModule, *, config: QuantConfig) -> fx.G
             continue
         weight_node = node.args[op.weight_index]
         assert isinstance(weight_node, fx.Node) and weight_node.op == "get_attr"
-        param = gm.get_parameter(str(weight_node.target)) if _is_param(gm, weight_node) else getattr_path(gm, str(weight_node.target))
+        param = stored_tensor(gm, weight_node)
+        assert param is not None, f"analysis annotated {node.name} with a weight that is not a stored tensor"
         name = by_param.get(id(param))
         if name is None:
             name = _safe_name(str(weight_node.target), container)
@@ -113,42 +114,13 @@ def insert_weight_quantizers(gm: fx.GraphModule, *, config: QuantConfig) -> fx.G
             # just before its first quantized user (graph order): a capture lists every weight at the start,
             # and a quantized copy computed there would keep all of them alive through the whole forward
             with gm.graph.inserting_before(node):
-                qnode = gm.graph.call_module(f"{QUANTIZERS_ATTR}.{name}", (weight_node,))
+                qnode = _quantizer_call(gm.graph, name, weight_node)
             call_of[weight_node] = qnode
         node.replace_input_with(weight_node, qnode)
     return gm
 
 
-def _is_param(gm: fx.GraphModule, node: fx.Node) -> bool:
-    try:
-        gm.get_parameter(str(node.target))
-        return True
-    except AttributeError:
-        return False
-
-
-def getattr_path(root: nn.Module, path: str) -> torch.Tensor:
-    """The tensor at a dotted attribute path."""
-    obj: object = root
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    assert isinstance(obj, torch.Tensor)
-    return obj
-
-
-def tensors_read_by_quantizers(gm: fx.GraphModule) -> Dict[str, torch.Tensor]:
-    """The parameter or buffer each weight and bias quantizer reads (its call node's get_attr input), by
-    quantizer target, in one pass over the graph (a lookup per quantizer would be quadratic in the size of
-    large models)."""
-    found: Dict[str, torch.Tensor] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and node.args and str(node.target).startswith(QUANTIZERS_ATTR + "."):
-            src = node.args[0]
-            if isinstance(src, fx.Node) and src.op == "get_attr":
-                found.setdefault(str(node.target), getattr_path(gm, str(src.target)))
-    return found
-
-
+@graph_pass(requires=(ANALYZED, SHAPES), ensures=(ACTIVATIONS_QUANTIZED,))
 def insert_activation_quantizers(gm: fx.GraphModule, *, config: QuantConfig) -> fx.GraphModule:
     """Insert activation quantizers after annotated producers, rewiring only the annotated consumers."""
     container = quantizer_container(gm)
@@ -179,7 +151,7 @@ def insert_activation_quantizers(gm: fx.GraphModule, *, config: QuantConfig) -> 
             name = _activation_quantizer(container, config, node, point, served, shape, shared, group_nonneg)
             source = node if first is None else first
             with gm.graph.inserting_after(source):
-                qnode = gm.graph.call_module(f"{QUANTIZERS_ATTR}.{name}", (source,))
+                qnode = _quantizer_call(gm.graph, name, source)
             first = qnode if first is None else first
             for consumer_name in point.consumers:
                 nodes_by_name[consumer_name].replace_input_with(node, qnode)
@@ -219,14 +191,14 @@ def _activation_quantizer(
 
 def _learnable_call(gm: fx.GraphModule, node: object, kind: str) -> Optional[LearnableQuantizer]:
     """The learnable quantizer of `kind` that a call_module node runs, if it is one."""
-    if not (isinstance(node, fx.Node) and node.op == "call_module"):
+    if quantizer_name(node) is None:
         return None
-    if not str(node.target).startswith(QUANTIZERS_ATTR + "."):
-        return None
+    assert isinstance(node, fx.Node)
     q = gm.get_submodule(str(node.target))
     return q if isinstance(q, LearnableQuantizer) and q.kind == kind else None
 
 
+@graph_pass(requires=(WEIGHTS_QUANTIZED, ACTIVATIONS_QUANTIZED), ensures=(BIASES_QUANTIZED,))
 def insert_bias_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
     """Put a `BiasQuantizer` on the bias of each conv/linear with quantized input and weight."""
     container = quantizer_container(gm)
@@ -242,10 +214,10 @@ def insert_bias_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         if not (isinstance(bias_node, fx.Node) and bias_node.op == "get_attr"):
             continue
-        w_name = str(w_node.target)[len(QUANTIZERS_ATTR) + 1 :]
+        w_name = quantizer_name(w_node)
         name = _safe_name(f"{w_name}_bias", container)
         container[name] = BiasQuantizer(x_q, w_q)
         with gm.graph.inserting_before(node):
-            b_node = gm.graph.call_module(f"{QUANTIZERS_ATTR}.{name}", (bias_node,))
+            b_node = _quantizer_call(gm.graph, name, bias_node)
         node.replace_input_with(bias_node, b_node)
     return gm

@@ -1,0 +1,226 @@
+"""The export copy: a frozen module rewritten, by declared passes, into what `torch.onnx.export` traces.
+
+`export_copy(frozen, plans)` copies the frozen module (sharing its tensors) and runs, through
+`fxquant.passes.run_passes`:
+
+- `gather_embeddings`: `embedding(dequantize(table), ids)` -> `gather_dequantize(ids)` for 8/16-bit tables;
+- `linears_to_matmul`: `linear(x, W, b)` -> `matmul(x, W^T) + b` with the codes stored transposed (the
+  pattern onnxruntime turns into MatMulNBits / QLinearMatMul / MatMulIntegerToFloat);
+- `use_export_stand_ins`: every planned frozen quantizer becomes a stand-in module that calls one custom op
+  of `fxquant.export.ops` (`_ExportActivation`, `_ExportDequantize`, `_ExportGatherDequantize`).
+
+The stand-ins compute exactly what the frozen quantizers compute; `tests/test_export_ops.py` checks each
+custom op's ONNX translation against `onnx.reference`.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Dict, List
+
+import onnx
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxquant.export.ops import TORCH_STORABLE, clipped_type
+from fxquant.export.plan import ONNX_CONTAINERS, QuantizerPlan
+from fxquant.graph import quantizer_calls, quantizer_container, quantizer_name
+from fxquant.op_registry import facts_of
+from fxquant.passes import EXPORT_LOWERED, FROZEN, graph_pass, run_passes
+from fxquant.qparams import QParams
+from fxquant.quantizer import FrozenActivationQuantizer, FrozenBias, FrozenWeight
+
+
+class _ExportActivation(nn.Module):
+    """Export-time stand-in of a `FrozenActivationQuantizer`: one `fxquant::quantize_dequantize` call."""
+
+    def __init__(self, qp: QParams, onnx_type: int) -> None:
+        super().__init__()
+        _, tmin, tmax, _ = next(v for v in ONNX_CONTAINERS.values() if v[0] == onnx_type)
+        self.qmin, self.qmax = qp.qmin, qp.qmax
+        self.clip = (self.qmin, self.qmax) != (tmin, tmax)
+        self.onnx_type = clipped_type(onnx_type, self.clip)  # a clipped 3-bit UINT4 runs in UINT8
+        zp_dtype = TORCH_STORABLE.get(self.onnx_type, torch.int64)
+        self.register_buffer("scale", qp.scale.clone())
+        self.register_buffer("zero_point", qp.zero_point.to(zp_dtype))
+        self.register_buffer("code_min", torch.tensor(self.qmin, dtype=zp_dtype))
+        self.register_buffer("code_max", torch.tensor(self.qmax, dtype=zp_dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.fxquant.quantize_dequantize(
+            x, self.scale, self.zero_point, self.code_min, self.code_max, self.qmin, self.qmax, self.onnx_type,
+            self.clip,
+        )
+
+
+class _ExportDequantize(nn.Module):
+    """Export-time stand-in of a `FrozenWeight`/`FrozenBias`: one `fxquant::dequantize` of its codes."""
+
+    def __init__(self, codes: torch.Tensor, qp: QParams, onnx_type: int) -> None:
+        super().__init__()
+        block = {"per_tensor": -1, "per_axis": 0}.get(qp.layout, qp.block_size or 0)
+        stored = TORCH_STORABLE.get(onnx_type, codes.dtype)
+        self.register_buffer("codes", codes.contiguous().to(stored))
+        self.register_buffer("scale", qp.scale.contiguous())
+        # weights carry explicit zeros (onnxruntime's QGemm needs them); int32 biases do not
+        zero_point = qp.zero_point.to(stored).contiguous() if qp.kind == "weight" else None
+        self.register_buffer("zero_point", zero_point)
+        self.axis, self.block, self.onnx_type = int(qp.axis or 0), int(block), int(onnx_type)
+
+    def forward(self) -> torch.Tensor:
+        return torch.ops.fxquant.dequantize(
+            self.codes, self.scale, self.zero_point, self.axis, self.block, self.onnx_type
+        )
+
+
+class _ExportGatherDequantize(nn.Module):
+    """Export-time stand-in of an embedding table's `FrozenWeight`, called with the indices: Gather of the
+    integer codes, Cast, Mul by the (gathered, when per row) scale. The same numbers as DequantizeLinear of
+    the whole table followed by Gather, at the cost of the looked-up rows instead of the whole table's on
+    every call (a large share of a transformer's latency; see benchmarks/bench_ort_latency.py)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(self, codes: torch.Tensor, qp: QParams, onnx_type: int) -> None:
+        super().__init__()
+        self.register_buffer("codes", codes.contiguous().to(TORCH_STORABLE[onnx_type]))
+        self.per_row = qp.layout == "per_axis" and qp.axis == 0
+        scale = qp.scale.reshape(-1, 1) if self.per_row else qp.scale
+        self.register_buffer("scale", scale.contiguous())
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(indices, self.codes).to(self.scale.dtype)
+        return rows * (F.embedding(indices, self.scale) if self.per_row else self.scale)
+
+
+_GATHERED_TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.INT16)
+"""Containers an embedding's codes are gathered in (onnxruntime's Gather has no 2- or 4-bit types)."""
+
+
+def _readers(graph: fx.Graph) -> Dict[str, List[fx.Node]]:
+    """By quantizer target, every node that reads one of its calls (a weight shared by two layers may be
+    called twice): a lowering that changes what a quantizer computes must fit all of them."""
+    readers: Dict[str, List[fx.Node]] = {}
+    for node, _ in quantizer_calls(graph):
+        readers.setdefault(str(node.target), []).extend(node.users)
+    return readers
+
+
+@graph_pass(requires=(FROZEN,))
+def gather_embeddings(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan]) -> fx.GraphModule:
+    """`embedding(dequantize(table), ids)` -> `gather_dequantize(ids)` for 8/16-bit tables whose only users
+    are embeddings (a table tied with a linear head keeps one DequantizeLinear that both read)."""
+    container = quantizer_container(gm)
+    graph = gm.graph
+    readers = _readers(graph)
+    for node in list(graph.nodes):
+        facts = facts_of(node)
+        if node.op != "call_function" or facts is None or facts.kind != "embedding":
+            continue
+        w, ids = facts.argument(node, "weight"), facts.argument(node, "input")
+        name = quantizer_name(w)
+        if name is None:
+            continue
+        assert isinstance(w, fx.Node)
+        q, plan = container[name], plans.get(name)
+        if not isinstance(q, FrozenWeight) or plan is None or plan.lowering != "qdq" or plan.onnx_type not in _GATHERED_TYPES:
+            continue
+        qp = q.qparams()
+        if q.codes.dim() != 2 or not (qp.layout == "per_tensor" or (qp.layout == "per_axis" and qp.axis in (0, 1))):
+            continue
+        if facts.argument(node, "max_norm") is not None or any(facts_of(u) is not facts for u in readers[str(w.target)]):
+            continue
+        plan.gathered = True
+        with graph.inserting_before(node):
+            out = graph.call_module(str(w.target), (ids,))
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        if not w.users:
+            graph.erase_node(w)
+    return gm
+
+
+def _is_linear(node: fx.Node) -> bool:
+    """A linear layer (any spelling) with its weight as the second positional argument."""
+    facts = facts_of(node)
+    return node.op == "call_function" and facts is not None and facts.kind == "linear" and len(node.args) >= 2
+
+
+@graph_pass(requires=(FROZEN,))
+def linears_to_matmul(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan]) -> fx.GraphModule:
+    """`linear(x, W, b)` -> `matmul(x, W^T) + b` for integer weights read only by linears (the plan records
+    `transposed`, and the stand-in stores the codes transposed)."""
+    container = quantizer_container(gm)
+    graph = gm.graph
+    readers = _readers(graph)
+    calls_of: Dict[str, List[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls_of.setdefault(str(node.target), []).append(node)
+    for node in list(graph.nodes):
+        if not _is_linear(node):
+            continue
+        w = node.args[1]
+        name = quantizer_name(w)
+        if name is None:
+            continue
+        assert isinstance(w, fx.Node)
+        q = container[name]
+        plan = plans.get(name)
+        if not isinstance(q, FrozenWeight) or plan is None or plan.lowering != "qdq":
+            continue
+        calls = calls_of[str(w.target)]
+        if q.codes.dim() != 2 or any(not _is_linear(u) or u.args[1] not in calls for u in readers[str(w.target)]):
+            continue
+        plan.transposed = True
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        with graph.inserting_before(node):
+            out = graph.call_function(torch.matmul, (node.args[0], w))
+            if bias is not None:
+                out = graph.call_function(torch.add, (out, bias))
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+    return gm
+
+
+@graph_pass(requires=(FROZEN,), ensures=(EXPORT_LOWERED,))
+def use_export_stand_ins(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan]) -> fx.GraphModule:
+    """Replace each frozen quantizer planned as `"qdq"` by the stand-in module that calls its custom op
+    (after the rewrites above: they decide `gathered` and `transposed`)."""
+    container = quantizer_container(gm)
+    for name, plan in plans.items():
+        if plan.lowering != "qdq":
+            continue
+        q = container[name]
+        assert plan.onnx_type is not None and isinstance(q, (FrozenWeight, FrozenActivationQuantizer, FrozenBias))
+        qp = q.qparams()
+        if isinstance(q, FrozenActivationQuantizer):
+            container[name] = _ExportActivation(qp, plan.onnx_type)
+        elif plan.gathered:
+            container[name] = _ExportGatherDequantize(q.codes, qp, plan.onnx_type)
+        elif plan.transposed:  # linear weight (out, in) stored (in, out) for MatMul
+            container[name] = _ExportDequantize(q.codes.t(), qp.transposed(), plan.onnx_type)
+        else:
+            container[name] = _ExportDequantize(q.codes, qp, plan.onnx_type)
+    return gm
+
+
+def export_copy(frozen: fx.GraphModule, plans: Dict[str, QuantizerPlan]) -> fx.GraphModule:
+    """A copy of `frozen` lowered for export (see the module docstring); `frozen` is left as it was.
+
+    `plans` (from `plan_quantizers`) are updated in place with `gathered` and `transposed`."""
+    # the copy's graph and quantizer modules change, its tensors do not: they are shared, not copied (a
+    # large model's codes and float weights were held twice during export)
+    memo = {id(t): t for t in list(frozen.parameters()) + list(frozen.buffers())}
+    gm = copy.deepcopy(frozen, memo)
+    return run_passes(
+        gm,
+        (
+            functools.partial(gather_embeddings, plans=plans),
+            functools.partial(linears_to_matmul, plans=plans),
+            functools.partial(use_export_stand_ins, plans=plans),
+        ),
+    )

@@ -1,0 +1,118 @@
+"""`plan_quantizers`: how each frozen quantizer is lowered to ONNX (its container type and opset).
+
+Export is a thin lowering of what freeze decided: each frozen quantizer's `QParams` (`fxquant.qparams`:
+scale, zero point, code range, layout, container). `plan_quantizers` keeps its container unless the target
+opset lacks it or an `export_onnx` option asks for another (`int8_weights`, `narrow_activations`); a
+quantizer with no container at the opset is planned as float arithmetic that computes the same numbers
+(`lowering="float"`, with the reason). `fxquant.export.qdq`'s docstring says which ONNX patterns each
+plan becomes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import onnx
+from torch import fx
+
+from fxquant.graph import quantizer_calls, quantizer_container
+from fxquant.qparams import CONTAINER_BITS, smallest_container
+from fxquant.quantizer import FrozenActivationQuantizer, FrozenBias, FrozenWeight
+
+T = onnx.TensorProto
+# (bits that fit, ONNX type, type's min, type's max, opset that introduced it)
+_SIGNED = [(2, T.INT2, -2, 1, 25), (4, T.INT4, -8, 7, 21), (8, T.INT8, -128, 127, 13), (16, T.INT16, -(2**15), 2**15 - 1, 21)]
+_UNSIGNED = [(2, T.UINT2, 0, 3, 25), (4, T.UINT4, 0, 15, 21), (8, T.UINT8, 0, 255, 13), (16, T.UINT16, 0, 2**16 - 1, 21)]
+TYPE_NAMES = {v: k for k, v in T.DataType.items()}
+TYPE_BITS: Dict[int, int] = {T.INT2: 2, T.UINT2: 2, T.INT4: 4, T.UINT4: 4, T.INT8: 8, T.UINT8: 8, T.INT16: 16, T.UINT16: 16, T.INT32: 32}
+
+
+@dataclass
+class QuantizerPlan:
+    """How one frozen quantizer is lowered to ONNX."""
+
+    name: str
+    kind: str
+    bits: int
+    granularity: str
+    lowering: str  # "qdq" (integer Q/DQ) or "float" (same numbers as float ops; no integer container)
+    onnx_type: Optional[int]
+    fx_node: str
+    serves: Tuple[str, ...]
+    opset_needed: int
+    reason: str = ""
+    transposed: bool = False
+    gathered: bool = False  # an embedding table: its rows are gathered as integer codes, then scaled
+
+    @property
+    def type_name(self) -> str:
+        return TYPE_NAMES.get(self.onnx_type, "FLOAT") if self.onnx_type is not None else "FLOAT"
+
+
+ONNX_CONTAINERS: Dict[str, Tuple[int, int, int, int]] = {
+    name: (onnx_type, tmin, tmax, since)
+    for table, prefix in ((_SIGNED, "int"), (_UNSIGNED, "uint"))
+    for fits, onnx_type, tmin, tmax, since in table
+    for name in [f"{prefix}{fits}"]
+}
+"""ONNX type, type min, type max and the opset that introduced it, by `QParams.container` name."""
+
+
+def _lowest_allowed(container: str, opset: Optional[int]) -> Optional[str]:
+    """`container`, or the next wider one of the same signedness that exists at `opset` (None: none does)."""
+    unsigned = container.startswith("u")
+    for name, (_, _, _, since) in ONNX_CONTAINERS.items():  # each signedness in increasing width
+        if name.startswith("u") == unsigned and CONTAINER_BITS[name] >= CONTAINER_BITS[container]:
+            if opset is None or since <= opset:
+                return name
+    return None
+
+
+def plan_quantizers(
+    gm: fx.GraphModule, opset: Optional[int], narrow_activations: bool = False, int8_weights: bool = False
+) -> Dict[str, QuantizerPlan]:
+    """Lower every frozen quantizer's `QParams` (see the module docstring): its container, widened only where
+    `opset` lacks it or `int8_weights` asks; narrowed only with `narrow_activations`."""
+    container = quantizer_container(gm)
+    fx_nodes: Dict[str, List[str]] = {}
+    for node, name in quantizer_calls(gm.graph):
+        fx_nodes.setdefault(name, []).append(node.name)
+    plans: Dict[str, QuantizerPlan] = {}
+    for name, q in container.items():
+        if name not in fx_nodes or not isinstance(q, (FrozenWeight, FrozenActivationQuantizer, FrozenBias)):
+            continue
+        qp = q.qparams()
+        common: Dict[str, Any] = dict(name=name, kind=q.kind, granularity=q.granularity, fx_node=",".join(fx_nodes[name]),
+                      serves=tuple(q.served), bits=qp.bits)
+        if qp.kind == "bias":
+            plans[name] = QuantizerPlan(lowering="qdq", onnx_type=T.INT32, opset_needed=13, **common)
+        elif qp.kind == "weight":
+            want = smallest_container(8, signed=True) if int8_weights and CONTAINER_BITS[qp.container] < 8 else qp.container
+            chosen = _lowest_allowed(want, opset)
+            if qp.layout == "blocked" and opset is not None and opset < 21:
+                plans[name] = QuantizerPlan(
+                    lowering="float", onnx_type=None, opset_needed=21,
+                    reason=f"blocked scales need opset 21 (got {opset})", **common,
+                )
+            elif chosen is None:  # 9-16 bits below opset 21: int32 holds them
+                plans[name] = QuantizerPlan(lowering="qdq", onnx_type=T.INT32, opset_needed=13, **common)
+            else:
+                onnx_type, _, _, since = ONNX_CONTAINERS[chosen]
+                since = max(since, 21 if qp.layout == "blocked" else 13)
+                plans[name] = QuantizerPlan(lowering="qdq", onnx_type=onnx_type, opset_needed=since, **common)
+        else:
+            want = smallest_container(qp.bits, signed=False) if narrow_activations else qp.container
+            chosen = _lowest_allowed(want, opset)
+            if chosen is None or qp.layout != "per_tensor":
+                need = ONNX_CONTAINERS[smallest_container(qp.bits, signed=False)][3]
+                plans[name] = QuantizerPlan(
+                    lowering="float", onnx_type=None, opset_needed=need,
+                    reason=f"no {qp.bits}-bit QuantizeLinear type at opset {opset}", **common,
+                )
+            else:
+                onnx_type, _, _, since = ONNX_CONTAINERS[chosen]
+                plans[name] = QuantizerPlan(lowering="qdq", onnx_type=onnx_type, opset_needed=since, **common)
+    return plans
+
+
