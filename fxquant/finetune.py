@@ -19,7 +19,8 @@ Targets apply to quantizers that learn their bits (`learn_bits=True`); first/las
 by `QuantConfig(first_last_bits=8)` are reported but not constrained. "Meets the target" is judged on the
 integer bits that eval and `freeze` use (`round(b)`), never on the continuous ones.
 
-Distributed: DDP-wrapped, or FSDP2-sharded with replicated quantizers (see `finetune`'s `qm` argument).
+Distributed: DDP-wrapped, or FSDP2-sharded with replicated quantizers (see `finetune`'s `qm` argument;
+the helpers are `fxquant.distributed`). Targets, schedule and penalties are `fxquant.objectives`.
 
 Fine-tuning changes parameter values, never the graph. Calibration is `fxquant.calibration`; numerics of
 the quantizers are `fxquant.quantizer`; the losses are `fxquant.losses`.
@@ -32,11 +33,10 @@ import itertools
 import math
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Union
 
 import torch
-import torch.distributed as dist
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fxquant.batches import (
@@ -50,13 +50,29 @@ from fxquant.batches import (
     to_device,
 )
 from fxquant.calibration import calibrate
+from fxquant.distributed import (
+    average_replicated_grads,
+    broadcast_quantizers,
+    check_fsdp,
+    clip_grad_norm,
+    on_every_rank,
+    reshard,
+    unwrap,
+)
 from fxquant.errors import ConfigError, PrepareError, StateError
-from fxquant.graph import QUANTIZERS_ATTR, is_quantizer_path, module_state, quantizers_of
-from fxquant.losses import DISTILL_KINDS, distillation_loss, exterior_hinge, model_size_mb, output_leaves
+from fxquant.graph import is_quantizer_path, module_state
+from fxquant.losses import DISTILL_KINDS, distillation_loss, output_leaves
+from fxquant.objectives import (
+    BitTarget,
+    ExteriorPenalty,
+    LearnedBits,
+    LrFactor,
+    Schedule,
+    SizePenalty,
+    check_number,
+    check_target,
+)
 from fxquant.quantizer import (
-    KIND_ACTIVATION,
-    KIND_WEIGHT,
-    LearnableQuantizer,
     iter_learnable,
     make_estimator,
     mean_over_ranks,
@@ -64,8 +80,6 @@ from fxquant.quantizer import (
 from fxquant.utils import quantizers_enabled
 
 PENALTIES = ("exterior", "size")
-FLOOR_MARGIN = 0.25
-"""With `Schedule.floor`, continuous bits never go below `target - 0.25`, so `round(b)` stays on the target."""
 MAX_BAD_STEPS = 5
 """Consecutive non-finite steps after which fine-tuning stops (and returns the best state so far)."""
 
@@ -78,127 +92,8 @@ class FinetuneWarning(UserWarning):
 
 
 # --------------------------------------------------------------------------------------------------
-# Configuration objects.
+# Results.
 # --------------------------------------------------------------------------------------------------
-
-
-def _check_number(where: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise ConfigError(f"{where}={value!r} is not a finite number; give e.g. {where}=4.")
-    return float(value)
-
-
-@dataclass(frozen=True)
-class BitTarget:
-    """What the penalty drives the learned bit-widths to.
-
-    Args:
-        weight: bits of every weight quantizer that learns its bits (or, with `weight_average=True`, their
-            size-weighted average: mixed precision). `None`: weights are not constrained.
-        activation: bits of every activation quantizer that learns its bits. `None`: not constrained.
-        weight_average: constrain the size-weighted average of the learnable weight bits instead of each
-            one (DiffQ-style mixed precision).
-
-    Example:
-        >>> BitTarget(weight=4, activation=8)             # W4A8
-        >>> BitTarget(weight=3.5, weight_average=True)     # 3.5 bits per weight on average
-    """
-
-    weight: Optional[float] = None
-    activation: Optional[float] = None
-    weight_average: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("weight", "activation"):
-            value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, _check_number(f"BitTarget.{name}", value))
-        if self.weight is None and self.activation is None:
-            raise ConfigError("BitTarget has neither a weight nor an activation target; give at least one, e.g. weight=4.")
-        if self.weight_average and self.weight is None:
-            raise ConfigError("BitTarget(weight_average=True) needs weight=<average bits>, e.g. weight=3.5.")
-
-    @classmethod
-    def coerce(cls, value: Union[None, float, Mapping[str, Any], "BitTarget"]) -> Optional["BitTarget"]:
-        """`None`, a number (the same target for weights and activations), a dict or a `BitTarget`."""
-        if value is None or isinstance(value, BitTarget):
-            return value
-        if isinstance(value, Mapping):
-            unknown = set(value) - {f.name for f in fields(cls)}
-            if unknown:
-                raise ConfigError(
-                    f"target_bits has unknown keys {sorted(unknown)}; use 'weight', 'activation' and "
-                    "'weight_average', e.g. {'weight': 4, 'activation': 8}."
-                )
-            return cls(**value)
-        number = _check_number("target_bits", value)
-        return cls(weight=number, activation=number)
-
-    def describe(self) -> str:
-        """Short text, e.g. `W4A4` or `W avg 3.5 (learnable weights, size-weighted)`."""
-        parts = []
-        if self.weight is not None:
-            w = f"{self.weight:g}"
-            parts.append(f"W avg {w} (learnable weights, size-weighted)" if self.weight_average else f"W{w}")
-        if self.activation is not None:
-            parts.append(f"A{self.activation:g}")
-        return " ".join(parts) if self.weight_average else "".join(parts)
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """Learning rates, warm-up, penalty growth and decay, as fractions of the step budget.
-
-    Args:
-        lr: learning rate of the model weights (and biases).
-        clamp_lr: learning rate of quantizer clamps `lo`/`hi` (default: `lr`).
-        bits_lr: learning rate of the bits parameters, which live in [0, 1] over `[min_bits, max_bits]`
-            (default: `3 / steps`, so Adam can cross the whole range in a third of the budget).
-        weight_decay: weight decay of the model weights (never applied to quantizer parameters).
-        warmup: fraction of the steps with a linear LR warm-up.
-        penalty_start: fraction of the steps before the exterior penalty starts (default: `warmup`).
-        penalty_growth: the exterior penalty's coefficient grows linearly to this value at the end of the
-            budget (so at half the budget it is about half of it).
-        final_lr_ratio: once the target is met, the LR decays exponentially to this fraction of its value
-            by the last step. Without a target the decay starts at half the budget.
-        loss_momentum: momentum of the running mean of the base loss that normalises the penalty.
-        bits_beta1: Adam `beta1` of the bits group (0: no momentum to carry bits past the hinge).
-        floor: with per-kind targets, keep continuous bits at or above `target - 0.25` so the rounded bits
-            land exactly on the target instead of undershooting it.
-        betas: Adam betas of the weights and clamps groups.
-    """
-
-    lr: float = 1e-3
-    clamp_lr: Optional[float] = None
-    bits_lr: Optional[float] = None
-    weight_decay: float = 0.0
-    warmup: float = 0.05
-    penalty_start: Optional[float] = None
-    penalty_growth: float = 100.0
-    final_lr_ratio: float = 0.05
-    loss_momentum: float = 0.9
-    bits_beta1: float = 0.0
-    floor: bool = True
-    betas: Tuple[float, float] = (0.9, 0.999)
-
-    def __post_init__(self) -> None:
-        for name in ("lr", "clamp_lr", "bits_lr", "penalty_growth", "weight_decay"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            number = _check_number(f"Schedule.{name}", value)
-            if number < 0 or (number == 0 and name.endswith("lr")):
-                raise ConfigError(f"Schedule.{name}={value!r} must be positive; e.g. {name}=1e-3.")
-        for name in ("warmup", "penalty_start", "final_lr_ratio", "loss_momentum", "bits_beta1"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            number = _check_number(f"Schedule.{name}", value)
-            if not (0.0 <= number <= 1.0) or (name == "final_lr_ratio" and number == 0.0):
-                raise ConfigError(
-                    f"Schedule.{name}={value!r} is a fraction and must lie in [0, 1] (final_lr_ratio in (0, 1]); "
-                    "e.g. warmup=0.05."
-                )
 
 
 @dataclass(frozen=True)
@@ -277,366 +172,8 @@ class FinetuneResult:
 
 
 # --------------------------------------------------------------------------------------------------
-# Bits bookkeeping: constraints, statistics, floors.
-# --------------------------------------------------------------------------------------------------
-
-
-class _Bits:
-    """The quantizers of a prepared module, grouped for penalties and statistics."""
-
-    def __init__(self, module: nn.Module, target: Optional[BitTarget]) -> None:
-        quantizers = [q for _, q in iter_learnable(module)]
-        self.target = target
-        self.weights = [q for q in quantizers if q.kind == KIND_WEIGHT]
-        self.activations = [q for q in quantizers if q.kind == KIND_ACTIVATION]
-        self.learn_weights = [q for q in self.weights if q.learn_bits]
-        self.learn_activations = [q for q in self.activations if q.learn_bits]
-        quantized = sum(math.prod(q.tensor_shape) for q in self.weights)
-        params = {id(p): p for n, p in module.named_parameters() if not is_quantizer_path(n)}
-        self.float_numel = max(sum(p.numel() for p in params.values()) - quantized, 0)
-
-    def constraints(self) -> Optional[Tuple[Tensor, Tensor]]:
-        """`(bits, targets)` as 1-D tensors for `exterior_hinge` (differentiable bits)."""
-        t = self.target
-        if t is None:
-            return None
-        bits: List[Tensor] = []
-        targets: List[float] = []
-        if t.weight is not None and self.learn_weights:
-            if t.weight_average:
-                size = torch.stack([q.size_bits() for q in self.learn_weights]).sum()
-                numel = sum(q.group_numel() * q.bits_param.numel() for q in self.learn_weights)
-                bits.append((size / numel).reshape(1))
-                targets.append(t.weight)
-            else:
-                for q in self.learn_weights:
-                    b = q.bits().reshape(-1)
-                    bits.append(b)
-                    targets.extend([t.weight] * b.numel())
-        if t.activation is not None:
-            for q in self.learn_activations:
-                b = q.bits().reshape(-1)
-                bits.append(b)
-                targets.extend([t.activation] * b.numel())
-        if not bits:
-            return None
-        stacked = torch.cat(bits)
-        return stacked, torch.tensor(targets, dtype=stacked.dtype, device=stacked.device)
-
-    def size_bits(self) -> Tensor:
-        """Differentiable storage of all quantized weights in bits."""
-        return torch.stack([q.size_bits() for q in self.weights]).sum()
-
-    @torch.no_grad()
-    def integer_bits_by_quantizer(self) -> Dict[int, List[float]]:
-        """Every quantizer's integer bits (per group) by `id`, read in one device-to-host transfer (one sync
-        per step on CUDA instead of one per quantizer)."""
-        quantizers = self.weights + self.activations
-        if not quantizers:
-            return {}
-        per_q = [q.integer_bits().reshape(-1) for q in quantizers]
-        flat = torch.cat([b.to(per_q[0].device, torch.float32) for b in per_q]).tolist()
-        out: Dict[int, List[float]] = {}
-        at = 0
-        for q, b in zip(quantizers, per_q):
-            out[id(q)] = flat[at : at + b.numel()]
-            at += b.numel()
-        return out
-
-    def stats(self, integer_bits: Optional[Dict[int, List[float]]] = None) -> Dict[str, float]:
-        """Average integer bits (what eval and freeze use) and model size (from `integer_bits` when given)."""
-        found = integer_bits if integer_bits is not None else self.integer_bits_by_quantizer()
-
-        def weighted(qs: List[LearnableQuantizer]) -> Tuple[float, float]:
-            size = sum(sum(found[id(q)]) * q.group_numel() for q in qs)
-            numel = sum(q.group_numel() * q.bits_param.numel() for q in qs)
-            return size, float(numel)
-
-        size_all, numel_all = weighted(self.weights)
-        size_learn, numel_learn = weighted(self.learn_weights)
-        act = [sum(found[id(q)]) / len(found[id(q)]) for q in self.activations]
-        return {
-            "avg_weight_bits": size_all / numel_all if numel_all else 0.0,
-            "avg_learnable_weight_bits": size_learn / numel_learn if numel_learn else 0.0,
-            "avg_activation_bits": sum(act) / len(act) if act else 0.0,
-            "size_mb": (size_all + 32.0 * self.float_numel) / 8e6,
-        }
-
-    def met(self, integer_bits: Optional[Dict[int, List[float]]] = None) -> bool:
-        """Whether every constrained quantizer meets its target at integer bits (from `integer_bits` when
-        given)."""
-        t = self.target
-        if t is None:
-            return True
-        found = integer_bits if integer_bits is not None else self.integer_bits_by_quantizer()
-        if t.weight is not None and self.learn_weights:
-            if t.weight_average:
-                if self.stats(found)["avg_learnable_weight_bits"] > t.weight + 1e-9:
-                    return False
-            elif any(max(found[id(q)]) > t.weight for q in self.learn_weights):
-                return False
-        if t.activation is not None:
-            if any(max(found[id(q)]) > t.activation for q in self.learn_activations):
-                return False
-        return True
-
-    @torch.no_grad()
-    def apply_floor(self) -> None:
-        """Keep continuous bits at or above `target - 0.25` (per-kind targets only)."""
-        t = self.target
-        if t is None:
-            return
-        pairs: List[Tuple[List[LearnableQuantizer], Optional[float]]] = [(self.learn_activations, t.activation)]
-        if not t.weight_average:
-            pairs.append((self.learn_weights, t.weight))
-        for qs, target in pairs:
-            if target is None:
-                continue
-            for q in qs:
-                span = q.max_bits - q.min_bits
-                if span > 0:
-                    floor = (target - FLOOR_MARGIN - q.min_bits) / span
-                    if floor > 0:
-                        q.bits_param.clamp_(min=floor)
-
-
-# --------------------------------------------------------------------------------------------------
-# Schedule and penalties as objects.
-# --------------------------------------------------------------------------------------------------
-
-
-class LrFactor:
-    """The LR multiplier of `Schedule` for `torch.optim.lr_scheduler.LambdaLR`: linear warm-up, constant
-    until `decay_from` (set by `start_decay` when the target is met; half the budget without a target), then
-    exponential decay to `final_lr_ratio` at the last step."""
-
-    def __init__(self, schedule: Schedule, steps: int, has_target: bool) -> None:
-        self.steps, self.final = steps, schedule.final_lr_ratio
-        self.warm_steps = max(1, round(schedule.warmup * steps))
-        self.decay_from: Optional[int] = None
-        self.gamma = 1.0
-        if not has_target:
-            self.start_decay(steps // 2)
-
-    def start_decay(self, step: int) -> None:
-        """Decay from `step` on (once)."""
-        if self.decay_from is None:
-            self.decay_from = step
-            self.gamma = self.final ** (1.0 / max(self.steps - step, 1))
-
-    def __call__(self, done: int) -> float:
-        step = done + 1  # LambdaLR counts finished steps; the factor is for the step about to run
-        factor = min(1.0, step / self.warm_steps)
-        if self.decay_from is not None and step > self.decay_from:
-            factor *= self.gamma ** (step - self.decay_from)
-        return factor
-
-
-class ExteriorPenalty:
-    """GDNSQ's exterior-point penalty: `t * mean_loss * hinge(bits, target)`, with `t` zero until
-    `penalty_start` and then growing linearly to `penalty_growth` at the end of the budget, and `mean_loss`
-    a running mean of the base loss (the penalty keeps its weight relative to the base loss)."""
-
-    def __init__(self, schedule: Schedule, steps: int) -> None:
-        start = schedule.penalty_start if schedule.penalty_start is not None else schedule.warmup
-        self.start, self.steps = round(start * steps), steps
-        self.growth, self.momentum = schedule.penalty_growth, schedule.loss_momentum
-        self.loss_mean, self.loss_weight = 0.0, 0.0
-
-    def coefficient(self, step: int) -> float:
-        return self.growth * max(0, step - self.start) / self.steps
-
-    def __call__(self, bits: "_Bits", base: Tensor, step: int) -> Tuple[Tensor, int]:
-        """`(penalty, active constraints)` for this step; `base` is the (finite) base loss."""
-        value = float(base.detach())
-        self.loss_mean = self.momentum * self.loss_mean + (1 - self.momentum) * value
-        self.loss_weight = self.momentum * self.loss_weight + (1 - self.momentum)
-        cons = bits.constraints()
-        if cons is None:
-            return base.new_zeros(()), 0
-        hinge, active = exterior_hinge(*cons)
-        return self.coefficient(step) * (self.loss_mean / self.loss_weight) * hinge, active
-
-
-class SizePenalty:
-    """DiffQ's size penalty `size_lambda * model size in MB` (only the quantized sizes carry gradient)."""
-
-    def __init__(self, size_lambda: float) -> None:
-        self.size_lambda = size_lambda
-
-    def coefficient(self, step: int) -> float:
-        return self.size_lambda
-
-    def __call__(self, bits: "_Bits", base: Tensor, step: int) -> Tuple[Tensor, int]:
-        return self.size_lambda * model_size_mb(bits.size_bits(), bits.float_numel), 0
-
-
-# --------------------------------------------------------------------------------------------------
 # Checks before training.
 # --------------------------------------------------------------------------------------------------
-
-
-def _unwrap(qm: nn.Module) -> fx.GraphModule:
-    """The prepared GraphModule inside a DistributedDataParallel / DataParallel wrapper (or `qm`)."""
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    inner = qm.module if isinstance(qm, wrappers) else qm
-    if not isinstance(inner, fx.GraphModule):
-        raise StateError(
-            f"fine-tuning expects a module returned by fxq.prepare (a GraphModule, optionally inside DistributedDataParallel), "
-            f"got {type(inner).__name__}; call fxq.prepare(model, example_inputs, config) first."
-        )
-    return inner
-
-
-FSDP_RECIPE = f"fully_shard(qm, ignored_params=set(qm.{QUANTIZERS_ATTR}.parameters()))"
-"""How to shard a prepared module with FSDP2: one group for the weights, quantizer parameters replicated."""
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    if not dist.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-def _fsdp_modules(inner: nn.Module) -> List[Tuple[str, Any]]:
-    """`(name, module)` of every module of `inner` that FSDP2's `fully_shard` was applied to (root: `""`; each an
-    `FSDPModule`, which the type checker does not know as an `nn.Module`)."""
-    if not dist.is_available():
-        return []
-    from torch.distributed.fsdp import FSDPModule
-
-    return [(name, m) for name, m in inner.named_modules() if isinstance(m, FSDPModule)]
-
-
-def _reshard(inner: nn.Module) -> None:
-    """Register FSDP2's sharded parameters again: after a forward pass without backward (eval, calibration)
-    the root keeps the gathered ones, which an optimizer must not hold."""
-    for _, m in _fsdp_modules(inner):
-        m.reshard()
-
-
-def _check_fsdp(inner: fx.GraphModule) -> bool:
-    """Whether FSDP2 shards `inner`; raise when it does so in a way fine-tuning cannot follow."""
-    sharded = _fsdp_modules(inner)
-    if not sharded:
-        return False
-    names = [name for name, _ in sharded]
-    if names[0] != "":
-        raise ConfigError(
-            f"fully_shard was applied to {names} inside the prepared module but not to the module itself, whose "
-            "graph reads most weights directly (get_attr): their gradients would not be averaged over ranks. "
-            f"Shard the prepared module itself: {FSDP_RECIPE}."
-        )
-    called = {str(n.target) for n in inner.graph.nodes if n.op == "call_module"}
-    never = [name for name in names[1:] if name not in called]
-    if never:
-        raise ConfigError(
-            f"fully_shard was applied to {never}, whose forward the prepared graph never runs (it reads their "
-            "weights with get_attr nodes), so FSDP would never gather those weights. Shard the prepared module "
-            f"as one group instead: {FSDP_RECIPE} (without fully_shard on its submodules)."
-        )
-    _reshard(inner)
-    sharded_quantizers = [
-        name for name, p in inner.named_parameters() if is_quantizer_path(name) and _is_dtensor(p)
-    ]
-    if sharded_quantizers:
-        raise ConfigError(
-            f"fully_shard sharded the quantizer parameters {_first(sharded_quantizers)}; quantizers write their "
-            "clamps in place during training and fine-tuning reads their bits between steps, so they must stay "
-            f"replicated: {FSDP_RECIPE}."
-        )
-    return True
-
-
-def _first(names: List[str], shown: int = 4) -> str:
-    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
-
-
-@torch.no_grad()
-def _broadcast_quantizers(inner: nn.Module) -> None:
-    """Give every rank rank 0's quantizer parameters and buffers (one broadcast).
-
-    FSDP2 leaves the replicated (ignored) quantizer parameters as each rank calibrated them, and DDP only
-    synchronised them when it wrapped the module (not after a calibration inside `finetune`)."""
-    quantizers = quantizers_of(inner)
-    if quantizers is None:
-        return
-    tensors = list(itertools.chain(quantizers.parameters(), quantizers.buffers()))
-    if not tensors:
-        return
-    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])  # exact for f32, ints, bools
-    dist.broadcast(flat, src=0)
-    for t, value in zip(tensors, flat.split([t.numel() for t in tensors])):
-        t.copy_(value.view(t.shape).to(t.dtype))
-
-
-def _clip_grad_norm(params: List[nn.Parameter], max_norm: float) -> float:
-    """`clip_grad_norm_` over all of `params`; returns the global norm. Under FSDP2 the sharded (DTensor) and
-    the replicated parameters are normed apart (torch refuses a list mixing them) and the norms combined."""
-    sharded = [p for p in params if _is_dtensor(p)]
-    parts = [part for part in (sharded, [p for p in params if not _is_dtensor(p)]) if part]
-
-    def value(norm: Tensor) -> float:
-        return float(norm.full_tensor() if _is_dtensor(norm) else norm)  # type: ignore[attr-defined]
-
-    if len(parts) <= 1:
-        return value(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    total = math.sqrt(sum(value(torch.nn.utils.clip_grad_norm_(part, math.inf)) ** 2 for part in parts))
-    if math.isfinite(total) and total > max_norm:
-        with torch.no_grad():
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(max_norm / (total + 1e-6))
-    return total
-
-
-@torch.no_grad()
-def _on_every_rank(flag: bool, device: torch.device) -> bool:
-    """Whether `flag` holds on every rank of the default process group (one all-reduce of one number).
-
-    A distributed step is taken or skipped by all ranks together: a rank that skipped its backward alone
-    (a non-finite loss on its own batch) left the others waiting in the gradient all-reduce forever."""
-    t = torch.tensor(1.0 if flag else 0.0, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item() > 0.5)
-
-
-def _average_replicated_grads(params: List[nn.Parameter]) -> None:
-    """Average over ranks the gradients FSDP2 does not reduce: those of its ignored (replicated) parameters."""
-    grads = [p.grad for p in params if p.grad is not None and not _is_dtensor(p)]
-    if not grads:
-        return
-    flat = mean_over_ranks(torch.cat([g.reshape(-1).to(torch.float64) for g in grads]))
-    for g, value in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(value.view(g.shape))
-
-
-def _check_target(target: Optional[BitTarget], bits: _Bits) -> None:
-    if target is None:
-        return
-    if not bits.learn_weights and not bits.learn_activations:
-        raise ConfigError(
-            f"target_bits={target.describe()} but no quantizer learns its bits; prepare with "
-            "QuantSpec(learn_bits=True) (the default) or drop target_bits."
-        )
-    checks = [("weight", target.weight, bits.learn_weights), ("activation", target.activation, bits.learn_activations)]
-    for kind, value, qs in checks:
-        if value is None:
-            continue
-        if not qs:
-            raise ConfigError(
-                f"target_bits sets {kind}={value:g} but no {kind} quantizer learns its bits; "
-                f"remove the {kind} target or let those quantizers learn bits."
-            )
-        for q in qs:
-            if not (q.min_bits <= value <= q.max_bits):
-                raise ConfigError(
-                    f"target_bits {kind}={value:g} is outside [min_bits, max_bits]=[{q.min_bits}, {q.max_bits}] "
-                    f"of the {kind} quantizer serving {', '.join(q.served) or '?'}; choose a target in that "
-                    "range or widen QuantSpec(min_bits=..., max_bits=...)."
-                )
 
 
 def _describe(output: Any) -> str:
@@ -710,8 +247,8 @@ def param_groups(
     weights: List[nn.Parameter] = []
     clamps: List[nn.Parameter] = []
     bits: List[nn.Parameter] = []
-    inner = _unwrap(qm)
-    _reshard(inner)
+    inner = unwrap(qm)
+    reshard(inner)
     for name, p in inner.named_parameters():
         if not p.requires_grad:
             continue
@@ -736,7 +273,7 @@ def param_groups(
 def project_quantizers(qm: nn.Module) -> None:
     """Project every quantizer's parameters back into their domain (bits in bounds, `lo <= 0 <= hi`);
     call after each optimizer step of a training loop of one's own."""
-    for _, q in iter_learnable(_unwrap(qm)):
+    for _, q in iter_learnable(unwrap(qm)):
         q.project_bits_()
 
 
@@ -879,7 +416,7 @@ def finetune(
         >>> result = fxq.finetune(qm, loader, teacher=model, steps=300, target_bits=4)
         >>> print(result)
     """
-    inner = _unwrap(qm)
+    inner = unwrap(qm)
     if module_state(inner) != "prepared":
         raise StateError(
             f"finetune expects a module returned by fxq.prepare (state {module_state(inner)!r}); call "
@@ -893,7 +430,7 @@ def finetune(
         raise ConfigError(f"finetune distill={distill!r} is unknown; expected one of {DISTILL_KINDS}.")
     if eval_every is not None and (isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1):
         raise ConfigError(f"finetune eval_every={eval_every!r} must be a positive integer.")
-    if grad_clip is not None and not _check_number("grad_clip", grad_clip) > 0:
+    if grad_clip is not None and not check_number("grad_clip", grad_clip) > 0:
         raise ConfigError(f"finetune grad_clip={grad_clip!r} must be positive, e.g. grad_clip=1.0.")
     schedule = schedule if schedule is not None else Schedule()
     if not isinstance(schedule, Schedule):
@@ -903,17 +440,17 @@ def finetune(
         penalty = "exterior"
     if penalty == "exterior" and target is None:
         raise ConfigError("penalty='exterior' needs target_bits (e.g. target_bits=4); or use penalty='size'.")
-    if penalty == "size" and not _check_number("size_lambda", size_lambda) > 0:
+    if penalty == "size" and not check_number("size_lambda", size_lambda) > 0:
         raise ConfigError(f"finetune size_lambda={size_lambda!r} must be positive with penalty='size', e.g. 1.0.")
     if teacher is None and loss_fn is None:
         raise ConfigError("finetune needs a teacher to distil from (teacher=model) or a task loss (loss_fn=...).")
     if mode is not None:
         make_estimator(mode)  # ConfigError for an unknown name
-    bits = _Bits(inner, target)
+    bits = LearnedBits(inner, target)
     if not bits.weights and not bits.activations:
         raise StateError("finetune found no quantizers in qm; pass the module returned by fxq.prepare.")
-    _check_target(target, bits)
-    fsdp = _check_fsdp(inner)
+    check_target(target, bits)
+    fsdp = check_fsdp(inner)
     if batches is None:
         raise PrepareError("finetune got batches=None; give an iterable of batches (a list or a DataLoader).")
 
@@ -943,7 +480,7 @@ def finetune(
             calibrate(inner, prefetched, num_batches=len(prefetched))
             result.calibrated = True
         if fsdp or isinstance(qm, nn.parallel.DistributedDataParallel):
-            _broadcast_quantizers(inner)
+            broadcast_quantizers(inner)
         result.bits_before = bits.stats()
         return _train(
             qm, inner, teacher, itertools.chain(prefetched, stream), n_required, steps, target, penalty,
@@ -962,7 +499,7 @@ def _train(
     qm: nn.Module, inner: nn.Module, teacher: Optional[nn.Module], stream: Iterator[Batch], n_required: int,
     steps: int, target: Optional[BitTarget], penalty: Optional[str], size_lambda: float, loss_fn: Optional[LossFn],
     distill: str, val_list: Optional[List[Batch]], eval_every: int, schedule: Schedule,
-    optimizer_factory: Optional[OptimizerFactory], grad_clip: Optional[float], progress: bool, bits: _Bits,
+    optimizer_factory: Optional[OptimizerFactory], grad_clip: Optional[float], progress: bool, bits: LearnedBits,
     result: FinetuneResult, fsdp: bool,
 ) -> FinetuneResult:
     # without a target (and no size penalty) nothing drives the bits: they stay where they are
@@ -1016,7 +553,7 @@ def _train(
             base_value = float(base.detach())
             finite = math.isfinite(base_value)
             if distributed:
-                finite = _on_every_rank(finite, device)
+                finite = on_every_rank(finite, device)
             if finite:
                 if penalty_term is not None:
                     pen, active = penalty_term(bits, base, step)
@@ -1024,10 +561,10 @@ def _train(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if fsdp:
-                    _average_replicated_grads(params)
-                finite = math.isfinite(_clip_grad_norm(params, grad_clip if grad_clip is not None else math.inf))
+                    average_replicated_grads(params)
+                finite = math.isfinite(clip_grad_norm(params, grad_clip if grad_clip is not None else math.inf))
                 if distributed:  # FSDP2 norms each rank's own shard
-                    finite = _on_every_rank(finite, device)
+                    finite = on_every_rank(finite, device)
             if not finite:
                 result.nonfinite_steps.append(step)
                 bad_in_a_row += 1

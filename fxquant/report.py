@@ -15,14 +15,7 @@ from torch import fx, nn
 from fxquant.analyze import kept_float
 from fxquant.errors import StateError
 from fxquant.graph import is_quantizer_path, quantizer_calls, quantizers_of
-from fxquant.quantizer import (
-    KIND_WEIGHT,
-    FrozenActivationQuantizer,
-    FrozenBias,
-    FrozenWeight,
-    LearnableQuantizer,
-    quantizer_summary,
-)
+from fxquant.quantizer import KIND_BIAS, KIND_WEIGHT, FrozenBias, Quantizer
 from fxquant.tracing import NOTES_ATTR
 
 if TYPE_CHECKING:  # the export floor imports this module
@@ -162,13 +155,13 @@ def report(module: Any) -> Union[QuantReport, "OnnxQuantReport"]:
     weight_numel = 0
     act_bits: List[float] = []
     for name, q in container.items():
-        if not isinstance(q, (LearnableQuantizer, FrozenActivationQuantizer, FrozenWeight)):
+        if not isinstance(q, Quantizer) or q.kind == KIND_BIAS:  # the int32 bias is derived, not chosen
             continue
-        s = quantizer_summary(q)
+        s = q.summary()
         numel = s.numel
         bytes_at_bits = 0.0
         if q.kind == KIND_WEIGHT:
-            bits = q.integer_bits() if isinstance(q, LearnableQuantizer) else q.bits.float()
+            bits = q.integer_grid().bits
             per_group = numel / bits.numel()
             bytes_at_bits = float(bits.float().sum()) * per_group / 8.0
             weight_bits_sum += bytes_at_bits * 8.0

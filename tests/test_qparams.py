@@ -91,3 +91,27 @@ def test_inconsistent_qparams_are_refused() -> None:
         QParams("weight", 4, s, zp, -7, 7, "per_axis", 0, None, "int3")
     with pytest.raises(ValueError, match="layout 'rows'"):
         QParams("weight", 4, s, zp, -7, 7, "rows", 0, None, "int4")
+
+
+def test_every_quantizer_shares_one_base_and_freeze_keeps_each_integer_grid() -> None:
+    """Learnable, bias and frozen quantizers are all `Quantizer`s; freeze keeps each one's integer grid and
+    summary (bits, steps, clamps) exactly, the int32 bias included."""
+    from fxquant.quantizer import BiasQuantizer, LearnableQuantizer, Quantizer
+
+    model, x = make("cnn")
+    qm = fxq.prepare(model, x, fxq.QuantConfig(weight=fxq.QuantSpec(bits=4), first_last_bits=None))
+    fxq.calibrate(qm, [x])
+    qm.eval()
+    prepared = dict(qm.fxq_quantizers.items())
+    frozen = dict(fxq.freeze(qm).fxq_quantizers.items())
+    kinds = {type(q) for q in prepared.values()} | {type(q) for q in frozen.values()}
+    assert {LearnableQuantizer, BiasQuantizer, FrozenWeight, FrozenActivationQuantizer, FrozenBias} <= kinds
+    assert all(isinstance(q, Quantizer) for q in [*prepared.values(), *frozen.values()])
+    for name, q in prepared.items():
+        grid, frozen_grid = q.integer_grid(), frozen[name].integer_grid()
+        for field in ("bits", "scale", "zero_point", "qmin", "qmax"):
+            assert torch.equal(getattr(grid, field).reshape(-1), getattr(frozen_grid, field).reshape(-1)), (name, field)
+        learned, kept = q.summary(), frozen[name].summary()
+        assert (learned.kind, learned.served, learned.bits, learned.step_min, learned.hi_max, learned.lo_min) == (
+            kept.kind, kept.served, kept.bits, kept.step_min, kept.hi_max, kept.lo_min)
+        assert kept.learn_bits is False and kept.bits_continuous == kept.bits

@@ -149,12 +149,12 @@ def test_eval_takes_at_most_2_pow_b_values_and_is_integer_qdq(bits: int) -> None
     x = torch.linspace(-3, 3, 2001).reshape(1, -1)
     y = q(x)
     assert torch.unique(y).numel() <= 2**bits
-    p = q.integer_params()
-    s, zp = p["scale"], p["zero_point"]
+    p = q.integer_grid()
+    s, zp = p.scale, p.zero_point
     assert float(zp) == round(float(zp))
     codes = y / s + zp
     assert torch.allclose(codes, torch.round(codes), atol=1e-4)
-    assert torch.equal(y, fake_quantize(x, s, zp, p["qmin"], p["qmax"]))
+    assert torch.equal(y, fake_quantize(x, s, zp, p.qmin, p.qmax))
     # exactly ONNX QuantizeLinear/DequantizeLinear: q = saturate(round(x/s) + zp), x_hat = (q - zp) * s
     ref_q = torch.clamp(torch.round(x / s) + zp, 0, 2**bits - 1)
     assert torch.equal(y, (ref_q - zp) * s)
@@ -165,9 +165,9 @@ def test_weights_are_symmetric_narrow_range_per_channel() -> None:
     q = weight_quantizer("dither", bits=3).eval()
     q.init_from_tensor(w)
     y = q(w)
-    p = q.integer_params()
-    assert p["scale"].shape == (6, 1) and torch.all(p["zero_point"] == 0)
-    codes = torch.round(y / p["scale"])
+    p = q.integer_grid()
+    assert p.scale.shape == (6, 1) and torch.all(p.zero_point == 0)
+    codes = torch.round(y / p.scale)
     assert codes.abs().max() <= 3  # 2^(3-1) - 1
     for row in range(6):
         assert torch.unique(y[row]).numel() <= 7
@@ -179,7 +179,7 @@ def test_nonnegative_activation_pins_lo_at_zero() -> None:
     q = act_quantizer("dither", nonnegative=True)
     assert not isinstance(q.lo, torch.nn.Parameter) and float(q.lo) == 0.0
     q.eval()
-    assert float(q.integer_params()["zero_point"]) == 0.0
+    assert float(q.integer_grid().zero_point) == 0.0
 
 
 def test_dead_group_gets_one_level_not_nan() -> None:
@@ -315,7 +315,7 @@ def _direct_mse_clip_ratio(q: LearnableQuantizer, x: torch.Tensor, bits: torch.T
     best_err, best_r = None, torch.ones(q.param_shape)
     for r in torch.linspace(1.0, 0.2, ratios).tolist():
         p = q._grid(lo0 * r, hi0 * r, bits)
-        y = fake_quantize(x, *(expand_groups(p[k], q.block_axis, q.group_size) for k in ("scale", "zero_point", "qmin", "qmax")))
+        y = fake_quantize(x, *(expand_groups(getattr(p, k), q.block_axis, q.group_size) for k in ("scale", "zero_point", "qmin", "qmax")))
         err = (y - x).pow(2)
         err = reduce_to_groups(err, q.param_shape, q.block_axis, q.group_size, "sum") if q.param_shape else err.sum()
         err = err.reshape(q.param_shape)
@@ -331,7 +331,7 @@ def _direct_mse_clip_ratio(q: LearnableQuantizer, x: torch.Tensor, bits: torch.T
 @pytest.mark.parametrize("layout", ["per_channel_conv", "per_channel_transposed", "per_group", "activation", "nonnegative"])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_mse_clip_ratio_matches_the_direct_search_across_slices(layout: str, bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    import fxquant.quantizer as fq
+    import fxquant.quantizer.learnable as fq
 
     monkeypatch.setattr(fq, "MSE_SLICE", 64)  # many slices, and a last one that is shorter
     torch.manual_seed(bits)

@@ -214,9 +214,12 @@ def insert_bias_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         if not (isinstance(bias_node, fx.Node) and bias_node.op == "get_attr"):
             continue
+        bias = stored_tensor(gm, bias_node)
+        if bias is None:
+            continue
         w_name = quantizer_name(w_node)
         name = _safe_name(f"{w_name}_bias", container)
-        container[name] = BiasQuantizer(x_q, w_q)
+        container[name] = BiasQuantizer(x_q, w_q, bias.numel())
         with gm.graph.inserting_before(node):
             b_node = _quantizer_call(gm.graph, name, bias_node)
         node.replace_input_with(bias_node, b_node)

@@ -1,0 +1,368 @@
+"""What fine-tuning aims at and how it gets there: the bit target, the schedule, and the penalties.
+
+- `BitTarget`: the bits the penalty drives learned bit-widths to (uniform, or a size-weighted average for
+  mixed precision); `check_target` refuses targets no quantizer can meet, before any training.
+- `Schedule`: the LR warm-up/decay and penalty growth as fractions of the step budget (`LrFactor` is its
+  `LambdaLR` multiplier).
+- `LearnedBits`: the quantizers of a prepared module grouped for penalties and statistics.
+- Penalties as objects: `ExteriorPenalty` (GDNSQ) and `SizePenalty` (DiffQ), each `(bits, base, step) ->
+  (penalty, active constraints)`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from fxquant.errors import ConfigError
+from fxquant.graph import is_quantizer_path
+from fxquant.losses import exterior_hinge, model_size_mb
+from fxquant.quantizer import KIND_ACTIVATION, KIND_WEIGHT, LearnableQuantizer, iter_learnable
+
+FLOOR_MARGIN = 0.25
+"""With `Schedule.floor`, continuous bits never go below `target - 0.25`, so `round(b)` stays on the target."""
+
+
+def check_number(where: str, value: object) -> float:
+    """`value` as a float; ConfigError naming `where` when it is not a finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise ConfigError(f"{where}={value!r} is not a finite number; give e.g. {where}=4.")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class BitTarget:
+    """What the penalty drives the learned bit-widths to.
+
+    Args:
+        weight: bits of every weight quantizer that learns its bits (or, with `weight_average=True`, their
+            size-weighted average: mixed precision). `None`: weights are not constrained.
+        activation: bits of every activation quantizer that learns its bits. `None`: not constrained.
+        weight_average: constrain the size-weighted average of the learnable weight bits instead of each
+            one (DiffQ-style mixed precision).
+
+    Example:
+        >>> BitTarget(weight=4, activation=8)             # W4A8
+        >>> BitTarget(weight=3.5, weight_average=True)     # 3.5 bits per weight on average
+    """
+
+    weight: Optional[float] = None
+    activation: Optional[float] = None
+    weight_average: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("weight", "activation"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, check_number(f"BitTarget.{name}", value))
+        if self.weight is None and self.activation is None:
+            raise ConfigError("BitTarget has neither a weight nor an activation target; give at least one, e.g. weight=4.")
+        if self.weight_average and self.weight is None:
+            raise ConfigError("BitTarget(weight_average=True) needs weight=<average bits>, e.g. weight=3.5.")
+
+    @classmethod
+    def coerce(cls, value: Union[None, float, Mapping[str, Any], "BitTarget"]) -> Optional["BitTarget"]:
+        """`None`, a number (the same target for weights and activations), a dict or a `BitTarget`."""
+        if value is None or isinstance(value, BitTarget):
+            return value
+        if isinstance(value, Mapping):
+            unknown = set(value) - {f.name for f in fields(cls)}
+            if unknown:
+                raise ConfigError(
+                    f"target_bits has unknown keys {sorted(unknown)}; use 'weight', 'activation' and "
+                    "'weight_average', e.g. {'weight': 4, 'activation': 8}."
+                )
+            return cls(**value)
+        number = check_number("target_bits", value)
+        return cls(weight=number, activation=number)
+
+    def describe(self) -> str:
+        """Short text, e.g. `W4A4` or `W avg 3.5 (learnable weights, size-weighted)`."""
+        parts = []
+        if self.weight is not None:
+            w = f"{self.weight:g}"
+            parts.append(f"W avg {w} (learnable weights, size-weighted)" if self.weight_average else f"W{w}")
+        if self.activation is not None:
+            parts.append(f"A{self.activation:g}")
+        return " ".join(parts) if self.weight_average else "".join(parts)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Learning rates, warm-up, penalty growth and decay, as fractions of the step budget.
+
+    Args:
+        lr: learning rate of the model weights (and biases).
+        clamp_lr: learning rate of quantizer clamps `lo`/`hi` (default: `lr`).
+        bits_lr: learning rate of the bits parameters, which live in [0, 1] over `[min_bits, max_bits]`
+            (default: `3 / steps`, so Adam can cross the whole range in a third of the budget).
+        weight_decay: weight decay of the model weights (never applied to quantizer parameters).
+        warmup: fraction of the steps with a linear LR warm-up.
+        penalty_start: fraction of the steps before the exterior penalty starts (default: `warmup`).
+        penalty_growth: the exterior penalty's coefficient grows linearly to this value at the end of the
+            budget (so at half the budget it is about half of it).
+        final_lr_ratio: once the target is met, the LR decays exponentially to this fraction of its value
+            by the last step. Without a target the decay starts at half the budget.
+        loss_momentum: momentum of the running mean of the base loss that normalises the penalty.
+        bits_beta1: Adam `beta1` of the bits group (0: no momentum to carry bits past the hinge).
+        floor: with per-kind targets, keep continuous bits at or above `target - 0.25` so the rounded bits
+            land exactly on the target instead of undershooting it.
+        betas: Adam betas of the weights and clamps groups.
+    """
+
+    lr: float = 1e-3
+    clamp_lr: Optional[float] = None
+    bits_lr: Optional[float] = None
+    weight_decay: float = 0.0
+    warmup: float = 0.05
+    penalty_start: Optional[float] = None
+    penalty_growth: float = 100.0
+    final_lr_ratio: float = 0.05
+    loss_momentum: float = 0.9
+    bits_beta1: float = 0.0
+    floor: bool = True
+    betas: Tuple[float, float] = (0.9, 0.999)
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "clamp_lr", "bits_lr", "penalty_growth", "weight_decay"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            number = check_number(f"Schedule.{name}", value)
+            if number < 0 or (number == 0 and name.endswith("lr")):
+                raise ConfigError(f"Schedule.{name}={value!r} must be positive; e.g. {name}=1e-3.")
+        for name in ("warmup", "penalty_start", "final_lr_ratio", "loss_momentum", "bits_beta1"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            number = check_number(f"Schedule.{name}", value)
+            if not (0.0 <= number <= 1.0) or (name == "final_lr_ratio" and number == 0.0):
+                raise ConfigError(
+                    f"Schedule.{name}={value!r} is a fraction and must lie in [0, 1] (final_lr_ratio in (0, 1]); "
+                    "e.g. warmup=0.05."
+                )
+
+
+# --------------------------------------------------------------------------------------------------
+# Bits bookkeeping: constraints, statistics, floors.
+# --------------------------------------------------------------------------------------------------
+
+
+class LearnedBits:
+    """The quantizers of a prepared module, grouped for penalties and statistics."""
+
+    def __init__(self, module: nn.Module, target: Optional[BitTarget]) -> None:
+        quantizers = [q for _, q in iter_learnable(module)]
+        self.target = target
+        self.weights = [q for q in quantizers if q.kind == KIND_WEIGHT]
+        self.activations = [q for q in quantizers if q.kind == KIND_ACTIVATION]
+        self.learn_weights = [q for q in self.weights if q.learn_bits]
+        self.learn_activations = [q for q in self.activations if q.learn_bits]
+        quantized = sum(math.prod(q.tensor_shape) for q in self.weights)
+        params = {id(p): p for n, p in module.named_parameters() if not is_quantizer_path(n)}
+        self.float_numel = max(sum(p.numel() for p in params.values()) - quantized, 0)
+
+    def constraints(self) -> Optional[Tuple[Tensor, Tensor]]:
+        """`(bits, targets)` as 1-D tensors for `exterior_hinge` (differentiable bits)."""
+        t = self.target
+        if t is None:
+            return None
+        bits: List[Tensor] = []
+        targets: List[float] = []
+        if t.weight is not None and self.learn_weights:
+            if t.weight_average:
+                size = torch.stack([q.size_bits() for q in self.learn_weights]).sum()
+                numel = sum(q.group_numel() * q.bits_param.numel() for q in self.learn_weights)
+                bits.append((size / numel).reshape(1))
+                targets.append(t.weight)
+            else:
+                for q in self.learn_weights:
+                    b = q.bits().reshape(-1)
+                    bits.append(b)
+                    targets.extend([t.weight] * b.numel())
+        if t.activation is not None:
+            for q in self.learn_activations:
+                b = q.bits().reshape(-1)
+                bits.append(b)
+                targets.extend([t.activation] * b.numel())
+        if not bits:
+            return None
+        stacked = torch.cat(bits)
+        return stacked, torch.tensor(targets, dtype=stacked.dtype, device=stacked.device)
+
+    def size_bits(self) -> Tensor:
+        """Differentiable storage of all quantized weights in bits."""
+        return torch.stack([q.size_bits() for q in self.weights]).sum()
+
+    @torch.no_grad()
+    def integer_bits_by_quantizer(self) -> Dict[int, List[float]]:
+        """Every quantizer's integer bits (per group) by `id`, read in one device-to-host transfer (one sync
+        per step on CUDA instead of one per quantizer)."""
+        quantizers = self.weights + self.activations
+        if not quantizers:
+            return {}
+        per_q = [q.integer_bits().reshape(-1) for q in quantizers]
+        flat = torch.cat([b.to(per_q[0].device, torch.float32) for b in per_q]).tolist()
+        out: Dict[int, List[float]] = {}
+        at = 0
+        for q, b in zip(quantizers, per_q):
+            out[id(q)] = flat[at : at + b.numel()]
+            at += b.numel()
+        return out
+
+    def stats(self, integer_bits: Optional[Dict[int, List[float]]] = None) -> Dict[str, float]:
+        """Average integer bits (what eval and freeze use) and model size (from `integer_bits` when given)."""
+        found = integer_bits if integer_bits is not None else self.integer_bits_by_quantizer()
+
+        def weighted(qs: List[LearnableQuantizer]) -> Tuple[float, float]:
+            size = sum(sum(found[id(q)]) * q.group_numel() for q in qs)
+            numel = sum(q.group_numel() * q.bits_param.numel() for q in qs)
+            return size, float(numel)
+
+        size_all, numel_all = weighted(self.weights)
+        size_learn, numel_learn = weighted(self.learn_weights)
+        act = [sum(found[id(q)]) / len(found[id(q)]) for q in self.activations]
+        return {
+            "avg_weight_bits": size_all / numel_all if numel_all else 0.0,
+            "avg_learnable_weight_bits": size_learn / numel_learn if numel_learn else 0.0,
+            "avg_activation_bits": sum(act) / len(act) if act else 0.0,
+            "size_mb": (size_all + 32.0 * self.float_numel) / 8e6,
+        }
+
+    def met(self, integer_bits: Optional[Dict[int, List[float]]] = None) -> bool:
+        """Whether every constrained quantizer meets its target at integer bits (from `integer_bits` when
+        given)."""
+        t = self.target
+        if t is None:
+            return True
+        found = integer_bits if integer_bits is not None else self.integer_bits_by_quantizer()
+        if t.weight is not None and self.learn_weights:
+            if t.weight_average:
+                if self.stats(found)["avg_learnable_weight_bits"] > t.weight + 1e-9:
+                    return False
+            elif any(max(found[id(q)]) > t.weight for q in self.learn_weights):
+                return False
+        if t.activation is not None:
+            if any(max(found[id(q)]) > t.activation for q in self.learn_activations):
+                return False
+        return True
+
+    @torch.no_grad()
+    def apply_floor(self) -> None:
+        """Keep continuous bits at or above `target - 0.25` (per-kind targets only)."""
+        t = self.target
+        if t is None:
+            return
+        pairs: List[Tuple[List[LearnableQuantizer], Optional[float]]] = [(self.learn_activations, t.activation)]
+        if not t.weight_average:
+            pairs.append((self.learn_weights, t.weight))
+        for qs, target in pairs:
+            if target is None:
+                continue
+            for q in qs:
+                span = q.max_bits - q.min_bits
+                if span > 0:
+                    floor = (target - FLOOR_MARGIN - q.min_bits) / span
+                    if floor > 0:
+                        q.bits_param.clamp_(min=floor)
+
+
+# --------------------------------------------------------------------------------------------------
+# Schedule and penalties as objects.
+# --------------------------------------------------------------------------------------------------
+
+
+class LrFactor:
+    """The LR multiplier of `Schedule` for `torch.optim.lr_scheduler.LambdaLR`: linear warm-up, constant
+    until `decay_from` (set by `start_decay` when the target is met; half the budget without a target), then
+    exponential decay to `final_lr_ratio` at the last step."""
+
+    def __init__(self, schedule: Schedule, steps: int, has_target: bool) -> None:
+        self.steps, self.final = steps, schedule.final_lr_ratio
+        self.warm_steps = max(1, round(schedule.warmup * steps))
+        self.decay_from: Optional[int] = None
+        self.gamma = 1.0
+        if not has_target:
+            self.start_decay(steps // 2)
+
+    def start_decay(self, step: int) -> None:
+        """Decay from `step` on (once)."""
+        if self.decay_from is None:
+            self.decay_from = step
+            self.gamma = self.final ** (1.0 / max(self.steps - step, 1))
+
+    def __call__(self, done: int) -> float:
+        step = done + 1  # LambdaLR counts finished steps; the factor is for the step about to run
+        factor = min(1.0, step / self.warm_steps)
+        if self.decay_from is not None and step > self.decay_from:
+            factor *= self.gamma ** (step - self.decay_from)
+        return factor
+
+
+class ExteriorPenalty:
+    """GDNSQ's exterior-point penalty: `t * mean_loss * hinge(bits, target)`, with `t` zero until
+    `penalty_start` and then growing linearly to `penalty_growth` at the end of the budget, and `mean_loss`
+    a running mean of the base loss (the penalty keeps its weight relative to the base loss)."""
+
+    def __init__(self, schedule: Schedule, steps: int) -> None:
+        start = schedule.penalty_start if schedule.penalty_start is not None else schedule.warmup
+        self.start, self.steps = round(start * steps), steps
+        self.growth, self.momentum = schedule.penalty_growth, schedule.loss_momentum
+        self.loss_mean, self.loss_weight = 0.0, 0.0
+
+    def coefficient(self, step: int) -> float:
+        return self.growth * max(0, step - self.start) / self.steps
+
+    def __call__(self, bits: "LearnedBits", base: Tensor, step: int) -> Tuple[Tensor, int]:
+        """`(penalty, active constraints)` for this step; `base` is the (finite) base loss."""
+        value = float(base.detach())
+        self.loss_mean = self.momentum * self.loss_mean + (1 - self.momentum) * value
+        self.loss_weight = self.momentum * self.loss_weight + (1 - self.momentum)
+        cons = bits.constraints()
+        if cons is None:
+            return base.new_zeros(()), 0
+        hinge, active = exterior_hinge(*cons)
+        return self.coefficient(step) * (self.loss_mean / self.loss_weight) * hinge, active
+
+
+class SizePenalty:
+    """DiffQ's size penalty `size_lambda * model size in MB` (only the quantized sizes carry gradient)."""
+
+    def __init__(self, size_lambda: float) -> None:
+        self.size_lambda = size_lambda
+
+    def coefficient(self, step: int) -> float:
+        return self.size_lambda
+
+    def __call__(self, bits: "LearnedBits", base: Tensor, step: int) -> Tuple[Tensor, int]:
+        return self.size_lambda * model_size_mb(bits.size_bits(), bits.float_numel), 0
+
+
+def check_target(target: Optional[BitTarget], bits: LearnedBits) -> None:
+    if target is None:
+        return
+    if not bits.learn_weights and not bits.learn_activations:
+        raise ConfigError(
+            f"target_bits={target.describe()} but no quantizer learns its bits; prepare with "
+            "QuantSpec(learn_bits=True) (the default) or drop target_bits."
+        )
+    checks = [("weight", target.weight, bits.learn_weights), ("activation", target.activation, bits.learn_activations)]
+    for kind, value, qs in checks:
+        if value is None:
+            continue
+        if not qs:
+            raise ConfigError(
+                f"target_bits sets {kind}={value:g} but no {kind} quantizer learns its bits; "
+                f"remove the {kind} target or let those quantizers learn bits."
+            )
+        for q in qs:
+            if not (q.min_bits <= value <= q.max_bits):
+                raise ConfigError(
+                    f"target_bits {kind}={value:g} is outside [min_bits, max_bits]=[{q.min_bits}, {q.max_bits}] "
+                    f"of the {kind} quantizer serving {', '.join(q.served) or '?'}; choose a target in that "
+                    "range or widen QuantSpec(min_bits=..., max_bits=...)."
+                )

@@ -1,0 +1,283 @@
+"""Quantizer numerics: pure functions on tensors (no modules, no graphs).
+
+Rounding with straight-through gradients, ONNX QuantizeLinear/DequantizeLinear exactly (`fake_quantize`,
+`quantize_codes`, `dequantize_codes`: `q = clamp(round_half_even(x / s) + zp, qmin, qmax)`,
+`x_hat = (q - zp) * s`), the fused straight-through round-clamp autograd node the rounding estimators train
+through (`round_clamp`, GDNSQ's dither drawn per group by `dither_of_groups`), DiffQ's pseudo-quantization
+noise, the int32 bias grid `s_x * s_w` (`bias_scale`, `quantize_bias`), and the group layout (which elements
+share clamps, step and bits: `group_param_shape`, `expand_groups`, `reduce_to_groups`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+MIN_STEP = 1e-9
+"""Smallest step: a dead group (hi == lo == 0) gets this step and one level instead of a division by 0."""
+
+KIND_WEIGHT = "weight"
+KIND_ACTIVATION = "activation"
+
+
+# --------------------------------------------------------------------------------------------------
+# Numerics: short pure functions.
+# --------------------------------------------------------------------------------------------------
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Round half to even forward, identity gradient backward."""
+    return x + (torch.round(x) - x).detach()
+
+
+def clamp_ste(x: Tensor, low: float, high: float) -> Tensor:
+    """Clamp forward, identity gradient backward (so a parameter at its bound can come back)."""
+    return x + (x.clamp(low, high) - x).detach()
+
+
+def grad_scale(x: Tensor, scale: float) -> Tensor:
+    """Identity forward, gradient multiplied by `scale` backward (LSQ gradient scaling)."""
+    return (x - x * scale).detach() + x * scale
+
+
+def _in_place(x: Tensor, scale: Tensor) -> bool:
+    """Whether quantization may run in place on one temporary (no gradient is being recorded)."""
+    return not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad))
+
+
+def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor) -> Tensor:
+    """Exactly ONNX QuantizeLinear followed by DequantizeLinear, in float.
+
+    `q = clamp(round_half_even(x / scale) + zero_point, qmin, qmax)`, returns `(q - zero_point) * scale`.
+    All arguments broadcast against `x`; `zero_point`, `qmin`, `qmax` hold integers (as floats). Without
+    autograd it computes in place on one temporary (a large layer otherwise held several of its size).
+    """
+    q = quantize_codes(x, scale, zero_point, qmin, qmax)
+    if _in_place(x, scale):
+        return q.sub_(zero_point).mul_(scale)
+    return (q - zero_point) * scale
+
+
+def quantize_codes(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor) -> Tensor:
+    """The integer codes `q` of `fake_quantize` (as floats holding integers)."""
+    if _in_place(x, scale):
+        q = torch.div(x, scale)
+        return q.round_().add_(zero_point).clamp_(min=qmin, max=qmax)
+    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+
+
+def dequantize_codes(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+    """`(q - zero_point) * scale`: ONNX DequantizeLinear."""
+    return (q.to(scale.dtype) - zero_point) * scale
+
+
+FOLLOW_SAMPLE = 65536
+"""Activation values `follow_bits_` searches the clip of, per change of integer bits."""
+FOLLOW_COLUMNS = 256
+"""Elements per output channel of a weight that `follow_bits_` searches the clip of."""
+FOLLOW_RATIOS = 16
+"""Candidate clip ratios of `follow_bits_` (calibration uses 24)."""
+MSE_SLICE = 1 << 18
+"""Elements per slice of `mse_clip_ratio`'s search (1 MB of float32: fits in a core's L2 cache)."""
+DITHER_EXACT_BELOW = 64
+"""Groups with fewer elements draw the dither's random signs one by one; larger groups draw their sum."""
+
+
+def reduce_to_shape(t: Tensor, shape: torch.Size) -> Tensor:
+    """Sum `t` over the axes where `shape` (broadcastable to `t`) has size 1: the gradient of a broadcast."""
+    if t.shape == shape:
+        return t
+    lead = t.dim() - len(shape)
+    dims = list(range(lead)) + [lead + i for i, n in enumerate(shape) if n == 1 and t.shape[lead + i] != 1]
+    out = t.sum(dim=dims, keepdim=True) if dims else t
+    return out.reshape(shape)
+
+
+def _sum_of_products(a: Tensor, b: Tensor, shape: torch.Size) -> Tensor:
+    """`reduce_to_shape(a * b, shape)`; one pass without a temporary when `shape` is a single group."""
+    if math.prod(shape) == 1 and a.shape == b.shape:
+        return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(shape)
+    return reduce_to_shape(a * b, shape)
+
+
+def dither_of_groups(grad_in: Tensor, shape: torch.Size) -> Tensor:
+    """GDNSQ's dither term of the step gradient, `sum_i g_i r_i / sqrt(3)` per group, `r_i` i.i.d. in {-1/2, 1/2}.
+
+    `grad_in` is the upstream gradient inside the clamps (zero outside). For groups of at least
+    `DITHER_EXACT_BELOW` elements the sum of independent signs is drawn from its Gaussian limit with the exact
+    variance `sum_i g_i^2 / 12` (one random number per group instead of one per element: the per-element draw
+    was 12% of a fine-tuning step); smaller groups draw every sign.
+    """
+    numel_per_group = grad_in.numel() // max(math.prod(shape), 1)
+    if numel_per_group < DITHER_EXACT_BELOW:
+        r = torch.randint(0, 2, grad_in.shape, device=grad_in.device).to(grad_in.dtype) - 0.5
+        return reduce_to_shape(grad_in * r, shape) / math.sqrt(3.0)
+    variance = _sum_of_products(grad_in, grad_in, shape) / 12.0
+    return torch.randn(shape, device=grad_in.device, dtype=grad_in.dtype) * variance.sqrt()
+
+
+class _RoundClamp(torch.autograd.Function):
+    """`y = step * round(clamp(x, lo, hi) / step)` with straight-through gradients, in one autograd node.
+
+    `lo` and `hi` lie on the grid of `step`. Gradients (docs/algorithms.md, "Training estimators"):
+    `dy/dx = 1` inside `[lo, hi]`, 0 outside; `dy/dstep = round(u) - u` inside (`u = x / step`), plus GDNSQ's
+    dither when `dither` is set; `dy/dlo = 1` below `lo`, `dy/dhi = 1` above `hi`. Each is reduced to its
+    parameter's (broadcast) shape here, so the graph holds one node per quantizer instead of a dozen
+    element-wise ops.
+
+    Cost: the forward makes two temporaries of `x`'s size (in place from then on) and keeps a one-byte mask
+    of the clipped elements; the backward makes one (`dL/dx`). With one clamp pair for the whole tensor
+    (per-tensor activations) the clamps' gradients are sums over the clipped elements only (few) and the
+    step's a dot product, so the backward reads the gradient about three times instead of a dozen.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, step: Tensor, lo: Tensor, hi: Tensor, dither: bool) -> Tensor:  # noqa: ANN001
+        clamped = torch.clamp(x, lo, hi)
+        outside = clamped != x
+        u = clamped.div_(step)
+        q = torch.round(u)
+        # saved as u - q (in place on u); the step's gradient is q - u
+        ctx.save_for_backward(x, u.sub_(q), outside, lo, hi)
+        ctx.step_shape, ctx.dither = step.shape, dither
+        return q.mul_(step)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
+        x, minus_residual, outside, lo, hi = ctx.saved_tensors
+        grad_in = torch.where(outside, 0.0, grad)
+        need_lo, need_hi = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        grad_lo = grad_hi = grad_step = None
+        if lo.numel() == 1 and hi.numel() == 1 and (need_lo or need_hi):
+            x_out, grad_out = x[outside], grad[outside]
+            if need_hi:
+                grad_hi = torch.where(x_out > hi.reshape(()), grad_out, 0.0).sum().reshape(hi.shape)
+            if need_lo:
+                grad_lo = torch.where(x_out < lo.reshape(()), grad_out, 0.0).sum().reshape(lo.shape)
+        else:
+            if need_hi:
+                grad_hi = reduce_to_shape(torch.where(x > hi, grad, 0.0), hi.shape)
+            if need_lo:
+                grad_lo = reduce_to_shape(torch.where(x < lo, grad, 0.0), lo.shape)
+        if ctx.needs_input_grad[1]:
+            grad_step = -_sum_of_products(grad_in, minus_residual, ctx.step_shape)
+            if ctx.dither:
+                grad_step = grad_step + dither_of_groups(grad_in, ctx.step_shape)
+        return grad_in, grad_step, grad_lo, grad_hi, None
+
+
+def round_clamp(x: Tensor, step: Tensor, lo: Tensor, hi: Tensor, dither: bool = False) -> Tensor:
+    """Hard rounding to the grid of `step` inside `[lo, hi]` with STE (optionally dithered) gradients.
+
+    `lo`, `hi` and `step` broadcast against `x`; `lo` and `hi` must lie on the grid. See `_RoundClamp`.
+    """
+    return _RoundClamp.apply(x, step, lo, hi, dither)
+
+
+def pseudo_quantization_noise(x: Tensor, step: Tensor, distribution: str) -> Tensor:
+    """DiffQ's additive noise `step * eps` with `eps ~ U[-1/2, 1/2]` or `N(0, 1/4)`."""
+    if distribution == "uniform":
+        eps = torch.rand_like(x) - 0.5
+    else:
+        eps = torch.randn_like(x) * 0.5
+    return step * eps
+
+
+def mean_over_ranks(t: Tensor) -> Tensor:
+    """`t` averaged over the ranks of a running torch.distributed job (itself otherwise)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
+
+
+
+def bits_storage_bytes(numel: int, bits: float) -> float:
+    """Bytes needed to store `numel` codes at `bits` bits each (packed)."""
+    return numel * bits / 8.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Group layout: which elements share clamps/step (and bits).
+# --------------------------------------------------------------------------------------------------
+
+
+def group_param_shape(
+    tensor_shape: Tuple[int, ...],
+    granularity: str,
+    channel_axis: Optional[int],
+    block_axis: Optional[int],
+    group_size: Optional[int],
+) -> Tuple[int, ...]:
+    """Shape of a per-group parameter that broadcasts (after block expansion) against the tensor."""
+    rank = len(tensor_shape)
+    if granularity == "per_tensor" or rank == 0:
+        return ()
+    shape = [1] * rank
+    if channel_axis is not None:
+        shape[channel_axis] = tensor_shape[channel_axis]
+    if granularity == "per_group":
+        assert block_axis is not None and group_size is not None  # guaranteed by resolve_layout
+        shape[block_axis] = tensor_shape[block_axis] // group_size
+    return tuple(shape)
+
+
+def expand_groups(param: Tensor, block_axis: Optional[int], group_size: Optional[int]) -> Tensor:
+    """Repeat a per-block parameter along the block axis so that it broadcasts against the tensor."""
+    if block_axis is None or group_size is None or param.dim() == 0 or group_size == 1:
+        return param
+    return param.repeat_interleave(group_size, dim=block_axis)
+
+
+def reduce_to_groups(
+    x: Tensor, param_shape: Tuple[int, ...], block_axis: Optional[int], group_size: Optional[int], op: str
+) -> Tensor:
+    """Reduce `x` (same shape as the quantized tensor) to the group shape with `op` in {"amax", "amin", "sum"}."""
+    reducers: Dict[str, Callable[..., Tensor]] = {"amax": torch.amax, "amin": torch.amin, "sum": torch.sum}
+    reduce = reducers[op]
+    if len(param_shape) == 0:
+        return reduce(x)
+    if block_axis is not None and group_size is not None and group_size > 1:
+        split = list(x.shape)
+        split[block_axis : block_axis + 1] = [split[block_axis] // group_size, group_size]
+        x = reduce(x.reshape(split), dim=block_axis + 1)
+    dims = [d for d, n in enumerate(param_shape) if n == 1 and x.shape[d] != 1]
+    if dims:
+        x = reduce(x, dim=dims, keepdim=True)
+    return x
+
+
+
+
+INT32_MAX = 2**31 - 1
+KIND_BIAS = "bias"
+
+
+def bias_scale(input_scale: Tensor, weight_scale: Tensor, channels: int) -> Tensor:
+    """The int32 bias step integer kernels use: `s_x * s_w`, one per output channel (shape `(channels,)`).
+
+    `input_scale` is the (per-tensor) scale of the op's quantized input, `weight_scale` the per-tensor or
+    per-channel scale of its weight (any shape holding 1 or `channels` values).
+    """
+    s_w = weight_scale.detach().reshape(-1)
+    s = input_scale.detach().reshape(()) * s_w
+    return s.expand(channels).clone() if s.numel() == 1 else s.clone()
+
+
+def quantize_bias(bias: Tensor, scale: Tensor) -> Optional[Tensor]:
+    """int32 codes `round(bias / scale)` of a bias on the grid `scale` (ONNX's QLinearConv/QGemm bias).
+
+    Returns None when a code would not fit in int32 (a dead channel with a vanishing step): such a bias
+    stays float.
+    """
+    codes = torch.round(bias.detach().to(scale.dtype) / scale)
+    if not bool(torch.isfinite(codes).all()) or float(codes.abs().max()) > INT32_MAX:
+        return None
+    return codes.to(torch.int32)
