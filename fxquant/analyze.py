@@ -21,7 +21,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 import networkx as nx
 import torch
@@ -53,6 +53,11 @@ class QuantOp:
         input_spec: spec of the input quantizers (None: inputs float).
         is_first, is_last: first / last quantized layer.
         reason: why this spec ("default", "override 'glob'", "first layer", ...).
+        int32_bias: its stored bias is rounded to the int32 grid `s_x * s_w` (a `BiasQuantizer`): the op adds
+            its bias in int32 in integer kernels, `QuantConfig(integer_bias=True)`, and its input (per tensor)
+            and weight (per tensor or channel) are quantized.
+
+    Every spec is resolved here (granularity included), so insertion builds quantizers without deciding.
     """
 
     kind: str
@@ -66,11 +71,16 @@ class QuantOp:
     is_first: bool = False
     is_last: bool = False
     reason: str = "default"
+    int32_bias: bool = False
 
 
 @dataclass
 class ActPoint:
-    """One activation quantizer to insert after a producer node, serving `consumers`."""
+    """One activation quantizer to insert after a producer node, serving `consumers`.
+
+    `spec` is resolved (per tensor); `nonnegative` is the sign of the quantizer, which for a quantizer shared
+    by a join group (`join_group`, with `QuantConfig(share_join_scales=True)`) holds for every member.
+    """
 
     consumers: Tuple[str, ...]
     spec: QuantSpec
@@ -114,7 +124,7 @@ def _tensor_info(
         info.points.append(
             ActPoint(
                 consumers=consumers,
-                spec=spec,
+                spec=spec if spec.granularity is not None else spec.replace(granularity="per_tensor"),
                 nonnegative=info.nonnegative,
                 join_group=info.join_group if config.share_join_scales else None,
             )
@@ -394,10 +404,13 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
             if weight_spec is not None and weight_spec.granularity is None:
                 weight_spec = weight_spec.replace(granularity="per_channel")
         if op.weight_index is not None and weight_spec is not None:
+            if op.channel_axis is None:  # a weight without an output-channel axis has one scale
+                weight_spec = weight_spec.replace(granularity="per_tensor", group_size=None)
             _check_group_size(gm, node, op, weight_spec)
         op.weight_spec = weight_spec if op.weight_index is not None else None
         op.input_spec = input_spec if op.input_indices else None
         op.reason = reason
+        op.int32_bias = config.integer_bias and _has_int32_bias(gm, node, op)
 
     # 2. Joins: groups of tensors meeting at add/concat.
     join_graph = nx.Graph()
@@ -437,12 +450,17 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
     if config.quantize_outputs:
         _add_output_points(nodes, ops, consumers_of, config)
 
+    annotations: Dict[str, NodeAnnotation] = {}
     for node in nodes:
         tensor_info: Optional[TensorInfo] = None
         if _is_float_tensor(node):
             tensor_info = _tensor_info(gm, node, memo, group_of, consumers_of, config)
         if tensor_info is not None or node.name in ops:
-            node.meta[META_KEY] = NodeAnnotation(op=ops.get(node.name), tensor=tensor_info)
+            annotations[node.name] = NodeAnnotation(op=ops.get(node.name), tensor=tensor_info)
+    _share_join_signs(annotations.values())
+    for node in nodes:
+        if node.name in annotations:
+            node.meta[META_KEY] = annotations[node.name]
 
     unused = [config.overrides[i][0] for i in range(len(config.overrides)) if i not in used_overrides]
     if unused:
@@ -455,6 +473,33 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
             f"Names it can match: {available[:20]}{' ...' if len(available) > 20 else ''}."
         )
     return gm
+
+
+def _has_int32_bias(gm: fx.GraphModule, node: fx.Node, op: QuantOp) -> bool:
+    """Whether integer kernels add `node`'s stored bias in int32 on `s_x * s_w`: its input is quantized (per
+    tensor) and its weight per tensor or per channel."""
+    facts = quantizable_info(node)
+    if facts is None or not facts.int32_bias or op.weight_spec is None or op.input_spec is None:
+        return False
+    if op.weight_spec.granularity == "per_group":
+        return False
+    x_node, bias_node = facts.argument(node, "input"), facts.argument(node, "bias")
+    input_quantized = any(i < len(node.args) and node.args[i] is x_node for i in op.input_indices)
+    stored = isinstance(bias_node, fx.Node) and bias_node.op == "get_attr" and _param_of(gm, bias_node) is not None
+    return input_quantized and stored
+
+
+def _share_join_signs(annotations: Iterable[NodeAnnotation]) -> None:
+    """One sign per quantizer shared by a join group: non-negative only if every member it reads is."""
+    points = [p for a in annotations if a.tensor is not None for p in a.tensor.points if p.join_group is not None]
+    group_nonneg: Dict[Tuple[int, QuantSpec], bool] = {}
+    for point in points:
+        assert point.join_group is not None
+        key = (point.join_group, point.spec)
+        group_nonneg[key] = group_nonneg.get(key, True) and point.nonnegative
+    for point in points:
+        assert point.join_group is not None
+        point.nonnegative = group_nonneg[(point.join_group, point.spec)]
 
 
 def _is_fused_activation(node: fx.Node) -> bool:

@@ -219,3 +219,42 @@ def test_to_networkx_has_every_node_and_annotations() -> None:
     assert set(g.nodes) == {n.name for n in qm.graph.nodes}
     assert g.nodes["linear"]["fxquant"].op.kind == "linear"
     assert g.has_edge("fxq_quantizers_act_x", "linear")
+
+
+@pytest.mark.parametrize("share, integer_bias", [(False, True), (True, False)])
+def test_annotations_are_the_whole_plan_and_insertion_follows_them(share: bool, integer_bias: bool) -> None:
+    """Analysis resolves every granularity, the sign of each (shared) activation quantizer and the int32-bias
+    sites; the inserted quantizers are exactly what the annotations say."""
+    from fxquant.analyze import analyze
+    from fxquant.passes import run_passes
+    from fxquant.passes.fold_bn import fold_batchnorm
+    from fxquant.passes.functionalize import functionalize_modules
+    from fxquant.tracing import propagate_shapes
+
+    config = fxq.QuantConfig(share_join_scales=share, integer_bias=integer_bias,
+                             activation=fxq.QuantSpec(bits=8))  # granularity left to analysis
+    model, x = make("cnn")
+    gm = torch.fx.symbolic_trace(model)
+    run_passes(gm, (functionalize_modules, fold_batchnorm))
+    propagate_shapes(gm, x)
+    analyze(gm, config)
+    ops = {n.name: quant_op(n) for n in gm.graph.nodes if quant_op(n) is not None}
+    points = [p for n in gm.graph.nodes if tensor_info(n) is not None for p in tensor_info(n).points]
+    assert ops and points
+    assert all(op.weight_spec is None or op.weight_spec.granularity == "per_channel" for op in ops.values())
+    assert all(p.spec.granularity == "per_tensor" for p in points)
+    assert {name for name, op in ops.items() if op.int32_bias} == (
+        {name for name, op in ops.items() if op.weight_spec is not None and op.input_spec is not None}
+        if integer_bias else set())
+    if share:  # one sign per shared quantizer: signed, because the conv2 branch of the add is signed
+        group_points = [p for p in points if p.join_group is not None]
+        assert group_points and len({(p.join_group, p.spec, p.nonnegative) for p in group_points}) == len(
+            {(p.join_group, p.spec) for p in group_points})
+
+    qm = fxq.prepare(model, x, config)
+    quantizers = qm.fxq_quantizers
+    biases = [q for q in quantizers.values() if q.kind == "bias"]
+    assert len(biases) == sum(op.int32_bias for op in ops.values())
+    acts = [q for q in quantizers.values() if q.kind == "activation"]
+    assert all(q.granularity == "per_tensor" for q in acts)
+    assert all(q.granularity == "per_channel" for q in quantizers.values() if q.kind == "weight")

@@ -57,9 +57,10 @@ def _make_quantizer(
     spec: QuantSpec, config: QuantConfig, kind: str, shape: Tuple[int, ...], served: Tuple[str, ...], *,
     channel_axis: Optional[int] = None, block_axis: Optional[int] = None, nonnegative: bool = False,
 ) -> LearnableQuantizer:
-    granularity = spec.granularity or ("per_channel" if kind == KIND_WEIGHT else "per_tensor")
-    if kind == KIND_WEIGHT and channel_axis is None:
-        granularity = "per_tensor"
+    """The quantizer of an annotation's resolved `spec` (analysis decided granularity and sign)."""
+    granularity = spec.granularity
+    if granularity is None:
+        raise AssertionError(f"analysis left the granularity of the quantizer serving {served} unresolved")
     return LearnableQuantizer(
         kind=kind,
         tensor_shape=shape,
@@ -125,16 +126,6 @@ def insert_activation_quantizers(gm: fx.GraphModule, *, config: QuantConfig) -> 
     """Insert activation quantizers after annotated producers, rewiring only the annotated consumers."""
     container = quantizer_container(gm)
     nodes_by_name = {n.name: n for n in gm.graph.nodes}
-    # Join groups that share one quantizer: the shared quantizer is non-negative only if all members are.
-    group_nonneg: Dict[Tuple[int, QuantSpec], bool] = {}
-    for node in gm.graph.nodes:
-        info = tensor_info(node)
-        if info is None:
-            continue
-        for point in info.points:
-            if point.join_group is not None:
-                key = (point.join_group, point.spec)
-                group_nonneg[key] = group_nonneg.get(key, True) and point.nonnegative
     shared: Dict[Tuple[int, QuantSpec], str] = {}
     for node in list(gm.graph.nodes):
         info = tensor_info(node)
@@ -148,7 +139,7 @@ def insert_activation_quantizers(gm: fx.GraphModule, *, config: QuantConfig) -> 
         first: Optional[fx.Node] = None
         for point in sorted(info.points, key=lambda p: -p.spec.bits):
             served = tuple(_display_name(nodes_by_name[c]) for c in point.consumers)
-            name = _activation_quantizer(container, config, node, point, served, shape, shared, group_nonneg)
+            name = _activation_quantizer(container, config, node, point, served, shape, shared)
             source = node if first is None else first
             with gm.graph.inserting_after(source):
                 qnode = _quantizer_call(gm.graph, name, source)
@@ -172,18 +163,16 @@ def _activation_quantizer(
     served: Tuple[str, ...],
     shape: Tuple[int, ...],
     shared: Dict[Tuple[int, QuantSpec], str],
-    group_nonneg: Dict[Tuple[int, QuantSpec], bool],
 ) -> str:
     key = (point.join_group, point.spec) if point.join_group is not None else None
     if key is not None and key in shared:
         q = _learnable(container[shared[key]])
         q.served = q.served + served
         return shared[key]
-    nonneg = group_nonneg[key] if key is not None else point.nonnegative
     # a second quantizer of the same tensor (another spec, e.g. a join's 8 bits) is named after its reader
     base = f"act_{node.name}" if f"act_{node.name}" not in container else f"act_{node.name}_to_{point.consumers[0]}"
     name = _safe_name(base, container)
-    container[name] = _make_quantizer(point.spec, config, KIND_ACTIVATION, shape, served, nonnegative=nonneg)
+    container[name] = _make_quantizer(point.spec, config, KIND_ACTIVATION, shape, served, nonnegative=point.nonnegative)
     if key is not None:
         shared[key] = name
     return name
@@ -200,23 +189,20 @@ def _learnable_call(gm: fx.GraphModule, node: object, kind: str) -> Optional[Lea
 
 @graph_pass(requires=(WEIGHTS_QUANTIZED, ACTIVATIONS_QUANTIZED), ensures=(BIASES_QUANTIZED,))
 def insert_bias_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
-    """Put a `BiasQuantizer` on the bias of each conv/linear with quantized input and weight."""
+    """Put a `BiasQuantizer` on the bias of each op analysis marked `int32_bias` (input and weight quantized)."""
     container = quantizer_container(gm)
     for node in list(gm.graph.nodes):
-        facts = facts_of(node)
-        if node.op != "call_function" or facts is None or not facts.int32_bias:
+        op, facts = quant_op(node), facts_of(node)
+        if op is None or not op.int32_bias or facts is None:
             continue
         x_node, w_node = facts.argument(node, "input"), facts.argument(node, "weight")
         x_q = _learnable_call(gm, x_node, KIND_ACTIVATION)
         w_q = _learnable_call(gm, w_node, KIND_WEIGHT)
         bias_node = facts.argument(node, "bias")
-        if x_q is None or w_q is None or w_q.granularity == "per_group" or x_q.param_shape != ():
-            continue
-        if not (isinstance(bias_node, fx.Node) and bias_node.op == "get_attr"):
-            continue
         bias = stored_tensor(gm, bias_node)
-        if bias is None:
-            continue
+        if x_q is None or w_q is None or bias is None:
+            raise AssertionError(f"analysis marked {op.name} for an int32 bias but its input, weight or bias "
+                                 "is not quantized/stored after insertion")
         w_name = quantizer_name(w_node)
         name = _safe_name(f"{w_name}_bias", container)
         container[name] = BiasQuantizer(x_q, w_q, bias.numel())
