@@ -78,7 +78,8 @@ def run_fxquant(model: torch.nn.Module, bits: int, convention: str, seed: int, s
     cfg = fxq.QuantConfig(**cfg_kwargs)
     qm = fxq.prepare(model, batches[0][0][:8], cfg)
     t0 = time.perf_counter()
-    fxq.calibrate(qm, [b[0] for b in batches[:2]], num_batches=2, method=variant.get("calib_method", "minmax"))
+    calib_kwargs = {"method": variant["calib_method"]} if "calib_method" in variant else {}  # else fxquant's default
+    fxq.calibrate(qm, [b[0] for b in batches[:2]], num_batches=2, **calib_kwargs)
     kwargs: Dict[str, Any] = {}
     schedule = {SCHEDULE_KEYS[k]: float(v) for k, v in variant.items() if k in SCHEDULE_KEYS}
     if schedule:
