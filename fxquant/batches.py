@@ -167,7 +167,8 @@ def run_batch(model: nn.Module, batch: Batch, n_required: Optional[int] = None) 
 
 
 def cycle_batches(batches: Iterable[Batch], what: str = "batches") -> Iterator[Batch]:
-    """Iterate `batches` forever, restarting a finite iterable; an empty one is an error."""
+    """Iterate `batches` forever, restarting a finite iterable; an empty one is an error. A one-shot iterator
+    (a generator) cannot restart: the stream ends when it runs out (the caller says what that means)."""
     check_batches(batches, what)
     while True:
         empty = True
@@ -177,8 +178,4 @@ def cycle_batches(batches: Iterable[Batch], what: str = "batches") -> Iterator[B
         if empty:
             raise PrepareError(f"{what} is empty; give at least one batch.")
         if isinstance(batches, Iterator):
-            # A one-shot iterator (e.g. a generator) cannot restart; ask for a re-iterable one.
-            raise PrepareError(
-                f"{what} is a one-shot iterator that ran out; pass a list or a DataLoader so it can be cycled, "
-                "or fewer steps."
-            )
+            return

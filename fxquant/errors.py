@@ -43,5 +43,10 @@ class ParityError(FxQuantError, AssertionError):
     """onnxruntime's output differs from the frozen PyTorch module beyond the tolerance (`fxq.verify`)."""
 
 
+class InputError(FxQuantError, ValueError):
+    """A file or argument fxquant was given is missing or not what it must be (an ONNX model that is not one,
+    a data or weights file that cannot be read, a bad command-line value)."""
+
+
 class CheckpointError(FxQuantError, ValueError):
     """A state dict does not fit the module it is loaded into (other model, config, capture or state)."""

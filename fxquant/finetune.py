@@ -528,11 +528,12 @@ def _train(
     step = 0
     try:
         for step in range(1, steps + 1):
-            try:
-                batch = next(stream)
-            except PrepareError as e:  # a one-shot iterator ran out
-                result.stop_reason = str(e)
-                warnings.warn(f"finetune stopped after {step - 1} steps: {e}", FinetuneWarning, stacklevel=3)
+            batch = next(stream, None)
+            if batch is None:  # a one-shot iterator ran out
+                result.stop_reason = ("batches is a one-shot iterator that ran out; pass a list or a DataLoader so "
+                                      "it can be cycled, or fewer steps.")
+                warnings.warn(f"finetune stopped after {step - 1} steps: {result.stop_reason}", FinetuneWarning,
+                              stacklevel=3)
                 step -= 1
                 break
             coefficient = penalty_term.coefficient(step) if penalty_term is not None else 0.0

@@ -42,7 +42,7 @@ import torch
 from torch import fx, nn
 
 import fxquant as fxq
-from fxquant.errors import FxQuantError
+from fxquant.errors import InputError
 
 BITS_FORMAT = "W<bits>A<bits> such as W4A8 (4-bit weights, 8-bit activations) or W<bits> such as W4 (weights only)"
 MIN_TARGET_BITS = 2
@@ -56,7 +56,7 @@ TENSOR_SUFFIXES = (".pt", ".pth")
 GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F")
 
 
-class QuantizeInputError(FxQuantError, ValueError):
+class QuantizeInputError(InputError):
     """A bad argument of `fxquant quantize` (model, weights, data, bits, steps, output folder).
 
     The message is one line: it names the argument and the value, what was expected and the fix.

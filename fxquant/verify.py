@@ -37,7 +37,7 @@ import torch
 from torch import fx
 
 from fxquant.batches import Batch, call_batch, check_batches, describe_shapes, required_inputs, split_batch
-from fxquant.errors import ParityError, PrepareError, StateError
+from fxquant.errors import ConfigError, ParityError, PrepareError, StateError
 from fxquant.export.onnx_report import read_onnx_file
 from fxquant.graph import module_state, quantizer_calls, quantizer_name, quantizers_of
 from fxquant.quantizer import FrozenActivationQuantizer, FrozenWeight
@@ -497,10 +497,11 @@ def verify(
         and on a failed level the first activation quantizer where onnxruntime diverges (`divergence`).
 
     Raises:
-        StateError: `frozen` is not a frozen module, no batch was given, or the path is not a readable ONNX
-            file (missing, empty, not ONNX).
-        PrepareError: a single tensor or dict given as `batches` (pass `[X]`), or a batch that does not fit
-            the frozen module or the ONNX model's inputs (the message gives the shapes).
+        StateError: `frozen` is not a frozen module.
+        ConfigError: an unknown level.
+        InputError: the path is not a readable ONNX file (missing, empty, not ONNX).
+        PrepareError: no batch, a single tensor or dict given as `batches` (pass `[X]`), or a batch that does
+            not fit the frozen module or the ONNX model's inputs (the message gives the shapes).
         onnx.checker.ValidationError: the model is not valid ONNX.
         ParityError: an error or argmax agreement is beyond tolerance (names the provider and level).
     """
@@ -513,7 +514,7 @@ def verify(
         )
     unknown = [lv for lv in levels if lv not in LEVELS]
     if unknown:
-        raise StateError(f"verify levels {unknown} are unknown; use 'all' and/or 'disabled'.")
+        raise ConfigError(f"verify levels {unknown} are unknown; use 'all' and/or 'disabled'.")
     check_batches(batches, "verify's batches")
     if not isinstance(onnx_path_or_model, onnx.ModelProto):
         read_onnx_file(onnx_path_or_model, load_external_data=False)  # a clear error for what is not ONNX
@@ -558,7 +559,7 @@ def verify(
             if first_batch is None:
                 first_batch = batch
         if first_batch is None:
-            raise StateError("verify got no batches; give at least one batch of model inputs.")
+            raise PrepareError("verify got no batches; give at least one batch of model inputs.")
         step = _output_step(frozen)
         unit = "output steps" if step is not None else "relative to max |output|"
         tol = tolerance_steps if step is not None else rtol

@@ -113,8 +113,7 @@ def test_cycle_batches_errors() -> None:
         next(cycle_batches([]))
     stream = cycle_batches(iter([torch.zeros(1)]))
     next(stream)
-    with pytest.raises(fxq.PrepareError, match=r"one-shot iterator that ran out"):
-        next(stream)
+    assert next(stream, None) is None  # a one-shot iterator is read once: the stream ends
     assert [float(b) for b, _ in zip(cycle_batches([torch.tensor(1.0), torch.tensor(2.0)]), range(5))] == [1, 2, 1, 2, 1]
 
 

@@ -233,14 +233,24 @@ def test_verify_refuses_a_file_that_is_not_onnx(content, message, frozen_mlp, tm
     path = tmp_path / ("missing.onnx" if content is None else "bad.onnx")
     if content is not None:
         path.write_bytes(content)
-    with pytest.raises(fxq.StateError, match=message):
+    with pytest.raises(fxq.InputError, match=message):
         fxq.verify(frozen, str(path), [x])
-    with pytest.raises(fxq.StateError, match=message):
+    with pytest.raises(fxq.InputError, match=message):
         fxq.report(str(path))
 
 
+def test_verify_refuses_an_unknown_level_and_an_empty_batch_list(frozen_mlp, tmp_path) -> None:  # noqa: ANN001
+    frozen, x = frozen_mlp
+    path = str(tmp_path / "mlp.onnx")
+    fxq.export_onnx(frozen, x, path)
+    with pytest.raises(fxq.ConfigError, match=r"verify levels \['basic'\] are unknown; use 'all' and/or 'disabled'"):
+        fxq.verify(frozen, path, [x], levels=("basic",))
+    with pytest.raises(fxq.PrepareError, match=r"verify got no batches; give at least one batch of model inputs"):
+        fxq.verify(frozen, path, [])
+
+
 def test_read_onnx_file_refuses_a_directory(tmp_path) -> None:  # noqa: ANN001
-    with pytest.raises(fxq.StateError, match=r"no ONNX file at '.*' \(a directory there\)"):
+    with pytest.raises(fxq.InputError, match=r"no ONNX file at '.*' \(a directory there\)"):
         read_onnx_file(tmp_path)
 
 

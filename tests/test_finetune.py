@@ -227,6 +227,17 @@ def test_uncalibrated_module_is_calibrated_and_generators_work() -> None:
     assert result.calibrated and result.steps_run == 12 and result.met_target  # no target: always met
 
 
+def test_a_generator_that_runs_out_stops_finetune_with_a_warning_and_keeps_the_steps_run() -> None:
+    model, x = make("mlp", 8)
+    qm = fxq.prepare(model, x, fxq.QuantConfig(first_last_bits=None))
+    fxq.calibrate(qm, [x], progress=False)
+    gen = (torch.randn(16, 16) for _ in range(5))
+    with pytest.warns(FinetuneWarning, match=r"finetune stopped after 5 steps: batches is a one-shot iterator that "
+                                             r"ran out; pass a list or a DataLoader"):
+        result = fxq.finetune(qm, gen, teacher=model, steps=12, progress=False)
+    assert result.steps_run == 5 and len(result.history) == 5 and "one-shot iterator" in result.stop_reason
+
+
 def test_nonfinite_loss_skips_step_restores_last_good_state_and_reports() -> None:
     model, qm, batches = _prepared()
     bad = torch.full((16, 16), float("nan"))

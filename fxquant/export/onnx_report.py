@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from fxquant.errors import StateError
+from fxquant.errors import InputError
 from fxquant.export.plan import TYPE_BITS, TYPE_NAMES
 from fxquant.export.qdq import METADATA_PREFIX
 
@@ -119,22 +119,22 @@ def read_onnx_file(path: Union[str, os.PathLike], load_external_data: bool = Tru
         load_external_data: also read the tensors stored next to it (`<path>.data`).
 
     Raises:
-        StateError: no file at `path`, an empty file, or a file that does not parse as an ONNX model with an
+        InputError: no file at `path`, an empty file, or a file that does not parse as an ONNX model with an
             IR version and an opset (the message names the file).
     """
     source = os.fspath(path)
     fix = "give the path written by fxq.export_onnx (a binary .onnx file)."
     if not os.path.isfile(source):
         what = "a directory" if os.path.isdir(source) else "no file"
-        raise StateError(f"no ONNX file at {source!r} ({what} there); {fix}")
+        raise InputError(f"no ONNX file at {source!r} ({what} there); {fix}")
     if os.path.getsize(source) == 0:
-        raise StateError(f"{source!r} is not a readable ONNX model: the file is empty; {fix}")
+        raise InputError(f"{source!r} is not a readable ONNX model: the file is empty; {fix}")
     try:
         model = onnx.load(source, load_external_data=load_external_data)
     except Exception as e:  # noqa: BLE001 - any parse failure means "not an ONNX model"
-        raise StateError(f"{source!r} is not a readable ONNX model ({type(e).__name__}: {e}); {fix}") from e
+        raise InputError(f"{source!r} is not a readable ONNX model ({type(e).__name__}: {e}); {fix}") from e
     if model.ir_version == 0 or not model.opset_import:
-        raise StateError(
+        raise InputError(
             f"{source!r} is not a readable ONNX model: it parses but has no IR version or opset (not an ONNX "
             f"file?); {fix}"
         )
@@ -145,7 +145,7 @@ def onnx_report(model: Union[str, os.PathLike, onnx.ModelProto, Any]) -> OnnxQua
     """Report of the quant nodes of an ONNX model (path or `onnx.ModelProto`).
 
     Raises:
-        StateError: the file does not exist or is not an ONNX model (see `read_onnx_file`).
+        InputError: the file does not exist or is not an ONNX model (see `read_onnx_file`).
     """
     source = "<ModelProto>"
     if not isinstance(model, onnx.ModelProto):
