@@ -40,8 +40,9 @@ import fxquant as fxq  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "lowbit.jsonl")
 VARIANT_KEYS = ("mode", "quantize_joins", "quantize_outputs", "join_bits", "integer_bias", "calib_method", "lr",
-                "bits_lr", "penalty_growth", "warmup", "loss")
-SCHEDULE_KEYS = {"lr": "lr", "bits_lr": "bits_lr", "penalty_growth": "penalty_growth", "warmup": "warmup"}
+                "bits_lr", "penalty_growth", "warmup", "decay_start", "loss")
+SCHEDULE_KEYS = {"lr": "lr", "bits_lr": "bits_lr", "penalty_growth": "penalty_growth", "warmup": "warmup",
+                 "decay_start": "decay_start"}
 
 
 def run_lsq(model: torch.nn.Module, bits: int, convention: str, seed: int, steps: int,

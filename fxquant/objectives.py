@@ -107,6 +107,8 @@ class Schedule:
             budget (so at half the budget it is about half of it).
         final_lr_ratio: once the target is met, the LR decays exponentially to this fraction of its value
             by the last step. Without a target the decay starts at half the budget.
+        decay_start: fraction of the budget before which the decay never starts, even when the target is
+            met earlier (default None: the decay starts when the target is met).
         loss_momentum: momentum of the running mean of the base loss that normalises the penalty.
         bits_beta1: Adam `beta1` of the bits group (0: no momentum to carry bits past the hinge).
         floor: with per-kind targets, keep continuous bits at or above `target - 0.25` so the rounded bits
@@ -122,6 +124,7 @@ class Schedule:
     penalty_start: Optional[float] = None
     penalty_growth: float = 100.0
     final_lr_ratio: float = 0.05
+    decay_start: Optional[float] = None
     loss_momentum: float = 0.9
     bits_beta1: float = 0.0
     floor: bool = True
@@ -135,7 +138,7 @@ class Schedule:
             number = check_number(f"Schedule.{name}", value)
             if number < 0 or (number == 0 and name.endswith("lr")):
                 raise ConfigError(f"Schedule.{name}={value!r} must be positive; e.g. {name}=1e-3.")
-        for name in ("warmup", "penalty_start", "final_lr_ratio", "loss_momentum", "bits_beta1"):
+        for name in ("warmup", "penalty_start", "final_lr_ratio", "decay_start", "loss_momentum", "bits_beta1"):
             value = getattr(self, name)
             if value is None:
                 continue
@@ -278,20 +281,22 @@ class LearnedBits:
 
 class LrFactor:
     """The LR multiplier of `Schedule` for `torch.optim.lr_scheduler.LambdaLR`: linear warm-up, constant
-    until `decay_from` (set by `start_decay` when the target is met; half the budget without a target), then
-    exponential decay to `final_lr_ratio` at the last step."""
+    until `decay_from` (set by `start_decay` when the target is met; half the budget without a target; never
+    before `decay_start`), then exponential decay to `final_lr_ratio` at the last step."""
 
     def __init__(self, schedule: Schedule, steps: int, has_target: bool) -> None:
         self.steps, self.final = steps, schedule.final_lr_ratio
         self.warm_steps = max(1, round(schedule.warmup * steps))
+        self.earliest = round(schedule.decay_start * steps) if schedule.decay_start is not None else 0
         self.decay_from: Optional[int] = None
         self.gamma = 1.0
         if not has_target:
             self.start_decay(steps // 2)
 
     def start_decay(self, step: int) -> None:
-        """Decay from `step` on (once)."""
+        """Decay from `step` (or `decay_start`, if later) on; only the first call counts."""
         if self.decay_from is None:
+            step = max(step, self.earliest)
             self.decay_from = step
             self.gamma = self.final ** (1.0 / max(self.steps - step, 1))
 

@@ -485,3 +485,19 @@ def test_cuda_module_trains_on_cpu_batches_with_cpu_teacher() -> None:
     qm = qm.cuda()
     result = fxq.finetune(qm, batches, teacher=model, steps=60, target_bits=4, progress=False)
     assert result.met_target and all(p.is_cuda for p in qm.parameters())
+
+
+def test_lr_factor_warms_up_holds_and_decays_never_before_decay_start() -> None:
+    from fxquant.objectives import LrFactor
+
+    factor = LrFactor(Schedule(warmup=0.1, final_lr_ratio=0.05), steps=100, has_target=True)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == 1.0  # LambdaLR passes finished steps
+    factor.start_decay(20)
+    assert factor(19) == 1.0 and factor(20) < 1.0 and factor(99) == pytest.approx(0.05)
+    late = LrFactor(Schedule(decay_start=0.5), steps=100, has_target=True)
+    late.start_decay(20)  # the target met early: the decay still waits for half the budget
+    assert late.decay_from == 50 and late(49) == 1.0 and late(50) < 1.0 and late(99) == pytest.approx(0.05)
+    no_target = LrFactor(Schedule(), steps=100, has_target=False)
+    assert no_target.decay_from == 50
+    with pytest.raises(fxq.ConfigError, match=r"Schedule.decay_start=1.5 is a fraction"):
+        Schedule(decay_start=1.5)
