@@ -136,10 +136,10 @@ class QuantConfig:
             matmul run as MatMulIntegerToFloat without one). The graph's own outputs stay float.
         join_bits: bits of the activation quantizers that exist only for integer kernels (`quantize_joins`
             and `quantize_outputs`: inputs of add/concat, conv outputs read by pooling or float ops), fixed at
-            this width (or at the activation spec's initial bits if those are more). 8 (default): what onnxruntime's QLinearAdd/QLinearConcat/QLinearConv outputs compute
-            in, so narrower codes there would cost accuracy and save nothing (measured on a Fashion-MNIST
-            ResNet at W2A2: 2-bit residual sums cut top-1 from 69.5% to 51.2% after 60 steps). `None`: they
-            follow `activation` (learned, same target).
+            this width (or at the activation spec's initial bits if those are more). 8 (default): what
+            onnxruntime's QLinearAdd/QLinearConcat/QLinearConv outputs compute in, so narrower codes there
+            would cost accuracy and save nothing (docs/decisions.md, "Join bits"). `None`: they follow
+            `activation` (learned, same target).
         integer_bias: in eval mode (and so in `freeze` and the exported ONNX), round the bias of each
             conv/linear with quantized input and weight to the int32 grid `s_x * s_w`, as
             integer kernels add it, in training too (straight-through), so training sees the bias it deploys.

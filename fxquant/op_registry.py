@@ -74,8 +74,8 @@ class OpFacts:
         int32_bias: integer runtimes add its `bias` argument in int32 on the grid `s_x * s_w`.
         output_quantized: its integer kernel needs a QuantizeLinear after it (QLinearConv); linears and
             matmuls do not (onnxruntime's MatMulIntegerToFloat gives float outputs), and a Q/DQ pair on a GELU
-            or softmax input costs more than it saves (measured: transformer block 0.86x of fp32 with, 2.0x
-            without).
+            or softmax input costs more than it saves (docs/decisions.md, "No output quantizer after
+            GELU/softmax inputs").
         absorbs_batchnorm: an eval-mode BatchNorm reading its output folds into its weight and bias.
         batchnorm: the op is an eval-mode-capable BatchNorm (its statistics are read by name).
         float_reason: it holds or applies weights that stay float, and why (reported by `kept_float`).

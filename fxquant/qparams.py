@@ -9,10 +9,9 @@ nothing between the steps passes string-keyed dicts.
 
 Containers (the smallest ONNX integer type holding the codes, with the exceptions onnxruntime needs):
 
-- weights: signed INT4/INT8/INT16 (3, 5, 6, 7 bits ride in the next one); 2-bit weights ride in INT4 too:
-  onnxruntime 1.32 builds an invalid QLinearConv/QGemm from INT2 weights next to a quantized input, and fuses
-  a weight-only DequantizeLinear(INT2) -> MatMul into a MatMulNBits that computes wrong numbers (measured:
-  1.67 of the output's max off);
+- weights: signed INT4/INT8/INT16 (3, 5, 6, 7 bits ride in the next one); 2-bit weights ride in INT4 too,
+  because onnxruntime miscompiles INT2 weights (docs/decisions.md, "2-bit weights ride in INT4";
+  `tests/test_runtime_facts.py` says when that changes);
 - activations: UINT8 up to 8 bits, UINT16 above (onnxruntime has no uint2/uint4 activation kernels; a
   narrower width is clipped to its code range inside the container);
 - biases: INT32 (what integer kernels add).

@@ -10,12 +10,11 @@ classes)`. The optimized graph's op-type histogram says how much became integer 
 A difference is judged against the model's own sensitivity: how much the frozen module's output moves when
 the input of every activation quantizer is scaled by `1 + PERTURBATION` (1e-6). Two runtimes round the
 float sums in another order (~1e-7 relative), which flips the odd rounding tie at an inner quantizer; a deep
-network amplifies one flipped step into percents of its output (random-weight torchvision models at W8A8,
-224x224: ResNet-18 0.7%, mobilenet_v2 8%). The perturbation flips ties the same way, in PyTorch alone, so
-a runtime difference within `SENSITIVITY_FACTOR` times it is the model's, not the export's. (Scaling only
-the model's input rarely reaches a rounding boundary of the first quantizer on small inputs: it moved the
-output by 0 on 8 of 9 chaotic test networks whose ORT_DISABLE_ALL output differed by 3-34%; and integer
-token inputs cannot be scaled at all.) When a level fails, `verify` names the first activation quantizer,
+network amplifies one flipped step into percents of its output. The perturbation flips ties the same way,
+in PyTorch alone, so a runtime difference within `SENSITIVITY_FACTOR` times it is the model's, not the
+export's. (Scaling only the model's input rarely reaches a rounding boundary of the first quantizer, and
+integer token inputs cannot be scaled at all; the measurements are in docs/decisions.md, "The model's own
+sensitivity".) When a level fails, `verify` names the first activation quantizer,
 in graph order, where onnxruntime's codes depart from the frozen module's by more than that quantizer's own
 tolerance (one batch; the ONNX Q/DQ nodes are matched to FX nodes by their `fxquant.quantizer` metadata,
 which export writes).
@@ -56,8 +55,7 @@ LEVELS = {"all": "ORT_ENABLE_ALL", "disabled": "ORT_DISABLE_ALL"}
 PERTURBATION = 1e-6
 """Relative perturbation of every activation quantizer's input that measures the model's own sensitivity:
 about ten times the float32 rounding (~1e-7) by which two runtimes' sums differ, so it flips more rounding
-ties than a runtime does (on the chaotic nets below it changed 2-49% of the argmaxes where onnxruntime
-changed 0-7%)."""
+ties than a runtime does (docs/decisions.md, "The model's own sensitivity")."""
 SENSITIVITY_FACTOR = 1.5
 """A difference up to this many times the model's own sensitivity is the model's. The sensitivity is one
 draw of how far flipped ties carry: on 12 random-weight tanh CNNs (12-16 layers, W7A8, 128 samples) the
@@ -481,7 +479,7 @@ def verify(
         tolerance_steps: max abs error allowed, in output quantization steps (quantized outputs).
         rtol: max abs error relative to the largest reference magnitude (float outputs). In deep models
             float accumulation order flips the odd rounding at an inner Q node (one step there), which
-            reaches a float output as ~0.2-0.7% (ResNet-style CNN, 2-block transformer), at both levels.
+            reaches a float output as a fraction of a percent, at both levels.
             Either tolerance is raised to `SENSITIVITY_FACTOR` times the model's own sensitivity where that
             is larger (see the module docstring): a chaotic network moves that much by itself.
         min_argmax_agreement: smallest share of equal argmax allowed for `(batch, classes)` outputs (lowered

@@ -104,8 +104,7 @@ def translation_table(opset: int) -> Dict[Any, Callable[..., Any]]:
 
     def dq_onnx(codes, scale, zero_point, axis: int, block_size: int, onnx_type: int):  # noqa: ANN001, ANN202
         # An explicit zero point on weights: onnxruntime builds QGemm (integer linear layers) only from a
-        # DequantizeLinear that has one (measured: without it every linear ran as a float Gemm that
-        # dequantized its weight on every call, 0.03-0.05x of float for a CNN's classifier).
+        # DequantizeLinear that has one (docs/decisions.md, "An explicit zero point on weights").
         if onnx_type not in TORCH_STORABLE:
             codes = op.Cast(codes, to=onnx_type)
             if zero_point is not None:

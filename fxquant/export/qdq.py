@@ -19,8 +19,8 @@ opset lacks it or an option below asks for another:
 - activations (`FrozenActivationQuantizer`): `QuantizeLinear -> DequantizeLinear` with the frozen scale
   and zero point, in UINT8 (UINT16 above 8 bits); narrower widths get an integer `Clip` of the codes
   to their range after the QuantizeLinear (integer kernels still fuse around it). `narrow_activations=True` uses the smallest container (UINT2, UINT4) instead: valid ONNX, but
-  onnxruntime 1.32 has no kernel for it and its optimizer fails on uint4 after Clip/Relu (activations
-  take no space in the file, so nothing is lost by default). 8-bit activations are uint8 with the zero point at 0 after ReLU, and weights are
+  onnxruntime runs it without integer kernels or not at all (docs/decisions.md, "Narrow activations stay in
+  UINT8"; activations take no space in the file, so nothing is lost by default). 8-bit activations are uint8 with the zero point at 0 after ReLU, and weights are
   symmetric int8: the types onnxruntime fuses into QLinearConv/QLinearAdd/QGemm.
 - the opset is the lowest the containers need (18, the exporter's floor, for 8-bit; 21 for 4/16-bit
   and blocked scales; 25 for 2-bit activations with `narrow_activations`). With a lower `opset` given, narrow containers widen and a quantizer
@@ -345,8 +345,8 @@ def export_onnx(
             narrow containers; a quantizer with no container at that opset is exported as float
             arithmetic with the same numbers and reported in a warning and in `metadata_props`.
         keep_torch_metadata: keep the exporter's per-node debug metadata and `value_info` (larger file).
-        narrow_activations: store activations below 8 bits in UINT4/UINT2 (valid ONNX; onnxruntime 1.32
-            has no kernel for them and its optimizer fails on some of these patterns). Default: UINT8 with an
+        narrow_activations: store activations below 8 bits in UINT4/UINT2 (valid ONNX; onnxruntime runs
+            them without integer kernels or not at all, docs/decisions.md). Default: UINT8 with an
             integer Clip of the codes to the learned range, which computes the same numbers, runs everywhere
             and keeps integer kernels (QLinearConv, QLinearAdd) around it.
         int8_weights: store weights below 8 bits in INT8 (same codes, a larger file): onnxruntime's CPU

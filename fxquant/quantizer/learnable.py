@@ -268,7 +268,8 @@ class LearnableQuantizer(Quantizer):
         for r in candidates.tolist():
             candidate = self._grid(lo0 * r, hi0 * r, bits)
             grids.append({k: getattr(candidate, k).reshape(view) for k in ("scale", "zero_point", "qmin", "qmax")})
-        # one code range for all groups (the bits are not per group) clamps with numbers: 3x faster
+        # one code range for all groups (the bits are not per group) clamps with numbers (docs/decisions.md,
+        # "One code range in the clip search")
         scalar_range: List[Optional[Tuple[float, float]]] = [
             (float(g["qmin"].flatten()[0]), float(g["qmax"].flatten()[0]))
             if bool((g["qmin"] == g["qmin"].flatten()[0]).all() and (g["qmax"] == g["qmax"].flatten()[0]).all())
@@ -483,9 +484,8 @@ class BiasQuantizer(Quantizer):
     references, not submodules, so they are neither registered nor saved twice), so the eval-mode
     prepared module computes exactly what `freeze` stores as a `FrozenBias` and what integer kernels add.
     In training the rounding is straight-through (the bias learns on the grid it is deployed on): at low
-    bits `s_x * s_w` is coarse (W2A2: up to ~0.1 per channel) and a float bias in training left eval with
-    a systematic per-channel offset the weights never learned to absorb (measured: 87% top-1 in training
-    mode, 82% in eval on a Fashion-MNIST ResNet).
+    bits `s_x * s_w` is coarse, and a float bias in training left eval with a systematic per-channel offset
+    the weights never learned to absorb (docs/decisions.md, "Int32 bias in training").
     """
 
     input_quantizer: LearnableQuantizer

@@ -108,8 +108,8 @@ def dither_of_groups(grad_in: Tensor, shape: torch.Size) -> Tensor:
 
     `grad_in` is the upstream gradient inside the clamps (zero outside). For groups of at least
     `DITHER_EXACT_BELOW` elements the sum of independent signs is drawn from its Gaussian limit with the exact
-    variance `sum_i g_i^2 / 12` (one random number per group instead of one per element: the per-element draw
-    was 12% of a fine-tuning step); smaller groups draw every sign.
+    variance `sum_i g_i^2 / 12` (one random number per group instead of one per element; docs/decisions.md,
+    "Dither drawn per group"); smaller groups draw every sign.
     """
     numel_per_group = grad_in.numel() // max(math.prod(shape), 1)
     if numel_per_group < DITHER_EXACT_BELOW:
@@ -153,7 +153,7 @@ class _RoundClamp(torch.autograd.Function):
         grad_lo = grad_hi = grad_step = None
         if lo.numel() == 1 and hi.numel() == 1 and (need_lo or need_hi):
             # one index of the (few) clipped elements, gathered twice: boolean indexing ran `nonzero` once
-            # per tensor indexed, and that single-threaded scan was 8% of a fine-tuning step
+            # per tensor indexed (docs/decisions.md, "Clipped elements of a per-tensor quantizer")
             clipped = torch.nonzero(outside.reshape(-1)).squeeze(1)
             x_out, grad_out = x.reshape(-1).index_select(0, clipped), grad.reshape(-1).index_select(0, clipped)
             if need_hi:
