@@ -72,6 +72,30 @@ def check_float32(model: nn.Module, example_inputs: Any) -> None:
             raise PrepareError(f"{name} is {str(t.dtype).replace('torch.', '')}; {_FLOAT32_FIX}")
 
 
+def check_materialized(model: nn.Module, example_inputs: Any) -> None:
+    """Refuse parameters, buffers and example inputs on the `meta` device (no data).
+
+    `prepare` runs the model on its example inputs (shapes, the sign of tensors) and calibration reads the
+    weights, so a model built under `torch.device("meta")` must get its weights first; it would otherwise fail
+    deep inside shape propagation.
+
+    Raises:
+        PrepareError: names the first such tensor, how many hold no data, and how to load them.
+    """
+    tensors = [(f"{kind} {name!r}", t) for kind, named in (("parameter", model.named_parameters()),
+                                                            ("buffer", model.named_buffers())) for name, t in named]
+    tensors += list(_tensors(example_inputs, "example_inputs"))
+    empty = [name for name, t in tensors if t.is_meta]
+    if empty:
+        first = empty[0] if empty[0].startswith("example_inputs") else f"the model's {empty[0]}"
+        raise PrepareError(
+            f"{first} is on the meta device ({len(empty)} of {len(tensors)} tensors hold no data); prepare runs "
+            "the model on its example inputs, so give it its weights first: model.to_empty(device='cpu') then "
+            "model.load_state_dict(state_dict) (prepare(..., inplace=True) then quantizes those weights without "
+            "a second copy)."
+        )
+
+
 def _model_ops(gm: fx.GraphModule) -> List[str]:
     """The distinct ops of a captured graph, in order: functions, methods and module types."""
     leaves = dict(getattr(gm, FLOAT_MODULES_ATTR, {}) or {})
@@ -196,6 +220,7 @@ def prepare(
             f"inplace={inplace!r} is not a bool; pass inplace=False (prepare a copy, the default) or inplace=True "
             "(reuse the model's parameters; the model must not be used afterwards)."
         )
+    check_materialized(model, example_inputs)
     check_float32(model, example_inputs)
     was_training = model.training
     work = model if inplace else copy.deepcopy(model)

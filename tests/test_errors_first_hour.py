@@ -137,6 +137,22 @@ def test_prepare_refuses_models_that_are_not_float32(dtype: torch.dtype) -> None
         fxq.prepare(AddOnly(), (x, x.to(dtype)))
 
 
+def test_prepare_refuses_a_model_on_the_meta_device_and_says_how_to_load_it() -> None:
+    model, x = _mlp()
+    with torch.device("meta"):
+        empty = type(model)()
+    with pytest.raises(fxq.PrepareError, match=r"the model's parameter 'fc1.weight' is on the meta device \(\d+ of "
+                                               r"\d+ tensors hold no data\); .*model.to_empty\(device='cpu'\) then "
+                                               r"model.load_state_dict\(state_dict\)"):
+        fxq.prepare(empty, x)
+    with pytest.raises(fxq.PrepareError, match=r"example_inputs is on the meta device \(1 of \d+ tensors"):
+        fxq.prepare(model, x.to("meta"))
+    empty.to_empty(device="cpu")
+    empty.load_state_dict(model.state_dict())
+    loaded, reference = (fxq.calibrate(fxq.prepare(m, x), [x], progress=False).eval() for m in (empty, model))
+    assert torch.equal(loaded(x), reference(x))  # the fix works
+
+
 def test_prepare_accepts_integer_inputs_and_buffers() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2)).eval()
