@@ -222,6 +222,12 @@ def test_nodes_and_metadata_map_back_to_quantizers(tmp_path) -> None:
             assert meta["fxquant.fx_node"] == "fxq_quantizers_" + meta["fxquant.quantizer"]
     plans = json.loads({p.key: p.value for p in model.metadata_props}["fxquant.quantizers"])
     assert plans["conv1_weight"]["serves"] == ["conv1"]
+    # provenance comes from fxquant's own marks, which never reach the file, nor does the exporter's metadata
+    from fxquant.export.ops import PROVENANCE_DOMAIN
+
+    assert all(n.domain != PROVENANCE_DOMAIN for n in model.graph.node)
+    assert all(o.domain != PROVENANCE_DOMAIN for o in model.opset_import)
+    assert not any(p.key.startswith("pkg.torch") for n in model.graph.node for p in n.metadata_props)
     report = onnx_report(path)
     rows = {r.quantizer: r for r in report.rows}
     assert rows["conv1_weight"].dtype == "INT8" and rows["conv1_weight"].bits_used <= 8
@@ -461,3 +467,33 @@ def test_max_pooling_runs_on_integers_with_the_conv_output_quantized_after_it(tm
     # the first conv (ReLU fused) is an integer kernel; the last one, whose output is the model's, runs in float
     assert [n.op_type for n in graph.node].count("QLinearConv") == 1
     assert fxq.verify(frozen, path, [x]).ok
+
+
+def test_outputs_next_to_provenance_marks_keep_their_names_and_the_file_runs(tmp_path) -> None:
+    """A graph output that is also read by a quantized layer (so a quantizer's mark sits on it) stays an output
+    of the file under its exporter name after the marks are removed, and onnxruntime computes the frozen
+    module's numbers."""
+
+    class TwoOutputs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor):  # noqa: ANN201
+            h = torch.relu(self.fc1(x))
+            return h, self.fc2(h)
+
+    model, x = TwoOutputs().eval(), torch.randn(3, 8)
+    qm = fxq.prepare(model, x, fxq.QuantConfig(first_last_bits=None))
+    fxq.calibrate(qm, [x], progress=False)
+    frozen = fxq.freeze(qm)
+    proto = fxq.export_onnx(frozen, x, str(tmp_path / "m.onnx"))
+    onnx.checker.check_model(proto, full_check=True)
+    produced = {o for n in proto.graph.node for o in n.output}
+    assert len(proto.graph.output) == 2 and all(o.name in produced for o in proto.graph.output)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        expected = frozen(x)
+    for g, e in zip(got, expected):
+        assert np.abs(g - e.numpy()).max() < 1e-5

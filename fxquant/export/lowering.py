@@ -7,7 +7,8 @@
 - `linears_to_matmul`: `linear(x, W, b)` -> `matmul(x, W^T) + b` with the codes stored transposed (the
   pattern onnxruntime turns into MatMulNBits / QLinearMatMul / MatMulIntegerToFloat);
 - `use_export_stand_ins`: every planned frozen quantizer becomes a stand-in module that calls one custom op
-  of `fxquant.export.ops` (`_ExportActivation`, `_ExportDequantize`, `_ExportGatherDequantize`).
+  of `fxquant.export.ops` (`_ExportActivation`, `_ExportDequantize`, `_ExportGatherDequantize`), and every
+  quantizer call (stand-in or float arithmetic) is put between provenance marks naming it.
 
 The stand-ins compute exactly what the frozen quantizers compute; `tests/test_export_ops.py` checks each
 custom op's ONNX translation against `onnx.reference`.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import Dict, List
+from typing import Dict, List, Set
 
 import onnx
 import torch
@@ -189,23 +190,44 @@ def linears_to_matmul(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan]) ->
 @graph_pass(requires=(FROZEN,), ensures=(EXPORT_LOWERED,))
 def use_export_stand_ins(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan]) -> fx.GraphModule:
     """Replace each frozen quantizer planned as `"qdq"` by the stand-in module that calls its custom op
-    (after the rewrites above: they decide `gathered` and `transposed`)."""
+    (after the rewrites above: they decide `gathered` and `transposed`), and put every planned quantizer
+    between provenance marks."""
     container = quantizer_container(gm)
     for name, plan in plans.items():
-        if plan.lowering != "qdq":
-            continue
         q = container[name]
-        assert plan.onnx_type is not None and isinstance(q, (FrozenWeight, FrozenActivationQuantizer, FrozenBias))
-        qp = q.qparams()
-        if isinstance(q, FrozenActivationQuantizer):
-            container[name] = _ExportActivation(qp, plan.onnx_type)
-        elif plan.gathered:
-            container[name] = _ExportGatherDequantize(q.codes, qp, plan.onnx_type)
-        elif plan.transposed:  # linear weight (out, in) stored (in, out) for MatMul
-            container[name] = _ExportDequantize(q.codes.t(), qp.transposed(), plan.onnx_type)
-        else:
-            container[name] = _ExportDequantize(q.codes, qp, plan.onnx_type)
+        assert isinstance(q, (FrozenWeight, FrozenActivationQuantizer, FrozenBias))
+        stand_in: nn.Module = q
+        if plan.lowering == "qdq":
+            assert plan.onnx_type is not None
+            qp = q.qparams()
+            if isinstance(q, FrozenActivationQuantizer):
+                stand_in = _ExportActivation(qp, plan.onnx_type)
+            elif plan.gathered:
+                stand_in = _ExportGatherDequantize(q.codes, qp, plan.onnx_type)
+            elif plan.transposed:  # linear weight (out, in) stored (in, out) for MatMul
+                stand_in = _ExportDequantize(q.codes.t(), qp.transposed(), plan.onnx_type)
+            else:
+                stand_in = _ExportDequantize(q.codes, qp, plan.onnx_type)
+        container[name] = stand_in
+    _mark_provenance(gm, set(plans))
     return gm
+
+
+def _mark_provenance(gm: fx.GraphModule, names: Set[str]) -> None:
+    """`fxquant::provenance(..., end=False)` on each tensor a planned quantizer call reads, `end=True` on what it
+    returns, so export finds the ONNX nodes each quantizer emitted (`fxquant.export.qdq`)."""
+    graph = gm.graph
+    for node, name in list(quantizer_calls(graph)):
+        if name not in names:
+            continue
+        with graph.inserting_before(node):
+            for arg in node.all_input_nodes:
+                begin = graph.call_function(torch.ops.fxquant.provenance.default, (arg, name, False))
+                node.replace_input_with(arg, begin)
+        with graph.inserting_after(node):
+            end = graph.call_function(torch.ops.fxquant.provenance.default, (node, name, True))
+        for user in [u for u in node.users if u is not end]:
+            user.replace_input_with(node, end)
 
 
 def export_copy(frozen: fx.GraphModule, plans: Dict[str, QuantizerPlan]) -> fx.GraphModule:

@@ -1,4 +1,4 @@
-"""The two custom ops export lowers to ONNX QuantizeLinear/DequantizeLinear, and their translations.
+"""The custom ops export lowers to ONNX QuantizeLinear/DequantizeLinear, and their translations.
 
 `fxquant::quantize_dequantize` is exactly `FrozenActivationQuantizer.forward` (ONNX Q -> DQ in float);
 `fxquant::dequantize` is exactly `FrozenWeight.forward` / `FrozenBias.forward` (ONNX DequantizeLinear of
@@ -6,15 +6,23 @@ integer codes). torch.export keeps them as single nodes; `translation_table` tur
 functions emitting `QuantizeLinear [-> integer Clip] -> DequantizeLinear` and `[Cast ->] DequantizeLinear`. The
 `Cast` of a constant code buffer is folded by the exporter into an integer initializer of the container
 type (INT4, INT2, ...), which is what makes the file size reflect the bits.
+
+Provenance: `fxquant::provenance(x, quantizer, end)` is the identity; its translation is a node of fxquant's
+own domain (`PROVENANCE_DOMAIN`: `Begin`/`End` with a `quantizer` attribute) around each quantizer's stand-in,
+so export knows which ONNX nodes each quantizer emitted from marks it wrote itself, then removes the marks
+(`fxquant.export.qdq`). Nothing depends on the exporter's debug metadata.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional
 
+import onnx
 import onnxscript
 import torch
 from onnx import TensorProto
+from onnx.defs import OpSchema
+from onnxscript.values import Opset
 from torch import Tensor
 
 from fxquant.quantizer import fake_quantize
@@ -41,6 +49,39 @@ def quantize_dequantize(
 @quantize_dequantize.register_fake
 def _(x, scale, zero_point, code_min, code_max, qmin, qmax, onnx_type, clip):  # noqa: ANN001, ANN202
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("fxquant::provenance", mutates_args=())
+def provenance(x: Tensor, quantizer: str, end: bool) -> Tensor:
+    """The identity: marks `x` as entering (`end=False`) or leaving (`end=True`) quantizer `quantizer`'s part of
+    the graph, for the ONNX translation (a copy, as a custom op may not return its input)."""
+    return x.clone()
+
+
+@provenance.register_fake
+def _(x, quantizer, end):  # noqa: ANN001, ANN202
+    return torch.empty_like(x)
+
+
+PROVENANCE_DOMAIN = "fxquant.provenance"
+"""The ONNX domain of the provenance marks; they never reach a saved file."""
+
+_MARK_TYPES = [f"tensor({t})" for t in ("float", "float16", "bfloat16", "double", "int64", "int32", "int16", "int8",
+                                        "uint8", "uint16", "bool")]
+
+
+def _register_provenance_schemas() -> None:
+    """Declare `Begin`/`End` to onnx (onnxscript builds nodes only of declared ops); once per process."""
+    for name in ("Begin", "End"):
+        if onnx.defs.has(name, PROVENANCE_DOMAIN):
+            continue
+        onnx.defs.register_schema(OpSchema(
+            name, PROVENANCE_DOMAIN, 1,
+            doc="fxquant's mark of where a quantizer's nodes begin or end; removed after export",
+            inputs=[OpSchema.FormalParameter("X", "T")], outputs=[OpSchema.FormalParameter("Y", "T")],
+            type_constraints=[("T", _MARK_TYPES, "any tensor")],
+            attributes=[OpSchema.Attribute("quantizer", OpSchema.AttrType.STRING, "the quantizer's name")],
+        ))
 
 
 def broadcast_scale(codes: Tensor, scale: Tensor, axis: int, block_size: int) -> Tensor:
@@ -115,7 +156,14 @@ def translation_table(opset: int) -> Dict[Any, Callable[..., Any]]:
             return op.DequantizeLinear(codes, scale, zero_point)
         return op.DequantizeLinear(codes, scale, zero_point, axis=axis)
 
+    _register_provenance_schemas()
+    marks = Opset(PROVENANCE_DOMAIN, 1)
+
+    def provenance_onnx(x, quantizer: str, end: bool):  # noqa: ANN001, ANN202
+        return marks.End(x, quantizer=quantizer) if end else marks.Begin(x, quantizer=quantizer)
+
     return {
         torch.ops.fxquant.quantize_dequantize.default: qdq_onnx,
         torch.ops.fxquant.dequantize.default: dq_onnx,
+        torch.ops.fxquant.provenance.default: provenance_onnx,
     }

@@ -34,7 +34,6 @@ Each Q/DQ node is named `fxq/<quantizer>/<op>` and carries `metadata_props` `fxq
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import json
 import logging
@@ -55,9 +54,9 @@ from torch import fx, nn
 
 from fxquant.errors import ExportError, PrepareError, StateError
 from fxquant.export.lowering import export_copy
-from fxquant.export.ops import translation_table
+from fxquant.export.ops import PROVENANCE_DOMAIN, translation_table
 from fxquant.export.plan import TYPE_BITS, QuantizerPlan, plan_quantizers
-from fxquant.graph import module_state, quantizer_target
+from fxquant.graph import module_state
 from fxquant.tracing import (
     SHAPES_ATTR,
     DynamicDim,
@@ -180,22 +179,66 @@ def _create_temporary(path: Path) -> Tuple[int, str]:
     raise FileExistsError(f"no free temporary name next to {str(path)!r}")
 
 
-def _scopes(node: onnx.NodeProto) -> List[str]:
-    for p in node.metadata_props:
-        if p.key == "pkg.torch.onnx.name_scopes":
-            try:
-                return [str(s) for s in ast.literal_eval(p.value)]
-            except (ValueError, SyntaxError):
-                return []
-    return []
+_OWNER_KEY = "fxquant.export.owner"
+"""Temporary node metadata: the quantizer whose provenance marks enclose the node (replaced by `_annotate`)."""
 
 
-def _quantizer_of_node(node: onnx.NodeProto, names: Dict[str, str]) -> Optional[str]:
-    """The quantizer whose module emitted `node` (from the exporter's module scopes)."""
-    for scope in _scopes(node):
-        if scope in names:
-            return names[scope]
-    return None
+def _take_provenance(model: onnx.ModelProto) -> None:
+    """Tag every node between a quantizer's provenance marks with the quantizer's name, then remove the marks.
+
+    Walking back from each `End` mark, the nodes reached before a `Begin` mark, an initializer or a graph input
+    are the quantizer's (its Q/DQ, Clip, Casts of its constants, a gather's lookups). The marks become plain
+    edges; a graph output that was a mark's output keeps its name (its producer is renamed)."""
+    graph = model.graph
+    nodes = list(graph.node)
+    producer = {out: k for k, node in enumerate(nodes) for out in node.output}
+    owner: Dict[int, str] = {}
+    for node in nodes:
+        if node.domain != PROVENANCE_DOMAIN or node.op_type != "End":
+            continue
+        name = next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "quantizer")
+        stack = [node.input[0]]
+        while stack:
+            k = producer.get(stack.pop(), -1)
+            if k < 0 or k in owner or nodes[k].domain == PROVENANCE_DOMAIN:
+                continue
+            owner[k] = name.decode() if isinstance(name, bytes) else str(name)
+            stack.extend(i for i in nodes[k].input if i)
+    for k, name in owner.items():
+        nodes[k].metadata_props.add(key=_OWNER_KEY, value=name)
+    through = {n.output[0]: n.input[0] for n in nodes if n.domain == PROVENANCE_DOMAIN}
+
+    def source(tensor: str) -> str:
+        while tensor in through:
+            tensor = through[tensor]
+        return tensor
+
+    kept = [n for n in nodes if n.domain != PROVENANCE_DOMAIN]
+    renamed: Dict[str, str] = {}  # a mark's source tensor -> the graph output name it must keep
+    sources = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    for out in graph.output:
+        if out.name in through:
+            src = source(out.name)
+            if src in sources or src in renamed:  # nothing to rename: an Identity keeps the output's name
+                kept.append(onnx.helper.make_node("Identity", [src], [out.name]))
+            else:
+                renamed[src] = out.name
+    for node in kept:
+        for k, name in enumerate(node.input):
+            if name in through or name in renamed:
+                node.input[k] = renamed.get(source(name), source(name))
+        for k, name in enumerate(node.output):
+            if name in renamed:
+                node.output[k] = renamed[name]
+    del graph.node[:]
+    graph.node.extend(kept)
+    stale = set(through) | set(renamed)
+    alive_info = [v for v in graph.value_info if v.name not in stale]
+    del graph.value_info[:]
+    graph.value_info.extend(alive_info)
+    opsets = [o for o in model.opset_import if o.domain != PROVENANCE_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(opsets)
 
 
 def _fold_casts(model: onnx.ModelProto) -> None:
@@ -231,16 +274,13 @@ def _fold_casts(model: onnx.ModelProto) -> None:
 
 def _annotate(model: onnx.ModelProto, plans: Dict[str, QuantizerPlan], keep_torch_metadata: bool) -> None:
     """Name and tag the Q/DQ nodes by quantizer; strip exporter debug data a deployed file does not need."""
-    scope_names = {}
-    for name in plans:
-        scope_names[quantizer_target(name)] = name
-        scope_names[name] = name
     counters: Dict[Tuple[str, str], int] = {}
     for node in model.graph.node:
-        qname = _quantizer_of_node(node, scope_names)
-        if not keep_torch_metadata:
-            del node.metadata_props[:]
-        if qname is None:
+        qname = next((p.value for p in node.metadata_props if p.key == _OWNER_KEY), None)
+        kept = [p for p in node.metadata_props if keep_torch_metadata and p.key != _OWNER_KEY]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+        if qname is None or qname not in plans:
             continue
         plan = plans[qname]
         key = (qname, node.op_type)
@@ -420,6 +460,7 @@ def export_onnx(
         warnings.warn(f"fxquant export: {static}", stacklevel=2)
     model = program.model_proto
     _name_dynamic_dims(model, shapes, args, kwargs)
+    _take_provenance(model)
     _fold_casts(model)
     _annotate(model, plans, keep_torch_metadata)
     if out_path is not None:
