@@ -108,7 +108,8 @@ class Schedule:
         final_lr_ratio: once the target is met, the LR decays exponentially to this fraction of its value
             by the last step. Without a target the decay starts at half the budget.
         decay_start: fraction of the budget before which the decay never starts, even when the target is
-            met earlier (default None: the decay starts when the target is met).
+            met earlier (default 0.5: a target met early gets the same LR schedule as fixed bits; None: the
+            decay starts when the target is met). Measured in BENCHMARKS.md (ablation).
         loss_momentum: momentum of the running mean of the base loss that normalises the penalty.
         bits_beta1: Adam `beta1` of the bits group (0: no momentum to carry bits past the hinge).
         floor: with per-kind targets, keep continuous bits at or above `target - 0.25` so the rounded bits
@@ -124,7 +125,7 @@ class Schedule:
     penalty_start: Optional[float] = None
     penalty_growth: float = 100.0
     final_lr_ratio: float = 0.05
-    decay_start: Optional[float] = None
+    decay_start: Optional[float] = 0.5
     loss_momentum: float = 0.9
     bits_beta1: float = 0.0
     floor: bool = True

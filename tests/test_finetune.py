@@ -490,7 +490,7 @@ def test_cuda_module_trains_on_cpu_batches_with_cpu_teacher() -> None:
 def test_lr_factor_warms_up_holds_and_decays_never_before_decay_start() -> None:
     from fxquant.objectives import LrFactor
 
-    factor = LrFactor(Schedule(warmup=0.1, final_lr_ratio=0.05), steps=100, has_target=True)
+    factor = LrFactor(Schedule(warmup=0.1, final_lr_ratio=0.05, decay_start=None), steps=100, has_target=True)
     assert factor(0) == pytest.approx(0.1) and factor(9) == 1.0  # LambdaLR passes finished steps
     factor.start_decay(20)
     assert factor(19) == 1.0 and factor(20) < 1.0 and factor(99) == pytest.approx(0.05)
