@@ -4,10 +4,13 @@ Both loops do the same work per step: a teacher forward, a student forward and b
 Jeffreys-divergence loss, one Adam step. The float loop trains a copy of the float model; `fxq.finetune`
 trains the prepared module (W4A4 target, exterior penalty, every estimator) and also does its bookkeeping
 (penalty, bits statistics, candidate selection and state copies at the interval of a 300-step run; see
-`quant_steps_ms`). Prints ms/step for each and the ratio, measured in one run, for three models: the digits CNN, the Fashion-MNIST ResNet of `bench_lowbit.py` (~147k parameters)
-and a ResNet-18 (11M parameters, 32x32 inputs).
+`quant_steps_ms`). A step's time is the interval between the ends of two optimizer steps (`TimedAdam`), the
+mean over the second half of a run (bits at their target). Prints ms/step for each and the ratio, for three
+models: the digits CNN, the Fashion-MNIST ResNet of `bench_lowbit.py` (~147k parameters) and a ResNet-18
+(11M parameters, 32x32 inputs).
 
-Run: `python benchmarks/bench_finetune.py [--steps 30] [--threads 2] [--models digits,fashion,resnet18]`.
+Run: `python benchmarks/bench_finetune.py [--steps 30] [--threads 2] [--repeats 3] [--models digits,fashion,resnet18]`;
+each ratio is the median over `--repeats` float/quantized pairs measured next to each other.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -76,11 +80,31 @@ def setups(batch: int) -> Dict[str, Callable[[], Tuple[nn.Module, List[torch.Ten
     return {"digits": digits, "fashion": fashion, "resnet18": resnet18}
 
 
+class TimedAdam(torch.optim.Adam):
+    """Adam that records when each `step()` ends: the intervals between them are whole training steps
+    (forward, backward, penalty, bookkeeping), measured inside one run."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ends: List[float] = []
+
+    def step(self, closure: Any = None) -> Any:  # noqa: ANN401
+        out = super().step(closure)
+        self.ends.append(time.perf_counter())
+        return out
+
+
+def steady_ms(ends: List[float]) -> float:
+    """Mean ms per step over the second half of a run (bits at their target; the periodic candidate checks
+    and state copies of `fxq.finetune` included)."""
+    half = ends[len(ends) // 2 :]
+    return (half[-1] - half[0]) * 1000.0 / max(len(half) - 1, 1)
+
+
 def float_steps_ms(model: nn.Module, batches: List[torch.Tensor], steps: int) -> float:
     """ms per float distillation step (teacher forward, student forward/backward, Adam)."""
     student = copy.deepcopy(model).train()
-    opt = torch.optim.Adam(student.parameters(), 1e-3)
-    t0 = time.perf_counter()
+    opt = TimedAdam(student.parameters(), 1e-3)
     for i in range(steps):
         x = batches[i % len(batches)]
         with torch.no_grad():
@@ -89,7 +113,7 @@ def float_steps_ms(model: nn.Module, batches: List[torch.Tensor], steps: int) ->
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return (time.perf_counter() - t0) * 1000.0 / steps
+    return steady_ms(opt.ends)
 
 
 EVAL_EVERY = 300 // 20
@@ -97,20 +121,20 @@ EVAL_EVERY = 300 // 20
 
 
 def quant_steps_ms(model: nn.Module, batches: List[torch.Tensor], steps: int, mode: str) -> float:
-    """ms per `fxq.finetune` step (W4A4, exterior penalty), calibration excluded: the marginal cost
-    `(T(2 * steps) - T(steps)) / steps`, so once-per-run work (the dry run, the first and the final state
-    copies) is left out and the per-step bookkeeping of a 300-step run (candidate checks and state copies
-    every `EVAL_EVERY` steps) is in."""
+    """ms per `fxq.finetune` step (W4A4, exterior penalty) in the second half of a run, calibration
+    excluded, with the per-step bookkeeping of a 300-step run (candidate checks and state copies every
+    `EVAL_EVERY` steps)."""
+    qm = fxq.prepare(model, batches[0][:8], fxq.QuantConfig(mode=mode))
+    fxq.calibrate(qm, batches[:2], num_batches=2)
+    made: List[TimedAdam] = []
 
-    def run(n: int) -> float:
-        qm = fxq.prepare(model, batches[0][:8], fxq.QuantConfig(mode=mode))
-        fxq.calibrate(qm, batches[:2], num_batches=2)
-        t0 = time.perf_counter()
-        fxq.finetune(qm, batches, teacher=model, steps=n, target_bits=4, progress=False, eval_every=EVAL_EVERY)
-        return time.perf_counter() - t0
+    def timed_adam(groups: List[Dict[str, Any]]) -> torch.optim.Optimizer:
+        made.append(TimedAdam(groups))
+        return made[-1]
 
-    run(2)  # warm-up
-    return (run(2 * steps) - run(steps)) * 1000.0 / steps
+    fxq.finetune(qm, batches, teacher=model, steps=steps, target_bits=4, progress=False, eval_every=EVAL_EVERY,
+                 optimizer=timed_adam)
+    return steady_ms(made[-1].ends)
 
 
 def main() -> None:
@@ -119,6 +143,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="batch of the digits CNN")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", default="digits,fashion,resnet18")
+    parser.add_argument("--repeats", type=int, default=3, help="float/quantized pairs per estimator (median ratio)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -127,15 +152,23 @@ def main() -> None:
     print("|---|---|---|" + "---|" * len(fxq.quantizer.ESTIMATORS))
     for name in args.models.split(","):
         model, batches = setups(args.batch)[name]()
-        steps = max(5, args.steps // (6 if name == "resnet18" else 1))
+        steps = max(10, args.steps // (3 if name == "resnet18" else 1))
         float_steps_ms(model, batches, 2)  # warm-up
-        fp = float_steps_ms(model, batches, steps)
+        floats: List[float] = []
         cells = []
         for mode in fxq.quantizer.ESTIMATORS:
-            ms = quant_steps_ms(model, batches, steps, mode)
-            cells.append(f"{ms:.1f} ({ms / fp:.2f}x)")
+            # float and quantized steps measured next to each other, `repeats` times: the ratio of each pair,
+            # then the median (a busy machine moves both alike; one pair alone varied by +-0.25x)
+            pairs = []
+            for _ in range(args.repeats):
+                fp = float_steps_ms(model, batches, steps)
+                pairs.append((fp, quant_steps_ms(model, batches, steps, mode)))
+                floats.append(fp)
+            ratio = statistics.median(q / f for f, q in pairs)
+            ms = statistics.median(q for _, q in pairs)
+            cells.append(f"{ms:.1f} ({ratio:.2f}x)")
         params = sum(p.numel() for p in model.parameters())
-        print(f"| {name} | {params / 1e6:.2f}M | {fp:.1f} | {' | '.join(cells)} |", flush=True)
+        print(f"| {name} | {params / 1e6:.2f}M | {statistics.median(floats):.1f} | {' | '.join(cells)} |", flush=True)
 
 
 if __name__ == "__main__":

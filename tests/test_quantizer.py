@@ -107,7 +107,8 @@ def test_round_clamp_gradients_match_lsq_autograd_reference() -> None:
     assert torch.allclose(x.grad, x2.grad) and torch.allclose(step.grad, s2.grad, atol=1e-6)
 
 
-@pytest.mark.parametrize("clamp_shape", [(), (1, 3, 1)], ids=["one clamp pair", "per channel"])
+@pytest.mark.parametrize("clamp_shape", [(), (1, 3, 1), (5, 1, 7), (3, 1)],
+                         ids=["one clamp pair", "per channel", "two axes", "right-aligned"])
 def test_round_clamp_clamp_and_step_gradients_match_plain_autograd(clamp_shape: tuple) -> None:
     """Both backward paths (sums over the clipped elements for one clamp pair, reductions per group
     otherwise) equal the same function written with plain autograd ops, asymmetric clamps included."""
