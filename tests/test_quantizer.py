@@ -359,3 +359,25 @@ def test_mse_clip_ratio_matches_the_direct_search_across_slices(layout: str, bit
     expected = _direct_mse_clip_ratio(q, x, b, 24)
     assert torch.equal(q.mse_clip_ratio(x, b), expected)
     assert bool((expected < 1.0).any()) or bits == 8  # the search does pick clips below min/max at low bits
+
+
+@pytest.mark.parametrize("bias_scale", [1.0, 1e12], ids=["fits int32", "codes overflow int32"])
+def test_bias_in_training_has_the_values_eval_and_freeze_give_it(bias_scale: float) -> None:
+    """Training mode rounds the bias in float without a host sync; its values equal eval's int32 path, also
+    when a code would not fit in int32 (then both keep the float bias), and its gradient is straight-through."""
+    from fxquant.quantizer import BiasQuantizer
+
+    torch.manual_seed(0)
+    x_q = LearnableQuantizer(kind="activation", tensor_shape=(4, 6), bits=4, min_bits=2, max_bits=8)
+    w_q = LearnableQuantizer(kind="weight", tensor_shape=(5, 6), bits=4, min_bits=2, max_bits=8,
+                             granularity="per_channel", channel_axis=0, symmetric=True)
+    x_q.init_from_tensor(torch.randn(4, 6))
+    w_q.init_from_tensor(torch.randn(5, 6))
+    q = BiasQuantizer(x_q, w_q, 5)
+    bias = (torch.randn(5) * bias_scale).requires_grad_(True)
+    trained = q.train()(bias)
+    evaluated = q.eval()(bias.detach())
+    assert torch.equal(trained.detach(), evaluated)
+    assert torch.equal(evaluated, bias.detach()) == (bias_scale > 1.0)  # an overflow keeps the float bias
+    trained.sum().backward()
+    assert torch.equal(bias.grad, torch.ones(5))

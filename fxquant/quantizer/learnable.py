@@ -38,6 +38,7 @@ from fxquant.quantizer.numerics import (
     FOLLOW_COLUMNS,
     FOLLOW_RATIOS,
     FOLLOW_SAMPLE,
+    INT32_MAX,
     KIND_BIAS,
     KIND_WEIGHT,
     MIN_STEP,
@@ -235,6 +236,12 @@ class LearnableQuantizer(Quantizer):
         expansion)."""
         lo, hi = self.clamp_bounds()
         return self._grid(lo, hi, self.integer_bits())
+
+    @torch.no_grad()
+    def integer_scale(self) -> Tensor:
+        """The scale of `integer_grid()` alone (what the int32 bias reads every training step)."""
+        lo, hi = self.clamp_bounds()
+        return self._step_of(lo, hi, self._levels(self.integer_bits()))
 
     def _split_blocks(self, x: Tensor) -> Tuple[Tensor, Tuple[int, ...]]:
         """`x` with its block axis split into `(blocks, group_size)`, and the group shape in that view (a 1
@@ -507,8 +514,7 @@ class BiasQuantizer(Quantizer):
     def integer_grid(self) -> IntegerGrid:
         """The int32 grid `s_x * s_w` of the current integer scales, one step per output channel."""
         return IntegerGrid.int32(bias_scale(
-            self.input_quantizer.integer_grid().scale, self.weight_quantizer.integer_grid().scale,
-            self.tensor_shape[0],
+            self.input_quantizer.integer_scale(), self.weight_quantizer.integer_scale(), self.tensor_shape[0],
         ))
 
     @torch.no_grad()
@@ -526,12 +532,24 @@ class BiasQuantizer(Quantizer):
     def forward(self, bias: Tensor) -> Tensor:
         if not self.active():
             return bias
+        if self.training:
+            return bias + (self._rounded(bias) - bias).detach()
         found = self.integer_bias(bias)
         if found is None:
             return bias
         codes, scale = found
-        rounded = codes.to(scale.dtype) * scale
-        return bias + (rounded - bias).detach() if self.training else rounded
+        return codes.to(scale.dtype) * scale
+
+    @torch.no_grad()
+    def _rounded(self, bias: Tensor) -> Tensor:
+        """The values `integer_bias` gives, computed in float without a host sync (a training step on CUDA
+        must not wait on every bias): `round(b / s) * s`, or `b` when a code would not fit in int32. Equal
+        to eval's: the rounded codes are float32 integers, which int32 holds exactly."""
+        scale = bias_scale(self.input_quantizer.integer_scale(), self.weight_quantizer.integer_scale(),
+                           bias.numel()).reshape(bias.shape)
+        codes = torch.round(bias / scale)
+        fits = torch.isfinite(codes).all() & (codes.abs().amax() < float(INT32_MAX + 1))  # as quantize_bias
+        return torch.where(fits, codes * scale, bias)
 
 
 def iter_learnable(module: nn.Module) -> List[Tuple[str, LearnableQuantizer]]:
