@@ -52,6 +52,15 @@ def _tensors(value: Any, path: str) -> Iterator[Tuple[str, torch.Tensor]]:
             yield from _tensors(v, f"{path}[{k!r}]")
 
 
+def _model_tensors(model: nn.Module, example_inputs: Any) -> Iterator[Tuple[str, torch.Tensor]]:
+    """`(what, tensor)` for the model's parameters and buffers ("the model's parameter 'fc1.weight'") and the
+    example inputs ("example_inputs[1]"), the tensors prepare's checks look at."""
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in named:
+            yield f"the model's {kind} {name!r}", t
+    yield from _tensors(example_inputs, "example_inputs")
+
+
 def check_float32(model: nn.Module, example_inputs: Any) -> None:
     """Refuse floating-point parameters, buffers and example inputs that are not float32.
 
@@ -61,15 +70,9 @@ def check_float32(model: nn.Module, example_inputs: Any) -> None:
     Raises:
         PrepareError: names the first such tensor and its dtype, and says to call `model.float()`.
     """
-    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-        for name, t in named:
-            if t.is_floating_point() and t.dtype != torch.float32:
-                raise PrepareError(
-                    f"the model's {kind} {name!r} is {str(t.dtype).replace('torch.', '')}; {_FLOAT32_FIX}"
-                )
-    for name, t in _tensors(example_inputs, "example_inputs"):
+    for what, t in _model_tensors(model, example_inputs):
         if t.is_floating_point() and t.dtype != torch.float32:
-            raise PrepareError(f"{name} is {str(t.dtype).replace('torch.', '')}; {_FLOAT32_FIX}")
+            raise PrepareError(f"{what} is {str(t.dtype).replace('torch.', '')}; {_FLOAT32_FIX}")
 
 
 def check_materialized(model: nn.Module, example_inputs: Any) -> None:
@@ -82,14 +85,11 @@ def check_materialized(model: nn.Module, example_inputs: Any) -> None:
     Raises:
         PrepareError: names the first such tensor, how many hold no data, and how to load them.
     """
-    tensors = [(f"{kind} {name!r}", t) for kind, named in (("parameter", model.named_parameters()),
-                                                            ("buffer", model.named_buffers())) for name, t in named]
-    tensors += list(_tensors(example_inputs, "example_inputs"))
-    empty = [name for name, t in tensors if t.is_meta]
+    tensors = list(_model_tensors(model, example_inputs))
+    empty = [what for what, t in tensors if t.is_meta]
     if empty:
-        first = empty[0] if empty[0].startswith("example_inputs") else f"the model's {empty[0]}"
         raise PrepareError(
-            f"{first} is on the meta device ({len(empty)} of {len(tensors)} tensors hold no data); prepare runs "
+            f"{empty[0]} is on the meta device ({len(empty)} of {len(tensors)} tensors hold no data); prepare runs "
             "the model on its example inputs, so give it its weights first: model.to_empty(device='cpu') then "
             "model.load_state_dict(state_dict) (prepare(..., inplace=True) then quantizes those weights without "
             "a second copy)."

@@ -40,6 +40,7 @@ from fxquant.quantizer.numerics import (
     dither_of_groups,
     expand_groups,
     fake_quantize,
+    fits_int32,
     grad_scale,
     group_param_shape,
     mean_over_ranks,
@@ -57,7 +58,7 @@ __all__ = [
     "FOLLOW_RATIOS", "FOLLOW_SAMPLE", "FrozenActivationQuantizer", "FrozenBias", "FrozenWeight", "INT32_MAX",
     "IntegerGrid", "KIND_ACTIVATION", "KIND_BIAS", "KIND_WEIGHT", "LearnableQuantizer", "MIN_STEP", "MSE_SLICE",
     "NoiseEstimator", "Quantizer", "QuantizerSummary", "SteEstimator", "bias_scale", "bits_storage_bytes",
-    "clamp_ste", "dequantize_codes", "dither_of_groups", "expand_groups", "fake_quantize", "grad_scale",
+    "clamp_ste", "dequantize_codes", "dither_of_groups", "expand_groups", "fake_quantize", "fits_int32", "grad_scale",
     "group_param_shape", "iter_learnable", "make_estimator", "mean_over_ranks", "pseudo_quantization_noise",
     "quantize_bias", "quantize_codes", "reduce_to_groups", "reduce_to_shape", "round_clamp", "round_ste",
 ]

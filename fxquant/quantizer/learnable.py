@@ -38,7 +38,6 @@ from fxquant.quantizer.numerics import (
     FOLLOW_COLUMNS,
     FOLLOW_RATIOS,
     FOLLOW_SAMPLE,
-    INT32_MAX,
     KIND_BIAS,
     KIND_WEIGHT,
     MIN_STEP,
@@ -47,6 +46,7 @@ from fxquant.quantizer.numerics import (
     clamp_ste,
     expand_groups,
     fake_quantize,
+    fits_int32,
     grad_scale,
     group_param_shape,
     mean_over_ranks,
@@ -461,8 +461,7 @@ class LearnableQuantizer(Quantizer):
 
     def group_numel(self) -> int:
         """Elements per group (per bit-width entry)."""
-        total = math.prod(self.tensor_shape) if self.tensor_shape else 1
-        return total // max(self.bits_param.numel(), 1)
+        return self.numel() // max(self.bits_param.numel(), 1)
 
     def size_bits(self) -> Tensor:
         """Differentiable storage of the quantized tensor in bits: `sum(group_numel * b)`."""
@@ -511,11 +510,13 @@ class BiasQuantizer(Quantizer):
         return all(q.enabled and not q.observing and bool(q.initialized) for q in sources)
 
     @torch.no_grad()
+    def _step(self, channels: int) -> Tensor:
+        """`s_x * s_w` of the current integer scales, one step per output channel."""
+        return bias_scale(self.input_quantizer.integer_scale(), self.weight_quantizer.integer_scale(), channels)
+
     def integer_grid(self) -> IntegerGrid:
         """The int32 grid `s_x * s_w` of the current integer scales, one step per output channel."""
-        return IntegerGrid.int32(bias_scale(
-            self.input_quantizer.integer_scale(), self.weight_quantizer.integer_scale(), self.tensor_shape[0],
-        ))
+        return IntegerGrid.int32(self._step(self.tensor_shape[0]))
 
     @torch.no_grad()
     def integer_bias(self, bias: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
@@ -523,7 +524,7 @@ class BiasQuantizer(Quantizer):
         if bias.numel() != self.tensor_shape[0]:
             raise StateError(f"bias quantizer for {', '.join(self.served)} expects {self.tensor_shape[0]} channels, "
                              f"got a bias of shape {tuple(bias.shape)}")
-        scale = self.integer_grid().scale
+        scale = self._step(bias.numel())
         codes = quantize_bias(bias, scale)
         if codes is None:
             return None
@@ -545,11 +546,9 @@ class BiasQuantizer(Quantizer):
         """The values `integer_bias` gives, computed in float without a host sync (a training step on CUDA
         must not wait on every bias): `round(b / s) * s`, or `b` when a code would not fit in int32. Equal
         to eval's: the rounded codes are float32 integers, which int32 holds exactly."""
-        scale = bias_scale(self.input_quantizer.integer_scale(), self.weight_quantizer.integer_scale(),
-                           bias.numel()).reshape(bias.shape)
+        scale = self._step(bias.numel()).reshape(bias.shape)
         codes = torch.round(bias / scale)
-        fits = torch.isfinite(codes).all() & (codes.abs().amax() < float(INT32_MAX + 1))  # as quantize_bias
-        return torch.where(fits, codes * scale, bias)
+        return torch.where(fits_int32(codes), codes * scale, bias)
 
 
 def iter_learnable(module: nn.Module) -> List[Tuple[str, LearnableQuantizer]]:

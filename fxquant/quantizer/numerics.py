@@ -274,6 +274,12 @@ def bias_scale(input_scale: Tensor, weight_scale: Tensor, channels: int) -> Tens
     return s.expand(channels).clone() if s.numel() == 1 else s.clone()
 
 
+def fits_int32(codes: Tensor) -> Tensor:
+    """Whether every one of `codes` (integer-valued floats) is finite and fits in int32, as a 0-d bool tensor
+    (no host sync). `2^31` is exact in float32, so the bound holds for float32 codes too."""
+    return torch.isfinite(codes).all() & (codes.abs().amax() < 2.0**31)
+
+
 def quantize_bias(bias: Tensor, scale: Tensor) -> Optional[Tensor]:
     """int32 codes `round(bias / scale)` of a bias on the grid `scale` (ONNX's QLinearConv/QGemm bias).
 
@@ -281,6 +287,6 @@ def quantize_bias(bias: Tensor, scale: Tensor) -> Optional[Tensor]:
     stays float.
     """
     codes = torch.round(bias.detach().to(scale.dtype) / scale)
-    if not bool(torch.isfinite(codes).all()) or float(codes.abs().max()) > INT32_MAX:
+    if not bool(fits_int32(codes)):
         return None
     return codes.to(torch.int32)
