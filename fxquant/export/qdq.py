@@ -188,7 +188,7 @@ def _take_provenance(model: onnx.ModelProto) -> None:
 
     Walking back from each `End` mark, the nodes reached before a `Begin` mark, an initializer or a graph input
     are the quantizer's (its Q/DQ, Clip, Casts of its constants, a gather's lookups). The marks become plain
-    edges; a graph output that was a mark's output keeps its name (its producer is renamed)."""
+    edges (a graph output that was a mark's output keeps its name through an Identity)."""
     graph = model.graph
     nodes = list(graph.node)
     producer = {out: k for k, node in enumerate(nodes) for out in node.output}
@@ -214,25 +214,15 @@ def _take_provenance(model: onnx.ModelProto) -> None:
         return tensor
 
     kept = [n for n in nodes if n.domain != PROVENANCE_DOMAIN]
-    renamed: Dict[str, str] = {}  # a mark's source tensor -> the graph output name it must keep
-    sources = {i.name for i in graph.input} | {i.name for i in graph.initializer}
-    for out in graph.output:
-        if out.name in through:
-            src = source(out.name)
-            if src in sources or src in renamed:  # nothing to rename: an Identity keeps the output's name
-                kept.append(onnx.helper.make_node("Identity", [src], [out.name]))
-            else:
-                renamed[src] = out.name
     for node in kept:
         for k, name in enumerate(node.input):
-            if name in through or name in renamed:
-                node.input[k] = renamed.get(source(name), source(name))
-        for k, name in enumerate(node.output):
-            if name in renamed:
-                node.output[k] = renamed[name]
+            if name in through:
+                node.input[k] = source(name)
+    # fxquant keeps graph outputs float, so a mark's output is not one; should it be, an Identity keeps its name
+    kept += [onnx.helper.make_node("Identity", [source(o.name)], [o.name]) for o in graph.output if o.name in through]
     del graph.node[:]
     graph.node.extend(kept)
-    stale = set(through) | set(renamed)
+    stale = set(through)
     alive_info = [v for v in graph.value_info if v.name not in stale]
     del graph.value_info[:]
     graph.value_info.extend(alive_info)
