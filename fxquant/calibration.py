@@ -13,7 +13,7 @@ high precision after `prepare`) unless `bits` is given; fine-tuning then descend
 from __future__ import annotations
 
 import itertools
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import fx
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from fxquant.batches import Batch, call_batch, check_batches
 from fxquant.errors import ConfigError, PrepareError, StateError
-from fxquant.graph import tensors_read_by_quantizers
+from fxquant.graph import quantizer_calls, quantizer_name, tensors_read_by_quantizers
 from fxquant.quantizer import KIND_WEIGHT, LearnableQuantizer, iter_learnable
 
 METHODS = ("mse", "minmax", "percentile")
@@ -75,6 +75,7 @@ def calibrate(
     samples: Dict[str, List[torch.Tensor]] = {}
     reservoirs: Dict[str, _Reservoir] = {}
     hooks = []
+    sample_owner = _sample_owners(qm)
     weights_enabled = [(q, q.enabled) for _, q in quantizers if q.kind == KIND_WEIGHT]
     for name, q in quantizers:
         if q.kind == KIND_WEIGHT:
@@ -85,12 +86,20 @@ def calibrate(
         q.observed_min.fill_(float("inf"))
         q.observed_max.fill_(float("-inf"))
         q.observing = True
+        owner = sample_owner.get(name, name)
+        if owner != name:
+            continue  # samples[owner]/reservoirs[owner] hold the same tensors' values (below)
         if method == "percentile":
             samples[name] = []
             hooks.append(q.register_forward_hook(_percentile_hook(samples[name], percentile)))
         elif method == "mse":
             reservoirs[name] = _Reservoir(min(num_batches, SAMPLE_BATCHES), q.hi.device)
             hooks.append(q.register_forward_hook(reservoirs[name].hook))
+    for name, owner in sample_owner.items():
+        if owner in samples:
+            samples[name] = samples[owner]
+        if owner in reservoirs:
+            reservoirs[name] = reservoirs[owner]
     seen = 0
     qm.eval()
     try:
@@ -131,6 +140,26 @@ def calibrate(
             elif q.kind != KIND_WEIGHT and name in reservoirs and reservoirs[name].seen:
                 q.fit_clamps_mse(reservoirs[name].values())
     return qm
+
+
+def _sample_owners(qm: fx.GraphModule) -> Dict[str, str]:
+    """For every activation quantizer, the first quantizer (by name) that reads exactly the same tensors.
+
+    A tensor read by a quantized op and by a join (or any two consumers with different specs) has one
+    quantizer per spec, the second often reading the first's output (a requantization). In calibration every
+    quantizer passes its input through, so they see the same values, and they share one sample of them: at equal bits their clip
+    search then finds equal clamps, and the exported graph needs no requantization between them (a
+    DequantizeLinear -> QuantizeLinear pair onnxruntime cannot fuse when the scales differ by the sample's
+    randomness; docs/decisions.md, "One sample per tensor")."""
+    sources: Dict[str, List[str]] = {}
+    for node, _ in quantizer_calls(qm.graph):
+        source = node.args[0] if node.args else None
+        while isinstance(source, fx.Node) and quantizer_name(source) is not None and source.args:
+            source = source.args[0]  # a quantizer of another quantizer's output: both see the tensor here
+        if isinstance(source, fx.Node) and source.op != "get_attr":
+            sources.setdefault(str(node.target), []).append(source.name)
+    owners: Dict[Tuple[str, ...], str] = {}
+    return {name: owners.setdefault(tuple(sorted(set(read))), name) for name, read in sorted(sources.items())}
 
 
 def _length(batches: Iterable[Batch], num_batches: int) -> Optional[int]:

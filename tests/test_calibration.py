@@ -202,3 +202,53 @@ def test_the_clip_search_keeps_samples_of_at_most_eight_batches_in_one_buffer() 
     assert len(values) <= SAMPLE_BATCHES * SAMPLE_PER_BATCH and len(kept) <= SAMPLE_BATCHES
     assert -1.0 not in kept and kept <= set(range(0, 30)) | set(float(i) for i in range(10))
     assert any(v >= SAMPLE_BATCHES for v in kept)  # later batches replace earlier ones (reservoir)
+
+
+class _Residual(torch.nn.Module):
+    """A block input read by a conv and by the residual add: one quantizer each (the add's requantizes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.stem(x))
+        y = torch.relu(self.conv2(torch.relu(self.conv1(y))) + y)
+        return self.head(y.mean((2, 3)))
+
+
+def test_quantizers_of_one_tensor_share_its_sample_and_export_without_a_requantization(tmp_path) -> None:  # noqa: ANN001
+    """The block input's two 8-bit quantizers (the conv's, the add's) fit one random sample of the tensor
+    (large enough to be sampled), so they get equal clamps, and onnxruntime's optimized graph has no
+    DequantizeLinear -> QuantizeLinear between them."""
+    import onnx
+    import onnxruntime as ort
+
+    from fxquant.graph import quantizer_calls
+
+    torch.manual_seed(0)
+    model = _Residual().eval()
+    batches = [torch.randn(4, 3, 64, 64) ** 3 for _ in range(3)]  # 4 * 8 * 64 * 64 = 131072 values per batch
+    qm = fxq.prepare(model, batches[0][:1])
+    fxq.calibrate(qm, batches, method="mse", progress=False)
+    chained = [(name, node.args[0].target) for node, name in quantizer_calls(qm.graph)
+               if isinstance(node.args[0], torch.fx.Node) and node.args[0].op == "call_module"
+               and str(node.args[0].target).startswith("fxq_quantizers.")]
+    assert chained, "the test model should requantize the block input for the add"
+    for name, upstream in chained:
+        q, up = qm.fxq_quantizers[name], qm.get_submodule(str(upstream))
+        assert torch.equal(q.integer_grid().scale, up.integer_grid().scale), name
+    frozen = fxq.freeze(qm)
+    path = str(tmp_path / "residual.onnx")
+    fxq.export_onnx(frozen, batches[0][:1], path)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(options.optimized_model_filepath).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    requantized = [n.name for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] in producer
+                   and producer[n.input[0]].op_type == "DequantizeLinear"]
+    assert requantized == []
