@@ -334,17 +334,28 @@ def test_unwritable_path_is_a_clear_error_and_leaves_no_file(tmp_path) -> None:
 
 
 def test_write_failure_leaves_no_partial_file(tmp_path, monkeypatch) -> None:
+    import fxquant.export.qdq as qdq
+
     frozen, x = _frozen("mlp", _spec(8), _spec(8))
 
-    def fail(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        with open(args[1], "wb") as f:
-            f.write(b"partial")
+    def fail(model, f):  # noqa: ANN001, ANN202
+        f.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(onnx, "save_model", fail)
+    monkeypatch.setattr(qdq, "_write_model", fail)
     with pytest.raises(fxq.ExportError, match="could not write the ONNX model .*No space left"):
         fxq.export_onnx(frozen, x, str(tmp_path / "m.onnx"))
     assert os.listdir(tmp_path) == []
+
+
+def test_the_file_is_the_returned_model_serialized(tmp_path) -> None:  # noqa: ANN001
+    """The file is written one initializer at a time (no second copy of the weights in memory), and its bytes are
+    exactly `SerializeToString()` of the model export returns."""
+    frozen, x = _frozen("mlp", _spec(4), _spec(8))
+    path = tmp_path / "m.onnx"
+    model = fxq.export_onnx(frozen, x, path)
+    assert len(model.graph.initializer) > 3
+    assert path.read_bytes() == model.SerializeToString()
 
 
 def test_cli_inspect_prints_every_quantizer(tmp_path, capsys) -> None:

@@ -63,7 +63,9 @@ class _ExportDequantize(nn.Module):
         super().__init__()
         block = {"per_tensor": -1, "per_axis": 0}.get(qp.layout, qp.block_size or 0)
         stored = TORCH_STORABLE.get(onnx_type, codes.dtype)
-        self.register_buffer("codes", codes.contiguous().to(stored))
+        # `codes` may be a transposed view of the frozen codes: kept a view (the exporter makes each initializer
+        # contiguous only while it serializes it), not a second copy of every linear weight held through export
+        self.register_buffer("codes", codes.to(stored))
         self.register_buffer("scale", qp.scale.contiguous())
         # weights carry explicit zeros (onnxruntime's QGemm needs them); int32 biases do not
         zero_point = qp.zero_point.to(stored).contiguous() if qp.kind == "weight" else None

@@ -35,6 +35,7 @@ Each Q/DQ node is named `fxq/<quantizer>/<op>` and carries `metadata_props` `fxq
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -44,18 +45,19 @@ import secrets
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, BinaryIO, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import torch
-from onnx import numpy_helper
 from torch import fx, nn
 
 from fxquant.errors import ExportError, PrepareError, StateError
 from fxquant.export.lowering import export_copy
 from fxquant.export.ops import PROVENANCE_DOMAIN, translation_table
 from fxquant.export.plan import TYPE_BITS, QuantizerPlan, plan_quantizers
+from fxquant.export.runtime_patterns import apply_runtime_patterns
 from fxquant.graph import module_state
 from fxquant.tracing import (
     SHAPES_ATTR,
@@ -86,24 +88,39 @@ def _dynamic_shapes(frozen: fx.GraphModule, args: Tuple[Any, ...], kwargs: Dict[
     return tuple(d for d in wanted if (d.keys, d.axis) in kept)
 
 
-def _onnx_input_dims(args: Tuple[Any, ...], kwargs: Dict[str, Any], model: onnx.ModelProto, d: DynamicDim) -> Any:
-    """The ONNX graph input dimension that `d` became (None when the inputs cannot be paired): the exporter
-    makes one graph input per tensor input, in the order torch.export flattens them."""
+def _input_index(args: Tuple[Any, ...], kwargs: Dict[str, Any], num_inputs: int, d: DynamicDim) -> Optional[int]:
+    """The index of the ONNX graph input that `d`'s tensor became (None when the inputs cannot be paired): the
+    exporter makes one graph input per tensor input, in the order torch.export flattens them."""
     tensors = [keys for keys, leaf in input_tensors(args, kwargs) if isinstance(leaf, torch.Tensor)]
-    if len(tensors) != len(model.graph.input) or d.keys not in tensors:
+    if len(tensors) != num_inputs or d.keys not in tensors:
         return None
-    dims = model.graph.input[tensors.index(d.keys)].type.tensor_type.shape.dim
+    return tensors.index(d.keys)
+
+
+def _onnx_input_dims(args: Tuple[Any, ...], kwargs: Dict[str, Any], model: onnx.ModelProto, d: DynamicDim) -> Any:
+    """The ONNX graph input dimension that `d` became (None when the inputs cannot be paired)."""
+    k = _input_index(args, kwargs, len(model.graph.input), d)
+    if k is None:
+        return None
+    dims = model.graph.input[k].type.tensor_type.shape.dim
     return dims[d.axis] if d.axis < len(dims) else None
 
 
 def _kept_dynamic(
     program: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any], dims: Sequence[DynamicDim]
 ) -> Dict[DynamicDim, Optional[int]]:
-    """Which of `dims` the exported ONNX model kept symbolic (a `dim_param`, no bound known)."""
+    """Which of `dims` the exported ONNX model kept symbolic (a named symbolic dim, no bound known).
+
+    Read from the program's ONNX IR (`program.model`), not from `program.model_proto`: that property
+    serializes the whole model, every weight included, on each read."""
+    inputs = program.model.graph.inputs
     out: Dict[DynamicDim, Optional[int]] = {}
     for d in dims:
-        dim = _onnx_input_dims(args, kwargs, program.model_proto, d)
-        if dim is None or dim.HasField("dim_param"):
+        k = _input_index(args, kwargs, len(inputs), d)
+        shape = inputs[k].shape if k is not None else None
+        dim = shape[d.axis] if shape is not None and d.axis < len(shape) else None
+        # an `ir.SymbolicDim` with a name is what serializes to a `dim_param`
+        if dim is None or (not isinstance(dim, int) and getattr(dim, "value", None) is not None):
             out[d] = None
     return out
 
@@ -231,35 +248,43 @@ def _take_provenance(model: onnx.ModelProto) -> None:
     model.opset_import.extend(opsets)
 
 
-def _fold_casts(model: onnx.ModelProto) -> None:
-    """Fold `Cast(initializer)` into a packed integer initializer of the Cast's type.
+def _fold_casts(model: ir.Model) -> None:
+    """Fold `Cast(initializer)` into an initializer of the Cast's type (packed for 4- and 2-bit types).
 
     The exporter's optimizer folds small Casts but leaves large ones (size limits); without this an int4
-    weight would be stored as int8 plus a Cast, and the file would not reflect the bits.
+    weight would be stored as int8 plus a Cast, and the file would not reflect the bits. Done on the exporter's
+    IR before it is serialized, with the cast computed only while its initializer is serialized
+    (`ir.LazyTensor`): no folded copy of the weights is held besides the one serialization.
     """
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    graph_inputs = {i.name for i in graph.input}
-    keep: List[onnx.NodeProto] = []
     folded = False
-    for node in graph.node:
-        src = node.input[0] if node.op_type == "Cast" and node.input else ""
-        if src in inits and src not in graph_inputs and not node.domain:
-            to = next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "to")
-            values = numpy_helper.to_array(inits[src])
-            target = onnx.helper.tensor_dtype_to_np_dtype(to)
-            graph.initializer.append(numpy_helper.from_array(values.astype(np.int64).astype(target), node.output[0]))
-            folded = True
+    for node in list(graph):
+        src = node.inputs[0] if node.op_type == "Cast" and not node.domain and node.inputs else None
+        if src is None or src.name is None or graph.initializers.get(src.name) is not src or src.is_graph_input():
             continue
-        keep.append(node)
+        codes = src.const_value
+        if codes is None:
+            continue
+        dtype = ir.DataType(node.attributes["to"].as_int())
+        out, shape = node.outputs[0], ir.Shape(codes.shape.numpy())
+        name = out.name
+        lazy = ir.LazyTensor(functools.partial(_cast, codes, dtype, name), dtype=dtype, shape=shape, name=name)
+        value = ir.Value(name=None, shape=shape, type=ir.TensorType(dtype), const_value=lazy)
+        out.replace_all_uses_with(value, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        value.name = name
+        graph.register_initializer(value)
+        folded = True
     if not folded:
         return
-    del graph.node[:]
-    graph.node.extend(keep)
-    used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
-    alive = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(alive)
+    for name, init in list(graph.initializers.items()):
+        if not init.uses() and not init.is_graph_output():
+            del graph.initializers[name]
+
+
+def _cast(codes: ir.TensorProtocol, dtype: ir.DataType, name: Optional[str]) -> ir.Tensor:
+    """`codes` (integers) as a tensor of `dtype` (int4 and int2 are packed when serialized)."""
+    return ir.Tensor(codes.numpy().astype(np.int64).astype(dtype.numpy()), dtype=dtype, name=name)
 
 
 def _annotate(model: onnx.ModelProto, plans: Dict[str, QuantizerPlan], keep_torch_metadata: bool) -> None:
@@ -323,7 +348,8 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
                 size_threshold=1024,
             )
         else:
-            onnx.save_model(model, tmp)
+            with open(tmp, "wb") as f:
+                _write_model(model, f)
         os.replace(tmp, path)
         done = True
     except (OSError, ValueError) as e:
@@ -335,6 +361,69 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
             if not data_existed:
                 with contextlib.suppress(OSError):
                     os.remove(data_path)
+
+
+def _is_repeated(field: Any) -> bool:
+    """Whether a protobuf field descriptor is a repeated field (`is_repeated` in protobuf 6+, `label` before)."""
+    if hasattr(field, "is_repeated"):
+        return bool(field.is_repeated)
+    return bool(field.label == field.LABEL_REPEATED)
+
+
+def _serialized_fields(message: Any, keep: Callable[[int], bool]) -> bytes:
+    """The serialization of `message`'s fields whose number `keep` accepts (a copy of those fields only)."""
+    part = type(message)()
+    for field, value in message.ListFields():
+        if not keep(field.number):
+            continue
+        if _is_repeated(field):
+            getattr(part, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(part, field.name).CopyFrom(value)
+        else:
+            setattr(part, field.name, value)
+    return bytes(part.SerializeToString())
+
+
+def _varint(value: int) -> bytes:
+    """`value` (>= 0) as a protobuf base-128 varint."""
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _length_delimited(number: int, size: int) -> bytes:
+    """The key and length of a length-delimited protobuf field (wire type 2) of `size` bytes."""
+    return _varint(number << 3 | 2) + _varint(size)
+
+
+def _write_model(model: onnx.ModelProto, f: BinaryIO) -> None:
+    """Write the bytes of `model.SerializeToString()` to `f`, the graph's initializers one at a time.
+
+    Protobuf writes fields in field-number order, so the model is its fields before `graph`, the graph (its
+    fields before `initializer`, each initializer, its fields after), then the fields after `graph`. The
+    serialized model, a copy the size of every weight, is never held in memory: at most one initializer's
+    bytes are (docs/decisions.md, "Export writes the model one initializer at a time").
+    """
+    graph_number = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+    init_number = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+    f.write(_serialized_fields(model, lambda n: n < graph_number))
+    if model.HasField("graph"):
+        graph = model.graph
+        head = _serialized_fields(graph, lambda n: n < init_number)
+        tail = _serialized_fields(graph, lambda n: n > init_number)
+        sizes = [init.ByteSize() for init in graph.initializer]
+        size = len(head) + len(tail) + sum(len(_length_delimited(init_number, k)) + k for k in sizes)
+        f.write(_length_delimited(graph_number, size))
+        f.write(head)
+        for init, k in zip(graph.initializer, sizes):
+            f.write(_length_delimited(init_number, k))
+            f.write(init.SerializeToString())
+        f.write(tail)
+    f.write(_serialized_fields(model, lambda n: n > graph_number))
 
 
 def _has_onnx_function(e: BaseException) -> Optional[str]:
@@ -448,10 +537,12 @@ def export_onnx(
     static = shapes.static_note(args, kwargs)
     if static:
         warnings.warn(f"fxquant export: {static}", stacklevel=2)
-    model = program.model_proto
+    _fold_casts(program.model)
+    apply_runtime_patterns(program.model)
+    model = program.model_proto  # the one serialization of the model, its weights copied into the proto
+    del program  # the exporter's graphs and IR; the weights they share with `frozen` stay
     _name_dynamic_dims(model, shapes, args, kwargs)
     _take_provenance(model)
-    _fold_casts(model)
     _annotate(model, plans, keep_torch_metadata)
     if out_path is not None:
         _save(model, out_path)
