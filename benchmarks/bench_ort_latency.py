@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import coverage_table as ct  # noqa: E402 - benchmarks/ is on sys.path when this script runs
+import deployed_models
 import torch
 from models_zoo import init_bn_statistics  # on the path coverage_table sets
 from torch import nn
@@ -159,6 +160,7 @@ MODELS: Dict[str, Tuple[Callable[[int], Tuple[nn.Module, Any, List[Any]]], bool]
     "mobilenet_v2": (_cnn(MobileNetV2), True),
     "bert": (_bert, False),
     "vit": (_vit, False),
+    **deployed_models.MODELS,
 }
 """name -> (factory of (model, example at the benchmark batch, calibration batches), quantize_static or not)"""
 

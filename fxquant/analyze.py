@@ -412,27 +412,7 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
         op.reason = reason
         op.int32_bias = config.integer_bias and _has_int32_bias(gm, node, op)
 
-    # 2. Joins: groups of tensors meeting at add/concat.
-    join_graph = nx.Graph()
-    join_consumers: Dict[str, List[Tuple[str, Optional[QuantSpec]]]] = {}
-    for node in nodes:
-        inputs = _join_inputs(node)
-        if not inputs:
-            continue
-        names = (node.name,)
-        all_names.extend(names)
-        matched, spec, _ = _match_override(config, names, used_overrides)
-        join_spec = (None if spec is None else _act_spec_from(spec)) if matched else _kernel_only(config, config.activation)
-        for a in inputs:
-            join_graph.add_edge(a.name, inputs[0].name)
-            if config.quantize_joins and join_spec is not None:
-                join_consumers.setdefault(a.name, []).append((node.name, join_spec))
-    group_of: Dict[str, int] = {}
-    for gid, component in enumerate(nx.connected_components(join_graph)):
-        for name in component:
-            group_of[name] = gid
-
-    # 3. Activation quantization points per producer.
+    # 2. Activation quantization points of the quantized ops' inputs, per producer.
     consumers_of: Dict[str, List[Tuple[str, QuantSpec]]] = {}
     for node in nodes:
         op = ops.get(node.name)
@@ -442,10 +422,40 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
             producer = node.args[i]
             assert isinstance(producer, fx.Node)
             consumers_of.setdefault(producer.name, []).append((node.name, op.input_spec))
+
+    # 3. Joins (add/concat): their inputs are quantized when an integer kernel reads the join's result (or an
+    # override names the join); groups of tensors meeting at them.
+    join_specs: Dict[str, Optional[QuantSpec]] = {}
+    integer_joins: Set[str] = set()
+    for node in reversed(nodes):  # a join's readers are decided before it
+        if not _join_inputs(node):
+            continue
+        all_names.append(node.name)
+        matched, spec, _ = _match_override(config, (node.name,), used_overrides)
+        if matched:
+            join_specs[node.name] = None if spec is None else _act_spec_from(spec)
+        elif _feeds_integer_kernel(node, consumers_of, integer_joins):
+            join_specs[node.name] = _kernel_only(config, config.activation)
+        else:
+            join_specs[node.name] = None
+        if join_specs[node.name] is not None:
+            integer_joins.add(node.name)
+    join_graph = nx.Graph()
+    join_consumers: Dict[str, List[Tuple[str, QuantSpec]]] = {}
+    for node in nodes:
+        inputs = _join_inputs(node)
+        join_spec = join_specs.get(node.name)
+        for a in inputs:
+            join_graph.add_edge(a.name, inputs[0].name)
+            if config.quantize_joins and join_spec is not None:
+                join_consumers.setdefault(a.name, []).append((node.name, join_spec))
+    group_of: Dict[str, int] = {}
+    for gid, component in enumerate(nx.connected_components(join_graph)):
+        for name in component:
+            group_of[name] = gid
     for producer, items in join_consumers.items():
         for consumer, spec in items:
-            if spec is not None:
-                consumers_of.setdefault(producer, []).append((consumer, spec))
+            consumers_of.setdefault(producer, []).append((consumer, spec))
 
     if config.quantize_outputs:
         _add_output_points(nodes, ops, consumers_of, config)
@@ -523,6 +533,28 @@ def _through_layout(node: fx.Node) -> fx.Node:
     while len(node.users) == 1 and _is_layout(next(iter(node.users))):
         node = next(iter(node.users))
     return node
+
+
+def _feeds_integer_kernel(join: fx.Node, op_inputs: Dict[str, List[Tuple[str, QuantSpec]]], integer_joins: Set[str]) -> bool:
+    """Whether the result of `join` reaches, through ReLU-like activations and shape-only ops, a quantized op's
+    input (`op_inputs`: the inputs quantized ops quantize, by producer) or another join in `integer_joins`.
+
+    Only then can a runtime run the join as an integer kernel (QLinearAdd/QLinearConcat between quantized
+    tensors). A join read by float ops (the residual add before a transformer's LayerNorm, the inner add of a
+    tanh GELU) stays float: quantizing its inputs adds Q/DQ pairs, costs accuracy, and hides the float
+    pattern from onnxruntime's fusions (docs/decisions.md, "Joins an integer kernel reads")."""
+    frontier, seen = [join], {join.name}
+    while frontier:
+        tensor = frontier.pop()
+        if tensor.name in op_inputs:
+            return True
+        for reader in tensor.users:
+            if reader.name in integer_joins:
+                return True
+            if reader.name not in seen and (_is_fused_activation(reader) or _is_layout(reader)):
+                seen.add(reader.name)
+                frontier.append(reader)
+    return False
 
 
 def _quantized_after_layout(node: fx.Node, consumers_of: Dict[str, List[Tuple[str, QuantSpec]]]) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Dict, List, Tuple
 
 import pytest
@@ -57,21 +58,18 @@ GOLDEN = {
             "act_mean": (("fc",), False),
         },
     ),
+    # the residual adds feed a LayerNorm and a mean, float ops: they stay float (no join quantizers)
     "transformer": (
         ["q_weight", "k_weight", "v_weight", "proj_weight", "mlp1_weight", "mlp2_weight", "head_weight"],
         {
-            "act_x": (("add",), False),
             "act_ln1": (("q", "k", "v"), False),
             "act_transpose": (("matmul",), False),
             "act_transpose_2": (("matmul_1",), False),
             "act_transpose_3": (("matmul",), False),
             "act_softmax": (("matmul_1",), True),
             "act_reshape_3": (("proj",), False),
-            "act_linear_3": (("add",), False),
-            "act_add": (("add_1",), False),
             "act_ln2": (("mlp1",), False),
             "act_gelu": (("mlp2",), False),
-            "act_linear_5": (("add_1",), False),
             "act_mean": (("head",), False),
         },
     ),
@@ -100,6 +98,37 @@ def test_joins_can_be_left_unquantized() -> None:
     _, acts = layout(fxq.prepare(model, x, fxq.QuantConfig(quantize_joins=False, quantize_outputs=False)))
     assert acts["act_relu"] == (("conv1",), True)
     assert len(acts) == 5
+
+
+class _JoinsReadByFloatOps(nn.Module):
+    """A residual add read by a conv (through a ReLU), one read by a LayerNorm, and a tanh GELU's inner add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv1(x) + x)  # read by conv2: an integer add
+        t = self.conv2(y).mean((2, 3))
+        t = self.norm(t + self.fc1(t))  # read by a LayerNorm: stays float
+        return self.fc2(t * (1.0 + torch.tanh(t + 0.044715 * t * t * t)))  # GELU's inner add: float
+
+
+def test_only_joins_an_integer_kernel_reads_are_quantized() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6, 6)
+    adds = [n.name for n in torch.fx.symbolic_trace(_JoinsReadByFloatOps()).graph.nodes if n.target is operator.add]
+    assert len(adds) == 4  # the three joins, then 1.0 + tanh (a constant: no join)
+    qm = fxq.prepare(_JoinsReadByFloatOps(), x)
+    _, acts = layout(qm)
+    joined = {c for served, _ in acts.values() for c in served if c in adds}
+    assert joined == {adds[0]}
+    # an override naming a join quantizes it anyway
+    qm = fxq.prepare(_JoinsReadByFloatOps(), x, fxq.QuantConfig(overrides=[(adds[1], fxq.QuantSpec(learn_bits=False))]))
+    _, acts = layout(qm)
+    assert {c for served, _ in acts.values() for c in served if c in adds} == {adds[0], adds[1]}
 
 
 def test_join_groups_share_one_quantizer_when_asked() -> None:

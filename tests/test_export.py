@@ -427,12 +427,15 @@ def test_an_embedding_table_is_gathered_as_integer_codes_then_scaled(tmp_path, t
     inits = {i.name: i for i in model.graph.initializer}
     gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits]
     table = [n for n in gathers if inits[n.input[0]].dims == [50, 16]]
-    if tied:  # one integer table serves the lookup and the head: it stays DequantizeLinear -> Gather
-        assert not table
+    assert len(table) == 1 and inits[table[0].input[0]].data_type == T.INT8
+    dequantized = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    tables = [i for i in model.graph.initializer if sorted(i.dims) == [16, 50]]
+    if tied:  # one integer table, gathered by the lookup and dequantized for the head
+        assert len(tables) == 1 and table[0].input[0] in dequantized
     else:
-        assert len(table) == 1 and inits[table[0].input[0]].data_type == T.INT8
-        dequantized = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
-        assert table[0].input[0] not in dequantized  # no DequantizeLinear of the whole table
+        assert len(tables) == 2 and table[0].input[0] not in dequantized  # no DequantizeLinear of the table
+    dq_outputs = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    assert not any(n.op_type == "Gather" and n.input[0] in dq_outputs for n in model.graph.node)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     other = torch.randint(0, 50, (5, 4))  # another batch and length
     out = session.run(None, {session.get_inputs()[0].name: other.numpy()})[0]

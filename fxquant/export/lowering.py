@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import Dict, List, Set
+from typing import Dict, List
 
 import onnx
 import torch
@@ -27,7 +27,7 @@ from torch import fx, nn
 
 from fxquant.export.ops import TORCH_STORABLE, clipped_type
 from fxquant.export.plan import ONNX_CONTAINERS, QuantizerPlan
-from fxquant.graph import quantizer_calls, quantizer_container, quantizer_name
+from fxquant.graph import quantizer_calls, quantizer_container, quantizer_name, quantizer_target
 from fxquant.op_registry import facts_of
 from fxquant.passes import EXPORT_LOWERED, FROZEN, graph_pass, run_passes
 from fxquant.qparams import QParams
@@ -114,8 +114,12 @@ def _readers(graph: fx.Graph) -> Dict[str, List[fx.Node]]:
 
 @graph_pass(requires=(FROZEN,))
 def gather_embeddings(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan]) -> fx.GraphModule:
-    """`embedding(dequantize(table), ids)` -> `gather_dequantize(ids)` for 8/16-bit tables whose only users
-    are embeddings (a table tied with a linear head keeps one DequantizeLinear that both read)."""
+    """`embedding(dequantize(table), ids)` -> `gather_dequantize(ids)` for 8/16-bit tables.
+
+    A table also read by other ops (tied with a linear head) keeps its DequantizeLinear for them, and its
+    lookups call a second name of the quantizer (`plan.lookup_alias`) whose stand-in gathers the same codes:
+    the ONNX holds the codes once, read by a Gather and by the head's DequantizeLinear (dequantizing a
+    32000-row table on every call was 0.4-0.5 of a T5's latency; docs/decisions.md, "Tied tables")."""
     container = quantizer_container(gm)
     graph = gm.graph
     readers = _readers(graph)
@@ -134,11 +138,18 @@ def gather_embeddings(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan]) ->
         qp = q.qparams()
         if q.codes.dim() != 2 or not (qp.layout == "per_tensor" or (qp.layout == "per_axis" and qp.axis in (0, 1))):
             continue
-        if facts.argument(node, "max_norm") is not None or any(facts_of(u) is not facts for u in readers[str(w.target)]):
+        if facts.argument(node, "max_norm") is not None:
             continue
-        plan.gathered = True
+        target = str(w.target)
+        if any(facts_of(u) is not facts for u in readers[target]):
+            if plan.lookup_alias is None:
+                plan.lookup_alias = f"{name}_lookup"
+                container[plan.lookup_alias] = q
+            target = quantizer_target(plan.lookup_alias)
+        else:
+            plan.gathered = True
         with graph.inserting_before(node):
-            out = graph.call_module(str(w.target), (ids,))
+            out = graph.call_module(target, (ids,))
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         if not w.users:
@@ -173,8 +184,8 @@ def linears_to_matmul(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan]) ->
         assert isinstance(w, fx.Node)
         q = container[name]
         plan = plans.get(name)
-        if not isinstance(q, FrozenWeight) or plan is None or plan.lowering != "qdq":
-            continue
+        if not isinstance(q, FrozenWeight) or plan is None or plan.lowering != "qdq" or plan.lookup_alias is not None:
+            continue  # a tied table's codes stay as they are, read by its lookups too (not a transposed copy)
         calls = calls_of[str(w.target)]
         if q.codes.dim() != 2 or any(not _is_linear(u) or u.args[1] not in calls for u in readers[str(w.target)]):
             continue
@@ -210,17 +221,22 @@ def use_export_stand_ins(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan])
                 stand_in = _ExportDequantize(q.codes.t(), qp.transposed(), plan.onnx_type)
             else:
                 stand_in = _ExportDequantize(q.codes, qp, plan.onnx_type)
+            if plan.lookup_alias is not None:
+                assert isinstance(q, FrozenWeight)
+                container[plan.lookup_alias] = _ExportGatherDequantize(q.codes, qp, plan.onnx_type)
         container[name] = stand_in
-    _mark_provenance(gm, set(plans))
+    _mark_provenance(gm, {**{n: n for n in plans}, **{p.lookup_alias: n for n, p in plans.items() if p.lookup_alias}})
     return gm
 
 
-def _mark_provenance(gm: fx.GraphModule, names: Set[str]) -> None:
+def _mark_provenance(gm: fx.GraphModule, names: Dict[str, str]) -> None:
     """`fxquant::provenance(..., end=False)` on each tensor a planned quantizer call reads, `end=True` on what it
-    returns, so export finds the ONNX nodes each quantizer emitted (`fxquant.export.qdq`)."""
+    returns, so export finds the ONNX nodes each quantizer emitted (`fxquant.export.qdq`). `names`: the
+    container name a call uses -> the planned quantizer's name (different for a table's lookup alias)."""
     graph = gm.graph
-    for node, name in list(quantizer_calls(graph)):
-        if name not in names:
+    for node, called in list(quantizer_calls(graph)):
+        name = names.get(called)
+        if name is None:
             continue
         with graph.inserting_before(node):
             for arg in node.all_input_nodes:

@@ -44,6 +44,7 @@ class QuantizerPlan:
     reason: str = ""
     transposed: bool = False
     gathered: bool = False  # an embedding table: its rows are gathered as integer codes, then scaled
+    lookup_alias: Optional[str] = None  # a table also read by linears (tied head): its lookups' stand-in's name
 
     @property
     def type_name(self) -> str:
