@@ -122,7 +122,8 @@ def _one(size: str, batch_size: int, tokens: int, num_batches: int, export: bool
         search["s"] += time.perf_counter() - t0
 
     LearnableQuantizer.fit_clamps_mse = timed_fit  # type: ignore[method-assign]
-    _, seconds, mem = _timed(lambda: fxq.calibrate(qm, calib, num_batches=len(calib), progress=False))
+    # [1:]: calibrate returns `qm`; a name bound to it would keep the float weights alive through export
+    seconds, mem = _timed(lambda: fxq.calibrate(qm, calib, num_batches=len(calib), progress=False))[1:]
     LearnableQuantizer.fit_clamps_mse = fit  # type: ignore[method-assign]
     record("calibrate", seconds, mem)
     out["calibrate_per_batch_x_float"] = (seconds - search["s"]) / len(calib) / float_forward
