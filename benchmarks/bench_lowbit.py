@@ -5,6 +5,7 @@ top-1, trained here and cached outside git). Every method fine-tunes it for the 
 the same seeded batches (batch 128), Adam lr 1e-3:
 
 - `lsq`: the independent plain LSQ of `plain_lsq.py` (BN kept, cross-entropy on the labels, cosine LR);
+  `lsq-narrow` the same with narrow-range signed weights (codes -(2^(b-1) - 1)..2^(b-1) - 1, as fxquant's);
 - `fxquant`: `prepare -> calibrate (2 batches = 256 images) -> finetune(teacher=float model)` with defaults:
   `learned` starts at 8 bits and descends to the target with the exterior penalty, `fixed` trains at the
   target bits from the start;
@@ -46,10 +47,12 @@ SCHEDULE_KEYS = {"lr": "lr", "bits_lr": "bits_lr", "penalty_growth": "penalty_gr
 
 
 def run_lsq(model: torch.nn.Module, bits: int, convention: str, seed: int, steps: int,
-            weights_only: bool = False) -> Dict[str, Any]:
+            weights_only: bool = False, narrow: bool = False) -> Dict[str, Any]:
+    """The plain LSQ; `narrow`: signed weight codes -(2^(b-1) - 1)..2^(b-1) - 1, as fxquant's (method `lsq-narrow`)."""
     torch.manual_seed(seed)
     batches = finetune_batches(steps, 128, seed)
-    qmodel = lsq_model(model, bits, None if weights_only else bits, first_last_bits=8 if convention == "fl8" else None)
+    qmodel = lsq_model(model, bits, None if weights_only else bits, first_last_bits=8 if convention == "fl8" else None,
+                       narrow=narrow)
     t0 = time.perf_counter()
     train_lsq(qmodel, batches, steps, calib=torch.cat([b[0] for b in batches[:2]]))
     return {"seconds": time.perf_counter() - t0, "model": qmodel}
@@ -157,12 +160,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         for convention in args.conventions.split(","):
             for method in args.methods.split(","):
                 for seed in [int(s) for s in args.seeds.split(",")]:
-                    if method == "lsq":
-                        r = run_lsq(model, bits, convention, seed, args.steps, args.weights_only)
+                    if method in ("lsq", "lsq-narrow"):
+                        r = run_lsq(model, bits, convention, seed, args.steps, args.weights_only, method == "lsq-narrow")
                     else:
                         r = run_fxquant(model, bits, convention, seed, args.steps, method, variant, args.weights_only)
                     top1 = accuracy(r.pop("model"), x_te, y_te)
-                    record = {"method": method, "variant": args.variant if method != "lsq" else "",
+                    record = {"method": method, "variant": args.variant if not method.startswith("lsq") else "",
                               "convention": convention + ("-w" if args.weights_only else ""), "bits": bits, "seed": seed, "steps": args.steps,
                               "top1": top1, "float_top1": float_acc, "commit": commit, **r}
                     print(json.dumps(record), flush=True)
