@@ -22,8 +22,10 @@ opset lacks it or an option below asks for another:
   onnxruntime runs it without integer kernels or not at all (docs/decisions.md, "Narrow activations stay in
   UINT8"; activations take no space in the file, so nothing is lost by default). 8-bit activations are uint8 with the zero point at 0 after ReLU, and weights are
   symmetric int8: the types onnxruntime fuses into QLinearConv/QLinearAdd/QGemm.
-- the opset is the lowest the containers need (18, the exporter's floor, for 8-bit; 21 for 4/16-bit
-  and blocked scales; 25 for 2-bit activations with `narrow_activations`). With a lower `opset` given, narrow containers widen and a quantizer
+- the opset is the lowest the containers need, but at least 20 (`DEFAULT_MIN_OPSET`: ONNX's `Gelu`, which
+  onnxruntime runs as one kernel; below it the exporter decomposes GELU into five ops onnxruntime does not
+  fuse back): 20 for 8-bit; 21 for 4/16-bit and blocked scales; 25 for 2-bit activations with
+  `narrow_activations`. With a lower `opset` given, narrow containers widen and a quantizer
   with no container at that opset (16-bit activations below 21) is exported as float arithmetic that
   computes the same numbers; it is reported (warning, `metadata_props`, `fxquant inspect`).
 
@@ -73,6 +75,10 @@ from fxquant.tracing import (
 T = onnx.TensorProto
 MIN_EXPORTER_OPSET = 18
 """torch.onnx's dynamo exporter emits opset 18 or later (8-bit QDQ alone would need 13)."""
+DEFAULT_MIN_OPSET = 20
+"""The least opset export picks by itself: ONNX's `Gelu` (opset 20) runs as one onnxruntime kernel, while at 18 the
+exporter's five-op GELU is not fused back (ConvNeXt-style model 0.94x -> 1.06-1.12x of `quantize_static`;
+docs/decisions.md, "Opset 20 by default"). `opset=18` still exports for runtimes that lack 20."""
 TWO_GB = 2**31
 METADATA_PREFIX = "fxquant."
 
@@ -460,7 +466,7 @@ def export_onnx(
             or the model's code; a warning then names the dims fixed at the example's size).
         path: where to write the model (`None`: do not write). Models of 2 GB or more get their tensors in
             `<path>.data` next to it; smaller ones are one self-contained file.
-        opset: ONNX opset (default: the lowest the integer types need: 18, 21 or 25). A lower one widens
+        opset: ONNX opset (default: the lowest the integer types need, at least 20: 20, 21 or 25). A lower one widens
             narrow containers; a quantizer with no container at that opset is exported as float
             arithmetic with the same numbers and reported in a warning and in `metadata_props`.
         keep_torch_metadata: keep the exporter's per-node debug metadata and `value_info` (larger file).
@@ -500,7 +506,7 @@ def export_onnx(
         _check_writable(out_path)
     args, kwargs = _as_args(example_inputs)
     plans = plan_quantizers(frozen, opset, narrow_activations, int8_weights)
-    chosen = opset if opset is not None else max([MIN_EXPORTER_OPSET] + [p.opset_needed for p in plans.values() if p.lowering == "qdq"])
+    chosen = opset if opset is not None else max([DEFAULT_MIN_OPSET] + [p.opset_needed for p in plans.values() if p.lowering == "qdq"])
     floats = [p for p in plans.values() if p.lowering == "float"]
     if floats:
         warnings.warn(
