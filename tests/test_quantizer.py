@@ -381,3 +381,36 @@ def test_bias_in_training_has_the_values_eval_and_freeze_give_it(bias_scale: flo
     assert torch.equal(evaluated, bias.detach()) == (bias_scale > 1.0)  # an overflow keeps the float bias
     trained.sum().backward()
     assert torch.equal(bias.grad, torch.ones(5))
+
+
+@pytest.mark.parametrize("layout", ["per_tensor", "per_channel_conv", "per_channel_transposed", "per_group", "per_group_axis0"])
+@pytest.mark.parametrize("slice_numel", [1, 50, 1 << 18])
+def test_frozen_weight_codes_made_in_slices_equal_the_whole_tensor_codes(layout: str, slice_numel: int) -> None:
+    """`integer_codes` (slices of rows, blocked parameters not repeated) gives `quantize_codes`' codes exactly."""
+    from fxquant.quantizer import expand_groups, integer_codes, quantize_codes
+
+    torch.manual_seed(3)
+    kw = dict(kind="weight", bits=4, min_bits=2, max_bits=8, symmetric=True)
+    if layout == "per_tensor":
+        x = torch.randn(11, 7)
+        q = LearnableQuantizer(tensor_shape=(11, 7), granularity="per_tensor", **kw)
+    elif layout == "per_channel_conv":
+        x = torch.randn(13, 3, 3, 3) * torch.rand(13, 1, 1, 1)
+        q = LearnableQuantizer(tensor_shape=tuple(x.shape), granularity="per_channel", channel_axis=0, **kw)
+    elif layout == "per_channel_transposed":
+        x = torch.randn(9, 5, 3, 3)
+        q = LearnableQuantizer(tensor_shape=tuple(x.shape), granularity="per_channel", channel_axis=1, **kw)
+    else:
+        axis = 1 if layout == "per_group" else 0
+        x = torch.randn(7, 96) if axis == 1 else torch.randn(96, 7)
+        q = LearnableQuantizer(tensor_shape=tuple(x.shape), granularity="per_group", channel_axis=1 - axis,
+                               block_axis=axis, group_size=32, symmetric=True, kind="weight", bits=4, min_bits=2,
+                               max_bits=8)
+    q.init_from_tensor(x)
+    p = q.integer_grid()
+    params = (p.scale, p.zero_point, p.qmin, p.qmax)
+    expected = quantize_codes(x, *(expand_groups(t, q.block_axis, q.group_size) for t in params)).to(torch.int8)
+    codes = integer_codes(x, *params, torch.int8, q.block_axis, q.group_size, slice_numel=slice_numel)
+    assert codes.dtype == torch.int8 and codes.shape == x.shape
+    assert torch.equal(codes, expected)
+    assert int(codes.abs().max()) == 7  # the grid is used to its end

@@ -23,6 +23,7 @@ from fxquant.quantizer.estimators import (
 from fxquant.quantizer.frozen import FrozenActivationQuantizer, FrozenBias, FrozenWeight
 from fxquant.quantizer.learnable import BiasQuantizer, LearnableQuantizer, iter_learnable
 from fxquant.quantizer.numerics import (
+    CODES_SLICE,
     DITHER_EXACT_BELOW,
     FOLLOW_COLUMNS,
     FOLLOW_RATIOS,
@@ -43,6 +44,7 @@ from fxquant.quantizer.numerics import (
     fits_int32,
     grad_scale,
     group_param_shape,
+    integer_codes,
     mean_over_ranks,
     pseudo_quantization_noise,
     quantize_bias,
@@ -54,11 +56,11 @@ from fxquant.quantizer.numerics import (
 )
 
 __all__ = [
-    "BiasQuantizer", "DITHER_EXACT_BELOW", "DitherEstimator", "ESTIMATORS", "Estimator", "FOLLOW_COLUMNS",
+    "BiasQuantizer", "CODES_SLICE", "DITHER_EXACT_BELOW", "DitherEstimator", "ESTIMATORS", "Estimator", "FOLLOW_COLUMNS",
     "FOLLOW_RATIOS", "FOLLOW_SAMPLE", "FrozenActivationQuantizer", "FrozenBias", "FrozenWeight", "INT32_MAX",
     "IntegerGrid", "KIND_ACTIVATION", "KIND_BIAS", "KIND_WEIGHT", "LearnableQuantizer", "MIN_STEP", "MSE_SLICE",
     "NoiseEstimator", "Quantizer", "QuantizerSummary", "SteEstimator", "bias_scale", "bits_storage_bytes",
     "clamp_ste", "dequantize_codes", "dither_of_groups", "expand_groups", "fake_quantize", "fits_int32", "grad_scale",
-    "group_param_shape", "iter_learnable", "make_estimator", "mean_over_ranks", "pseudo_quantization_noise",
+    "group_param_shape", "integer_codes", "iter_learnable", "make_estimator", "mean_over_ranks", "pseudo_quantization_noise",
     "quantize_bias", "quantize_codes", "reduce_to_groups", "reduce_to_shape", "round_clamp", "round_ste",
 ]

@@ -15,7 +15,7 @@ from torch import Tensor
 from fxquant.qparams import QParams, blocked_scale, container_for, per_tensor_or_axis, zeros_like_scale
 from fxquant.quantizer.base import IntegerGrid, Quantizer
 from fxquant.quantizer.learnable import LearnableQuantizer
-from fxquant.quantizer.numerics import INT32_MAX, KIND_BIAS, expand_groups, fake_quantize, quantize_codes
+from fxquant.quantizer.numerics import INT32_MAX, KIND_BIAS, expand_groups, fake_quantize, integer_codes
 
 
 class FrozenActivationQuantizer(Quantizer):
@@ -82,14 +82,10 @@ class FrozenWeight(Quantizer):
         self.symmetric = True
         max_bits = int(p.bits.max().item())
         code_dtype = torch.int8 if max_bits <= 8 else torch.int16
-        codes = quantize_codes(
-            weight.detach().to(p.scale.dtype),
-            expand_groups(p.scale, self.block_axis, self.group_size),
-            expand_groups(p.zero_point, self.block_axis, self.group_size),
-            expand_groups(p.qmin, self.block_axis, self.group_size),
-            expand_groups(p.qmax, self.block_axis, self.group_size),
-        )
-        self.register_buffer("codes", codes.to(code_dtype))
+        # sliced: the only float temporary is one slice, not a float copy of the weight
+        codes = integer_codes(weight.detach(), p.scale, p.zero_point, p.qmin, p.qmax, code_dtype, self.block_axis,
+                              self.group_size)
+        self.register_buffer("codes", codes)
         self.register_buffer("bits", p.bits.to(torch.int64))
         self.register_buffer("scale", p.scale.detach().clone())
         self.register_buffer("qmax", p.qmax.to(torch.int64))

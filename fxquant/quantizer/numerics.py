@@ -74,6 +74,53 @@ def dequantize_codes(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
     return (q.to(scale.dtype) - zero_point) * scale
 
 
+CODES_SLICE = 1 << 18
+"""Elements per slice of `integer_codes` (1 MB of float32): its only float temporary."""
+
+
+def _rows_of(param: Tensor, x: Tensor, start: int, stop: int) -> Tensor:
+    """The rows `start:stop` (along `x`'s dim 0) of a parameter that broadcasts against `x`."""
+    if param.dim() == x.dim() and param.shape[0] != 1:
+        return param[start:stop]
+    return param
+
+
+def integer_codes(
+    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor, dtype: torch.dtype,
+    block_axis: Optional[int] = None, group_size: Optional[int] = None, slice_numel: int = CODES_SLICE,
+) -> Tensor:
+    """`quantize_codes(x, *expanded group parameters)` cast to the integer `dtype`, without a float copy of `x`.
+
+    The parameters have the group shape (before block expansion, as `expand_groups` takes them). The codes are
+    computed on slices of `x` along its first axis of at most `slice_numel` elements (one row at least) and
+    written into the integer result, so the only float temporary is one slice, and a blocked parameter is read
+    through a view that splits the block axis instead of being repeated to `x`'s size. Element-wise the same
+    arithmetic as `quantize_codes`, so the codes are bit-identical.
+    """
+    params = [scale, zero_point, qmin, qmax]
+    blocked = block_axis is not None and group_size is not None and group_size > 1
+    if blocked and all(p.dim() == x.dim() for p in params):
+        assert block_axis is not None and group_size is not None
+        axis = block_axis % x.dim()
+        split = list(x.shape)
+        split[axis : axis + 1] = [split[axis] // group_size, group_size]
+        view = x.reshape(split)
+        params = [p.unsqueeze(axis + 1) for p in params]
+    else:
+        view = x
+        params = [expand_groups(p, block_axis, group_size) for p in params]
+    if torch.broadcast_shapes(view.shape, *(p.shape for p in params)) != view.shape or view.dim() == 0:
+        return quantize_codes(view.to(scale.dtype), *params).to(dtype).reshape(x.shape)
+    out = torch.empty(view.shape, dtype=dtype, device=x.device)
+    rows = max(1, slice_numel // max(1, view.numel() // max(1, view.shape[0])))
+    with torch.no_grad():
+        for start in range(0, view.shape[0], rows):
+            stop = min(start + rows, view.shape[0])
+            part = [_rows_of(p, view, start, stop) for p in params]
+            out[start:stop].copy_(quantize_codes(view[start:stop].to(scale.dtype), *part))
+    return out.reshape(x.shape)
+
+
 FOLLOW_SAMPLE = 65536
 """Activation values `follow_bits_` searches the clip of, per change of integer bits."""
 FOLLOW_COLUMNS = 256
