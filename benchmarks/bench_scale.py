@@ -6,7 +6,9 @@ clip search on every weight and on a bounded sample of every activation), `freez
 peak resident memory of each step as a ratio to the float model's parameter bytes. Two memory figures:
 `peak` is the process's resident memory above what it held before the model was built (the user's float
 model included, so 1.0 is the least possible), `adds` is what the step adds above the memory at its start.
-Prepare runs as a copy (the default; the user's model is kept) and with `inplace=True`.
+Two modes: `copy`, every step as by default (prepare copies the user's model, freeze copies the prepared module;
+both are kept), and `inplace`, `prepare(..., inplace=True)` and `freeze(qm, inplace=True)` (nothing is kept: the
+path for a model that barely fits).
 
     python benchmarks/bench_scale.py [--sizes 10m,100m,400m,1b] [--batch 4] [--tokens 128] [--batches 4] [--no-export]
 
@@ -128,7 +130,7 @@ def _one(size: str, batch_size: int, tokens: int, num_batches: int, export: bool
     record("calibrate", seconds, mem)
     out["calibrate_per_batch_x_float"] = (seconds - search["s"]) / len(calib) / float_forward
     out["calibrate_search_s"] = search["s"]
-    frozen, seconds, mem = _timed(lambda: fxq.freeze(qm))
+    frozen, seconds, mem = _timed(lambda: fxq.freeze(qm, inplace=inplace))
     record("freeze", seconds, mem)
     if export:
         del qm
@@ -148,7 +150,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="batch size of the calibration batches")
     parser.add_argument("--batches", type=int, default=4, help="calibration batches")
     parser.add_argument("--no-export", action="store_true", help="skip export_onnx (the slowest step)")
-    parser.add_argument("--modes", default="copy,inplace", help="prepare modes: copy, inplace or both")
+    parser.add_argument("--modes", default="copy,inplace", help="modes: copy (defaults), inplace (prepare and freeze in place) or both")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()

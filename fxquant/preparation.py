@@ -4,7 +4,8 @@
 structural passes (functionalize quantizable module calls, fold BatchNorm), analyze, then insert weight
 and activation quantizers. It refuses, before capture, models and inputs that are not float32, and, before
 insertion, a model in which no op would be quantized (no conv, linear, matmul or embedding, or every one
-kept float by the configuration). `freeze`: copy a prepared module and turn its quantizers into integer ones.
+kept float by the configuration). `freeze`: copy a prepared module (or, `inplace`, take it) and turn its quantizers
+into integer ones.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from fxquant.analyze import analyze, kept_float, quant_op
 from fxquant.batches import model_device
 from fxquant.checkpoint import attach_checkpoint_info
 from fxquant.config import QuantConfig
-from fxquant.errors import PrepareError, StateError
+from fxquant.errors import ConfigError, PrepareError, StateError
 from fxquant.graph import STATE_ATTR, module_state, quantizers_of, tensors_read_by_quantizers
 from fxquant.op_registry import quantized_kinds
 from fxquant.passes import run_passes
@@ -254,21 +255,36 @@ def prepare(
     return gm
 
 
-def freeze(qm: fx.GraphModule) -> fx.GraphModule:
+def freeze(qm: fx.GraphModule, *, inplace: bool = False) -> fx.GraphModule:
     """A new module with integer quantizers: integer bits and zero points, weights as integer codes.
 
     Its forward equals the eval-mode prepared module exactly (same rounding, clamps and bits, and the same
     int32 biases on the grid `s_x * s_w` when `QuantConfig(integer_bias=True)`, the default).
-    BatchNorm was folded at prepare. No learnable quantizer parameter remains; `qm` is left as it was.
+    BatchNorm was folded at prepare. No learnable quantizer parameter remains; `qm` is left as it was
+    (unless `inplace`).
+
+    Args:
+        qm: a calibrated module returned by `fxq.prepare`.
+        inplace: freeze `qm` itself instead of a copy, so that a large model's float weights and their codes
+            are not held together: each float weight is released as soon as its integer codes exist. `qm` is
+            returned, frozen; it is no longer a prepared module (it cannot be calibrated, fine-tuned or frozen
+            again, and its float weights are gone), and an error part-way leaves it unusable. The frozen module
+            is the same as without `inplace` (same outputs, same state dict).
 
     Raises:
         StateError: `qm` is not a module returned by `fxq.prepare`, or an activation quantizer was never
             calibrated.
+        ConfigError: `inplace` is not a bool.
     """
     if module_state(qm) != "prepared":
         raise StateError(
             f"freeze expects a module returned by fxq.prepare (state {module_state(qm)!r}); "
             "call fxq.prepare(model, example_inputs, config) first."
+        )
+    if not isinstance(inplace, bool):
+        raise ConfigError(
+            f"inplace={inplace!r} is not a bool; pass inplace=False (freeze a copy, the default) or inplace=True "
+            "(freeze the prepared module itself; it must not be used as a prepared module afterwards)."
         )
     for name, q in iter_learnable(qm):
         if not bool(q.initialized):
@@ -276,18 +292,21 @@ def freeze(qm: fx.GraphModule) -> fx.GraphModule:
                 f"quantizer {name!r} (serving {', '.join(q.served)}) was never calibrated; run "
                 "fxq.calibrate(qm, batches) before fxq.freeze."
             )
-    # The tensors the quantizers read are shared with the copy, not copied: the freeze pass only reads them
-    # (into integer codes) and then drops them from the copy, so the weights are never held twice.
-    memo = {id(t): t for t in tensors_read_by_quantizers(qm).values()}
-    frozen = copy.deepcopy(qm, memo)
-    run_passes(frozen, (freeze_quantizers,))
-    for module in frozen.modules():  # a shared tensor that a node still reads (besides its quantizer) is copied
-        for key, param in module._parameters.items():
-            if param is not None and id(param) in memo:
-                module._parameters[key] = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
-        for key, buffer in module._buffers.items():
-            if buffer is not None and id(buffer) in memo:
-                module._buffers[key] = buffer.clone()
+    if inplace:
+        frozen = run_passes(qm, (freeze_quantizers,))
+    else:
+        # The tensors the quantizers read are shared with the copy, not copied: the freeze pass only reads them
+        # (into integer codes) and then drops them from the copy, so the weights are never held twice.
+        memo = {id(t): t for t in tensors_read_by_quantizers(qm).values()}
+        frozen = copy.deepcopy(qm, memo)
+        run_passes(frozen, (freeze_quantizers,))
+        for module in frozen.modules():  # a shared tensor that a node still reads (besides its quantizer) is copied
+            for key, param in module._parameters.items():
+                if param is not None and id(param) in memo:
+                    module._parameters[key] = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+            for key, buffer in module._buffers.items():
+                if buffer is not None and id(buffer) in memo:
+                    module._buffers[key] = buffer.clone()
     frozen.eval()
     for p in frozen.parameters():
         p.requires_grad_(False)

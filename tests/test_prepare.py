@@ -11,6 +11,7 @@ from conftest import make
 from torch import nn
 
 import fxquant as fxq
+from fxquant.graph import module_state
 
 HIGH = fxq.QuantConfig(
     weight=fxq.QuantSpec(bits=16, min_bits=2, max_bits=16),
@@ -245,3 +246,85 @@ def test_inplace_must_be_a_bool() -> None:
     model, x = make("mlp")
     with pytest.raises(fxq.PrepareError, match="inplace='yes' is not a bool; pass inplace=False"):
         fxq.prepare(model, x, inplace="yes")
+
+
+def _state_dicts_equal(a: dict, b: dict) -> bool:
+    return list(a) == list(b) and all(
+        not isinstance(v, torch.Tensor) or (v.dtype == b[k].dtype and torch.equal(v, b[k])) for k, v in a.items()
+    )
+
+
+def test_freeze_inplace_is_the_frozen_copy_made_from_the_prepared_module_itself(model_and_inputs) -> None:
+    name, model, x = model_and_inputs
+    qm = fxq.prepare(model, x, fxq.QuantConfig(weight=fxq.QuantSpec(bits=4), first_last_bits=None))
+    fxq.calibrate(qm, [x, torch.randn_like(x)])
+    copied = fxq.freeze(qm)
+    frozen = fxq.freeze(qm, inplace=True)
+    assert frozen is qm and module_state(frozen) == "frozen"
+    assert not any(isinstance(m, fxq.LearnableQuantizer) for m in frozen.modules())
+    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+    with torch.no_grad():
+        assert torch.equal(frozen(x), copied(x))
+    assert _state_dicts_equal(frozen.state_dict(), copied.state_dict())
+    fxq.load_state_dict(copied, frozen.state_dict())  # a checkpoint of either loads into the other
+    with pytest.raises(fxq.StateError, match="freeze expects a module returned by fxq.prepare"):
+        fxq.freeze(frozen)
+
+
+def test_freeze_inplace_releases_each_float_weight_once_its_codes_exist(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No second float copy: when a weight's codes are made, the weights frozen before are gone (from the module and
+    from memory), and after freeze no float weight remains; a weight a float op also reads is kept."""
+    import gc
+    import weakref
+
+    from fxquant.graph import tensors_read_by_quantizers
+    from fxquant.quantizer import frozen as frozen_module
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = torch.relu(layer(x))
+            return x + self.layers[3].weight.sum() * 0.0  # the last weight also feeds a float op
+
+    x = torch.randn(4, 16)
+    model = Net()
+    qm = fxq.prepare(model, x, fxq.QuantConfig(integer_bias=False), inplace=True)
+    del model
+    fxq.calibrate(qm, [x])
+    with torch.no_grad():
+        expected = fxq.freeze(qm)(x)
+    weights = {id(t): t for t in tensors_read_by_quantizers(qm).values() if t.dim() == 2}
+    assert len(weights) == 4
+    alive = [weakref.ref(t) for t in weights.values()]
+    storages = {t.untyped_storage().data_ptr() for t in weights.values()}
+    del weights
+    seen = []
+    init = frozen_module.FrozenWeight.__init__
+
+    def recording(self: fxq.FrozenWeight, source: fxq.LearnableQuantizer, weight: torch.Tensor) -> None:
+        gc.collect()
+        held = {t.untyped_storage().data_ptr() for t in list(qm.parameters()) + list(qm.buffers())} & storages
+        seen.append((len(held), sum(r() is not None for r in alive)))
+        init(self, source, weight)
+
+    monkeypatch.setattr(frozen_module.FrozenWeight, "__init__", recording)
+    frozen = fxq.freeze(qm, inplace=True)
+    gc.collect()
+    assert seen == [(4, 4), (3, 3), (2, 2), (1, 1)]
+    kept = {t.untyped_storage().data_ptr() for t in frozen.parameters()} & storages
+    assert len(kept) == 1 and sum(r() is not None for r in alive) == 1  # layers[3].weight only
+    with torch.no_grad():
+        assert torch.equal(frozen(x), expected)
+
+
+def test_freeze_inplace_must_be_a_bool() -> None:
+    model, x = make("mlp")
+    qm = fxq.prepare(model, x)
+    fxq.calibrate(qm, [x])
+    with pytest.raises(fxq.ConfigError, match="inplace=1 is not a bool"):
+        fxq.freeze(qm, inplace=1)  # type: ignore[arg-type]
+    assert module_state(qm) == "prepared"
