@@ -13,96 +13,55 @@
 - groups of tensors that meet at add/concat joins (connected components on the networkx graph);
 - first and last quantized layers (no quantized layer before / after them in the graph).
 
-Insertion passes read these annotations (`passes/insert.py`).
+The annotations are the dataclasses of `fxquant.annotations`; the placement rules for joins and integer-kernel
+outputs are `fxquant.activation_points`. Insertion passes read the annotations (`passes/insert.py`).
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
-from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import networkx as nx
 import torch
 from torch import fx, nn
 
+from fxquant.activation_points import (
+    ConsumersOf,
+    add_output_points,
+    feeds_integer_kernel,
+    fixed_bits,
+    join_inputs,
+    kernel_only,
+    share_join_signs,
+)
+from fxquant.annotations import (
+    META_KEY,
+    MODULE_META_KEY,
+    ActPoint,
+    NodeAnnotation,
+    QuantOp,
+    TensorInfo,
+    is_float_tensor,
+    module_stack_path,
+    quant_op,
+)
 from fxquant.config import QuantConfig, QuantSpec, _check_weight_spec
 from fxquant.errors import ConfigError
 from fxquant.graph import is_quantizer_path, stored_tensor
-from fxquant.op_registry import SIGN_CLAMP, SIGN_FOLLOWS, SIGN_NONNEGATIVE, SIGN_SCALED, OpFacts, facts_of
+from fxquant.op_registry import (
+    SIGN_CLAMP,
+    SIGN_FOLLOWS,
+    SIGN_NONNEGATIVE,
+    SIGN_SCALED,
+    OpFacts,
+    facts_of,
+    quantizable_info,
+)
 from fxquant.passes import ANALYZED, FUNCTIONAL, SHAPES, graph_pass
 from fxquant.tracing import FLOAT_MODULES_ATTR
-
-META_KEY = "fxquant"
-MODULE_META_KEY = "fxquant_module"
-"""`node.meta` key set by `functionalize_modules`: the module path a functional op came from."""
-
-
-@dataclass
-class QuantOp:
-    """Annotation of a quantized op node.
-
-    Attributes:
-        kind: "conv", "conv_transpose", "linear", "matmul" or "embedding".
-        name: the user-facing name (module path, else node name).
-        weight_index: position of the weight parameter in `node.args` (None: no parameter weight).
-        weight_spec: spec of its weight quantizer (None: weight float).
-        channel_axis, block_axis: output-channel and input (block) axes of the weight.
-        input_indices: positions of activation inputs in `node.args` that are quantized.
-        input_spec: spec of the input quantizers (None: inputs float).
-        is_first, is_last: first / last quantized layer.
-        reason: why this spec ("default", "override 'glob'", "first layer", ...).
-        int32_bias: its stored bias is rounded to the int32 grid `s_x * s_w` (a `BiasQuantizer`): the op adds
-            its bias in int32 in integer kernels, `QuantConfig(integer_bias=True)`, and its input (per tensor)
-            and weight (per tensor or channel) are quantized.
-
-    Every spec is resolved here (granularity included), so insertion builds quantizers without deciding.
-    """
-
-    kind: str
-    name: str
-    weight_index: Optional[int]
-    weight_spec: Optional[QuantSpec]
-    channel_axis: Optional[int]
-    block_axis: Optional[int]
-    input_indices: Tuple[int, ...]
-    input_spec: Optional[QuantSpec]
-    is_first: bool = False
-    is_last: bool = False
-    reason: str = "default"
-    int32_bias: bool = False
-
-
-@dataclass
-class ActPoint:
-    """One activation quantizer to insert after a producer node, serving `consumers`.
-
-    `spec` is resolved (per tensor); `nonnegative` is the sign of the quantizer, which for a quantizer shared
-    by a join group (`join_group`, with `QuantConfig(share_join_scales=True)`) holds for every member.
-    """
-
-    consumers: Tuple[str, ...]
-    spec: QuantSpec
-    nonnegative: bool
-    join_group: Optional[int] = None
-
-
-@dataclass
-class TensorInfo:
-    """Annotation of a tensor-producing node: sign, join group, and quantizers to insert after it."""
-
-    nonnegative: bool = False
-    join_group: Optional[int] = None
-    points: List[ActPoint] = field(default_factory=list)
-
-
-@dataclass
-class NodeAnnotation:
-    """What analysis wrote on one node: `node.meta["fxquant"]`."""
-
-    op: Optional[QuantOp] = None
-    tensor: Optional[TensorInfo] = None
 
 
 def _tensor_info(
@@ -110,7 +69,7 @@ def _tensor_info(
     node: fx.Node,
     memo: Dict[str, bool],
     group_of: Dict[str, int],
-    consumers_of: Dict[str, List[Tuple[str, QuantSpec]]],
+    consumers_of: ConsumersOf,
     config: QuantConfig,
 ) -> TensorInfo:
     info = TensorInfo(nonnegative=_is_nonnegative(gm, node, memo), join_group=group_of.get(node.name))
@@ -162,31 +121,9 @@ def _target_name(node: fx.Node) -> str:
     return getattr(t, "__name__", str(t))
 
 
-def quantizable_info(node: fx.Node) -> Optional[OpFacts]:
-    """The registry entry of a node if fxquant quantizes that op (`OpFacts.kind` set), else None."""
-    facts = facts_of(node)
-    return facts if facts is not None and facts.kind is not None else None
-
-
 def _param_of(gm: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
     """The parameter or buffer behind a `get_attr` node, else None."""
     return stored_tensor(gm, node)
-
-
-def _is_float_tensor(node: Any) -> bool:
-    if not isinstance(node, fx.Node):
-        return False
-    dtype = getattr(node.meta.get("tensor_meta"), "dtype", None)
-    return isinstance(dtype, torch.dtype) and dtype.is_floating_point
-
-
-def module_stack_path(node: fx.Node) -> str:
-    """The path of the innermost user module a node was recorded in (`nn_module_stack`), or ""."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    path, _ = list(stack.values())[-1]
-    return str(path)
 
 
 def _names_of(gm: fx.GraphModule, node: fx.Node, weight: Any) -> Tuple[str, ...]:
@@ -268,22 +205,6 @@ def _is_nonnegative(gm: fx.GraphModule, node: fx.Node, memo: Dict[str, bool]) ->
     return result
 
 
-def _join_inputs(node: fx.Node) -> List[fx.Node]:
-    """Float tensor inputs of an add/concat join computed by the graph (not constants), if >= 2."""
-    facts = facts_of(node)
-    if facts is None or facts.join is None or node.op == "call_module":
-        return []
-    candidates: List[Any] = []
-    if facts.join == "cat":
-        seq = facts.argument(node, "tensors", ())
-        candidates = list(seq) if isinstance(seq, (list, tuple)) else []
-    else:
-        candidates = list(node.args[:2])
-    inputs = [c for c in candidates if _is_float_tensor(c) and c.op != "get_attr"]
-    unique = list(dict.fromkeys(inputs))
-    return unique if len(unique) >= 2 else []
-
-
 def _match_override(
     config: QuantConfig, names: Tuple[str, ...], used: Set[int]
 ) -> Tuple[bool, Optional[QuantSpec], str]:
@@ -304,12 +225,6 @@ def _weight_spec_from(spec: QuantSpec, where: str) -> QuantSpec:
 def _act_spec_from(spec: QuantSpec) -> QuantSpec:
     # Activation quantizers are per tensor; an override's weight granularity does not apply to them.
     return spec.replace(granularity="per_tensor", group_size=None, per_group_bits=False)
-
-
-def _fixed(spec: QuantSpec, bits: int) -> QuantSpec:
-    return spec.replace(
-        bits=bits, min_bits=min(spec.min_bits, bits), max_bits=max(spec.max_bits, bits), learn_bits=False
-    )
 
 
 @graph_pass(requires=(FUNCTIONAL, SHAPES), ensures=(ANALYZED,), analysis=True)
@@ -351,10 +266,10 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
         weight = node.args[weight_index] if weight_index is not None and weight_index < len(node.args) else None
         if weight_index is not None and _param_of(gm, weight) is None:
             # A computed weight has no stored value to freeze: quantize it as an activation input.
-            if _is_float_tensor(weight):
+            if is_float_tensor(weight):
                 input_indices.append(weight_index)
             weight_index = None
-        input_indices = [i for i in input_indices if i < len(node.args) and _is_float_tensor(node.args[i])]
+        input_indices = [i for i in input_indices if i < len(node.args) and is_float_tensor(node.args[i])]
         names = _names_of(gm, node, weight if weight_index is not None else None)
         op_names[node.name] = names
         all_names.extend(names)
@@ -398,8 +313,8 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
             reason = "default"
             if (op.is_first or op.is_last) and config.first_last_bits is not None:
                 bits = config.first_last_bits
-                weight_spec = None if weight_spec is None else _fixed(weight_spec, bits)
-                input_spec = None if input_spec is None else _fixed(input_spec, bits)
+                weight_spec = None if weight_spec is None else fixed_bits(weight_spec, bits)
+                input_spec = None if input_spec is None else fixed_bits(input_spec, bits)
                 reason = "first layer" if op.is_first else "last layer"
             if weight_spec is not None and weight_spec.granularity is None:
                 weight_spec = weight_spec.replace(granularity="per_channel")
@@ -413,7 +328,7 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
         op.int32_bias = config.integer_bias and _has_int32_bias(gm, node, op)
 
     # 2. Activation quantization points of the quantized ops' inputs, per producer.
-    consumers_of: Dict[str, List[Tuple[str, QuantSpec]]] = {}
+    consumers_of: ConsumersOf = {}
     for node in nodes:
         op = ops.get(node.name)
         if op is None or op.input_spec is None:
@@ -428,22 +343,22 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
     join_specs: Dict[str, Optional[QuantSpec]] = {}
     integer_joins: Set[str] = set()
     for node in reversed(nodes):  # a join's readers are decided before it
-        if not _join_inputs(node):
+        if not join_inputs(node):
             continue
         all_names.append(node.name)
         matched, spec, _ = _match_override(config, (node.name,), used_overrides)
         if matched:
             join_specs[node.name] = None if spec is None else _act_spec_from(spec)
-        elif _feeds_integer_kernel(node, consumers_of, integer_joins):
-            join_specs[node.name] = _kernel_only(config, config.activation)
+        elif feeds_integer_kernel(node, consumers_of, integer_joins):
+            join_specs[node.name] = kernel_only(config, config.activation)
         else:
             join_specs[node.name] = None
         if join_specs[node.name] is not None:
             integer_joins.add(node.name)
     join_graph = nx.Graph()
-    join_consumers: Dict[str, List[Tuple[str, QuantSpec]]] = {}
+    join_consumers: ConsumersOf = {}
     for node in nodes:
-        inputs = _join_inputs(node)
+        inputs = join_inputs(node)
         join_spec = join_specs.get(node.name)
         for a in inputs:
             join_graph.add_edge(a.name, inputs[0].name)
@@ -458,16 +373,16 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
             consumers_of.setdefault(producer, []).append((consumer, spec))
 
     if config.quantize_outputs:
-        _add_output_points(nodes, ops, consumers_of, config)
+        add_output_points(nodes, ops, consumers_of, config)
 
     annotations: Dict[str, NodeAnnotation] = {}
     for node in nodes:
         tensor_info: Optional[TensorInfo] = None
-        if _is_float_tensor(node):
+        if is_float_tensor(node):
             tensor_info = _tensor_info(gm, node, memo, group_of, consumers_of, config)
         if tensor_info is not None or node.name in ops:
             annotations[node.name] = NodeAnnotation(op=ops.get(node.name), tensor=tensor_info)
-    _share_join_signs(annotations.values())
+    share_join_signs(annotations.values())
     for node in nodes:
         if node.name in annotations:
             node.meta[META_KEY] = annotations[node.name]
@@ -499,115 +414,6 @@ def _has_int32_bias(gm: fx.GraphModule, node: fx.Node, op: QuantOp) -> bool:
     return input_quantized and stored
 
 
-def _share_join_signs(annotations: Iterable[NodeAnnotation]) -> None:
-    """One sign per quantizer shared by a join group: non-negative only if every member it reads is."""
-    points = [p for a in annotations if a.tensor is not None for p in a.tensor.points if p.join_group is not None]
-    group_nonneg: Dict[Tuple[int, QuantSpec], bool] = {}
-    for point in points:
-        assert point.join_group is not None
-        key = (point.join_group, point.spec)
-        group_nonneg[key] = group_nonneg.get(key, True) and point.nonnegative
-    for point in points:
-        assert point.join_group is not None
-        point.nonnegative = group_nonneg[(point.join_group, point.spec)]
-
-
-def _is_fused_activation(node: fx.Node) -> bool:
-    """ReLU/ReLU6/clamp: runtimes fold it into the integer op before a QuantizeLinear."""
-    facts = facts_of(node)
-    return facts is not None and facts.fused_activation
-
-
-def _is_layout(node: fx.Node) -> bool:
-    """Ops that runtimes move a QuantizeLinear across: shape-only functions and methods (reshape, transpose,
-    ...; not modules), and max pooling (functions or modules: it selects values, `OpFacts.selects_values`)."""
-    facts = facts_of(node)
-    if facts is None:
-        return False
-    return facts.selects_values or (node.op != "call_module" and facts.layout_only)
-
-
-def _through_layout(node: fx.Node) -> fx.Node:
-    """The end of the chain of single-reader shape-only (or max pooling) ops that starts after `node`
-    (`node` if none)."""
-    while len(node.users) == 1 and _is_layout(next(iter(node.users))):
-        node = next(iter(node.users))
-    return node
-
-
-def _feeds_integer_kernel(join: fx.Node, op_inputs: Dict[str, List[Tuple[str, QuantSpec]]], integer_joins: Set[str]) -> bool:
-    """Whether the result of `join` reaches, through ReLU-like activations and shape-only ops, a quantized op's
-    input (`op_inputs`: the inputs quantized ops quantize, by producer) or another join in `integer_joins`.
-
-    Only then can a runtime run the join as an integer kernel (QLinearAdd/QLinearConcat between quantized
-    tensors). A join read by float ops (the residual add before a transformer's LayerNorm, the inner add of a
-    tanh GELU) stays float: quantizing its inputs adds Q/DQ pairs, costs accuracy, and hides the float
-    pattern from onnxruntime's fusions (docs/decisions.md, "Joins an integer kernel reads")."""
-    frontier, seen = [join], {join.name}
-    while frontier:
-        tensor = frontier.pop()
-        if tensor.name in op_inputs:
-            return True
-        for reader in tensor.users:
-            if reader.name in integer_joins:
-                return True
-            if reader.name not in seen and (_is_fused_activation(reader) or _is_layout(reader)):
-                seen.add(reader.name)
-                frontier.append(reader)
-    return False
-
-
-def _quantized_after_layout(node: fx.Node, consumers_of: Dict[str, List[Tuple[str, QuantSpec]]]) -> bool:
-    """`node` starts a chain of single-reader shape-only ops whose result is quantized for all its readers."""
-    if not _is_layout(node):
-        return False
-    node = _through_layout(node)
-    served = {c for c, _ in consumers_of.get(node.name, [])}
-    return bool(node.users) and all(r.name in served for r in node.users)
-
-
-def _kernel_only(config: QuantConfig, spec: Optional[QuantSpec]) -> Optional[QuantSpec]:
-    """The spec of a quantizer that serves only integer kernels (join inputs, conv outputs): fixed at
-    `config.join_bits` (the width those kernels compute in) or the spec's own initial bits if more, or `spec`
-    itself when `join_bits` is None."""
-    if spec is None or config.join_bits is None:
-        return spec
-    return _fixed(spec, max(config.join_bits, spec.bits))
-
-
-def _add_output_points(
-    nodes: List[fx.Node], ops: Dict[str, QuantOp], consumers_of: Dict[str, List[Tuple[str, QuantSpec]]],
-    config: QuantConfig,
-) -> None:
-    """Quantize the output of each conv with quantized input for all its readers (`quantize_outputs`).
-
-    The tensor is the op's output, followed through a ReLU/ReLU6/clamp that is its only reader and then
-    through single-reader shape-only ops (runtimes fold the activation and move the QuantizeLinear across
-    reshapes). Readers already served keep their quantizer; the others get one with the op's input spec
-    fixed at `config.join_bits` (`_kernel_only`). Tensors the graph returns, and the inputs of ops kept
-    float (override `None`), stay float.
-    """
-    for node in nodes:
-        op = ops.get(node.name)
-        facts = quantizable_info(node)
-        if op is None or facts is None or not facts.output_quantized or op.input_spec is None or not _is_float_tensor(node):
-            continue
-        out = node
-        if len(out.users) == 1 and _is_fused_activation(next(iter(out.users))):
-            out = next(iter(out.users))
-        out = _through_layout(out)
-        readers = list(out.users)
-        if not readers or any(r.op == "output" for r in readers):
-            continue
-        served = {c for c, _ in consumers_of.get(out.name, [])}
-        for reader in readers:
-            kept_float = reader.name in ops and ops[reader.name].input_spec is None  # e.g. an override None
-            if reader.name not in served and not kept_float and not _quantized_after_layout(reader, consumers_of):
-                spec = _kernel_only(config, op.input_spec)
-                assert spec is not None
-                consumers_of.setdefault(out.name, []).append((reader.name, spec))
-
-
 def _check_group_size(gm: fx.GraphModule, node: fx.Node, op: QuantOp, spec: QuantSpec) -> None:
     if spec.granularity != "per_group":
         return
@@ -624,18 +430,6 @@ def _check_group_size(gm: fx.GraphModule, node: fx.Node, op: QuantOp, spec: Quan
             f"weight of {op.name!r} has {size} inputs along axis {op.block_axis}, not divisible by "
             f"group_size={spec.group_size}; pick a divisor of {size} or override this layer."
         )
-
-
-def tensor_info(node: fx.Node) -> Optional[TensorInfo]:
-    """The TensorInfo annotation of a node, if analysis wrote one."""
-    value = node.meta.get(META_KEY)
-    return value.tensor if isinstance(value, NodeAnnotation) else None
-
-
-def quant_op(node: fx.Node) -> Optional[QuantOp]:
-    """The QuantOp annotation of a node, if it is a quantized op."""
-    value = node.meta.get(META_KEY)
-    return value.op if isinstance(value, NodeAnnotation) else None
 
 
 @dataclass(frozen=True)

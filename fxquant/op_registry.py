@@ -325,3 +325,9 @@ def functional_form(module: nn.Module) -> Optional[OpFacts]:
 def quantized_kinds() -> Tuple[str, ...]:
     """The kinds of ops fxquant quantizes, in registry order (for messages)."""
     return tuple(dict.fromkeys(e.kind for e in REGISTRY if e.kind is not None))
+
+
+def quantizable_info(node: fx.Node) -> Optional[OpFacts]:
+    """The registry entry of a node if fxquant quantizes that op (`OpFacts.kind` set), else None."""
+    facts = facts_of(node)
+    return facts if facts is not None and facts.kind is not None else None

@@ -12,7 +12,7 @@ from conftest import make
 from torch import nn
 
 import fxquant as fxq
-from fxquant.analyze import quant_op, tensor_info
+from fxquant.annotations import quant_op, tensor_info
 
 
 def layout(qm: torch.fx.GraphModule) -> Tuple[List[str], Dict[str, Tuple[Tuple[str, ...], bool]]]:

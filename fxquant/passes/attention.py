@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from fxquant.analyze import MODULE_META_KEY, module_stack_path
+from fxquant.annotations import MODULE_META_KEY, module_stack_path
 from fxquant.op_registry import facts_of
 from fxquant.passes import ANALYZED, ATTENTION_DECOMPOSED, SHAPES, graph_pass
 

@@ -13,7 +13,7 @@ from typing import Any, List, Optional, Tuple
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxquant.analyze import MODULE_META_KEY
+from fxquant.annotations import MODULE_META_KEY
 from fxquant.op_registry import functional_form
 from fxquant.passes import ANALYZED, FUNCTIONAL, SHAPES, graph_pass
 

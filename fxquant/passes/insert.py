@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple
 
 from torch import fx, nn
 
-from fxquant.analyze import ActPoint, quant_op, tensor_info
+from fxquant.annotations import ActPoint, quant_op, tensor_info
 from fxquant.config import QuantConfig, QuantSpec
 from fxquant.graph import quantizer_container, quantizer_name, quantizer_target, stored_tensor
 from fxquant.op_registry import facts_of
