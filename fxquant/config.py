@@ -127,8 +127,10 @@ class QuantConfig:
             ops; the first match wins; `spec=None` keeps the op float (no weight nor input quantizer).
         first_last_bits: bits fixed for the first and last quantized layers (weights and inputs);
             `None` treats them like every other layer.
-        quantize_joins: quantize the tensor inputs of add and concat joins (residuals), which integer
-            runtimes need to run the join and the ops before it as integer kernels.
+        quantize_joins: quantize the tensor inputs of add and concat joins (residuals) whose result an
+            integer kernel reads (through ReLU-like and shape-only ops), which integer runtimes need to run
+            the join and the ops before it as integer kernels. A join read only by float ops (a residual add
+            before a LayerNorm) stays float; an override naming the join quantizes it anyway.
         share_join_scales: one quantizer (same scale and zero point) for all tensors meeting at a join.
         quantize_outputs: quantize the output of every conv with quantized input (after the ReLU that
             directly follows it) also when no quantized op reads it (e.g. before a pooling or a sigmoid):
