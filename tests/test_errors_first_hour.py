@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import Tuple
+from typing import BinaryIO, Tuple
 
 import onnx
 import pytest
@@ -319,12 +319,12 @@ def test_export_refuses_a_location_it_cannot_write(frozen_mlp, tmp_path, monkeyp
 def test_interrupted_write_leaves_no_temporary_file(frozen_mlp, tmp_path, monkeypatch) -> None:  # noqa: ANN001
     frozen, x = frozen_mlp
 
-    def interrupted(model: onnx.ModelProto, f: str, *args: object, **kwargs: object) -> None:
-        with open(f, "wb") as fh:
-            fh.write(b"partial")
+    def interrupted(model: onnx.ModelProto, f: BinaryIO) -> None:
+        f.write(b"partial")
+        f.flush()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(onnx, "save_model", interrupted)
+    monkeypatch.setattr(qdq, "_write_model", interrupted)  # export writes the file itself
     with pytest.raises(KeyboardInterrupt):
         fxq.export_onnx(frozen, x, str(tmp_path / "m.onnx"))
     assert os.listdir(tmp_path) == []
