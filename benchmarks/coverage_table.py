@@ -28,6 +28,7 @@ with random weights, CPU:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import platform
@@ -173,17 +174,19 @@ def _ort_quantized(name: str, float_path: str, batches: List[Any], tmp: Path, st
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = str(tmp / f"{name}_pre.onnx")
-    try:
-        quant_pre_process(float_path, pre)
-    except Exception:  # noqa: BLE001 - pre-processing is optional
-        pre = float_path
     out = str(tmp / f"{name}_ort.onnx")
-    if static:
-        quantize_static(pre, out, _Reader(_session(float_path), batches), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
-        return out, "static"
-    quantize_dynamic(pre, out, weight_type=QuantType.QInt8)
-    return out, "dynamic"
+    # onnxruntime's quantization tools write scratch external-data files into the working directory
+    with contextlib.chdir(tmp):
+        try:
+            quant_pre_process(float_path, pre)
+        except Exception:  # noqa: BLE001 - pre-processing is optional
+            pre = float_path
+        if static:
+            quantize_static(pre, out, _Reader(_session(float_path), batches), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+            return out, "static"
+        quantize_dynamic(pre, out, weight_type=QuantType.QInt8)
+        return out, "dynamic"
 
 
 def _parity(r: Any) -> str:
