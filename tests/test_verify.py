@@ -344,12 +344,12 @@ def test_perturbation_scales_every_activation_quantizer_input() -> None:
 
 
 def test_a_localisation_that_fails_does_not_hide_the_parity_result(monkeypatch) -> None:  # noqa: ANN001
-    verify_module = importlib.import_module("fxquant.verify")  # the module (fxq.verify is the function)
+    divergence_module = importlib.import_module("fxquant.divergence")
 
     def broken(model: onnx.ModelProto) -> None:
         raise RuntimeError("no codes here")
 
-    monkeypatch.setattr(verify_module, "_onnx_activation_codes", broken)
+    monkeypatch.setattr(divergence_module, "_onnx_activation_codes", broken)
     frozen, x = _frozen("mlp", fxq.QuantConfig(weight=_spec(8), activation=_spec(8), first_last_bits=None))
     bad = _corrupt_scale(fxq.export_onnx(frozen, x), "fc1_weight.scale", 3.0)
     report = fxq.verify(frozen, bad, [x], raise_on_failure=False, levels=("disabled",))
