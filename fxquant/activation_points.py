@@ -14,7 +14,7 @@ The rules `fxquant.analyze.analyze` applies after it has annotated the quantized
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from torch import fx
 
@@ -72,9 +72,12 @@ def through_layout(node: fx.Node) -> fx.Node:
     return node
 
 
-def feeds_integer_kernel(join: fx.Node, op_inputs: ConsumersOf, integer_joins: Set[str]) -> bool:
+def feeds_integer_kernel(
+    join: fx.Node, op_inputs: ConsumersOf, join_specs: Mapping[str, Optional[QuantSpec]]
+) -> bool:
     """Whether the result of `join` reaches, through ReLU-like activations and shape-only ops, a quantized op's
-    input (`op_inputs`: the inputs quantized ops quantize, by producer) or another join in `integer_joins`.
+    input (`op_inputs`: the inputs quantized ops quantize, by producer) or another join quantized already
+    (`join_specs`: the joins decided so far, None for a float one).
 
     Only then can a runtime run the join as an integer kernel (QLinearAdd/QLinearConcat between quantized
     tensors). A join read by float ops (the residual add before a transformer's LayerNorm, the inner add of a
@@ -86,7 +89,7 @@ def feeds_integer_kernel(join: fx.Node, op_inputs: ConsumersOf, integer_joins: S
         if tensor.name in op_inputs:
             return True
         for reader in tensor.users:
-            if reader.name in integer_joins:
+            if join_specs.get(reader.name) is not None:
                 return True
             if reader.name not in seen and (is_fused_activation(reader) or is_layout(reader)):
                 seen.add(reader.name)

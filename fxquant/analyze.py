@@ -340,30 +340,27 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
 
     # 3. Joins (add/concat): their inputs are quantized when an integer kernel reads the join's result (or an
     # override names the join); groups of tensors meeting at them.
+    joins = {node.name: inputs for node in nodes if (inputs := join_inputs(node))}  # graph order
     join_specs: Dict[str, Optional[QuantSpec]] = {}
-    integer_joins: Set[str] = set()
     for node in reversed(nodes):  # a join's readers are decided before it
-        if not join_inputs(node):
+        if node.name not in joins:
             continue
         all_names.append(node.name)
         matched, spec, _ = _match_override(config, (node.name,), used_overrides)
         if matched:
             join_specs[node.name] = None if spec is None else _act_spec_from(spec)
-        elif feeds_integer_kernel(node, consumers_of, integer_joins):
+        elif feeds_integer_kernel(node, consumers_of, join_specs):
             join_specs[node.name] = kernel_only(config, config.activation)
         else:
             join_specs[node.name] = None
-        if join_specs[node.name] is not None:
-            integer_joins.add(node.name)
     join_graph = nx.Graph()
     join_consumers: ConsumersOf = {}
-    for node in nodes:
-        inputs = join_inputs(node)
-        join_spec = join_specs.get(node.name)
+    for join, inputs in joins.items():
+        join_spec = join_specs[join]
         for a in inputs:
             join_graph.add_edge(a.name, inputs[0].name)
             if config.quantize_joins and join_spec is not None:
-                join_consumers.setdefault(a.name, []).append((node.name, join_spec))
+                join_consumers.setdefault(a.name, []).append((join, join_spec))
     group_of: Dict[str, int] = {}
     for gid, component in enumerate(nx.connected_components(join_graph)):
         for name in component:
