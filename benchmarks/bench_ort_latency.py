@@ -32,7 +32,6 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import coverage_table as ct  # noqa: E402 - benchmarks/ is on sys.path when this script runs
 import deployed_models
 import torch
-from models_zoo import init_bn_statistics  # on the path coverage_table sets
 from torch import nn
 
 import fxquant as fxq
@@ -115,11 +114,6 @@ class MobileNetV2(nn.Module):
         return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
 
 
-def _images(batch: int, n: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    g = torch.Generator().manual_seed(2)
-    return torch.randn(batch, 3, 224, 224, generator=g), [torch.randn(4, 3, 224, 224, generator=g) for _ in range(n)]
-
-
 def _bert(batch: int) -> Tuple[nn.Module, Any, List[Any]]:
     import transformers as T
 
@@ -142,22 +136,13 @@ def _vit(batch: int) -> Tuple[nn.Module, Any, List[Any]]:
                       image_size=224, patch_size=16, num_labels=1000)
     torch.manual_seed(0)
     model = T.ViTForImageClassification(cfg).eval()
-    x, calib = _images(batch, 4)
+    x, calib = deployed_models.images(batch, 4)
     return model, {"pixel_values": x}, [{"pixel_values": c} for c in calib]
 
 
-def _cnn(cls: Callable[[], nn.Module]) -> Callable[[int], Tuple[nn.Module, Any, List[Any]]]:
-    def make(batch: int) -> Tuple[nn.Module, Any, List[Any]]:
-        torch.manual_seed(0)
-        x, calib = _images(batch, 4)
-        return init_bn_statistics(cls()).eval(), x, calib
-
-    return make
-
-
 MODELS: Dict[str, Tuple[Callable[[int], Tuple[nn.Module, Any, List[Any]]], bool]] = {
-    "resnet18": (_cnn(ResNet18), True),
-    "mobilenet_v2": (_cnn(MobileNetV2), True),
+    "resnet18": (deployed_models.vision(ResNet18), True),
+    "mobilenet_v2": (deployed_models.vision(MobileNetV2), True),
     "bert": (_bert, False),
     "vit": (_vit, False),
     **deployed_models.MODELS,
