@@ -269,6 +269,23 @@ def param_groups(
     return [g for g in groups if g["params"]]
 
 
+def default_optimizer(groups: List[Dict[str, Any]]) -> torch.optim.Optimizer:
+    """The optimizer `finetune` builds without `optimizer=`: Adam over `groups` (from `param_groups`), with
+    torch's fused kernel (one call for every parameter) where it applies: every parameter a plain float tensor
+    on the CPU or a CUDA device (not an FSDP2 `DTensor` shard). Otherwise torch's default Adam.
+
+    A prepared module holds two or three small quantizer parameters per quantized tensor besides the weights;
+    the per-parameter loop of torch's default CPU Adam cost ~5 ms of each step of the Fashion-MNIST ResNet
+    of `benchmarks/bench_finetune.py`, the fused kernel ~1 ms (docs/decisions.md, "Fused Adam").
+    """
+    params = [p for g in groups for p in g["params"]]
+    fusable = bool(params) and all(
+        type(p) is nn.Parameter and p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+        and p.device.type in ("cpu", "cuda") for p in params
+    )
+    return torch.optim.Adam(groups, fused=True) if fusable else torch.optim.Adam(groups)
+
+
 @torch.no_grad()
 def project_quantizers(qm: nn.Module) -> None:
     """Project every quantizer's parameters back into their domain (bits in bounds, `lo <= 0 <= hi`);
@@ -504,7 +521,7 @@ def _train(
 ) -> FinetuneResult:
     # without a target (and no size penalty) nothing drives the bits: they stay where they are
     groups = param_groups(inner, schedule, steps, learn_bits=target is not None or penalty == "size")
-    opt = optimizer_factory(groups) if optimizer_factory is not None else torch.optim.Adam(groups)
+    opt = optimizer_factory(groups) if optimizer_factory is not None else default_optimizer(groups)
     params = [p for g in groups for p in g["params"]]
     quantizers = bits.weights + bits.activations
     device = model_device(inner)

@@ -179,6 +179,28 @@ def test_param_groups_separate_quantizers_without_weight_decay_and_custom_optimi
     assert not any(names[id(p)].startswith("fxq_quantizers.") for p in groups["weights"]["params"])
 
 
+def test_default_optimizer_is_fused_adam_for_plain_parameters_only() -> None:
+    _, qm, _ = _prepared()
+    groups = fxq.param_groups(qm)
+    from fxquant.finetune import default_optimizer
+
+    opt = default_optimizer(groups)
+    assert isinstance(opt, torch.optim.Adam) and opt.defaults["fused"] is True
+    assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in groups]
+    # a parameter the fused kernel does not take (a complex one here) falls back to torch's default Adam
+    odd = nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+    plain = default_optimizer(groups + [{"params": [odd], "lr": 1e-3}])
+    assert not plain.defaults["fused"]
+    # one fused step equals one default step on the same gradients
+    p1, p2 = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(5))
+    p2.data.copy_(p1.data)
+    a, b = default_optimizer([{"params": [p1], "lr": 1e-2}]), torch.optim.Adam([p2], lr=1e-2)
+    for opt_, p in ((a, p1), (b, p2)):
+        p.grad = torch.ones(5)
+        opt_.step()
+    torch.testing.assert_close(p1, p2)
+
+
 def test_public_param_groups_and_bits_fixed_without_a_target() -> None:
     model, qm, batches = _prepared()
     groups = fxq.param_groups(qm)

@@ -57,7 +57,13 @@ def test_bits_stay_in_bounds_and_come_back_from_the_edge() -> None:
     q = act_quantizer("dither", bits=8).train()
     with torch.no_grad():
         q.bits_param.fill_(1.7)  # an optimizer overshot beyond max_bits
-    assert float(q.bits()) == 8.0
+    assert float(q.bits().detach()) == 8.0
+    with torch.no_grad():  # the plain clamp of bits() without autograd: the same value, no gradient path
+        assert float(q.bits()) == 8.0 and not q.bits().requires_grad
+        for p in (0.0, 0.3, 0.55, 1.0):
+            q.bits_param.fill_(p)
+            assert torch.equal(q.bits(), torch.enable_grad()(q.bits)().detach())
+        q.bits_param.fill_(1.7)
     q(torch.randn(8, 16)).sum().backward()
     assert q.bits_param.grad is not None  # the straight-through clamp still passes gradient
     q.project_bits_()

@@ -163,7 +163,10 @@ class LearnableQuantizer(Quantizer):
     def bits(self) -> Tensor:
         """Continuous bit-width in `[min_bits, max_bits]` (differentiable)."""
         span = float(self.max_bits - self.min_bits)
-        return self.min_bits + span * clamp_ste(self.bits_param, 0.0, 1.0)
+        if torch.is_grad_enabled() and self.bits_param.requires_grad:
+            return self.min_bits + span * clamp_ste(self.bits_param, 0.0, 1.0)
+        # no gradient recorded: the plain clamp (same value; bits() is read several times per training step)
+        return self.min_bits + span * torch.clamp(self.bits_param, 0.0, 1.0)
 
     def integer_bits(self) -> Tensor:
         """Integer bit-width used in eval and freeze: `round(b)` (half to even), within the bounds."""
