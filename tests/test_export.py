@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import make
+from conftest import exact_kernels_config, make
 from torch import nn
 
 import fxquant as fxq
@@ -387,7 +387,7 @@ def test_a_model_past_the_protobuf_limit_is_written_with_external_data(tmp_path,
 
     torch.manual_seed(0)
     model, x = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)), torch.randn(4, 64)
-    qm = fxq.prepare(model, x)
+    qm = fxq.prepare(model, x, exact_kernels_config())
     fxq.calibrate(qm, [x])
     frozen = fxq.freeze(qm)
     monkeypatch.setattr(qdq, "TWO_GB", 1024)
@@ -498,7 +498,7 @@ def test_outputs_next_to_provenance_marks_keep_their_names_and_the_file_runs(tmp
             return h, self.fc2(h)
 
     model, x = TwoOutputs().eval(), torch.randn(3, 8)
-    qm = fxq.prepare(model, x, fxq.QuantConfig(first_last_bits=None))
+    qm = fxq.prepare(model, x, exact_kernels_config(first_last_bits=None))
     fxq.calibrate(qm, [x], progress=False)
     frozen = fxq.freeze(qm)
     proto = fxq.export_onnx(frozen, x, str(tmp_path / "m.onnx"))
