@@ -27,10 +27,10 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import exact_kernels_config
 from models_zoo import HF_MODELS, ZOO, first_sample
 
 import fxquant as fxq
-from fxquant.verify import u8s8_kernels_saturate
 
 # torch's own deprecation inside deepcopy of torch.export's pytree specs
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
@@ -86,14 +86,6 @@ def _run(module: torch.nn.Module, inputs: Any) -> torch.Tensor:
     return out
 
 
-def _config() -> fxq.QuantConfig:
-    """W8A8 (the default), with 7-bit weights where onnxruntime's fused u8s8 kernels saturate 8-bit ones (x86
-    without VNNI; see the module docstring)."""
-    if u8s8_kernels_saturate():
-        return fxq.QuantConfig(weight=fxq.QuantSpec(bits=7, max_bits=7, granularity="per_channel"), first_last_bits=None)
-    return fxq.QuantConfig()
-
-
 def _ort_argmax_agreement(path: Path, frozen: torch.nn.Module, batch: Any, level: str) -> float:
     """Share of equal argmaxes between onnxruntime (at `level`) and the frozen module, over the class axis: 1 for
     NCHW maps (segmentation), the last axis otherwise (classifier, tagger and language-model logits)."""
@@ -118,7 +110,7 @@ def test_prepare_calibrate_train_freeze_export(name: str, tmp_path: Path) -> Non
     model, example, batches = ZOO[name]()
     single = first_sample(example)
     # prepared and exported from a batch-1 example; everything below runs on batches of 4
-    qm = fxq.prepare(model, single, _config())
+    qm = fxq.prepare(model, single, exact_kernels_config())
     assert qm.fxquant_capture == EXPECTED_CAPTURE[name]
     weights = [q for q in qm.fxq_quantizers.values() if q.kind == "weight"]
     assert len(weights) == EXPECTED_WEIGHT_QUANTIZERS[name]
