@@ -17,7 +17,7 @@ from torch import nn
 import fxquant as fxq
 import fxquant.quantizer
 from fxquant.errors import ConfigError, FxQuantError, PrepareError, StateError
-from fxquant.finetune import BitTarget, FinetuneWarning, Schedule
+from fxquant.finetune import BitTarget, FinetuneWarning, Schedule, default_optimizer
 from fxquant.losses import distillation_loss, exterior_hinge, jeffreys_divergence
 from fxquant.quantizer import iter_learnable
 
@@ -182,8 +182,6 @@ def test_param_groups_separate_quantizers_without_weight_decay_and_custom_optimi
 def test_default_optimizer_is_fused_adam_for_plain_parameters_only() -> None:
     _, qm, _ = _prepared()
     groups = fxq.param_groups(qm)
-    from fxquant.finetune import default_optimizer
-
     opt = default_optimizer(groups)
     assert isinstance(opt, torch.optim.Adam) and opt.defaults["fused"] is True
     assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in groups]
