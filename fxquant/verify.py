@@ -24,6 +24,7 @@ onnxruntime sessions).
 from __future__ import annotations
 
 import collections
+import json
 import os
 import tempfile
 import warnings
@@ -39,6 +40,8 @@ from fxquant.batches import Batch, call_batch, check_batches, required_inputs, s
 from fxquant.divergence import PERTURBATION, SENSITIVITY_FACTOR, Divergence, localize, perturbed_quantizer_inputs
 from fxquant.errors import ConfigError, ParityError, PrepareError, StateError
 from fxquant.export.onnx_report import read_onnx_file
+from fxquant.export.plan import u8s8_kernels_saturate
+from fxquant.export.qdq import METADATA_PREFIX
 from fxquant.graph import module_state, quantizer_name, quantizers_of
 from fxquant.ort_runs import LEVELS, open_session, run_session, session_feed
 from fxquant.quantizer import FrozenActivationQuantizer, FrozenWeight
@@ -164,29 +167,26 @@ class VerifyReport:
 
 SATURATION_NOTE = (
     "this CPU has no VNNI, and onnxruntime's u8s8 integer kernels sum pairs of uint8 x int8 products in "
-    "saturating int16 here (AVX2/AVX-512 without VNNI), which 8-bit weights can overflow; weights of at most 7 "
-    "bits (QuantSpec(max_bits=7)) run exactly on such CPUs, and CPUs with VNNI run 8-bit weights exactly"
+    "saturating int16 here (AVX2/AVX-512 without VNNI), which this file's INT8 8-bit weights can overflow; "
+    "export_onnx(..., uint8_weights=True) (the default on such a CPU) stores them as UINT8 for the exact u8u8 "
+    "kernels, and weights of at most 7 bits (QuantSpec(max_bits=7)) cannot overflow; CPUs with VNNI run "
+    "INT8 8-bit weights exactly"
 )
 
 
-def u8s8_kernels_saturate(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether onnxruntime's uint8 x int8 integer kernels can saturate on this CPU: x86-64 with AVX2 but
-    without VNNI (`avx512_vnni` / `avx_vnni` absent from the flags in `cpuinfo`). False where that cannot be
-    read."""
-    try:
-        with open(cpuinfo) as fh:
-            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), None)
-    except OSError:
-        return False
-    if flags is None or "avx2" not in flags:
-        return False
-    return not ({"avx512_vnni", "avx_vnni"} & set(flags))
-
-
-def _max_weight_bits(frozen: fx.GraphModule) -> int:
+def _has_signed_8bit_weights(model: onnx.ModelProto, frozen: fx.GraphModule) -> bool:
+    """Whether the ONNX file stores 8-bit weights as INT8 (what u8s8 kernels read): from the plans fxquant's
+    export writes into `metadata_props`, or, for a file without them, from the frozen module's weight bits."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    plans = meta.get(METADATA_PREFIX + "quantizers")
+    if plans is not None:
+        return any(
+            p.get("kind") == "weight" and p.get("bits") == 8 and p.get("onnx_type") == onnx.TensorProto.INT8
+            for p in json.loads(plans).values()
+        )
     quantizers = quantizers_of(frozen)
     bits = [q.qparams().bits for q in quantizers.values() if isinstance(q, FrozenWeight)] if quantizers else []
-    return max(bits, default=0)
+    return max(bits, default=0) >= 8
 
 
 def _output_step(frozen: fx.GraphModule) -> Optional[float]:
@@ -287,8 +287,12 @@ def verify(
     if unknown:
         raise ConfigError(f"verify levels {unknown} are unknown; use 'all' and/or 'disabled'.")
     check_batches(batches, "verify's batches")
-    if not isinstance(onnx_path_or_model, onnx.ModelProto):
-        read_onnx_file(onnx_path_or_model, load_external_data=False)  # a clear error for what is not ONNX
+    # a clear error for what is not ONNX
+    header = onnx_path_or_model if isinstance(onnx_path_or_model, onnx.ModelProto) else read_onnx_file(
+        onnx_path_or_model, load_external_data=False
+    )
+    signed_8bit_weights = _has_signed_8bit_weights(header, frozen)
+    del header
     with tempfile.TemporaryDirectory(prefix="fxq_verify_") as tmp:
         if isinstance(onnx_path_or_model, onnx.ModelProto):
             model_path = os.path.join(tmp, "model.onnx")
@@ -358,7 +362,7 @@ def verify(
         # this machine's arithmetic (ORT_DISABLE_ALL still checks the export itself): explained, not failed.
         unfused = [r for r in results if r.level == LEVELS["disabled"]]
         exact_unfused = bool(unfused) and all(r.ok for r in unfused)
-        if exact_unfused and _max_weight_bits(frozen) >= 8 and u8s8_kernels_saturate():
+        if exact_unfused and signed_8bit_weights and u8s8_kernels_saturate():
             for r in results:
                 if not r.ok and r.level == LEVELS["all"] and r.provider == "CPUExecutionProvider":
                     r.ok, r.explained = True, SATURATION_NOTE

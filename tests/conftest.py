@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import fxquant as fxq
 
 
 class MLP(nn.Module):
@@ -143,15 +140,3 @@ def make(name: str, batch: int = 4):  # noqa: ANN201
     make_model, make_input = MODEL_FACTORIES[name]
     torch.manual_seed(0)
     return make_model().eval(), make_input(batch)
-
-
-def exact_kernels_config(**kwargs: Any) -> fxq.QuantConfig:
-    """`QuantConfig(**kwargs)`, with 7-bit per-channel weights everywhere (no 8-bit first/last layer) where
-    onnxruntime's fused u8s8 kernels saturate 8-bit weights (x86 without VNNI, `u8s8_kernels_saturate`): tests
-    that compare onnxruntime's optimized graph with the frozen module exactly use it."""
-    from fxquant.verify import u8s8_kernels_saturate
-
-    if u8s8_kernels_saturate():
-        kwargs = {**kwargs, "weight": fxq.QuantSpec(bits=7, max_bits=7, granularity="per_channel"),
-                  "first_last_bits": None}
-    return fxq.QuantConfig(**kwargs)

@@ -11,11 +11,10 @@ float; the control-flow model keeps its untraceable submodule float (leaf fallba
 Each model is prepared and exported from a batch-1 example and then runs, in PyTorch and in onnxruntime, on
 batches of 4 (a dynamic batch). At ORT_DISABLE_ALL and ORT_ENABLE_ALL onnxruntime's output differs from the
 frozen module's by at most 2e-2 of its max |output| or the model's own sensitivity as `fxq.verify` measures
-it (`sensitivity_factor x sensitivity`), whichever is larger, with the same argmaxes. On x86 CPUs without
-VNNI onnxruntime's fused u8s8 kernels saturate with 8-bit weights (a property of the CPU that `fxq.verify`
-explains, not of the export), so there the suite quantizes weights to 7 bits, which those kernels compute
-exactly; elsewhere it runs the default W8A8. The control-flow model cannot be exported (its float leaf keeps
-Python control flow): that error is tested.
+it (`sensitivity_factor x sensitivity`), whichever is larger, with the same argmaxes, at the default W8A8
+(on x86 CPUs without VNNI, where onnxruntime's u8s8 kernels saturate with 8-bit weights, the default export
+stores them as UINT8 for its exact u8u8 kernels). The control-flow model cannot be exported (its float leaf
+keeps Python control flow): that error is tested.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import exact_kernels_config
 from models_zoo import HF_MODELS, ZOO, first_sample
 
 import fxquant as fxq
@@ -110,7 +108,7 @@ def test_prepare_calibrate_train_freeze_export(name: str, tmp_path: Path) -> Non
     model, example, batches = ZOO[name]()
     single = first_sample(example)
     # prepared and exported from a batch-1 example; everything below runs on batches of 4
-    qm = fxq.prepare(model, single, exact_kernels_config())
+    qm = fxq.prepare(model, single, fxq.QuantConfig())
     assert qm.fxquant_capture == EXPECTED_CAPTURE[name]
     weights = [q for q in qm.fxq_quantizers.values() if q.kind == "weight"]
     assert len(weights) == EXPECTED_WEIGHT_QUANTIZERS[name]
@@ -170,7 +168,6 @@ def test_prepare_calibrate_train_freeze_export(name: str, tmp_path: Path) -> Non
     # ORT_ENABLE_ALL's fused kernels may round differently (e.g. the U-Net's ConvTranspose/concat; the ViT's
     # FusedMatMul/LayerNormalization flip an activation code that later layers amplify): within 3% of the
     # output's largest magnitude
-    # (a CPU without VNNI saturates u8s8 sums with 8-bit weights: verify explains that difference)
     unexplained = [r.max_abs_error for r in by_level.values() if r.explained is None]
     assert max(unexplained) <= 0.03 * float(real.abs().max()), str(result)
     # Both levels: within 2e-2 of the max |output| or the model's own sensitivity, whichever is larger, and the

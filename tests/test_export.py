@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import exact_kernels_config, make
+from conftest import make
 from torch import nn
 
 import fxquant as fxq
@@ -48,25 +48,79 @@ def _code_types(model: onnx.ModelProto) -> collections.Counter:
     )
 
 
-def test_weight_dequantize_has_a_zero_point_of_the_codes_type(tmp_path) -> None:  # noqa: ANN001
-    """onnxruntime builds QGemm only from a weight DequantizeLinear with an explicit zero point."""
+@pytest.mark.parametrize("uint8_weights", [False, True])
+def test_weight_dequantize_has_a_zero_point_of_the_codes_type(tmp_path, uint8_weights: bool) -> None:  # noqa: ANN001
+    """onnxruntime builds QGemm only from a weight DequantizeLinear with an explicit zero point: zeros for
+    INT8 codes, 128 for 8-bit weights stored as UINT8."""
     frozen, x = _frozen("cnn", _spec(8), _spec(8))
-    model = fxq.export_onnx(frozen, x, str(tmp_path / "cnn.onnx"))
+    model = fxq.export_onnx(frozen, x, str(tmp_path / "cnn.onnx"), uint8_weights=uint8_weights)
     inits = {i.name: i for i in model.graph.initializer}
     weight_dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.name.endswith("_weight/DequantizeLinear")]
     assert len(weight_dqs) == 6
     for n in weight_dqs:
-        assert len(n.input) == 3 and inits[n.input[2]].data_type == inits[n.input[0]].data_type
-        assert not onnx.numpy_helper.to_array(inits[n.input[2]]).any()
+        codes_type = onnx.TensorProto.UINT8 if uint8_weights else onnx.TensorProto.INT8
+        assert len(n.input) == 3 and inits[n.input[2]].data_type == inits[n.input[0]].data_type == codes_type
+        zero_point = onnx.numpy_helper.to_array(inits[n.input[2]]).astype(int)
+        assert (zero_point == (128 if uint8_weights else 0)).all()
     bias_dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and "_bias/" in n.name]
     assert bias_dqs and all(len(n.input) == 2 for n in bias_dqs)
     assert _optimized_ops(str(tmp_path / "cnn.onnx"), tmp_path)["QGemm"] == 1  # the linear head
 
 
+class _Saturating(nn.Module):
+    """A conv and a linear whose 8-bit weight codes are all +-127 and whose uint8 inputs are large: pairs of
+    products sum past int16 (2 x 255 x 127 > 32767), where u8s8 kernels without VNNI saturate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(32, 8, 3)
+        self.fc = nn.Linear(8 * 6 * 6, 16)
+        self.out = nn.Linear(16, 4)
+        with torch.no_grad():
+            for layer in (self.conv, self.fc):
+                layer.weight.copy_(torch.sign(layer.weight) * 0.05)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(torch.relu(x)))
+        return self.out(torch.relu(self.fc(y.flatten(1))))
+
+
+@pytest.mark.parametrize("uint8_weights", [False, True, None])
+def test_8bit_weights_stored_as_uint8_run_exactly_in_the_fused_kernels(tmp_path, uint8_weights) -> None:  # noqa: ANN001
+    """`uint8_weights=True`: 8-bit weights as UINT8 codes + 128 with zero point 128, which onnxruntime runs in
+    its u8u8 QLinearConv/QGemm kernels exactly on every CPU; INT8 codes (`False`) are exact only where the u8s8
+    kernels do not saturate (CPUs with VNNI); the default (`None`) stores UINT8 where they do."""
+    from fxquant.export.plan import u8s8_kernels_saturate
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 32, 8, 8) * 4
+    qm = fxq.prepare(_Saturating().eval(), x[:1], fxq.QuantConfig(first_last_bits=None))
+    fxq.calibrate(qm, [x])
+    frozen = fxq.freeze(qm)
+    path = str(tmp_path / "m.onnx")
+    model = fxq.export_onnx(frozen, x[:1], path, uint8_weights=uint8_weights)
+    stored_unsigned = u8s8_kernels_saturate() if uint8_weights is None else uint8_weights
+    types = _code_types(model)
+    assert types == collections.Counter({T.UINT8 if stored_unsigned else T.INT8: 3, T.INT32: 3})
+    ops = _optimized_ops(path, tmp_path)
+    assert ops["QLinearConv"] == 1 and ops["QGemm"] == 2  # integer kernels either way
+    rows = {r.quantizer: r for r in onnx_report(path).rows}
+    assert all(r.bits_used == 8 and r.zero_point == ("128" if stored_unsigned else "0") for r in rows.values() if r.kind == "weight")
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])  # ORT_ENABLE_ALL
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        ref = frozen(x).numpy()
+    error = float(np.abs(out - ref).max() / np.abs(ref).max())
+    if stored_unsigned or not u8s8_kernels_saturate():
+        assert error < 1e-5
+    else:  # what the option is for: the saturating kernels' result is far off
+        assert error > 1e-2
+
+
 def test_w8a8_cnn_golden_ops_and_integer_kernels(tmp_path) -> None:
     frozen, x = _frozen("cnn", _spec(8), _spec(8))
     path = str(tmp_path / "cnn.onnx")
-    model = fxq.export_onnx(frozen, x, path)
+    model = fxq.export_onnx(frozen, x, path, uint8_weights=False)  # signed weight codes (VNNI/ARM targets)
     onnx.checker.check_model(path, full_check=True)
     assert model.opset_import[0].version == 20  # DEFAULT_MIN_OPSET: ONNX's Gelu
     assert [n.op_type for n in model.graph.node] == (
@@ -178,7 +232,7 @@ def test_weight_only_int4_blocked_linear_becomes_matmulnbits(tmp_path) -> None:
 )
 def test_containers_and_opset_follow_the_bits(wbits, abits, narrow, opset, wtype, atype) -> None:  # noqa: ANN001
     frozen, x = _frozen("mlp", _spec(wbits), fxq.QuantSpec(bits=abits, min_bits=2, max_bits=max(abits, 8)))
-    model = fxq.export_onnx(frozen, x, narrow_activations=narrow)
+    model = fxq.export_onnx(frozen, x, narrow_activations=narrow, uint8_weights=False)
     onnx.checker.check_model(model, full_check=True)
     assert model.opset_import[0].version == opset
     dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and "_weight/" in n.name and "_bias" not in n.name]
@@ -212,7 +266,7 @@ def test_w4_file_is_at_most_55_percent_of_w8(tmp_path) -> None:
 def test_nodes_and_metadata_map_back_to_quantizers(tmp_path) -> None:
     frozen, x = _frozen("cnn", _spec(8), _spec(8))
     path = str(tmp_path / "cnn.onnx")
-    model = fxq.export_onnx(frozen, x, path)
+    model = fxq.export_onnx(frozen, x, path, uint8_weights=False)
     names = set(frozen.fxq_quantizers.keys())
     for node in model.graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
@@ -387,7 +441,7 @@ def test_a_model_past_the_protobuf_limit_is_written_with_external_data(tmp_path,
 
     torch.manual_seed(0)
     model, x = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)), torch.randn(4, 64)
-    qm = fxq.prepare(model, x, exact_kernels_config())
+    qm = fxq.prepare(model, x, fxq.QuantConfig())
     fxq.calibrate(qm, [x])
     frozen = fxq.freeze(qm)
     monkeypatch.setattr(qdq, "TWO_GB", 1024)
@@ -415,16 +469,21 @@ class _Lookup(nn.Module):
         return self.head(torch.relu(self.emb(ids)))
 
 
+@pytest.mark.parametrize("uint8_weights", [False, True])
 @pytest.mark.parametrize("tied", [False, True])
-def test_an_embedding_table_is_gathered_as_integer_codes_then_scaled(tmp_path, tied: bool) -> None:  # noqa: ANN001
+def test_an_embedding_table_is_gathered_as_integer_codes_then_scaled(tmp_path, tied: bool, uint8_weights: bool) -> None:  # noqa: ANN001
+    """The table's codes stay INT8 for the Gather (and the tied head that reads them) even with
+    `uint8_weights`, which stores an untied head's 8-bit weights as UINT8."""
     torch.manual_seed(0)
     ids = torch.randint(0, 50, (3, 7))
     qm = fxq.prepare(_Lookup(tied), ids, fxq.QuantConfig(first_last_bits=None))
     fxq.calibrate(qm, [ids])
     frozen = fxq.freeze(qm)
     path = tmp_path / "lookup.onnx"
-    model = fxq.export_onnx(frozen, ids, path)
+    model = fxq.export_onnx(frozen, ids, path, uint8_weights=uint8_weights)
     inits = {i.name: i for i in model.graph.initializer}
+    head_types = {i.data_type for i in model.graph.initializer if i.dims == [16, 50]}  # stored (in, out) for MatMul
+    assert head_types == (set() if tied else {T.UINT8 if uint8_weights else T.INT8})
     gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits]
     table = [n for n in gathers if inits[n.input[0]].dims == [50, 16]]
     assert len(table) == 1 and inits[table[0].input[0]].data_type == T.INT8
@@ -498,7 +557,7 @@ def test_outputs_next_to_provenance_marks_keep_their_names_and_the_file_runs(tmp
             return h, self.fc2(h)
 
     model, x = TwoOutputs().eval(), torch.randn(3, 8)
-    qm = fxq.prepare(model, x, exact_kernels_config(first_last_bits=None))
+    qm = fxq.prepare(model, x, fxq.QuantConfig(first_last_bits=None))
     fxq.calibrate(qm, [x], progress=False)
     frozen = fxq.freeze(qm)
     proto = fxq.export_onnx(frozen, x, str(tmp_path / "m.onnx"))

@@ -6,7 +6,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from conftest import exact_kernels_config
 
 import fxquant as fxq
 
@@ -30,7 +29,7 @@ def test_an_rms_norm_is_exported_as_the_division_onnxruntime_fuses(tmp_path) -> 
     `Mul(x, Reciprocal(Sqrt(v)))`) into SimplifiedLayerNormalization; the numbers stay the frozen module's."""
     torch.manual_seed(0)
     x = torch.randn(3, 5, 16)
-    qm = fxq.prepare(_RMSNormBlock().eval(), x, exact_kernels_config())
+    qm = fxq.prepare(_RMSNormBlock().eval(), x, fxq.QuantConfig())
     fxq.calibrate(qm, [x], progress=False)
     frozen = fxq.freeze(qm)
     path = str(tmp_path / "rms.onnx")

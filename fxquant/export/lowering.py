@@ -59,16 +59,20 @@ class _ExportActivation(nn.Module):
 class _ExportDequantize(nn.Module):
     """Export-time stand-in of a `FrozenWeight`/`FrozenBias`: one `fxquant::dequantize` of its codes."""
 
-    def __init__(self, codes: torch.Tensor, qp: QParams, onnx_type: int) -> None:
+    def __init__(self, codes: torch.Tensor, qp: QParams, onnx_type: int, zero_point_offset: int = 0) -> None:
         super().__init__()
         block = {"per_tensor": -1, "per_axis": 0}.get(qp.layout, qp.block_size or 0)
         stored = TORCH_STORABLE.get(onnx_type, codes.dtype)
+        if zero_point_offset:
+            # int8 codes + 128 as uint8 is the int8 bit pattern with its sign bit flipped: one uint8 copy
+            assert zero_point_offset == 128 and codes.dtype == torch.int8 and stored == torch.uint8
+            codes = torch.bitwise_xor(codes.view(torch.uint8), 128)
         # `codes` may be a transposed view of the frozen codes: kept a view (the exporter makes each initializer
         # contiguous only while it serializes it), not a second copy of every linear weight held through export
         self.register_buffer("codes", codes.to(stored))
         self.register_buffer("scale", qp.scale.contiguous())
         # weights carry explicit zeros (onnxruntime's QGemm needs them); int32 biases do not
-        zero_point = qp.zero_point.to(stored).contiguous() if qp.kind == "weight" else None
+        zero_point = (qp.zero_point + zero_point_offset).to(stored).contiguous() if qp.kind == "weight" else None
         self.register_buffer("zero_point", zero_point)
         self.axis, self.block, self.onnx_type = int(qp.axis or 0), int(block), int(onnx_type)
 
@@ -133,13 +137,18 @@ def gather_embeddings(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan]) ->
             continue
         assert isinstance(w, fx.Node)
         q, plan = container[name], plans.get(name)
-        if not isinstance(q, FrozenWeight) or plan is None or plan.lowering != "qdq" or plan.onnx_type not in _GATHERED_TYPES:
+        if not isinstance(q, FrozenWeight) or plan is None or plan.lowering != "qdq":
+            continue
+        if plan.onnx_type not in _GATHERED_TYPES and not plan.zero_point_offset:
             continue
         qp = q.qparams()
         if q.codes.dim() != 2 or not (qp.layout == "per_tensor" or (qp.layout == "per_axis" and qp.axis in (0, 1))):
             continue
         if facts.argument(node, "max_norm") is not None:
             continue
+        # unsigned codes are for the u8u8 matmul kernels (`plan.zero_point_offset`); a lookup is a Gather, and a
+        # tied head reads the table's one initializer: the signed codes serve both
+        plan.onnx_type, plan.zero_point_offset = (onnx.TensorProto.INT8, 0) if plan.zero_point_offset else (plan.onnx_type, 0)
         target = str(w.target)
         if any(facts_of(u) is not facts for u in readers[target]):
             if plan.lookup_alias is None:
@@ -218,9 +227,9 @@ def use_export_stand_ins(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan])
             elif plan.gathered:
                 stand_in = _ExportGatherDequantize(q.codes, qp, plan.onnx_type)
             elif plan.transposed:  # linear weight (out, in) stored (in, out) for MatMul
-                stand_in = _ExportDequantize(q.codes.t(), qp.transposed(), plan.onnx_type)
+                stand_in = _ExportDequantize(q.codes.t(), qp.transposed(), plan.onnx_type, plan.zero_point_offset)
             else:
-                stand_in = _ExportDequantize(q.codes, qp, plan.onnx_type)
+                stand_in = _ExportDequantize(q.codes, qp, plan.onnx_type, plan.zero_point_offset)
             if plan.lookup_alias is not None:
                 assert isinstance(q, FrozenWeight)
                 container[plan.lookup_alias] = _ExportGatherDequantize(q.codes, qp, plan.onnx_type)

@@ -193,7 +193,9 @@ def onnx_report(model: Union[str, os.PathLike, onnx.ModelProto, Any]) -> OnnxQua
         numel, nbytes = 0, 0
         if codes_init is not None:
             codes = numpy_helper.to_array(codes_init)
-            bits_used = _bits_used(codes.astype(np.int64) - (zp.astype(np.int64) if zp is not None and zp.size == 1 else 0), dtype_id in _SIGNED_TYPES)
+            # a zero point shared by every channel (0, or 128 for 8-bit weights stored as UINT8) centres the codes
+            centre = int(zp.reshape(-1)[0]) if zp is not None and zp.size and np.all(zp == zp.reshape(-1)[0]) else 0
+            bits_used = _bits_used(codes.astype(np.int64) - centre, dtype_id in _SIGNED_TYPES or centre != 0)
             numel = int(codes.size)
             if codes_init.name not in counted:
                 nbytes = _nbytes(codes_init)

@@ -99,13 +99,16 @@ def broadcast_scale(codes: Tensor, scale: Tensor, axis: int, block_size: int) ->
 def dequantize(
     codes: Tensor, scale: Tensor, zero_point: Optional[Tensor], axis: int, block_size: int, onnx_type: int
 ) -> Tensor:
-    """`codes * scale` with ONNX DequantizeLinear's scale layout (`zero_point`: zeros shaped like `scale`, or
-    None; the codes of symmetric weights and int32 biases are centred on 0 either way).
+    """`(codes - zero_point) * scale` with ONNX DequantizeLinear's scale layout (`zero_point`: shaped like
+    `scale`, or None for zero: int32 biases; symmetric weights have zeros, or 128 when stored as UINT8).
 
     `block_size > 0`: blocked along `axis`; `0`: one scale per index of `axis`; `< 0`: per tensor.
     """
     s = broadcast_scale(codes, scale, axis, block_size)
-    return codes.to(s.dtype) * s
+    values = codes.to(s.dtype)
+    if zero_point is not None:
+        values = values - broadcast_scale(codes, zero_point, axis, block_size).to(s.dtype)
+    return values * s
 
 
 @dequantize.register_fake

@@ -2,9 +2,16 @@
 
 Export is a thin lowering of what freeze decided: each frozen quantizer's `QParams` (`fxquant.qparams`:
 scale, zero point, code range, layout, container). `plan_quantizers` keeps its container unless the target
-opset lacks it or an `export_onnx` option asks for another (`int8_weights`, `narrow_activations`); a
-quantizer with no container at the opset is planned as float arithmetic that computes the same numbers
-(`lowering="float"`, with the reason). `fxquant.export.qdq`'s docstring says which ONNX patterns each
+opset lacks it or an `export_onnx` option asks for another (`int8_weights`, `narrow_activations`,
+`uint8_weights`); a quantizer with no container at the opset is planned as float arithmetic that computes
+the same numbers (`lowering="float"`, with the reason).
+
+`uint8_weights`: 8-bit weights stored as UINT8 codes shifted by 128 with zero point 128 (the same numbers).
+onnxruntime then runs them in its u8u8 integer kernels, which are exact on every CPU; its default u8s8
+kernels (uint8 activations x int8 weights) sum pairs of products in saturating int16 on x86 CPUs with AVX2
+but without VNNI (`u8s8_kernels_saturate`), where 8-bit weights can overflow (weights of at most 7 bits
+cannot: 2 * 255 * 63 < 2**15). onnxruntime's quantization guide gives the same advice (U8U8 or
+`reduce_range`). `fxquant.export.qdq`'s docstring says which ONNX patterns each
 plan becomes.
 """
 
@@ -42,6 +49,7 @@ class QuantizerPlan:
     serves: Tuple[str, ...]
     opset_needed: int
     reason: str = ""
+    zero_point_offset: int = 0  # 128: symmetric int8 codes stored as UINT8 codes + 128 with zero point 128
     transposed: bool = False
     gathered: bool = False  # an embedding table: its rows are gathered as integer codes, then scaled
     lookup_alias: Optional[str] = None  # a table also read by linears (tied head): its lookups' stand-in's name
@@ -70,11 +78,31 @@ def _lowest_allowed(container: str, opset: Optional[int]) -> Optional[str]:
     return None
 
 
+def u8s8_kernels_saturate(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether onnxruntime's uint8 x int8 integer kernels can saturate on this CPU: x86-64 with AVX2 but
+    without VNNI (`avx512_vnni` / `avx_vnni` absent from the flags in `cpuinfo`). False where that cannot be
+    read."""
+    try:
+        with open(cpuinfo) as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), None)
+    except OSError:
+        return False
+    if flags is None or "avx2" not in flags:
+        return False
+    return not ({"avx512_vnni", "avx_vnni"} & set(flags))
+
+
+UINT8_WEIGHT_ZERO_POINT = 128
+"""The zero point of 8-bit weights stored as UINT8 (`uint8_weights`): symmetric codes -127..127 -> 1..255."""
+
+
 def plan_quantizers(
-    gm: fx.GraphModule, opset: Optional[int], narrow_activations: bool = False, int8_weights: bool = False
+    gm: fx.GraphModule, opset: Optional[int], narrow_activations: bool = False, int8_weights: bool = False,
+    uint8_weights: bool = False,
 ) -> Dict[str, QuantizerPlan]:
     """Lower every frozen quantizer's `QParams` (see the module docstring): its container, widened only where
-    `opset` lacks it or `int8_weights` asks; narrowed only with `narrow_activations`."""
+    `opset` lacks it or `int8_weights` asks; narrowed only with `narrow_activations`; 8-bit weights stored
+    unsigned with `uint8_weights`."""
     container = quantizer_container(gm)
     fx_nodes: Dict[str, List[str]] = {}
     for node, name in quantizer_calls(gm.graph):
@@ -99,9 +127,14 @@ def plan_quantizers(
             elif chosen is None:  # 9-16 bits below opset 21: int32 holds them
                 plans[name] = QuantizerPlan(lowering="qdq", onnx_type=T.INT32, opset_needed=13, **common)
             else:
+                offset = 0
+                if uint8_weights and chosen == "int8" and qp.bits == 8 and qp.layout != "blocked":
+                    chosen, offset = "uint8", UINT8_WEIGHT_ZERO_POINT
                 onnx_type, _, _, since = ONNX_CONTAINERS[chosen]
                 since = max(since, 21 if qp.layout == "blocked" else 13)
-                plans[name] = QuantizerPlan(lowering="qdq", onnx_type=onnx_type, opset_needed=since, **common)
+                plans[name] = QuantizerPlan(
+                    lowering="qdq", onnx_type=onnx_type, opset_needed=since, zero_point_offset=offset, **common
+                )
         else:
             want = smallest_container(qp.bits, signed=False) if narrow_activations else qp.container
             chosen = _lowest_allowed(want, opset)

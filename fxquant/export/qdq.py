@@ -58,7 +58,7 @@ from torch import fx, nn
 from fxquant.errors import ExportError, PrepareError, StateError
 from fxquant.export.lowering import export_copy
 from fxquant.export.ops import PROVENANCE_DOMAIN, translation_table
-from fxquant.export.plan import TYPE_BITS, QuantizerPlan, plan_quantizers
+from fxquant.export.plan import TYPE_BITS, QuantizerPlan, plan_quantizers, u8s8_kernels_saturate
 from fxquant.export.runtime_patterns import apply_runtime_patterns
 from fxquant.graph import module_state
 from fxquant.tracing import (
@@ -455,6 +455,7 @@ def export_onnx(
     keep_torch_metadata: bool = False,
     narrow_activations: bool = False,
     int8_weights: bool = False,
+    uint8_weights: Optional[bool] = None,
 ) -> onnx.ModelProto:
     """Export a frozen module to integer QDQ ONNX (see the module docstring for the lowering).
 
@@ -478,6 +479,14 @@ def export_onnx(
             integer kernels for conv (QLinearConv) take only 8-bit weights, so sub-8-bit conv weights
             otherwise run as float Conv after a DequantizeLinear. Linear layers with 4-bit blocked weights
             run as MatMulNBits either way.
+        uint8_weights: store 8-bit weights as UINT8 with zero point 128 (the same numbers): onnxruntime then
+            runs its u8u8 integer kernels, exact on every CPU, where its default u8s8 kernels compute wrongly
+            on x86 CPUs with AVX2 but without VNNI (they sum pairs of uint8 x int8 products in saturating
+            int16, which 8-bit weights overflow); u8u8 kernels are slower than u8s8 ones (docs/decisions.md,
+            "8-bit weights on CPUs without VNNI"). `None` (default):
+            UINT8 when this machine's u8s8 kernels saturate (`fxquant.export.plan.u8s8_kernels_saturate`),
+            so that the file is exact here and everywhere; pass `False` for the fastest file for a
+            VNNI (or ARM) deployment target. Embedding tables whose rows are gathered keep INT8.
 
     Returns:
         The `onnx.ModelProto` that was written.
@@ -505,7 +514,9 @@ def export_onnx(
     if out_path is not None:
         _check_writable(out_path)
     args, kwargs = _as_args(example_inputs)
-    plans = plan_quantizers(frozen, opset, narrow_activations, int8_weights)
+    if uint8_weights is None:
+        uint8_weights = u8s8_kernels_saturate()
+    plans = plan_quantizers(frozen, opset, narrow_activations, int8_weights, uint8_weights)
     chosen = opset if opset is not None else max([DEFAULT_MIN_OPSET] + [p.opset_needed for p in plans.values() if p.lowering == "qdq"])
     floats = [p for p in plans.values() if p.lowering == "float"]
     if floats:
