@@ -472,8 +472,9 @@ class _Lookup(nn.Module):
 @pytest.mark.parametrize("uint8_weights", [False, True])
 @pytest.mark.parametrize("tied", [False, True])
 def test_an_embedding_table_is_gathered_as_integer_codes_then_scaled(tmp_path, tied: bool, uint8_weights: bool) -> None:  # noqa: ANN001
-    """The table's codes stay INT8 for the Gather (and the tied head that reads them) even with
-    `uint8_weights`, which stores an untied head's 8-bit weights as UINT8."""
+    """A table only gathered keeps INT8 codes even with `uint8_weights` (no integer kernel reads it); a table
+    tied with the head is stored once, as UINT8 codes + 128 with `uint8_weights` for the head's u8u8 kernel,
+    and its lookups gather those codes and subtract 128."""
     torch.manual_seed(0)
     ids = torch.randint(0, 50, (3, 7))
     qm = fxq.prepare(_Lookup(tied), ids, fxq.QuantConfig(first_last_bits=None))
@@ -486,7 +487,8 @@ def test_an_embedding_table_is_gathered_as_integer_codes_then_scaled(tmp_path, t
     assert head_types == (set() if tied else {T.UINT8 if uint8_weights else T.INT8})
     gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits]
     table = [n for n in gathers if inits[n.input[0]].dims == [50, 16]]
-    assert len(table) == 1 and inits[table[0].input[0]].data_type == T.INT8
+    table_type = T.UINT8 if tied and uint8_weights else T.INT8
+    assert len(table) == 1 and inits[table[0].input[0]].data_type == table_type
     dequantized = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     tables = [i for i in model.graph.initializer if sorted(i.dims) == [16, 50]]
     if tied:  # one integer table, gathered by the lookup and dequantized for the head

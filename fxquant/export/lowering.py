@@ -56,20 +56,27 @@ class _ExportActivation(nn.Module):
         )
 
 
+def _stored_codes(codes: torch.Tensor, stored: torch.dtype, zero_point_offset: int) -> torch.Tensor:
+    """The codes in their ONNX container's torch type; `zero_point_offset` 128: int8 codes + 128 as uint8,
+    which is the int8 bit pattern with its sign bit flipped (one uint8 copy, no wider temporary)."""
+    if not zero_point_offset:
+        return codes.to(stored)
+    assert zero_point_offset == 128 and codes.dtype == torch.int8 and stored == torch.uint8
+    return torch.bitwise_xor(codes.view(torch.uint8), 128)
+
+
 class _ExportDequantize(nn.Module):
     """Export-time stand-in of a `FrozenWeight`/`FrozenBias`: one `fxquant::dequantize` of its codes."""
+
+    codes: torch.Tensor
 
     def __init__(self, codes: torch.Tensor, qp: QParams, onnx_type: int, zero_point_offset: int = 0) -> None:
         super().__init__()
         block = {"per_tensor": -1, "per_axis": 0}.get(qp.layout, qp.block_size or 0)
         stored = TORCH_STORABLE.get(onnx_type, codes.dtype)
-        if zero_point_offset:
-            # int8 codes + 128 as uint8 is the int8 bit pattern with its sign bit flipped: one uint8 copy
-            assert zero_point_offset == 128 and codes.dtype == torch.int8 and stored == torch.uint8
-            codes = torch.bitwise_xor(codes.view(torch.uint8), 128)
         # `codes` may be a transposed view of the frozen codes: kept a view (the exporter makes each initializer
         # contiguous only while it serializes it), not a second copy of every linear weight held through export
-        self.register_buffer("codes", codes.to(stored))
+        self.register_buffer("codes", _stored_codes(codes, stored, zero_point_offset))
         self.register_buffer("scale", qp.scale.contiguous())
         # weights carry explicit zeros (onnxruntime's QGemm needs them); int32 biases do not
         zero_point = (qp.zero_point + zero_point_offset).to(stored).contiguous() if qp.kind == "weight" else None
@@ -91,19 +98,23 @@ class _ExportGatherDequantize(nn.Module):
     codes: torch.Tensor
     scale: torch.Tensor
 
-    def __init__(self, codes: torch.Tensor, qp: QParams, onnx_type: int) -> None:
+    def __init__(self, stored_codes: torch.Tensor, qp: QParams, zero_point_offset: int = 0) -> None:
         super().__init__()
-        self.register_buffer("codes", codes.contiguous().to(TORCH_STORABLE[onnx_type]))
+        # already in the container's type (`_stored_codes`): a tied table's lookup shares its head's tensor
+        self.register_buffer("codes", stored_codes.contiguous())
+        self.zero_point_offset = zero_point_offset  # a tied table's UINT8 codes (its head's u8u8 kernel reads them)
         self.per_row = qp.layout == "per_axis" and qp.axis == 0
         scale = qp.scale.reshape(-1, 1) if self.per_row else qp.scale
         self.register_buffer("scale", scale.contiguous())
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(indices, self.codes).to(self.scale.dtype)
+        if self.zero_point_offset:
+            rows = rows - self.zero_point_offset
         return rows * (F.embedding(indices, self.scale) if self.per_row else self.scale)
 
 
-_GATHERED_TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.INT16)
+_GATHERED_TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT8)
 """Containers an embedding's codes are gathered in (onnxruntime's Gather has no 2- or 4-bit types)."""
 
 
@@ -139,16 +150,13 @@ def gather_embeddings(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan]) ->
         q, plan = container[name], plans.get(name)
         if not isinstance(q, FrozenWeight) or plan is None or plan.lowering != "qdq":
             continue
-        if plan.onnx_type not in _GATHERED_TYPES and not plan.zero_point_offset:
+        if plan.onnx_type not in _GATHERED_TYPES:
             continue
         qp = q.qparams()
         if q.codes.dim() != 2 or not (qp.layout == "per_tensor" or (qp.layout == "per_axis" and qp.axis in (0, 1))):
             continue
         if facts.argument(node, "max_norm") is not None:
             continue
-        # unsigned codes are for the u8u8 matmul kernels (`plan.zero_point_offset`); a lookup is a Gather, and a
-        # tied head reads the table's one initializer: the signed codes serve both
-        plan.onnx_type, plan.zero_point_offset = (onnx.TensorProto.INT8, 0) if plan.zero_point_offset else (plan.onnx_type, 0)
         target = str(w.target)
         if any(facts_of(u) is not facts for u in readers[target]):
             if plan.lookup_alias is None:
@@ -157,6 +165,8 @@ def gather_embeddings(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan]) ->
             target = quantizer_target(plan.lookup_alias)
         else:
             plan.gathered = True
+            if plan.zero_point_offset:  # unsigned codes are for u8u8 kernels; only a Gather reads this table
+                plan.onnx_type, plan.zero_point_offset = onnx.TensorProto.INT8, 0
         with graph.inserting_before(node):
             out = graph.call_module(target, (ids,))
         node.replace_all_uses_with(out)
@@ -225,14 +235,15 @@ def use_export_stand_ins(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan])
             if isinstance(q, FrozenActivationQuantizer):
                 stand_in = _ExportActivation(qp, plan.onnx_type)
             elif plan.gathered:
-                stand_in = _ExportGatherDequantize(q.codes, qp, plan.onnx_type)
+                stand_in = _ExportGatherDequantize(_stored_codes(q.codes, TORCH_STORABLE[plan.onnx_type], 0), qp)
             elif plan.transposed:  # linear weight (out, in) stored (in, out) for MatMul
                 stand_in = _ExportDequantize(q.codes.t(), qp.transposed(), plan.onnx_type, plan.zero_point_offset)
             else:
                 stand_in = _ExportDequantize(q.codes, qp, plan.onnx_type, plan.zero_point_offset)
             if plan.lookup_alias is not None:
                 assert isinstance(q, FrozenWeight)
-                container[plan.lookup_alias] = _ExportGatherDequantize(q.codes, qp, plan.onnx_type)
+                assert isinstance(stand_in, _ExportDequantize)  # the head's: the lookup gathers the same codes
+                container[plan.lookup_alias] = _ExportGatherDequantize(stand_in.codes, qp, plan.zero_point_offset)
         container[name] = stand_in
     _mark_provenance(gm, {**{n: n for n in plans}, **{p.lookup_alias: n for n, p in plans.items() if p.lookup_alias}})
     return gm
