@@ -13,7 +13,7 @@ This module imports nothing of fxquant's, so any step can use it without an impo
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import fx, nn
@@ -49,6 +49,15 @@ def quantizer_calls(graph: fx.Graph) -> Iterator[Tuple[fx.Node, str]]:
         name = quantizer_name(node)
         if name is not None:
             yield node, name
+
+
+def quantizer_readers(graph: fx.Graph) -> Dict[str, List[fx.Node]]:
+    """By quantizer target, every node that reads one of its calls (a weight shared by two layers may be
+    called twice): a lowering that changes what a quantizer computes must fit all of them."""
+    readers: Dict[str, List[fx.Node]] = {}
+    for node, _ in quantizer_calls(graph):
+        readers.setdefault(str(node.target), []).extend(node.users)
+    return readers
 
 
 def quantizers_of(module: nn.Module) -> Optional[nn.ModuleDict]:

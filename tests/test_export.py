@@ -68,28 +68,31 @@ def test_weight_dequantize_has_a_zero_point_of_the_codes_type(tmp_path, uint8_we
 
 
 class _Saturating(nn.Module):
-    """A conv and a linear whose 8-bit weight codes are all +-127 and whose uint8 inputs are large: pairs of
-    products sum past int16 (2 x 255 x 127 > 32767), where u8s8 kernels without VNNI saturate."""
+    """A depthwise conv, a conv and a linear whose 8-bit weight codes are all +-127, with large uint8 inputs:
+    pairs of products sum past int16 (2 x 255 x 127 > 32767), where u8s8 GEMM kernels without VNNI saturate
+    (the depthwise conv runs in a kernel that does not)."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
         self.conv = nn.Conv2d(32, 8, 3)
         self.fc = nn.Linear(8 * 6 * 6, 16)
         self.out = nn.Linear(16, 4)
         with torch.no_grad():
-            for layer in (self.conv, self.fc):
+            for layer in (self.dw, self.conv, self.fc):
                 layer.weight.copy_(torch.sign(layer.weight) * 0.05)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.conv(torch.relu(x)))
+        y = torch.relu(self.conv(torch.relu(self.dw(torch.relu(x)))))
         return self.out(torch.relu(self.fc(y.flatten(1))))
 
 
 @pytest.mark.parametrize("uint8_weights", [False, True, None])
 def test_8bit_weights_stored_as_uint8_run_exactly_in_the_fused_kernels(tmp_path, uint8_weights) -> None:  # noqa: ANN001
-    """`uint8_weights=True`: 8-bit weights as UINT8 codes + 128 with zero point 128, which onnxruntime runs in
-    its u8u8 QLinearConv/QGemm kernels exactly on every CPU; INT8 codes (`False`) are exact only where the u8s8
-    kernels do not saturate (CPUs with VNNI); the default (`None`) stores UINT8 where they do."""
+    """`uint8_weights=True`: 8-bit weights that can saturate as UINT8 codes + 128 with zero point 128, which
+    onnxruntime runs in its u8u8 QLinearConv/QGemm kernels exactly on every CPU (the depthwise conv keeps
+    INT8: its kernel does not saturate); INT8 codes (`False`) are exact only where the u8s8 kernels do not
+    saturate (CPUs with VNNI); the default (`None`) stores UINT8 where they do."""
     from fxquant.export.plan import u8s8_kernels_saturate
 
     torch.manual_seed(0)
@@ -101,11 +104,15 @@ def test_8bit_weights_stored_as_uint8_run_exactly_in_the_fused_kernels(tmp_path,
     model = fxq.export_onnx(frozen, x[:1], path, uint8_weights=uint8_weights)
     stored_unsigned = u8s8_kernels_saturate() if uint8_weights is None else uint8_weights
     types = _code_types(model)
-    assert types == collections.Counter({T.UINT8 if stored_unsigned else T.INT8: 3, T.INT32: 3})
+    expected = {T.UINT8: 3, T.INT8: 1} if stored_unsigned else {T.INT8: 4}
+    assert types == collections.Counter({**expected, T.INT32: 4})
     ops = _optimized_ops(path, tmp_path)
-    assert ops["QLinearConv"] == 1 and ops["QGemm"] == 2  # integer kernels either way
+    assert ops["QLinearConv"] == 2 and ops["QGemm"] == 2  # integer kernels either way
     rows = {r.quantizer: r for r in onnx_report(path).rows}
-    assert all(r.bits_used == 8 and r.zero_point == ("128" if stored_unsigned else "0") for r in rows.values() if r.kind == "weight")
+    for r in rows.values():
+        if r.kind == "weight":
+            unsigned = stored_unsigned and r.quantizer != "dw_weight"
+            assert r.bits_used == 8 and r.zero_point == ("128" if unsigned else "0"), r
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])  # ORT_ENABLE_ALL
     out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():

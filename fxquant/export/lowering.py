@@ -27,7 +27,7 @@ from torch import fx, nn
 
 from fxquant.export.ops import TORCH_STORABLE, clipped_type
 from fxquant.export.plan import ONNX_CONTAINERS, QuantizerPlan
-from fxquant.graph import quantizer_calls, quantizer_container, quantizer_name, quantizer_target
+from fxquant.graph import quantizer_calls, quantizer_container, quantizer_name, quantizer_readers, quantizer_target
 from fxquant.op_registry import facts_of
 from fxquant.passes import EXPORT_LOWERED, FROZEN, graph_pass, run_passes
 from fxquant.qparams import QParams
@@ -118,15 +118,6 @@ _GATHERED_TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorPro
 """Containers an embedding's codes are gathered in (onnxruntime's Gather has no 2- or 4-bit types)."""
 
 
-def _readers(graph: fx.Graph) -> Dict[str, List[fx.Node]]:
-    """By quantizer target, every node that reads one of its calls (a weight shared by two layers may be
-    called twice): a lowering that changes what a quantizer computes must fit all of them."""
-    readers: Dict[str, List[fx.Node]] = {}
-    for node, _ in quantizer_calls(graph):
-        readers.setdefault(str(node.target), []).extend(node.users)
-    return readers
-
-
 @graph_pass(requires=(FROZEN,))
 def gather_embeddings(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan]) -> fx.GraphModule:
     """`embedding(dequantize(table), ids)` -> `gather_dequantize(ids)` for 8/16-bit tables.
@@ -137,7 +128,7 @@ def gather_embeddings(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan]) ->
     32000-row table on every call was 0.4-0.5 of a T5's latency; docs/decisions.md, "Tied tables")."""
     container = quantizer_container(gm)
     graph = gm.graph
-    readers = _readers(graph)
+    readers = quantizer_readers(graph)
     for node in list(graph.nodes):
         facts = facts_of(node)
         if node.op != "call_function" or facts is None or facts.kind != "embedding":
@@ -188,7 +179,7 @@ def linears_to_matmul(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan]) ->
     `transposed`, and the stand-in stores the codes transposed)."""
     container = quantizer_container(gm)
     graph = gm.graph
-    readers = _readers(graph)
+    readers = quantizer_readers(graph)
     calls_of: Dict[str, List[fx.Node]] = {}
     for node in graph.nodes:
         if node.op == "call_module":

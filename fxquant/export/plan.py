@@ -6,11 +6,14 @@ opset lacks it or an `export_onnx` option asks for another (`int8_weights`, `nar
 `uint8_weights`); a quantizer with no container at the opset is planned as float arithmetic that computes
 the same numbers (`lowering="float"`, with the reason).
 
-`uint8_weights`: 8-bit weights stored as UINT8 codes shifted by 128 with zero point 128 (the same numbers).
-onnxruntime then runs them in its u8u8 integer kernels, which are exact on every CPU; its default u8s8
-kernels (uint8 activations x int8 weights) sum pairs of products in saturating int16 on x86 CPUs with AVX2
-but without VNNI (`u8s8_kernels_saturate`), where 8-bit weights can overflow (weights of at most 7 bits
-cannot: 2 * 255 * 63 < 2**15). onnxruntime's quantization guide gives the same advice (U8U8 or
+`uint8_weights`: the 8-bit weights that can saturate (`can_saturate`) stored as UINT8 codes shifted by 128
+with zero point 128 (the same numbers). onnxruntime then runs them in its u8u8 integer kernels, which are
+exact on every CPU; its default u8s8 GEMM kernels (uint8 activations x int8 weights) sum pairs of products
+in saturating int16 on x86 CPUs with AVX2 but without VNNI (`u8s8_kernels_saturate`), where 8-bit weights
+with 8-bit inputs can overflow. They cannot with weights of at most 7 bits (2 * 255 * 64 = 32640 < 32767) or
+inputs of at most 7 bits (2 * 127 * 128 = 32512), and depthwise convs run in another kernel that
+does not saturate (measured: docs/decisions.md, "8-bit weights on CPUs without VNNI"); those keep INT8,
+whose u8s8 kernels are the faster ones. onnxruntime's quantization guide gives the same advice (U8U8 or
 `reduce_range`). `fxquant.export.qdq`'s docstring says which ONNX patterns each
 plan becomes.
 """
@@ -23,7 +26,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import onnx
 from torch import fx
 
-from fxquant.graph import quantizer_calls, quantizer_container
+from fxquant.graph import quantizer_calls, quantizer_container, quantizer_name, quantizer_readers, quantizer_target
+from fxquant.op_registry import facts_of
 from fxquant.qparams import CONTAINER_BITS, smallest_container
 from fxquant.quantizer import FrozenActivationQuantizer, FrozenBias, FrozenWeight
 
@@ -92,6 +96,29 @@ def u8s8_kernels_saturate(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return not ({"avx512_vnni", "avx_vnni"} & set(flags))
 
 
+def can_saturate(
+    gm: fx.GraphModule, target: str, weight_shape: Tuple[int, ...], readers: Dict[str, List[fx.Node]]
+) -> bool:
+    """Whether a u8s8 GEMM kernel can overflow int16 on an 8-bit weight quantizer's readers: false only when
+    every reader is a depthwise conv (one input channel per group) or reads an input quantized to at most 7
+    bits (a conservative rule: any other reader can)."""
+    container = quantizer_container(gm)
+    for node in readers.get(target, []):
+        facts = facts_of(node)
+        if facts is None:
+            return True
+        groups = facts.argument(node, "groups", 1) if facts.kind == "conv" else 1
+        if isinstance(groups, int) and groups > 1 and len(weight_shape) > 1 and weight_shape[1] == 1:
+            continue  # depthwise: (out, 1, k...) weights
+        x = facts.argument(node, "input")
+        name = quantizer_name(x)
+        q = container[name] if name is not None and name in container else None
+        if isinstance(q, FrozenActivationQuantizer) and q.qparams().bits <= 7:
+            continue
+        return True
+    return False
+
+
 UINT8_WEIGHT_ZERO_POINT = 128
 """The zero point of 8-bit weights stored as UINT8 (`uint8_weights`): symmetric codes -127..127 -> 1..255."""
 
@@ -104,6 +131,7 @@ def plan_quantizers(
     `opset` lacks it or `int8_weights` asks; narrowed only with `narrow_activations`; 8-bit weights stored
     unsigned with `uint8_weights`."""
     container = quantizer_container(gm)
+    readers = quantizer_readers(gm.graph)
     fx_nodes: Dict[str, List[str]] = {}
     for node, name in quantizer_calls(gm.graph):
         fx_nodes.setdefault(name, []).append(node.name)
@@ -128,7 +156,8 @@ def plan_quantizers(
                 plans[name] = QuantizerPlan(lowering="qdq", onnx_type=T.INT32, opset_needed=13, **common)
             else:
                 offset = 0
-                if uint8_weights and chosen == "int8" and qp.bits == 8 and qp.layout != "blocked":
+                if (uint8_weights and chosen == "int8" and qp.bits == 8 and qp.layout != "blocked"
+                        and can_saturate(gm, quantizer_target(name), tuple(q.codes.shape) if isinstance(q, FrozenWeight) else (), readers)):
                     chosen, offset = "uint8", UINT8_WEIGHT_ZERO_POINT
                 onnx_type, _, _, since = ONNX_CONTAINERS[chosen]
                 since = max(since, 21 if qp.layout == "blocked" else 13)
