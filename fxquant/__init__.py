@@ -56,6 +56,7 @@ from fxquant.finetune import (
 from fxquant.preparation import freeze, prepare
 from fxquant.quantizer import FrozenActivationQuantizer, FrozenWeight, LearnableQuantizer
 from fxquant.report import QuantReport, report
+from fxquant.shared_weights import own_weights
 from fxquant.utils import quantizers_enabled, set_quantizers_enabled
 from fxquant.verify import VerifyReport, verify
 
@@ -74,6 +75,7 @@ __all__ = [
     "param_groups",
     "project_quantizers",
     "freeze",
+    "own_weights",
     "load_state_dict",
     "report",
     "QuantReport",

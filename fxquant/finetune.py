@@ -77,6 +77,7 @@ from fxquant.quantizer import (
     make_estimator,
     mean_over_ranks,
 )
+from fxquant.shared_weights import own_weights
 from fxquant.utils import quantizers_enabled
 
 PENALTIES = ("exterior", "size")
@@ -232,7 +233,8 @@ def param_groups(
     Each group is a dict with `name` (`"weights"`, `"quantizer_clamps"`, `"quantizer_bits"`), `params`,
     `lr`, `weight_decay` (never on quantizer parameters) and `betas` (`beta1 = Schedule.bits_beta1` for the
     bits); empty groups are left out. After each `optimizer.step()`, call `fxq.project_quantizers(qm)`.
-    Under FSDP2 the module is resharded first, so the groups hold the sharded (DTensor) weights.
+    Under FSDP2 the module is resharded first, so the groups hold the sharded (DTensor) weights. Weights the
+    prepared module still shares with the float model get their own copies first (`fxq.own_weights`).
 
     Args:
         qm: a prepared module (or one wrapped by DistributedDataParallel, or sharded by FSDP2 `fully_shard`).
@@ -249,6 +251,7 @@ def param_groups(
     bits: List[nn.Parameter] = []
     inner = unwrap(qm)
     reshard(inner)
+    own_weights(inner)  # the optimizer writes them: not into the float model's tensors (`fxquant.shared_weights`)
     for name, p in inner.named_parameters():
         if not p.requires_grad:
             continue

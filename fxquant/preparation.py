@@ -31,6 +31,7 @@ from fxquant.passes.freeze import freeze_quantizers
 from fxquant.passes.functionalize import functionalize_modules
 from fxquant.passes.insert import insert_activation_quantizers, insert_bias_quantizers, insert_weight_quantizers
 from fxquant.quantizer import iter_learnable
+from fxquant.shared_weights import mark_shared, sharing_memo, should_share
 from fxquant.tracing import FLOAT_MODULES_ATTR, capture_model, propagate_shapes, set_preserved_attr
 
 CONFIG_ATTR = "fxquant_config"
@@ -165,6 +166,11 @@ def prepare(
 ) -> fx.GraphModule:
     """Capture `model` and insert learnable quantizers; the user's model is not modified (unless `inplace`).
 
+    The prepared module has its own modules and parameter objects, but reads the model's own weight tensors
+    until something would write into them: fine-tuning, a state-dict load or the first backward give it its
+    own copies first (`fxquant.shared_weights`; `fxq.own_weights(qm)` does it by hand). Calibration, freeze
+    and export only read weights, so post-training quantization holds a model's weights once.
+
     Args:
         model: any `nn.Module`.
         example_inputs: a tensor, a tuple of positional arguments, or a dict of keyword arguments.
@@ -224,7 +230,10 @@ def prepare(
     check_materialized(model, example_inputs)
     check_float32(model, example_inputs)
     was_training = model.training
-    work = model if inplace else copy.deepcopy(model)
+    # a copy of the modules around the model's own weight tensors, copied only before something writes them
+    # (`fxquant.shared_weights`): post-training quantization holds a large model's weights once
+    share = not inplace and should_share(model)
+    work = model if inplace else copy.deepcopy(model, sharing_memo(model) if share else None)
     # Capture the inference graph: Python branches on `self.training` (stochastic depth, dropout as a function)
     # are decided at capture, and the training ones would be baked into every later step and the export.
     # Module-level dropout stays a module and follows `qm.train()` / `qm.eval()`.
@@ -251,6 +260,8 @@ def prepare(
     set_preserved_attr(gm, CONFIG_ATTR, config)
     set_preserved_attr(gm, CAPTURE_ATTR, front_end)
     attach_checkpoint_info(gm, model, config, front_end)
+    if share:
+        mark_shared(gm, model)
     gm.train(was_training)
     return gm
 

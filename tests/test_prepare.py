@@ -69,10 +69,13 @@ def test_deepcopy_of_prepared_module_can_be_frozen_and_exported(tmp_path) -> Non
 
 
 def test_user_model_is_not_modified_and_training_works() -> None:
+    """A training loop of the user's own, with an optimizer over `qm.parameters()`: the weights the prepared
+    module shared with the model (the layers without BatchNorm) get their own copies at the first backward."""
     model, x = make("cnn")
     before = copy.deepcopy(model.state_dict())
     qm = fxq.prepare(model, x, fxq.QuantConfig(weight=fxq.QuantSpec(bits=4)))
     assert isinstance(qm, torch.fx.GraphModule) and not qm.training  # same mode as the model
+    assert _storages(model) & _storages(qm)  # shared until written
     qm.train()
     fxq.calibrate(qm, [x])
     opt = torch.optim.Adam(qm.parameters(), lr=1e-2)
@@ -236,10 +239,37 @@ def test_prepare_inplace_reuses_the_model_weights_and_holds_no_second_copy(captu
         torch.testing.assert_close(qm.eval()(x), reference(x))
 
 
-def test_prepare_copies_by_default() -> None:
+def test_prepare_shares_the_model_weights_until_something_writes_them(tmp_path) -> None:  # noqa: ANN001
+    """Calibrate, freeze and export read the model's own weight tensors (no second copy); `param_groups`
+    (what finetune uses) and a state-dict load give the prepared module its own copies first."""
     model, x = make("mlp")
+    before = copy.deepcopy(model.state_dict())
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     qm = fxq.prepare(model, x)
-    assert not (_storages(model) & _storages(qm))
+    assert weights <= _storages(qm)  # every float weight shared: nothing was folded in an MLP
+    fxq.calibrate(qm, [x])
+    fxq.export_onnx(fxq.freeze(qm), x, str(tmp_path / "m.onnx"))
+    assert weights <= _storages(qm)
+    assert fxq.own_weights(copy.deepcopy(qm)) == 0  # a deep copy owns its tensors already
+    state = {k: v + 1 if k.endswith("fc1.weight") else v for k, v in qm.state_dict().items()}
+    qm.load_state_dict(state)
+    assert not (_storages(model) & _storages(qm)) and fxq.own_weights(qm) == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(qm.state_dict()["fc1.weight"], before["fc1.weight"] + 1)
+
+
+def test_param_groups_and_finetune_own_the_weights_before_an_optimizer_writes_them() -> None:
+    model, x = make("mlp")
+    before = copy.deepcopy(model.state_dict())
+    qm = fxq.prepare(model, x, fxq.QuantConfig(weight=fxq.QuantSpec(bits=4)))
+    fxq.calibrate(qm, [x])
+    groups = fxq.param_groups(qm)
+    assert not (_storages(model) & {p.untyped_storage().data_ptr() for g in groups for p in g["params"]})
+    qm2 = fxq.prepare(model, x, fxq.QuantConfig(weight=fxq.QuantSpec(bits=4)))
+    fxq.calibrate(qm2, [x])
+    fxq.finetune(qm2, [x], teacher=model, steps=3, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not (_storages(model) & _storages(qm2))
 
 
 def test_inplace_must_be_a_bool() -> None:
