@@ -24,7 +24,6 @@ onnxruntime sessions).
 from __future__ import annotations
 
 import collections
-import json
 import os
 import tempfile
 import warnings
@@ -41,10 +40,9 @@ from fxquant.divergence import PERTURBATION, SENSITIVITY_FACTOR, Divergence, loc
 from fxquant.errors import ConfigError, ParityError, PrepareError, StateError
 from fxquant.export.onnx_report import read_onnx_file
 from fxquant.export.plan import u8s8_kernels_saturate
-from fxquant.export.qdq import METADATA_PREFIX
-from fxquant.graph import module_state, quantizer_name, quantizers_of
+from fxquant.graph import module_state, quantizer_name
 from fxquant.ort_runs import LEVELS, open_session, run_session, session_feed
-from fxquant.quantizer import FrozenActivationQuantizer, FrozenWeight
+from fxquant.quantizer import FrozenActivationQuantizer
 
 INTEGER_KERNELS = frozenset({
     "QLinearConv", "QLinearAdd", "QLinearMul", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm", "MatMulNBits",
@@ -174,19 +172,21 @@ SATURATION_NOTE = (
 )
 
 
-def _has_signed_8bit_weights(model: onnx.ModelProto, frozen: fx.GraphModule) -> bool:
-    """Whether the ONNX file stores 8-bit weights as INT8 (what u8s8 kernels read): from the plans fxquant's
-    export writes into `metadata_props`, or, for a file without them, from the frozen module's weight bits."""
-    meta = {p.key: p.value for p in model.metadata_props}
-    plans = meta.get(METADATA_PREFIX + "quantizers")
-    if plans is not None:
-        return any(
-            p.get("kind") == "weight" and p.get("bits") == 8 and p.get("onnx_type") == onnx.TensorProto.INT8
-            for p in json.loads(plans).values()
-        )
-    quantizers = quantizers_of(frozen)
-    bits = [q.qparams().bits for q in quantizers.values() if isinstance(q, FrozenWeight)] if quantizers else []
-    return max(bits, default=0) >= 8
+def _has_signed_8bit_weights(model: onnx.ModelProto) -> bool:
+    """Whether the ONNX file has INT8 tensors that u8s8 kernels can overflow with: INT8 weight codes of more
+    than 7 bits (|code| >= 64) read by a DequantizeLinear, or an INT8 QuantizeLinear (a weight quantized in
+    the graph). fxquant's default export on a CPU whose kernels saturate has none (`uint8_weights`)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    int8 = onnx.TensorProto.INT8
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits and inits[node.input[0]].data_type == int8:
+            codes = onnx.numpy_helper.to_array(inits[node.input[0]])
+            if codes.size and int(np.abs(codes.astype(np.int16)).max()) >= 64:
+                return True
+        if node.op_type == "QuantizeLinear" and len(node.input) > 2 and node.input[2] in inits:
+            if inits[node.input[2]].data_type == int8:
+                return True
+    return False
 
 
 def _output_step(frozen: fx.GraphModule) -> Optional[float]:
@@ -291,7 +291,7 @@ def verify(
     header = onnx_path_or_model if isinstance(onnx_path_or_model, onnx.ModelProto) else read_onnx_file(
         onnx_path_or_model, load_external_data=False
     )
-    signed_8bit_weights = _has_signed_8bit_weights(header, frozen)
+    signed_8bit_weights = _has_signed_8bit_weights(header)
     del header
     with tempfile.TemporaryDirectory(prefix="fxq_verify_") as tmp:
         if isinstance(onnx_path_or_model, onnx.ModelProto):
