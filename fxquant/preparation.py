@@ -169,7 +169,9 @@ def prepare(
     The prepared module has its own modules and parameter objects, but reads the model's own weight tensors
     until something would write into them: fine-tuning, a state-dict load or the first backward give it its
     own copies first (`fxquant.shared_weights`; `fxq.own_weights(qm)` does it by hand). Calibration, freeze
-    and export only read weights, so post-training quantization holds a model's weights once.
+    and export only read weights, so post-training quantization holds a model's weights once. The other way
+    round, until then a change of `model`'s own weights in place (`model.load_state_dict(...)`, training the
+    float model further) shows in the prepared module too: call `fxq.own_weights(qm)` first.
 
     Args:
         model: any `nn.Module`.

@@ -13,7 +13,8 @@ that storage's address (`SHARED_STORAGE_ATTR`), and `own_weights` gives it its o
   `torch.optim.X(qm.parameters())` never writes into the float model either.
 
 Writes by other means (an in-place `p.copy_()` under `torch.no_grad()`) should call `fxq.own_weights(qm)`
-first. Under `torch.distributed` prepare copies the weights as before: DistributedDataParallel's constructor
+first, and so should a change of the float model's own weights in place while the prepared module is still
+used (it reads the same tensors). Under `torch.distributed` prepare copies the weights as before: DistributedDataParallel's constructor
 broadcasts rank 0's parameters into every rank's tensors in place.
 
 A parameter that was copied since (`copy.deepcopy`, `qm.to(other_device)`, FSDP2 sharding, a load from a
