@@ -172,15 +172,16 @@ SATURATION_NOTE = (
 )
 
 
-def _has_signed_8bit_weights(model: onnx.ModelProto) -> bool:
+def _has_signed_8bit_weights(model: onnx.ModelProto, base_dir: str = "") -> bool:
     """Whether the ONNX file has INT8 tensors that u8s8 kernels can overflow with: INT8 weight codes of more
     than 7 bits (|code| >= 64) read by a DequantizeLinear, or an INT8 QuantizeLinear (a weight quantized in
-    the graph). fxquant's default export on a CPU whose kernels saturate has none (`uint8_weights`)."""
+    the graph). fxquant's default export on a CPU whose kernels saturate has none (`uint8_weights`).
+    `base_dir`: the folder of the file, where codes stored as external data are read one tensor at a time."""
     inits = {i.name: i for i in model.graph.initializer}
     int8 = onnx.TensorProto.INT8
     for node in model.graph.node:
         if node.op_type == "DequantizeLinear" and node.input[0] in inits and inits[node.input[0]].data_type == int8:
-            codes = onnx.numpy_helper.to_array(inits[node.input[0]])
+            codes = onnx.numpy_helper.to_array(inits[node.input[0]], base_dir=base_dir)
             if codes.size and int(np.abs(codes.astype(np.int16)).max()) >= 64:
                 return True
         if node.op_type == "QuantizeLinear" and len(node.input) > 2 and node.input[2] in inits:
@@ -291,7 +292,8 @@ def verify(
     header = onnx_path_or_model if isinstance(onnx_path_or_model, onnx.ModelProto) else read_onnx_file(
         onnx_path_or_model, load_external_data=False
     )
-    signed_8bit_weights = _has_signed_8bit_weights(header)
+    base_dir = "" if isinstance(onnx_path_or_model, onnx.ModelProto) else os.path.dirname(os.fspath(onnx_path_or_model))
+    signed_8bit_weights = _has_signed_8bit_weights(header, base_dir)
     del header
     with tempfile.TemporaryDirectory(prefix="fxq_verify_") as tmp:
         if isinstance(onnx_path_or_model, onnx.ModelProto):
