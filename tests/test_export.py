@@ -104,6 +104,7 @@ def test_8bit_weights_stored_as_uint8_run_exactly_in_the_fused_kernels(tmp_path,
     model = fxq.export_onnx(frozen, x[:1], path, uint8_weights=uint8_weights)
     stored_unsigned = u8s8_kernels_saturate() if uint8_weights is None else uint8_weights
     types = _code_types(model)
+    assert not any(n.op_type == "BitwiseXor" for n in model.graph.node)  # the sign flip is in the stored codes
     expected = {T.UINT8: 3, T.INT8: 1} if stored_unsigned else {T.INT8: 4}
     assert types == collections.Counter({**expected, T.INT32: 4})
     ops = _optimized_ops(path, tmp_path)
@@ -489,6 +490,7 @@ def test_an_embedding_table_is_gathered_as_integer_codes_then_scaled(tmp_path, t
     frozen = fxq.freeze(qm)
     path = tmp_path / "lookup.onnx"
     model = fxq.export_onnx(frozen, ids, path, uint8_weights=uint8_weights)
+    assert not any(n.op_type == "BitwiseXor" for n in model.graph.node)
     inits = {i.name: i for i in model.graph.initializer}
     head_types = {i.data_type for i in model.graph.initializer if i.dims == [16, 50]}  # stored (in, out) for MatMul
     assert head_types == (set() if tied else {T.UINT8 if uint8_weights else T.INT8})
@@ -509,6 +511,56 @@ def test_an_embedding_table_is_gathered_as_integer_codes_then_scaled(tmp_path, t
     out = session.run(None, {session.get_inputs()[0].name: other.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(out, frozen(other).numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_code_folds_compute_each_initializer_once_while_it_is_serialized() -> None:
+    """`_fold_code_constants` on a hand-built graph: two `BitwiseXor(codes, 128)` of one initializer (a tied
+    table's lookup and head) become one UINT8 initializer of the flipped codes, and a `Cast` to INT4 a packed
+    initializer; the folds are lazy (computed when serialized) and the source initializer is dropped."""
+    import onnx_ir as ir
+    from onnx import helper
+
+    from fxquant.export.qdq import _fold_code_constants
+
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-128, 128, size=(300, 200), dtype=np.int64).astype(np.int8)
+    small = rng.integers(-8, 8, size=(4, 4), dtype=np.int64).astype(np.int8)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["mask"], value=helper.make_tensor("m", T.UINT8, [], [128])),
+            helper.make_node("BitwiseXor", ["codes", "mask"], ["flipped_a"]),
+            helper.make_node("BitwiseXor", ["codes", "mask"], ["flipped_b"]),
+            helper.make_node("Constant", [], ["one"], value=helper.make_tensor("s", T.FLOAT, [], [1.0])),
+            helper.make_node("Constant", [], ["zp"], value=helper.make_tensor("z", T.UINT8, [], [128])),
+            helper.make_node("DequantizeLinear", ["flipped_a", "one", "zp"], ["a"]),
+            helper.make_node("DequantizeLinear", ["flipped_b", "one", "zp"], ["b"]),
+            helper.make_node("Cast", ["small"], ["small_int4"], to=T.INT4),
+            helper.make_node("DequantizeLinear", ["small_int4", "one"], ["c"]),
+        ],
+        "g",
+        [],
+        [helper.make_tensor_value_info(n, T.FLOAT, None) for n in ("a", "b", "c")],
+        [onnx.numpy_helper.from_array(codes.view(np.uint8), "codes"), onnx.numpy_helper.from_array(small, "small")],
+    )
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    _fold_code_constants(model)
+    initializers = model.graph.initializers
+    assert "codes" not in initializers and "small" not in initializers
+    flipped = [v for v in initializers.values() if v.dtype == ir.DataType.UINT8]
+    assert len(flipped) == 1 and isinstance(flipped[0].const_value, ir.LazyTensor)
+    assert not any(n.op_type == "BitwiseXor" for n in model.graph)
+    proto = ir.to_proto(model)
+    by_name = {i.name: i for i in proto.graph.initializer}
+    stored = onnx.numpy_helper.to_array(by_name[flipped[0].name])
+    np.testing.assert_array_equal(stored.astype(np.int64) - 128, codes.astype(np.int64))
+    (int4,) = [i for i in proto.graph.initializer if i.data_type == T.INT4]
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(int4), small)
+    from onnx.reference import ReferenceEvaluator
+
+    a, b, c = ReferenceEvaluator(proto).run(None, {})
+    np.testing.assert_array_equal(a, codes.astype(np.float32))
+    np.testing.assert_array_equal(b, a)
+    np.testing.assert_array_equal(c, small.astype(np.float32))
 
 
 class _StemPool(nn.Module):

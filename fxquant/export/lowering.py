@@ -57,12 +57,21 @@ class _ExportActivation(nn.Module):
 
 
 def _stored_codes(codes: torch.Tensor, stored: torch.dtype, zero_point_offset: int) -> torch.Tensor:
-    """The codes in their ONNX container's torch type; `zero_point_offset` 128: int8 codes + 128 as uint8,
-    which is the int8 bit pattern with its sign bit flipped (one uint8 copy, no wider temporary)."""
+    """The codes in their ONNX container's torch type. With `zero_point_offset` 128 (int8 codes stored as
+    uint8 codes + 128, which is the int8 bit pattern with its sign bit flipped) the int8 codes' bytes viewed
+    as uint8, no copy: the stand-in flips the sign bit in its graph (`_offset_codes`), and export folds that
+    into the initializer while serializing it (`fxquant.export.qdq`), so the flipped table is never held."""
     if not zero_point_offset:
         return codes.to(stored)
     assert zero_point_offset == 128 and codes.dtype == torch.int8 and stored == torch.uint8
-    return torch.bitwise_xor(codes.view(torch.uint8), 128)
+    return codes.view(torch.uint8)
+
+
+def _offset_codes(stored_codes: torch.Tensor, zero_point_offset: int) -> torch.Tensor:
+    """`_stored_codes`' uint8 view of int8 codes + `zero_point_offset` (a sign-bit flip), or the codes."""
+    if not zero_point_offset:
+        return stored_codes
+    return torch.bitwise_xor(stored_codes, zero_point_offset)
 
 
 class _ExportDequantize(nn.Module):
@@ -82,10 +91,11 @@ class _ExportDequantize(nn.Module):
         zero_point = (qp.zero_point + zero_point_offset).to(stored).contiguous() if qp.kind == "weight" else None
         self.register_buffer("zero_point", zero_point)
         self.axis, self.block, self.onnx_type = int(qp.axis or 0), int(block), int(onnx_type)
+        self.zero_point_offset = zero_point_offset
 
     def forward(self) -> torch.Tensor:
         return torch.ops.fxquant.dequantize(
-            self.codes, self.scale, self.zero_point, self.axis, self.block, self.onnx_type
+            _offset_codes(self.codes, self.zero_point_offset), self.scale, self.zero_point, self.axis, self.block, self.onnx_type
         )
 
 
@@ -108,7 +118,7 @@ class _ExportGatherDequantize(nn.Module):
         self.register_buffer("scale", scale.contiguous())
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(indices, self.codes).to(self.scale.dtype)
+        rows = F.embedding(indices, _offset_codes(self.codes, self.zero_point_offset)).to(self.scale.dtype)
         if self.zero_point_offset:
             rows = rows - self.zero_point_offset
         return rows * (F.embedding(indices, self.scale) if self.per_row else self.scale)
