@@ -44,15 +44,10 @@ from fxquant.errors import (
     StateError,
 )
 from fxquant.export import OnnxQuantReport, export_onnx
-from fxquant.finetune import (
-    BitTarget,
-    FinetuneResult,
-    FinetuneWarning,
-    Schedule,
-    finetune,
-    param_groups,
-    project_quantizers,
-)
+from fxquant.finetune import FinetuneWarning, finetune
+from fxquant.finetune_result import FinetuneResult
+from fxquant.objectives import BitTarget, Schedule
+from fxquant.optimization import param_groups, project_quantizers
 from fxquant.preparation import freeze, prepare
 from fxquant.quantizer import FrozenActivationQuantizer, FrozenWeight, LearnableQuantizer
 from fxquant.report import QuantReport, report

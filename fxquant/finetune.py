@@ -22,6 +22,10 @@ integer bits that eval and `freeze` use (`round(b)`), never on the continuous on
 Distributed: DDP-wrapped, or FSDP2-sharded with replicated quantizers (see `finetune`'s `qm` argument;
 the helpers are `fxquant.distributed`). Targets, schedule and penalties are `fxquant.objectives`.
 
+The parts are modules of their own: the result (`fxquant.finetune_result`), the optimizer's groups and
+projection (`fxquant.optimization`, public for a loop of one's own), the choice of the returned state
+(`fxquant.state_selection`).
+
 Fine-tuning changes parameter values, never the graph. Calibration is `fxquant.calibration`; numerics of
 the quantizers are `fxquant.quantizer`; the losses are `fxquant.losses`.
 """
@@ -32,8 +36,8 @@ import copy
 import itertools
 import math
 import warnings
-from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -56,11 +60,11 @@ from fxquant.distributed import (
     check_fsdp,
     clip_grad_norm,
     on_every_rank,
-    reshard,
     unwrap,
 )
 from fxquant.errors import ConfigError, PrepareError, StateError
-from fxquant.graph import is_quantizer_path, module_state
+from fxquant.finetune_result import FinetuneResult, step_record
+from fxquant.graph import module_state
 from fxquant.losses import DISTILL_KINDS, distillation_loss, output_leaves
 from fxquant.objectives import (
     BitTarget,
@@ -72,104 +76,22 @@ from fxquant.objectives import (
     check_number,
     check_target,
 )
+from fxquant.optimization import OptimizerFactory, default_optimizer, param_groups
 from fxquant.quantizer import (
-    iter_learnable,
     make_estimator,
-    mean_over_ranks,
 )
-from fxquant.shared_weights import own_weights
+from fxquant.state_selection import StateSelector, snapshot
 from fxquant.utils import quantizers_enabled
 
 PENALTIES = ("exterior", "size")
 MAX_BAD_STEPS = 5
 """Consecutive non-finite steps after which fine-tuning stops (and returns the best state so far)."""
 
-OptimizerFactory = Callable[[List[Dict[str, Any]]], torch.optim.Optimizer]
 LossFn = Callable[[Any, Any], Tensor]
 
 
 class FinetuneWarning(UserWarning):
     """Fine-tuning did something the caller must know about (target never met, non-finite loss, Ctrl-C)."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Results.
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """One training step of the history (bits and size after the step, at integer bits)."""
-
-    step: int
-    loss: float
-    base: float
-    penalty: float
-    coefficient: float
-    lr: float
-    avg_weight_bits: float
-    avg_learnable_weight_bits: float
-    avg_activation_bits: float
-    size_mb: float
-    active_constraints: int
-    met: bool
-
-
-@dataclass
-class FinetuneResult:
-    """What `finetune` did: history, the chosen step and whether the target was met.
-
-    Attributes:
-        history: one `StepRecord` per step run (`loss` is NaN for a skipped non-finite step).
-        best_step: the step (1-based: the state after that many steps) that was restored, or `None` when
-            no state met the target (then the last state is kept).
-        best_metric: its selection metric; `metric` says which (`"val_distillation"` or `"train_loss"`).
-        met_target: whether the returned state meets the target (integer bits). `False` comes with a
-            `FinetuneWarning`.
-        converged_step: the first step at which every quantizer met its target.
-        bits_before, bits_after: average bits before and after (`avg_weight_bits`: all quantized weights,
-            size-weighted; `avg_learnable_weight_bits`: those that learn bits; `avg_activation_bits`: mean
-            over activation quantizers; `size_mb`).
-        interrupted: Ctrl-C stopped the run (the best state so far was returned).
-        stop_reason: why training stopped before `steps`, or `None`.
-        nonfinite_steps: steps whose loss or gradients were NaN/inf (skipped, last good state restored).
-        calibrated: `finetune` calibrated the module itself because it was not calibrated yet.
-    """
-
-    history: List[StepRecord] = field(default_factory=list)
-    best_step: Optional[int] = None
-    best_metric: Optional[float] = None
-    metric: str = "train_loss"
-    met_target: bool = False
-    converged_step: Optional[int] = None
-    target: Optional[BitTarget] = None
-    penalty: Optional[str] = None
-    size_lambda: Optional[float] = None
-    steps_run: int = 0
-    interrupted: bool = False
-    stop_reason: Optional[str] = None
-    nonfinite_steps: List[int] = field(default_factory=list)
-    bits_before: Dict[str, float] = field(default_factory=dict)
-    bits_after: Dict[str, float] = field(default_factory=dict)
-    calibrated: bool = False
-
-    def series(self, name: str) -> List[float]:
-        """One column of the history, e.g. `result.series("avg_weight_bits")`."""
-        if name not in {f.name for f in fields(StepRecord)}:
-            raise ConfigError(f"history has no column {name!r}; columns: {[f.name for f in fields(StepRecord)]}.")
-        return [getattr(r, name) for r in self.history]
-
-    def __str__(self) -> str:
-        target = self.target.describe() if self.target else "none"
-        b, a = self.bits_before, self.bits_after
-        return (
-            f"finetune: {self.steps_run} steps, target {target}, met={self.met_target}, best step {self.best_step} "
-            f"({self.metric}={self.best_metric if self.best_metric is None else f'{self.best_metric:.4g}'}); "
-            f"weight bits {b.get('avg_weight_bits', 0):.2f} -> {a.get('avg_weight_bits', 0):.2f} "
-            f"(all quantized weights, size-weighted), activation bits {b.get('avg_activation_bits', 0):.2f} -> "
-            f"{a.get('avg_activation_bits', 0):.2f}, size {b.get('size_mb', 0):.4f} -> {a.get('size_mb', 0):.4f} MB"
-            + (f"; stopped: {self.stop_reason}" if self.stop_reason else "")
-        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,146 +139,6 @@ def _dry_run(
                     )
     finally:
         inner.train(was_training)
-
-
-# --------------------------------------------------------------------------------------------------
-# The training loop.
-# --------------------------------------------------------------------------------------------------
-
-
-def param_groups(
-    qm: nn.Module, schedule: Optional[Schedule] = None, steps: int = 300, *, learn_bits: bool = True
-) -> List[Dict[str, Any]]:
-    """The optimizer parameter groups `finetune` uses, for a training loop of one's own (as DiffQ's
-    `setup_optimizer`): model weights, quantizer clamps, quantizer bits.
-
-    Each group is a dict with `name` (`"weights"`, `"quantizer_clamps"`, `"quantizer_bits"`), `params`,
-    `lr`, `weight_decay` (never on quantizer parameters) and `betas` (`beta1 = Schedule.bits_beta1` for the
-    bits); empty groups are left out. After each `optimizer.step()`, call `fxq.project_quantizers(qm)`.
-    Under FSDP2 the module is resharded first, so the groups hold the sharded (DTensor) weights. Weights the
-    prepared module still shares with the float model get their own copies first (`fxq.own_weights`).
-
-    Args:
-        qm: a prepared module (or one wrapped by DistributedDataParallel, or sharded by FSDP2 `fully_shard`).
-        schedule: learning rates (default `Schedule()`); `bits_lr` defaults to `3 / steps`.
-        steps: the step budget (sets the default bits learning rate).
-        learn_bits: include the bits group (False: bits stay fixed, as in fine-tuning without a target).
-
-    Example:
-        >>> opt = torch.optim.Adam(fxq.param_groups(qm))
-    """
-    schedule = schedule if schedule is not None else Schedule()
-    weights: List[nn.Parameter] = []
-    clamps: List[nn.Parameter] = []
-    bits: List[nn.Parameter] = []
-    inner = unwrap(qm)
-    reshard(inner)
-    own_weights(inner)  # the optimizer writes them: not into the float model's tensors (`fxquant.shared_weights`)
-    for name, p in inner.named_parameters():
-        if not p.requires_grad:
-            continue
-        if is_quantizer_path(name):
-            (bits if name.endswith(".bits_param") else clamps).append(p)
-        else:
-            weights.append(p)
-    bits_lr = schedule.bits_lr if schedule.bits_lr is not None else 3.0 / steps
-    groups = [
-        {"name": "weights", "params": weights, "lr": schedule.lr, "weight_decay": schedule.weight_decay,
-         "betas": schedule.betas},
-        {"name": "quantizer_clamps", "params": clamps, "lr": schedule.clamp_lr or schedule.lr, "weight_decay": 0.0,
-         "betas": schedule.betas},
-    ]
-    if learn_bits:
-        groups.append({"name": "quantizer_bits", "params": bits, "lr": bits_lr, "weight_decay": 0.0,
-                       "betas": (schedule.bits_beta1, schedule.betas[1])})
-    return [g for g in groups if g["params"]]
-
-
-def default_optimizer(groups: List[Dict[str, Any]]) -> torch.optim.Optimizer:
-    """The optimizer `finetune` builds without `optimizer=`: Adam over `groups` (from `param_groups`), with
-    torch's fused kernel (one call for every parameter) where it applies: every parameter a plain float tensor
-    on the CPU or a CUDA device (not an FSDP2 `DTensor` shard). Otherwise torch's default Adam.
-
-    A prepared module holds two or three small quantizer parameters per quantized tensor besides the weights;
-    the per-parameter loop of torch's default CPU Adam cost ~5 ms of each step of the Fashion-MNIST ResNet
-    of `benchmarks/bench_finetune.py`, the fused kernel ~1 ms (docs/decisions.md, "Fused Adam").
-    """
-    params = [p for g in groups for p in g["params"]]
-    fusable = bool(params) and all(
-        type(p) is nn.Parameter and p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-        and p.device.type in ("cpu", "cuda") for p in params
-    )
-    return torch.optim.Adam(groups, fused=True) if fusable else torch.optim.Adam(groups)
-
-
-@torch.no_grad()
-def project_quantizers(qm: nn.Module) -> None:
-    """Project every quantizer's parameters back into their domain (bits in bounds, `lo <= 0 <= hi`);
-    call after each optimizer step of a training loop of one's own."""
-    for _, q in iter_learnable(unwrap(qm)):
-        q.project_bits_()
-
-
-def _snapshot(module: nn.Module) -> Dict[str, Tensor]:
-    # non-tensor entries (the checkpoint identity in `_extra_state`) are copied as they are
-    return {k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in module.state_dict().items()}
-
-
-class _Selector:
-    """Keeps the best state among those that meet the target."""
-
-    def __init__(
-        self, inner: nn.Module, teacher: Optional[nn.Module], val_batches: Optional[List[Batch]], n_required: int,
-        distill: str, loss_fn: Optional[LossFn],
-    ) -> None:
-        self.inner, self.teacher, self.val, self.n_required = inner, teacher, val_batches, n_required
-        self.distill, self.loss_fn = distill, loss_fn
-        self.teacher_outputs: Optional[List[Any]] = None
-        self.best_state: Optional[Dict[str, Tensor]] = None
-        self.best_step: Optional[int] = None
-        self.best_metric: Optional[float] = None
-        self.window: List[float] = []  # train losses of consecutive steps that met the target
-
-    @property
-    def metric_name(self) -> str:
-        return "val_distillation" if self.val is not None else "train_loss"
-
-    @torch.no_grad()
-    def val_loss(self) -> float:
-        assert self.val is not None
-        if self.teacher is not None and self.teacher_outputs is None:
-            device = model_device(self.inner)
-            self.teacher_outputs = [
-                to_device(run_batch(self.teacher, b, self.n_required)[0], device) for b in self.val
-            ]
-        was_training = self.inner.training
-        self.inner.eval()
-        try:
-            total = 0.0
-            for i, b in enumerate(self.val):
-                out, target = run_batch(self.inner, b, self.n_required)
-                if self.teacher_outputs is not None:
-                    total += float(distillation_loss(out, self.teacher_outputs[i], self.distill))
-                else:
-                    assert self.loss_fn is not None
-                    total += float(self.loss_fn(out, target))
-            return total / len(self.val)
-        finally:
-            self.inner.train(was_training)
-
-    def consider(self, step: int, window: int) -> None:
-        if self.val is not None:
-            metric = self.val_loss()
-        elif self.window:
-            recent = self.window[-window:]
-            metric = sum(recent) / len(recent)
-        else:
-            return
-        # under DDP each rank sees other batches: the mean over ranks makes every rank pick the same step
-        metric = float(mean_over_ranks(torch.tensor([metric], dtype=torch.float64, device=model_device(self.inner))))
-        if math.isfinite(metric) and (self.best_metric is None or metric <= self.best_metric):
-            self.best_metric, self.best_step = metric, step
-            self.best_state = _snapshot(self.inner)
 
 
 def finetune(
@@ -502,11 +284,13 @@ def finetune(
         if fsdp or isinstance(qm, nn.parallel.DistributedDataParallel):
             broadcast_quantizers(inner)
         result.bits_before = bits.stats()
-        return _train(
-            qm, inner, teacher, itertools.chain(prefetched, stream), n_required, steps, target, penalty,
-            size_lambda, loss_fn, distill, val_list, eval_every or max(1, steps // 20), schedule, optimizer,
-            grad_clip, progress, bits, result, fsdp,
+        run = _Run(
+            qm=qm, inner=inner, teacher=teacher, n_required=n_required, steps=steps, target=target, penalty=penalty,
+            size_lambda=size_lambda, loss_fn=loss_fn, distill=distill, val_batches=val_list,
+            eval_every=eval_every or max(1, steps // 20), schedule=schedule, optimizer_factory=optimizer,
+            grad_clip=grad_clip, progress=progress, bits=bits, fsdp=fsdp,
         )
+        return _Training(run, result).train(itertools.chain(prefetched, stream))
     finally:
         inner.train(was_training)
         for q, own in modes:
@@ -515,164 +299,222 @@ def finetune(
             teacher.train(teacher_was_training)
 
 
-def _train(
-    qm: nn.Module, inner: nn.Module, teacher: Optional[nn.Module], stream: Iterator[Batch], n_required: int,
-    steps: int, target: Optional[BitTarget], penalty: Optional[str], size_lambda: float, loss_fn: Optional[LossFn],
-    distill: str, val_list: Optional[List[Batch]], eval_every: int, schedule: Schedule,
-    optimizer_factory: Optional[OptimizerFactory], grad_clip: Optional[float], progress: bool, bits: LearnedBits,
-    result: FinetuneResult, fsdp: bool,
-) -> FinetuneResult:
-    # without a target (and no size penalty) nothing drives the bits: they stay where they are
-    groups = param_groups(inner, schedule, steps, learn_bits=target is not None or penalty == "size")
-    opt = optimizer_factory(groups) if optimizer_factory is not None else default_optimizer(groups)
-    params = [p for g in groups for p in g["params"]]
-    quantizers = bits.weights + bits.activations
-    device = model_device(inner)
-    distributed = fsdp or isinstance(qm, nn.parallel.DistributedDataParallel)
-    selector = _Selector(inner, teacher, val_list, n_required, distill, loss_fn)
-    result.metric = selector.metric_name
 
-    lr_factor = LrFactor(schedule, steps, has_target=target is not None)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    penalty_term: Optional[Union[ExteriorPenalty, SizePenalty]] = None
-    if penalty == "exterior":
-        penalty_term = ExteriorPenalty(schedule, steps)
-    elif penalty == "size":
-        penalty_term = SizePenalty(size_lambda)
-    good_state, good_opt = _snapshot(inner), copy.deepcopy(opt.state_dict())
-    bad_in_a_row = 0
-    show_every = max(1, steps // 100)
+# --------------------------------------------------------------------------------------------------
+# The training loop.
+# --------------------------------------------------------------------------------------------------
 
-    qm.train()
-    bar = tqdm(total=steps, disable=not progress, desc="finetune", leave=False, dynamic_ncols=True)
-    step = 0
-    try:
-        for step in range(1, steps + 1):
-            batch = next(stream, None)
-            if batch is None:  # a one-shot iterator ran out
-                result.stop_reason = ("batches is a one-shot iterator that ran out; pass a list or a DataLoader so "
-                                      "it can be cycled, or fewer steps.")
-                warnings.warn(f"finetune stopped after {step - 1} steps: {result.stop_reason}", FinetuneWarning,
-                              stacklevel=3)
-                step -= 1
-                break
-            coefficient = penalty_term.coefficient(step) if penalty_term is not None else 0.0
 
-            outputs, labels = run_batch(qm, batch, n_required)
-            base = outputs_loss = None
-            if teacher is not None:
-                with torch.no_grad():
-                    t_out = to_device(run_batch(teacher, batch, n_required)[0], device)
-                outputs_loss = distillation_loss(outputs, t_out, distill)
-            if loss_fn is not None:
-                task = loss_fn(outputs, labels)
-                outputs_loss = task if outputs_loss is None else outputs_loss + task
-            base = outputs_loss
-            assert base is not None
-            pen = base.new_zeros(())
-            active = 0
-            base_value = float(base.detach())
-            finite = math.isfinite(base_value)
-            if distributed:
-                finite = on_every_rank(finite, device)
-            if finite:
-                if penalty_term is not None:
-                    pen, active = penalty_term(bits, base, step)
-                loss = base + pen
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if fsdp:
-                    average_replicated_grads(params)
-                finite = math.isfinite(clip_grad_norm(params, grad_clip if grad_clip is not None else math.inf))
-                if distributed:  # FSDP2 norms each rank's own shard
-                    finite = on_every_rank(finite, device)
-            if not finite:
-                result.nonfinite_steps.append(step)
-                bad_in_a_row += 1
-                inner.load_state_dict(good_state)
-                opt.load_state_dict(copy.deepcopy(good_opt))
-                opt.zero_grad(set_to_none=True)
-                warnings.warn(
-                    f"finetune step {step}: non-finite loss or gradient (loss={base_value}); skipped the step and "
-                    "restored the last good state. Check the batches for NaN/inf or lower the learning rate.",
-                    FinetuneWarning, stacklevel=3,
-                )
-                if bad_in_a_row >= MAX_BAD_STEPS:
-                    result.stop_reason = f"{MAX_BAD_STEPS} non-finite steps in a row"
-                    stats = bits.stats()
-                    result.history.append(_record(step, math.nan, base_value, 0.0, coefficient, opt, stats, 0, False))
+@dataclass(frozen=True)
+class _Run:
+    """What one `finetune` call fixed before its first step (checked there)."""
+
+    qm: nn.Module  # as given: the prepared module, or it wrapped by DDP
+    inner: nn.Module  # the prepared module itself
+    teacher: Optional[nn.Module]
+    n_required: int
+    steps: int
+    target: Optional[BitTarget]
+    penalty: Optional[str]
+    size_lambda: float
+    loss_fn: Optional[LossFn]
+    distill: str
+    val_batches: Optional[List[Batch]]
+    eval_every: int
+    schedule: Schedule
+    optimizer_factory: Optional[OptimizerFactory]
+    grad_clip: Optional[float]
+    progress: bool
+    bits: LearnedBits
+    fsdp: bool
+
+    @property
+    def distributed(self) -> bool:
+        return self.fsdp or isinstance(self.qm, nn.parallel.DistributedDataParallel)
+
+
+class _Training:
+    """One run of the loop: the optimizer, its `LambdaLR` schedule, the penalty term, the state selector and
+    the last good state (restored after a non-finite step), built from a `_Run`; `train` runs the steps."""
+
+    def __init__(self, run: _Run, result: FinetuneResult) -> None:
+        self.run, self.result = run, result
+        # without a target (and no size penalty) nothing drives the bits: they stay where they are
+        groups = param_groups(run.inner, run.schedule, run.steps, learn_bits=run.target is not None or run.penalty == "size")
+        self.opt = run.optimizer_factory(groups) if run.optimizer_factory is not None else default_optimizer(groups)
+        self.params = [p for g in groups for p in g["params"]]
+        self.quantizers = run.bits.weights + run.bits.activations
+        self.device = model_device(run.inner)
+        self.selector = StateSelector(run.inner, run.teacher, run.val_batches, run.n_required, run.distill, run.loss_fn)
+        result.metric = self.selector.metric_name
+        self.lr_factor = LrFactor(run.schedule, run.steps, has_target=run.target is not None)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_factor)
+        self.penalty: Optional[Union[ExteriorPenalty, SizePenalty]] = None
+        if run.penalty == "exterior":
+            self.penalty = ExteriorPenalty(run.schedule, run.steps)
+        elif run.penalty == "size":
+            self.penalty = SizePenalty(run.size_lambda)
+        self.good_state, self.good_opt = snapshot(run.inner), copy.deepcopy(self.opt.state_dict())
+        self.bad_in_a_row = 0
+
+    def base_loss(self, batch: Batch) -> Tensor:
+        """The distillation loss to the teacher plus the user's task loss, on one batch."""
+        run = self.run
+        outputs, labels = run_batch(run.qm, batch, run.n_required)
+        loss: Optional[Tensor] = None
+        if run.teacher is not None:
+            with torch.no_grad():
+                t_out = to_device(run_batch(run.teacher, batch, run.n_required)[0], self.device)
+            loss = distillation_loss(outputs, t_out, run.distill)
+        if run.loss_fn is not None:
+            task = run.loss_fn(outputs, labels)
+            loss = task if loss is None else loss + task
+        assert loss is not None  # finetune requires a teacher or a loss_fn
+        return loss
+
+    def finite_everywhere(self, finite: bool) -> bool:
+        """`finite` on every rank (a step is skipped on all ranks when one rank's is not finite)."""
+        return on_every_rank(finite, self.device) if self.run.distributed else finite
+
+    def backward(self, base: Tensor, step: int) -> Tuple[Tensor, int, bool]:
+        """Penalty, backward and gradient clipping; returns the penalty, the active constraints and whether
+        the gradients are finite."""
+        run = self.run
+        pen, active = base.new_zeros(()), 0
+        if self.penalty is not None:
+            pen, active = self.penalty(run.bits, base, step)
+        self.opt.zero_grad(set_to_none=True)
+        (base + pen).backward()
+        if run.fsdp:
+            average_replicated_grads(self.params)
+        norm = clip_grad_norm(self.params, run.grad_clip if run.grad_clip is not None else math.inf)
+        return pen, active, self.finite_everywhere(math.isfinite(norm))  # FSDP2 norms each rank's own shard
+
+    def skip(self, step: int, base_value: float, coefficient: float) -> bool:
+        """Undo a non-finite step (restore the last good state); True when too many came in a row."""
+        run = self.run
+        self.result.nonfinite_steps.append(step)
+        self.bad_in_a_row += 1
+        run.inner.load_state_dict(self.good_state)
+        self.opt.load_state_dict(copy.deepcopy(self.good_opt))
+        self.opt.zero_grad(set_to_none=True)
+        warnings.warn(
+            f"finetune step {step}: non-finite loss or gradient (loss={base_value}); skipped the step and "
+            "restored the last good state. Check the batches for NaN/inf or lower the learning rate.",
+            FinetuneWarning, stacklevel=5,
+        )
+        if self.bad_in_a_row < MAX_BAD_STEPS:
+            return False
+        self.result.stop_reason = f"{MAX_BAD_STEPS} non-finite steps in a row"
+        self.result.history.append(
+            step_record(step, math.nan, base_value, 0.0, coefficient, self.opt, run.bits.stats(), 0, False)
+        )
+        return True
+
+    def update(self) -> None:
+        """The optimizer step and the projection of the quantizers into their domain."""
+        self.bad_in_a_row = 0
+        self.opt.step()
+        for q in self.quantizers:
+            q.project_bits_()
+        if self.run.schedule.floor and self.run.penalty == "exterior":
+            self.run.bits.apply_floor()
+
+    def step(self, step: int, batch: Batch) -> Tuple[float, Dict[str, float], bool, bool]:
+        """One step; returns its base loss, the bit statistics after it, whether it met the target, and
+        whether training must stop (too many non-finite steps)."""
+        run, result = self.run, self.result
+        coefficient = self.penalty.coefficient(step) if self.penalty is not None else 0.0
+        base = self.base_loss(batch)
+        base_value = float(base.detach())
+        finite = self.finite_everywhere(math.isfinite(base_value))
+        pen, active = base.new_zeros(()), 0
+        if finite:
+            pen, active, finite = self.backward(base, step)
+        if not finite:
+            if self.skip(step, base_value, coefficient):
+                return base_value, {}, False, True
+        else:
+            self.update()
+        integer_bits = run.bits.integer_bits_by_quantizer()
+        stats = run.bits.stats(integer_bits)
+        met = finite and run.bits.met(integer_bits)
+        # Without a target, states of the second half of the budget (after the decay starts) are eligible.
+        eligible = met and (run.target is not None or step > run.steps // 2)
+        pen_value = float(pen.detach()) if finite else 0.0
+        result.history.append(
+            step_record(step, base_value + pen_value if finite else math.nan, base_value, pen_value, coefficient,
+                        self.opt, stats, active, met)
+        )
+        if eligible:
+            self.selector.window.append(base_value)
+            if result.converged_step is None and run.target is not None:
+                result.converged_step = step
+                self.lr_factor.start_decay(step)
+        elif finite:
+            self.selector.window.clear()
+        if finite and step % run.eval_every == 0:
+            self.good_state, self.good_opt = snapshot(run.inner), copy.deepcopy(self.opt.state_dict())
+        if eligible and (step % run.eval_every == 0 or step == run.steps):
+            self.selector.consider(step, run.eval_every)
+        return base_value, stats, met, False
+
+    def train(self, stream: Iterator[Batch]) -> FinetuneResult:
+        """Run the steps on `stream`, restore the chosen state and fill the result."""
+        run, result = self.run, self.result
+        show_every = max(1, run.steps // 100)
+        run.qm.train()
+        bar = tqdm(total=run.steps, disable=not run.progress, desc="finetune", leave=False, dynamic_ncols=True)
+        step = 0
+        try:
+            for step in range(1, run.steps + 1):
+                batch = next(stream, None)
+                if batch is None:  # a one-shot iterator ran out
+                    result.stop_reason = ("batches is a one-shot iterator that ran out; pass a list or a DataLoader "
+                                          "so it can be cycled, or fewer steps.")
+                    warnings.warn(f"finetune stopped after {step - 1} steps: {result.stop_reason}", FinetuneWarning,
+                                  stacklevel=3)
+                    step -= 1
                     break
-            else:
-                bad_in_a_row = 0
-                opt.step()
-                for q in quantizers:
-                    q.project_bits_()
-                if schedule.floor and penalty == "exterior":
-                    bits.apply_floor()
-            integer_bits = bits.integer_bits_by_quantizer()
-            stats = bits.stats(integer_bits)
-            met = finite and bits.met(integer_bits)
-            # Without a target, states of the second half of the budget (after the decay starts) are eligible.
-            eligible = met and (target is not None or step > steps // 2)
-            pen_value = float(pen.detach()) if finite else 0.0
-            result.history.append(
-                _record(step, base_value + pen_value if finite else math.nan, base_value, pen_value, coefficient,
-                        opt, stats, active, met)
+                base_value, stats, met, stop = self.step(step, batch)
+                if stop:
+                    break
+                if step % show_every == 0 or step == run.steps:
+                    bar.set_postfix(
+                        loss=f"{base_value:.4g}", wbits=f"{stats['avg_weight_bits']:.2f}",
+                        abits=f"{stats['avg_activation_bits']:.2f}", met=met, refresh=False,
+                    )
+                self.lr_schedule.step()
+                bar.update(1)
+        except KeyboardInterrupt:
+            result.interrupted = True
+            result.stop_reason = f"interrupted (Ctrl-C) at step {step}"
+            if self.selector.best_state is None:
+                run.inner.load_state_dict(self.good_state)
+            warnings.warn(
+                f"finetune interrupted at step {step}; returning the best state so far "
+                f"(step {self.selector.best_step}).", FinetuneWarning, stacklevel=3,
             )
-            if eligible:
-                selector.window.append(base_value)
-                if result.converged_step is None and target is not None:
-                    result.converged_step = step
-                    lr_factor.start_decay(step)
-            elif finite:
-                selector.window.clear()
-            if finite and step % eval_every == 0:
-                good_state, good_opt = _snapshot(inner), copy.deepcopy(opt.state_dict())
-            if eligible and (step % eval_every == 0 or step == steps):
-                selector.consider(step, eval_every)
-            if step % show_every == 0 or step == steps:
-                bar.set_postfix(
-                    loss=f"{base_value:.4g}", wbits=f"{stats['avg_weight_bits']:.2f}",
-                    abits=f"{stats['avg_activation_bits']:.2f}", met=met, refresh=False,
-                )
-            lr_schedule.step()
-            bar.update(1)
-    except KeyboardInterrupt:
-        result.interrupted = True
-        result.stop_reason = f"interrupted (Ctrl-C) at step {step}"
-        if selector.best_state is None:
-            inner.load_state_dict(good_state)
-        warnings.warn(
-            f"finetune interrupted at step {step}; returning the best state so far "
-            f"(step {selector.best_step}).", FinetuneWarning, stacklevel=3,
-        )
-    finally:
-        bar.close()
+        finally:
+            bar.close()
+        return self.finish()
 
-    result.steps_run = len(result.history)
-    if selector.best_state is not None:
-        inner.load_state_dict(selector.best_state)
-        result.best_step, result.best_metric = selector.best_step, selector.best_metric
-    result.met_target = bits.met()
-    result.bits_after = bits.stats()
-    if not result.met_target:
-        warnings.warn(
-            f"finetune never met the target {target.describe() if target else ''} in {result.steps_run} steps "
-            f"(now: weights {result.bits_after['avg_learnable_weight_bits']:.2f} bits on average over learnable "
-            f"quantizers, activations {result.bits_after['avg_activation_bits']:.2f}); the last state is kept "
-            "and result.met_target is False. Give more steps or a larger Schedule(penalty_growth=...).",
-            FinetuneWarning, stacklevel=3,
-        )
-    return result
-
-
-def _record(
-    step: int, loss: float, base: float, pen: float, coefficient: float, opt: torch.optim.Optimizer,
-    stats: Dict[str, float], active: int, met: bool,
-) -> StepRecord:
-    return StepRecord(
-        step=step, loss=loss, base=base, penalty=pen, coefficient=coefficient, lr=float(opt.param_groups[0]["lr"]),
-        avg_weight_bits=stats["avg_weight_bits"], avg_learnable_weight_bits=stats["avg_learnable_weight_bits"],
-        avg_activation_bits=stats["avg_activation_bits"], size_mb=stats["size_mb"], active_constraints=active,
-        met=met,
-    )
+    def finish(self) -> FinetuneResult:
+        """Restore the chosen state and say whether it meets the target (a warning when it does not)."""
+        run, result, selector = self.run, self.result, self.selector
+        result.steps_run = len(result.history)
+        if selector.best_state is not None:
+            run.inner.load_state_dict(selector.best_state)
+            result.best_step, result.best_metric = selector.best_step, selector.best_metric
+        result.met_target = run.bits.met()
+        result.bits_after = run.bits.stats()
+        if not result.met_target:
+            target = run.target
+            warnings.warn(
+                f"finetune never met the target {target.describe() if target else ''} in {result.steps_run} steps "
+                f"(now: weights {result.bits_after['avg_learnable_weight_bits']:.2f} bits on average over learnable "
+                f"quantizers, activations {result.bits_after['avg_activation_bits']:.2f}); the last state is kept "
+                "and result.met_target is False. Give more steps or a larger Schedule(penalty_growth=...).",
+                FinetuneWarning, stacklevel=4,
+            )
+        return result

@@ -6,7 +6,7 @@ import functools
 
 import pytest
 import torch
-from conftest import make
+from small_models import make
 
 import fxquant as fxq
 from fxquant.batches import cycle_batches, split_batch

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MODEL_FACTORIES, make
+from small_models import MODEL_FACTORIES, make
 from models_zoo import ControlFlowNet, Gate
 from torch import nn
 

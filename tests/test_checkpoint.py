@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make
+from small_models import make
 from models_zoo import ZOO
 
 import fxquant as fxq
@@ -110,7 +110,7 @@ def test_other_model_is_refused_with_class_keys_and_shapes() -> None:
     _, _, qm = _trained("cnn")
     model, x = make("depthwise")
     other = fxq.prepare(model, x)
-    with pytest.raises(fxq.CheckpointError, match=r"model class: conftest\.ResCatCNN in the checkpoint, conftest\.DepthwiseSeparable here") as e:
+    with pytest.raises(fxq.CheckpointError, match=r"model class: small_models\.ResCatCNN in the checkpoint, small_models\.DepthwiseSeparable here") as e:
         fxq.load_state_dict(other, qm.state_dict())
     text = str(e.value)
     assert "captured graph" in text
@@ -120,7 +120,7 @@ def test_other_model_is_refused_with_class_keys_and_shapes() -> None:
 
 
 def test_other_size_is_refused_with_shapes() -> None:
-    from conftest import MLP
+    from small_models import MLP
 
     torch.manual_seed(0)
     x = torch.randn(4, 16)

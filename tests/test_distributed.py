@@ -21,12 +21,12 @@ _CONFIG = fxq.QuantConfig(weight=fxq.QuantSpec(bits=8), activation=fxq.QuantSpec
 
 
 def _calibrated_on_rank(rank: int, world: int, init_file: str) -> tuple:
-    """Join the gloo group; the conftest MLP, this rank's own 4 batches, and the module prepared and
+    """Join the gloo group; the small_models MLP, this rank's own 4 batches, and the module prepared and
     calibrated on them (rank-specific clamps)."""
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
-    from conftest import make
+    from small_models import make
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -107,7 +107,7 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     from torch.distributed.tensor import DTensor
 
     model, batches, qm = _calibrated_on_rank(rank, world, init_file)
-    from conftest import make  # on the path _calibrated_on_rank set
+    from small_models import make  # on the path _calibrated_on_rank set
     try:  # finetune starts every rank from rank 0's quantizers
         fully_shard(qm, ignored_params=set(qm.fxq_quantizers.parameters()))
         result = fxq.finetune(qm, batches, teacher=model, steps=12, target_bits=6, progress=False)
@@ -157,7 +157,7 @@ def _fsdp_errors_worker(rank: int, world: int, init_file: str) -> None:
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
-    from conftest import make
+    from small_models import make
     from torch.distributed.fsdp import fully_shard
 
     torch.set_num_threads(1)

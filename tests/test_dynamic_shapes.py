@@ -18,7 +18,8 @@ from models_zoo import hf_bert
 from torch import nn
 
 import fxquant as fxq
-from fxquant.tracing import BATCH, SEQUENCE, DynamicDim, candidate_dims, capture_model, export_model, widen_size_one
+from fxquant.dynamic_shapes import BATCH, SEQUENCE, DynamicDim, candidate_dims, widen_size_one
+from fxquant.tracing import capture_model, export_model
 
 # torch's own deprecation inside deepcopy of torch.export's pytree specs
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxquant as fxq
-from fxquant.export import qdq, read_onnx_file
+from fxquant.export import onnx_file, read_onnx_file
 
 
 class TinyMLP(nn.Module):
@@ -303,7 +303,7 @@ def test_export_refuses_a_location_it_cannot_write(frozen_mlp, tmp_path, monkeyp
     def denied(path: Path) -> None:  # what a read-only file system answers, also to root
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(qdq, "_create_temporary", denied)
+    monkeypatch.setattr(onnx_file, "_create_temporary", denied)
     with pytest.raises(
         fxq.ExportError,
         match=r"cannot write the ONNX model to '.*m\.onnx': Permission denied; "
@@ -324,7 +324,7 @@ def test_interrupted_write_leaves_no_temporary_file(frozen_mlp, tmp_path, monkey
         f.flush()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(qdq, "_write_model", interrupted)  # export writes the file itself
+    monkeypatch.setattr(onnx_file, "write_model", interrupted)  # export writes the file itself
     with pytest.raises(KeyboardInterrupt):
         fxq.export_onnx(frozen, x, str(tmp_path / "m.onnx"))
     assert os.listdir(tmp_path) == []

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import make
+from small_models import make
 from torch import nn
 
 import fxquant as fxq
@@ -396,7 +396,7 @@ def test_unwritable_path_is_a_clear_error_and_leaves_no_file(tmp_path) -> None:
 
 
 def test_write_failure_leaves_no_partial_file(tmp_path, monkeypatch) -> None:
-    import fxquant.export.qdq as qdq
+    import fxquant.export.onnx_file as onnx_file
 
     frozen, x = _frozen("mlp", _spec(8), _spec(8))
 
@@ -404,7 +404,7 @@ def test_write_failure_leaves_no_partial_file(tmp_path, monkeypatch) -> None:
         f.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(qdq, "_write_model", fail)
+    monkeypatch.setattr(onnx_file, "write_model", fail)
     with pytest.raises(fxq.ExportError, match="could not write the ONNX model .*No space left"):
         fxq.export_onnx(frozen, x, str(tmp_path / "m.onnx"))
     assert os.listdir(tmp_path) == []
@@ -445,14 +445,14 @@ def test_export_rejects_inputs_it_cannot_read() -> None:
 
 def test_a_model_past_the_protobuf_limit_is_written_with_external_data(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     """Models of 2 GB or more go to `<path>.data` (the limit is lowered here to exercise that path)."""
-    import fxquant.export.qdq as qdq
+    import fxquant.export.onnx_file as onnx_file
 
     torch.manual_seed(0)
     model, x = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)), torch.randn(4, 64)
     qm = fxq.prepare(model, x, fxq.QuantConfig())
     fxq.calibrate(qm, [x])
     frozen = fxq.freeze(qm)
-    monkeypatch.setattr(qdq, "TWO_GB", 1024)
+    monkeypatch.setattr(onnx_file, "TWO_GB", 1024)
     path = tmp_path / "big.onnx"
     fxq.export_onnx(frozen, x, path)
     data = tmp_path / "big.onnx.data"
@@ -514,13 +514,13 @@ def test_an_embedding_table_is_gathered_as_integer_codes_then_scaled(tmp_path, t
 
 
 def test_code_folds_compute_each_initializer_once_while_it_is_serialized() -> None:
-    """`_fold_code_constants` on a hand-built graph: two `BitwiseXor(codes, 128)` of one initializer (a tied
+    """`fold_code_constants` on a hand-built graph: two `BitwiseXor(codes, 128)` of one initializer (a tied
     table's lookup and head) become one UINT8 initializer of the flipped codes, and a `Cast` to INT4 a packed
     initializer; the folds are lazy (computed when serialized) and the source initializer is dropped."""
     import onnx_ir as ir
     from onnx import helper
 
-    from fxquant.export.qdq import _fold_code_constants
+    from fxquant.export.code_folding import fold_code_constants
 
     rng = np.random.default_rng(0)
     codes = rng.integers(-128, 128, size=(300, 200), dtype=np.int64).astype(np.int8)
@@ -543,7 +543,7 @@ def test_code_folds_compute_each_initializer_once_while_it_is_serialized() -> No
         [onnx.numpy_helper.from_array(codes.view(np.uint8), "codes"), onnx.numpy_helper.from_array(small, "small")],
     )
     model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
-    _fold_code_constants(model)
+    fold_code_constants(model)
     initializers = model.graph.initializers
     assert "codes" not in initializers and "small" not in initializers
     flipped = [v for v in initializers.values() if v.dtype == ir.DataType.UINT8]

@@ -11,14 +11,16 @@ from typing import Dict, Iterator, List, Tuple
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MODEL_FACTORIES, make
+from small_models import MODEL_FACTORIES, make
 from torch import nn
 
 import fxquant as fxq
 import fxquant.quantizer
 from fxquant.errors import ConfigError, FxQuantError, PrepareError, StateError
-from fxquant.finetune import BitTarget, FinetuneWarning, Schedule, default_optimizer
+from fxquant.finetune import FinetuneWarning
 from fxquant.losses import distillation_loss, exterior_hinge, jeffreys_divergence
+from fxquant.objectives import BitTarget, Schedule
+from fxquant.optimization import default_optimizer
 from fxquant.quantizer import iter_learnable
 
 
@@ -146,10 +148,11 @@ def test_first_last_fixed_bits_are_reported_but_not_constrained() -> None:
 
 def test_never_meeting_the_target_warns_and_flags() -> None:
     model, qm, batches = _prepared()
-    with pytest.warns(FinetuneWarning, match="never met the target W2A2"):
+    with pytest.warns(FinetuneWarning, match="never met the target W2A2") as caught:
         result = fxq.finetune(qm, batches, teacher=model, steps=3, target_bits=2, schedule=Schedule(bits_lr=1e-3),
                               progress=False)
     assert not result.met_target and result.best_step is None
+    assert {w.filename for w in caught if issubclass(w.category, FinetuneWarning)} == {__file__}  # the caller's line
     assert "met=False" in str(result)
 
 
@@ -262,8 +265,9 @@ def test_nonfinite_loss_skips_step_restores_last_good_state_and_reports() -> Non
     model, qm, batches = _prepared()
     bad = torch.full((16, 16), float("nan"))
     stream = batches[:3] + [bad] + batches[3:]
-    with pytest.warns(FinetuneWarning, match="non-finite loss or gradient"):
+    with pytest.warns(FinetuneWarning, match="non-finite loss or gradient") as caught:
         result = fxq.finetune(qm, stream, teacher=model, steps=14, progress=False)
+    assert {w.filename for w in caught if issubclass(w.category, FinetuneWarning)} == {__file__}  # the caller's line
     assert result.nonfinite_steps == [4, 11]
     assert math.isnan(result.history[3].loss)
     assert all(torch.isfinite(p).all() for p in qm.parameters())

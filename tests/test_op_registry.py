@@ -8,7 +8,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make
+from small_models import make
 from torch import fx, nn
 
 import fxquant as fxq

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make
+from small_models import make
 
 import fxquant as fxq
 from fxquant.cli import main

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make
+from small_models import make
 from torch import nn
 
 import fxquant as fxq

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make
+from small_models import make
 
 import fxquant as fxq
 

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import make
+from small_models import make
 
 import fxquant as fxq
 import fxquant.quantizer.frozen as frozen_module

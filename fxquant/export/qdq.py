@@ -37,40 +37,30 @@ Each Q/DQ node is named `fxq/<quantizer>/<op>` and carries `metadata_props` `fxq
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import math
 import os
 import re
-import secrets
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import onnx
-import onnx_ir as ir
 import torch
 from torch import fx, nn
 
+from fxquant.dynamic_shapes import DynamicDim, InputShapes, candidate_dims, export_with_dynamic_dims, input_tensors
 from fxquant.errors import ExportError, PrepareError, StateError
+from fxquant.export.code_folding import fold_code_constants
 from fxquant.export.lowering import export_copy
+from fxquant.export.onnx_file import check_writable, save_model
 from fxquant.export.ops import PROVENANCE_DOMAIN, translation_table
 from fxquant.export.plan import TYPE_BITS, QuantizerPlan, plan_quantizers, u8s8_kernels_saturate
 from fxquant.export.runtime_patterns import apply_runtime_patterns
 from fxquant.graph import module_state
-from fxquant.tracing import (
-    SHAPES_ATTR,
-    DynamicDim,
-    InputShapes,
-    candidate_dims,
-    export_with_dynamic_dims,
-    input_tensors,
-    normalize_inputs,
-    silenced,
-)
+from fxquant.tracing import SHAPES_ATTR, normalize_inputs, silenced
 
 T = onnx.TensorProto
 MIN_EXPORTER_OPSET = 18
@@ -79,7 +69,6 @@ DEFAULT_MIN_OPSET = 20
 """The least opset export picks by itself: ONNX's `Gelu` (opset 20) runs as one onnxruntime kernel, while at 18 the
 exporter's five-op GELU is not fused back (ConvNeXt-style model 0.94x -> 1.06-1.12x of `quantize_static`;
 docs/decisions.md, "Opset 20 by default"). `opset=18` still exports for runtimes that lack 20."""
-TWO_GB = 2**31
 METADATA_PREFIX = "fxquant."
 
 
@@ -160,48 +149,6 @@ def _as_args(example_inputs: Any) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
         ) from None
 
 
-def _check_writable(path: Path) -> None:
-    """Refuse, before exporting, a path that cannot be written: a directory, a missing parent directory, or
-    a location where no file can be created (permissions, read-only file system).
-
-    Raises:
-        ExportError: names the path and what to do.
-    """
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise ExportError(f"cannot write the ONNX model to {str(path)!r}: it is a directory; give a file path such as model.onnx.")
-    if not parent.is_dir():
-        what = "is not a directory" if parent.exists() else "does not exist"
-        raise ExportError(
-            f"cannot write the ONNX model to {str(path)!r}: directory {str(parent)!r} {what}; create it first."
-        )
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ExportError(
-            f"cannot write the ONNX model to {str(path)!r}: permission denied; choose a writable location."
-        )
-    try:  # os.access says yes on a read-only file system and for root: create a file to be sure
-        fd, probe = _create_temporary(path)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise ExportError(
-            f"cannot write the ONNX model to {str(path)!r}: {e.strerror or e}; choose a writable location."
-        ) from e
-
-
-def _create_temporary(path: Path) -> Tuple[int, str]:
-    """A new hidden file `.<name>.<random>.tmp` next to `path`, opened for writing, with the permissions a
-    plain `open` gives (0666 less the umask, not `tempfile.mkstemp`'s 0600)."""
-    parent = path.parent if str(path.parent) else Path(".")
-    for _ in range(100):
-        name = str(parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), name
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free temporary name next to {str(path)!r}")
-
-
 _OWNER_KEY = "fxquant.export.owner"
 """Temporary node metadata: the quantizer whose provenance marks enclose the node (replaced by `_annotate`)."""
 
@@ -254,90 +201,6 @@ def _take_provenance(model: onnx.ModelProto) -> None:
     model.opset_import.extend(opsets)
 
 
-def _fold_code_constants(model: ir.Model) -> None:
-    """Fold `Cast(initializer)` and `BitwiseXor(initializer, scalar)` into an initializer of their result.
-
-    The exporter's optimizer folds small ones but leaves large ones (size limits); without this an int4
-    weight would be stored as int8 plus a Cast, and uint8 weight codes (int8 codes with the sign bit flipped,
-    `fxquant.export.lowering._stored_codes`) as int8 plus a BitwiseXor: the file would not reflect the bits,
-    and onnxruntime would not see integer weights. Done on the exporter's IR before it is serialized, each
-    fold computed only while its initializer is serialized (`ir.LazyTensor`): no folded copy of the weights is
-    held besides the one serialization. The same fold of the same initializer (a tied table read by a lookup
-    and a head) gives one initializer. Repeated until nothing folds, so a Cast of a BitwiseXor folds too.
-    """
-    graph = model.graph
-    folded_any = False
-    while True:
-        done: Dict[Tuple[str, str, int], ir.Value] = {}
-        for node in list(graph):
-            folding = _code_fold(graph, node)
-            if folding is None:
-                continue
-            src, fold, key, dtype = folding
-            out = node.outputs[0]
-            value = done.get((src.name or "", node.op_type, key))
-            if value is None:
-                codes = src.const_value
-                assert codes is not None
-                shape = ir.Shape(codes.shape.numpy())
-                lazy = ir.LazyTensor(
-                    functools.partial(fold, codes, dtype, out.name), dtype=dtype, shape=shape, name=out.name
-                )
-                value = ir.Value(name=None, shape=shape, type=ir.TensorType(dtype), const_value=lazy)
-                done[(src.name or "", node.op_type, key)] = value
-            name = out.name
-            out.replace_all_uses_with(value, replace_graph_outputs=True)
-            graph.remove(node, safe=True)
-            if value.name is None:
-                value.name = name
-                graph.register_initializer(value)
-        if not done:
-            break
-        folded_any = True
-    if not folded_any:
-        return
-    for name, init in list(graph.initializers.items()):
-        if not init.uses() and not init.is_graph_output():
-            del graph.initializers[name]
-
-
-_CodeFold = Callable[[ir.TensorProtocol, ir.DataType, Optional[str]], ir.Tensor]
-
-
-def _code_fold(graph: ir.Graph, node: ir.Node) -> Optional[Tuple[ir.Value, _CodeFold, int, ir.DataType]]:
-    """The initializer `node` reads, the function that computes `node` from it, a key of its constant
-    operand and the result's type, when `node` is a `Cast` or a `BitwiseXor` with a scalar constant of an initializer."""
-    if node.domain or not node.inputs:
-        return None
-    src = node.inputs[0]
-    if src is None or src.name is None or graph.initializers.get(src.name) is not src or src.is_graph_input():
-        return None
-    codes = src.const_value
-    if codes is None:
-        return None
-    if node.op_type == "Cast":
-        to = node.attributes["to"].as_int()
-        return src, _cast, to, ir.DataType(to)
-    if node.op_type == "BitwiseXor" and len(node.inputs) == 2 and node.inputs[1] is not None:
-        operand = ir.convenience.get_const_tensor(node.inputs[1])
-        if operand is None or operand.size != 1:
-            return None
-        mask = int(operand.numpy().reshape(()))
-        return src, functools.partial(_xor, mask), mask, codes.dtype
-    return None
-
-
-def _cast(codes: ir.TensorProtocol, dtype: ir.DataType, name: Optional[str]) -> ir.Tensor:
-    """`codes` (integers) as a tensor of `dtype` (int4 and int2 are packed when serialized)."""
-    return ir.Tensor(codes.numpy().astype(np.int64).astype(dtype.numpy()), dtype=dtype, name=name)
-
-
-def _xor(mask: int, codes: ir.TensorProtocol, dtype: ir.DataType, name: Optional[str]) -> ir.Tensor:
-    """`codes` with the bits of `mask` flipped (uint8 codes + 128 from int8 codes: mask 128)."""
-    array = codes.numpy()
-    return ir.Tensor(np.bitwise_xor(array, np.asarray(mask, dtype=array.dtype)), dtype=dtype, name=name)
-
-
 def _annotate(model: onnx.ModelProto, plans: Dict[str, QuantizerPlan], keep_torch_metadata: bool) -> None:
     """Name and tag the Q/DQ nodes by quantizer; strip exporter debug data a deployed file does not need."""
     counters: Dict[Tuple[str, str], int] = {}
@@ -382,99 +245,6 @@ def _version() -> str:
     from fxquant import __version__
 
     return __version__
-
-
-def _save(model: onnx.ModelProto, path: Path) -> None:
-    """Write `model` to `path` atomically (a temporary file renamed into place): no partial file is left on
-    an error or an interrupt (Ctrl-C), and the file gets the usual permissions (0666 less the umask)."""
-    fd, tmp = _create_temporary(path)
-    os.close(fd)
-    data_path = path.parent / (path.name + ".data")
-    data_existed = data_path.exists()
-    done = False
-    try:
-        if model.ByteSize() >= TWO_GB:
-            onnx.save_model(
-                model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data_path.name,
-                size_threshold=1024,
-            )
-        else:
-            with open(tmp, "wb") as f:
-                _write_model(model, f)
-        os.replace(tmp, path)
-        done = True
-    except (OSError, ValueError) as e:
-        raise ExportError(f"could not write the ONNX model to {str(path)!r}: {e}; choose a writable location with free space.") from e
-    finally:
-        if not done:  # also on KeyboardInterrupt
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            if not data_existed:
-                with contextlib.suppress(OSError):
-                    os.remove(data_path)
-
-
-def _is_repeated(field: Any) -> bool:
-    """Whether a protobuf field descriptor is a repeated field (`is_repeated` in protobuf 6+, `label` before)."""
-    if hasattr(field, "is_repeated"):
-        return bool(field.is_repeated)
-    return bool(field.label == field.LABEL_REPEATED)
-
-
-def _serialized_fields(message: Any, keep: Callable[[int], bool]) -> bytes:
-    """The serialization of `message`'s fields whose number `keep` accepts (a copy of those fields only)."""
-    part = type(message)()
-    for field, value in message.ListFields():
-        if not keep(field.number):
-            continue
-        if _is_repeated(field):
-            getattr(part, field.name).extend(value)
-        elif field.type == field.TYPE_MESSAGE:
-            getattr(part, field.name).CopyFrom(value)
-        else:
-            setattr(part, field.name, value)
-    return bytes(part.SerializeToString())
-
-
-def _varint(value: int) -> bytes:
-    """`value` (>= 0) as a protobuf base-128 varint."""
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _length_delimited(number: int, size: int) -> bytes:
-    """The key and length of a length-delimited protobuf field (wire type 2) of `size` bytes."""
-    return _varint(number << 3 | 2) + _varint(size)
-
-
-def _write_model(model: onnx.ModelProto, f: BinaryIO) -> None:
-    """Write the bytes of `model.SerializeToString()` to `f`, the graph's initializers one at a time.
-
-    Protobuf writes fields in field-number order, so the model is its fields before `graph`, the graph (its
-    fields before `initializer`, each initializer, its fields after), then the fields after `graph`. The
-    serialized model, a copy the size of every weight, is never held in memory: at most one initializer's
-    bytes are (docs/decisions.md, "Export writes the model one initializer at a time").
-    """
-    graph_number = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
-    init_number = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
-    f.write(_serialized_fields(model, lambda n: n < graph_number))
-    if model.HasField("graph"):
-        graph = model.graph
-        head = _serialized_fields(graph, lambda n: n < init_number)
-        tail = _serialized_fields(graph, lambda n: n > init_number)
-        sizes = [init.ByteSize() for init in graph.initializer]
-        size = len(head) + len(tail) + sum(len(_length_delimited(init_number, k)) + k for k in sizes)
-        f.write(_length_delimited(graph_number, size))
-        f.write(head)
-        for init, k in zip(graph.initializer, sizes):
-            f.write(_length_delimited(init_number, k))
-            f.write(init.SerializeToString())
-        f.write(tail)
-    f.write(_serialized_fields(model, lambda n: n > graph_number))
 
 
 def _has_onnx_function(e: BaseException) -> Optional[str]:
@@ -557,7 +327,7 @@ def export_onnx(
         )
     out_path = Path(os.fspath(path)) if path is not None else None
     if out_path is not None:
-        _check_writable(out_path)
+        check_writable(out_path)
     args, kwargs = _as_args(example_inputs)
     if uint8_weights is None:
         uint8_weights = u8s8_kernels_saturate()
@@ -599,7 +369,7 @@ def export_onnx(
     static = shapes.static_note(args, kwargs)
     if static:
         warnings.warn(f"fxquant export: {static}", stacklevel=2)
-    _fold_code_constants(program.model)
+    fold_code_constants(program.model)
     apply_runtime_patterns(program.model)
     model = program.model_proto  # the one serialization of the model, its weights copied into the proto
     del program  # the exporter's graphs and IR; the weights they share with `frozen` stay
@@ -607,7 +377,7 @@ def export_onnx(
     _take_provenance(model)
     _annotate(model, plans, keep_torch_metadata)
     if out_path is not None:
-        _save(model, out_path)
+        save_model(model, out_path)
     return model
 
 

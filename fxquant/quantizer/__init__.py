@@ -4,7 +4,8 @@
   pseudo-quantization noise, the int32 bias grid, the group layout).
 - `estimators`: how training mode computes values and gradients (`ste`, `dither`, `noise`).
 - `base`: `Quantizer`, the base of every quantizer module, its `IntegerGrid` and `QuantizerSummary`.
-- `learnable`: `LearnableQuantizer` (bits, clamps and zero point trained) and `BiasQuantizer`.
+- `learnable`: `LearnableQuantizer` (bits, clamps and zero point trained).
+- `bias`: `BiasQuantizer`, the int32 bias derived from an op's input and weight quantizers.
 - `frozen`: `FrozenActivationQuantizer`, `FrozenWeight`, `FrozenBias` (what `freeze` makes).
 
 This package knows nothing of graphs; passes decide where quantizers go. Every name is importable from
@@ -12,6 +13,7 @@ This package knows nothing of graphs; passes decide where quantizers go. Every n
 """
 
 from fxquant.quantizer.base import IntegerGrid, Quantizer, QuantizerSummary
+from fxquant.quantizer.bias import BiasQuantizer
 from fxquant.quantizer.estimators import (
     ESTIMATORS,
     DitherEstimator,
@@ -21,7 +23,7 @@ from fxquant.quantizer.estimators import (
     make_estimator,
 )
 from fxquant.quantizer.frozen import FrozenActivationQuantizer, FrozenBias, FrozenWeight
-from fxquant.quantizer.learnable import BiasQuantizer, LearnableQuantizer, iter_learnable
+from fxquant.quantizer.learnable import LearnableQuantizer, iter_learnable
 from fxquant.quantizer.numerics import (
     CODES_SLICE,
     DITHER_EXACT_BELOW,
