@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from small_models import MODEL_FACTORIES, make
 from models_zoo import ControlFlowNet, Gate
+from small_models import MODEL_FACTORIES, make
 from torch import nn
 
 import fxquant as fxq

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from small_models import make
 from models_zoo import ZOO
+from small_models import make
 
 import fxquant as fxq
 
