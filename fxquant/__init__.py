@@ -30,7 +30,7 @@ from __future__ import annotations
 from fxquant.analyze import to_networkx
 from fxquant.calibration import calibrate
 from fxquant.checkpoint import load_state_dict
-from fxquant.config import QuantConfig, QuantSpec
+from fxquant.config import EstimatorChoice, NumberFormat, Placement, QuantConfig, QuantSpec
 from fxquant.errors import (
     CaptureError,
     CheckpointError,
@@ -60,6 +60,9 @@ __version__ = "0.1.0"
 __all__ = [
     "QuantConfig",
     "QuantSpec",
+    "NumberFormat",
+    "Placement",
+    "EstimatorChoice",
     "prepare",
     "calibrate",
     "finetune",

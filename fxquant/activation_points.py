@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 from torch import fx
 
 from fxquant.annotations import NodeAnnotation, QuantOp, is_float_tensor
-from fxquant.config import QuantConfig, QuantSpec
+from fxquant.config import Placement, QuantSpec
 from fxquant.op_registry import facts_of, quantizable_info
 
 ConsumersOf = Dict[str, List[Tuple[str, QuantSpec]]]
@@ -106,25 +106,25 @@ def quantized_after_layout(node: fx.Node, consumers_of: ConsumersOf) -> bool:
     return bool(node.users) and all(r.name in served for r in node.users)
 
 
-def kernel_only(config: QuantConfig, spec: Optional[QuantSpec]) -> Optional[QuantSpec]:
+def kernel_only(placement: Placement, spec: Optional[QuantSpec]) -> Optional[QuantSpec]:
     """The spec of a quantizer that serves only integer kernels (join inputs, conv outputs): fixed at
-    `config.join_bits` (the width those kernels compute in) or the spec's own initial bits if more, or `spec`
+    `placement.join_bits` (the width those kernels compute in) or the spec's own initial bits if more, or `spec`
     itself when `join_bits` is None."""
-    if spec is None or config.join_bits is None:
+    if spec is None or placement.join_bits is None:
         return spec
-    return fixed_bits(spec, max(config.join_bits, spec.bits))
+    return fixed_bits(spec, max(placement.join_bits, spec.bits))
 
 
 def add_output_points(
     nodes: List[fx.Node], ops: Dict[str, QuantOp], consumers_of: ConsumersOf,
-    config: QuantConfig,
+    placement: Placement,
 ) -> None:
     """Quantize the output of each conv with quantized input for all its readers (`quantize_outputs`).
 
     The tensor is the op's output, followed through a ReLU/ReLU6/clamp that is its only reader and then
     through single-reader shape-only ops (runtimes fold the activation and move the QuantizeLinear across
     reshapes). Readers already served keep their quantizer; the others get one with the op's input spec
-    fixed at `config.join_bits` (`kernel_only`). Tensors the graph returns, and the inputs of ops kept
+    fixed at `placement.join_bits` (`kernel_only`). Tensors the graph returns, and the inputs of ops kept
     float (override `None`), stay float.
     """
     for node in nodes:
@@ -143,7 +143,7 @@ def add_output_points(
         for reader in readers:
             kept_float = reader.name in ops and ops[reader.name].input_spec is None  # e.g. an override None
             if reader.name not in served and not kept_float and not quantized_after_layout(reader, consumers_of):
-                spec = kernel_only(config, op.input_spec)
+                spec = kernel_only(placement, op.input_spec)
                 assert spec is not None
                 consumers_of.setdefault(out.name, []).append((reader.name, spec))
 

@@ -1,6 +1,6 @@
 """Analysis: the FX graph as a `networkx` graph, and annotations of what gets quantized where.
 
-`analyze(gm, config)` only writes `node.meta["fxquant"]` (a `NodeAnnotation`); it never changes the graph. It decides:
+`analyze(gm, number_format, placement)` only writes `node.meta["fxquant"]` (a `NodeAnnotation`); it never changes the graph. It decides:
 
 - which ops are quantized (conv 1d/2d/3d, conv-transpose, linear, matmul/bmm/mm, embedding, as module
   calls already turned into functional calls by `functionalize_modules`, or user functional calls) and
@@ -48,7 +48,7 @@ from fxquant.annotations import (
     module_stack_path,
     quant_op,
 )
-from fxquant.config import QuantConfig, QuantSpec, _check_weight_spec
+from fxquant.config import NumberFormat, Placement, QuantSpec, _check_weight_spec
 from fxquant.errors import ConfigError
 from fxquant.graph import is_quantizer_path, stored_tensor
 from fxquant.op_registry import (
@@ -70,7 +70,7 @@ def _tensor_info(
     memo: Dict[str, bool],
     group_of: Dict[str, int],
     consumers_of: ConsumersOf,
-    config: QuantConfig,
+    placement: Placement,
 ) -> TensorInfo:
     info = TensorInfo(nonnegative=_is_nonnegative(gm, node, memo), join_group=group_of.get(node.name))
     items = consumers_of.get(node.name, [])
@@ -85,7 +85,7 @@ def _tensor_info(
                 consumers=consumers,
                 spec=spec if spec.granularity is not None else spec.replace(granularity="per_tensor"),
                 nonnegative=info.nonnegative,
-                join_group=info.join_group if config.share_join_scales else None,
+                join_group=info.join_group if placement.share_join_scales else None,
             )
         )
     return info
@@ -206,9 +206,9 @@ def _is_nonnegative(gm: fx.GraphModule, node: fx.Node, memo: Dict[str, bool]) ->
 
 
 def _match_override(
-    config: QuantConfig, names: Tuple[str, ...], used: Set[int]
+    placement: Placement, names: Tuple[str, ...], used: Set[int]
 ) -> Tuple[bool, Optional[QuantSpec], str]:
-    for i, (pattern, spec) in enumerate(config.overrides):
+    for i, (pattern, spec) in enumerate(placement.overrides):
         if any(fnmatch.fnmatchcase(n, pattern) for n in names):
             used.add(i)
             return True, spec, f"override {pattern!r}"
@@ -228,8 +228,11 @@ def _act_spec_from(spec: QuantSpec) -> QuantSpec:
 
 
 @graph_pass(requires=(FUNCTIONAL, SHAPES), ensures=(ANALYZED,), analysis=True)
-def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
+def analyze(gm: fx.GraphModule, number_format: NumberFormat, placement: Placement) -> fx.GraphModule:
     """Annotate `gm`'s nodes with `node.meta["fxquant"]` (QuantOp on ops, TensorInfo on producers).
+
+    `number_format` gives each quantized op's specs, `placement` the overrides, first/last bits and the
+    quantizers integer kernels need (`QuantConfig.number_format`, `QuantConfig.placement`).
 
     Runs on a graph after `functionalize_modules` and shape propagation. Changes no node, edge or module.
 
@@ -303,16 +306,16 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
             continue
         op.is_first = node.name in firsts
         op.is_last = node.name in lasts
-        matched, spec, reason = _match_override(config, op_names[node.name], used_overrides)
+        matched, spec, reason = _match_override(placement, op_names[node.name], used_overrides)
         if matched:
             weight_spec = None if spec is None else _weight_spec_from(spec, f"override for {op.name!r}")
             input_spec = None if spec is None else _act_spec_from(spec)
         else:
-            weight_spec = config.weight
-            input_spec = config.activation
+            weight_spec = number_format.weight
+            input_spec = number_format.activation
             reason = "default"
-            if (op.is_first or op.is_last) and config.first_last_bits is not None:
-                bits = config.first_last_bits
+            if (op.is_first or op.is_last) and placement.first_last_bits is not None:
+                bits = placement.first_last_bits
                 weight_spec = None if weight_spec is None else fixed_bits(weight_spec, bits)
                 input_spec = None if input_spec is None else fixed_bits(input_spec, bits)
                 reason = "first layer" if op.is_first else "last layer"
@@ -325,7 +328,7 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
         op.weight_spec = weight_spec if op.weight_index is not None else None
         op.input_spec = input_spec if op.input_indices else None
         op.reason = reason
-        op.int32_bias = config.integer_bias and _has_int32_bias(gm, node, op)
+        op.int32_bias = placement.integer_bias and _has_int32_bias(gm, node, op)
 
     # 2. Activation quantization points of the quantized ops' inputs, per producer.
     consumers_of: ConsumersOf = {}
@@ -346,11 +349,11 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
         if node.name not in joins:
             continue
         all_names.append(node.name)
-        matched, spec, _ = _match_override(config, (node.name,), used_overrides)
+        matched, spec, _ = _match_override(placement, (node.name,), used_overrides)
         if matched:
             join_specs[node.name] = None if spec is None else _act_spec_from(spec)
         elif feeds_integer_kernel(node, consumers_of, join_specs):
-            join_specs[node.name] = kernel_only(config, config.activation)
+            join_specs[node.name] = kernel_only(placement, number_format.activation)
         else:
             join_specs[node.name] = None
     join_graph = nx.Graph()
@@ -359,7 +362,7 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
         join_spec = join_specs[join]
         for a in inputs:
             join_graph.add_edge(a.name, inputs[0].name)
-            if config.quantize_joins and join_spec is not None:
+            if placement.quantize_joins and join_spec is not None:
                 join_consumers.setdefault(a.name, []).append((join, join_spec))
     group_of: Dict[str, int] = {}
     for gid, component in enumerate(nx.connected_components(join_graph)):
@@ -369,14 +372,14 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
         for consumer, spec in items:
             consumers_of.setdefault(producer, []).append((consumer, spec))
 
-    if config.quantize_outputs:
-        add_output_points(nodes, ops, consumers_of, config)
+    if placement.quantize_outputs:
+        add_output_points(nodes, ops, consumers_of, placement)
 
     annotations: Dict[str, NodeAnnotation] = {}
     for node in nodes:
         tensor_info: Optional[TensorInfo] = None
         if is_float_tensor(node):
-            tensor_info = _tensor_info(gm, node, memo, group_of, consumers_of, config)
+            tensor_info = _tensor_info(gm, node, memo, group_of, consumers_of, placement)
         if tensor_info is not None or node.name in ops:
             annotations[node.name] = NodeAnnotation(op=ops.get(node.name), tensor=tensor_info)
     share_join_signs(annotations.values())
@@ -384,7 +387,7 @@ def analyze(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
         if node.name in annotations:
             node.meta[META_KEY] = annotations[node.name]
 
-    unused = [config.overrides[i][0] for i in range(len(config.overrides)) if i not in used_overrides]
+    unused = [placement.overrides[i][0] for i in range(len(placement.overrides)) if i not in used_overrides]
     if unused:
         pattern = unused[0]
         close = difflib.get_close_matches(pattern, sorted(set(all_names)), n=3, cutoff=0.3)

@@ -1,8 +1,9 @@
 """Checkpoints: state dicts of prepared and frozen modules that load only where they fit.
 
 `prepare` attaches a `CheckpointInfo` submodule (`qm.fxq_checkpoint`) recording what identifies the
-module: the user model's class, the capture front end, the configuration and a signature of the captured
-graph. It travels in every state dict as `fxq_checkpoint._extra_state` (plain strings and ints, so
+module: the user model's class, the capture front end, the configuration's number format and placement (not
+its training estimator: a module trained with one estimator loads into one prepared with another) and a
+signature of the captured graph. It travels in every state dict as `fxq_checkpoint._extra_state` (plain strings and ints, so
 `torch.load(path, weights_only=True)` reads it), with the module's state ("prepared" or "frozen") added
 when the state dict is taken.
 
@@ -20,11 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import fx, nn
 
+from fxquant.config import EstimatorChoice, QuantConfig
 from fxquant.errors import CheckpointError
 from fxquant.graph import is_quantizer_path, module_state
 
@@ -68,7 +70,16 @@ def graph_signature(gm: fx.GraphModule) -> str:
     return f"{len(parts)} ops, {digest}"
 
 
+ESTIMATOR_FIELDS = frozenset(f.name for f in dataclasses.fields(EstimatorChoice))
+"""Configuration fields a checkpoint does not depend on (the training estimator: `finetune(mode=...)` may
+pick another for any run); checkpoints saved before they were left out still carry them, and they are ignored."""
+
+
 def _config_fields(config: Any) -> Dict[str, str]:
+    """What identifies a configuration: the fields of its number format and placement."""
+    if isinstance(config, QuantConfig):
+        parts: Sequence[Any] = (config.number_format, config.placement)
+        return {f.name: repr(getattr(part, f.name)) for part in parts for f in dataclasses.fields(part)}
     if dataclasses.is_dataclass(config):
         return {f.name: repr(getattr(config, f.name)) for f in dataclasses.fields(config)}
     return {"config": repr(config)}
@@ -142,7 +153,10 @@ def _differences(module: nn.Module, state_dict: Mapping[str, Any], strict: bool,
                 d = _diff(label, theirs.get(key), here.get(key))
                 if d:
                     diffs.append(d)
-            saved_cfg, here_cfg = dict(theirs.get("config", {})), dict(here.get("config", {}))
+            saved_cfg, here_cfg = (
+                {k: v for k, v in dict(info.get("config", {})).items() if k not in ESTIMATOR_FIELDS}
+                for info in (theirs, here)
+            )
             for name in list(dict.fromkeys(list(saved_cfg) + list(here_cfg))):
                 d = _diff(f"config.{name}", saved_cfg.get(name, "(absent)"), here_cfg.get(name, "(absent)"))
                 if d:

@@ -1,5 +1,9 @@
 """Configuration: `QuantSpec` (one quantizer) and `QuantConfig` (the whole model), frozen and validated.
 
+`QuantConfig` is one flat object for users; its concerns are typed parts, each read by the step it is for:
+`NumberFormat` (analysis), `Placement` (analysis, insertion) and `EstimatorChoice` (the quantizers' default
+training estimator; fine-tuning may choose another).
+
 One spelling per option. Per-layer overrides are an ordered list of `(glob, QuantSpec | None)` pairs where
 the first match wins and `None` keeps the layer float. Validation happens in `__post_init__` so a bad value
 fails where it is written, not deep inside a pass.
@@ -9,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Literal, Optional, Sequence, Tuple, Union
 
 from fxquant.errors import ConfigError
 from fxquant.quantizer import ESTIMATORS
@@ -111,16 +115,124 @@ def _default_activation_spec() -> QuantSpec:
     return QuantSpec(granularity="per_tensor")
 
 
+def _check_number_format(where: str, weight: object, activation: object) -> None:
+    for kind, spec in (("weight", weight), ("activation", activation)):
+        if spec is not None and not isinstance(spec, QuantSpec):
+            raise ConfigError(f"{where}.{kind}={spec!r} is not a QuantSpec; pass fxq.QuantSpec(...) or None.")
+    if isinstance(activation, QuantSpec):
+        _check_activation_spec(f"{where}.activation", activation)
+    if isinstance(weight, QuantSpec):
+        _check_weight_spec(f"{where}.weight", weight)
+
+
+def _check_placement(where: str, first_last_bits: object, join_bits: object, overrides: object) -> Tuple[Override, ...]:
+    """Validate the placement fields; return the overrides as a tuple."""
+    if first_last_bits is not None:
+        if isinstance(first_last_bits, bool) or not isinstance(first_last_bits, int):
+            raise ConfigError(f"{where}.first_last_bits={first_last_bits!r} must be an integer in 2..16 or None.")
+        if not (2 <= first_last_bits <= MAX_SUPPORTED_BITS):
+            raise ConfigError(
+                f"{where}.first_last_bits={first_last_bits} is outside 2..16; "
+                "use 8 (the usual deployment choice) or None to learn them like the rest."
+            )
+    if join_bits is not None and (
+        isinstance(join_bits, bool) or not isinstance(join_bits, int) or not (2 <= join_bits <= MAX_SUPPORTED_BITS)
+    ):
+        raise ConfigError(
+            f"{where}.join_bits={join_bits!r} must be an integer in 2..16 or None; use 8 (the width "
+            "of onnxruntime's integer add/concat kernels) or None to learn them like other activations."
+        )
+    if isinstance(overrides, (str, bytes)) or not isinstance(overrides, Sequence):
+        raise ConfigError(f"{where}.overrides={overrides!r} must be a list of (glob, QuantSpec | None) pairs.")
+    normalized = []
+    for item in overrides:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+            raise ConfigError(
+                f"{where}.overrides entry {item!r} must be a (glob, QuantSpec | None) pair, "
+                'e.g. ("features.0*", fxq.QuantSpec(bits=8)).'
+            )
+        pattern, spec = item
+        if spec is not None and not isinstance(spec, QuantSpec):
+            raise ConfigError(f"{where}.overrides entry for {pattern!r} has spec {spec!r}; expected a QuantSpec or None.")
+        normalized.append((pattern, spec))
+    return tuple(normalized)
+
+
+def _check_estimator(where: str, mode: object, noise: object) -> None:
+    if mode not in MODES:
+        raise ConfigError(
+            f"{where}.mode={mode!r} is unknown; expected one of {MODES} "
+            "('dither' = GDNSQ, 'noise' = DiffQ, 'ste' = LSQ-style)."
+        )
+    if noise not in NOISE_DISTRIBUTIONS:
+        raise ConfigError(f"{where}.noise={noise!r} is unknown; expected one of {NOISE_DISTRIBUTIONS}.")
+
+
 @dataclass(frozen=True)
-class QuantConfig:
-    """What to quantize in a model and how to train the quantizers.
+class NumberFormat:
+    """The number format: how weights and how activations are quantized (`QuantConfig`'s `weight` and
+    `activation`). Analysis resolves it per op (with `Placement`'s overrides and first/last bits).
 
     Args:
         weight: spec of weight quantizers (`None`: weights stay float).
         activation: spec of activation quantizers (`None`: weight-only quantization).
-        mode: training mode of every quantizer: `"dither"` (GDNSQ: hard rounding forward, dithered
-            straight-through backward), `"noise"` (DiffQ: additive pseudo-quantization noise) or `"ste"`
-            (LSQ-style straight-through estimator).
+    """
+
+    weight: Optional[QuantSpec] = field(default_factory=_default_weight_spec)
+    activation: Optional[QuantSpec] = field(default_factory=_default_activation_spec)
+
+    def __post_init__(self) -> None:
+        _check_number_format("NumberFormat", self.weight, self.activation)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where quantizers go, beyond the number format: per-layer overrides, fixed first/last layers, the
+    quantizers integer kernels need (joins, conv outputs) and the int32 bias. The fields mean what the
+    `QuantConfig` fields of the same names mean."""
+
+    overrides: Sequence[Override] = ()
+    first_last_bits: Optional[int] = 8
+    quantize_joins: bool = True
+    share_join_scales: bool = False
+    quantize_outputs: bool = True
+    join_bits: Optional[int] = 8
+    integer_bias: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "overrides", _check_placement("Placement", self.first_last_bits, self.join_bits, self.overrides)
+        )
+
+
+@dataclass(frozen=True)
+class EstimatorChoice:
+    """The training estimator a prepared module's quantizers start with (`QuantConfig`'s `mode` and `noise`);
+    `fxq.finetune(..., mode=...)` chooses another per run. Not part of what a checkpoint must match."""
+
+    mode: Mode = "dither"
+    noise: NoiseDistribution = "uniform"
+
+    def __post_init__(self) -> None:
+        _check_estimator("EstimatorChoice", self.mode, self.noise)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize in a model and how to train the quantizers.
+
+    One flat object for users; its three concerns are typed parts, each read by the step it is for:
+    `number_format` (`weight`, `activation`: analysis), `placement` (`overrides` to `integer_bias`:
+    analysis and insertion) and `estimator` (`mode`, `noise`: the quantizers' default training estimator,
+    which `finetune(mode=...)` overrides; a checkpoint does not depend on it). `QuantConfig.from_parts` builds
+    one from the parts.
+
+    Args:
+        weight: spec of weight quantizers (`None`: weights stay float).
+        activation: spec of activation quantizers (`None`: weight-only quantization).
+        mode: default training estimator of every quantizer: `"dither"` (GDNSQ: hard rounding forward,
+            dithered straight-through backward), `"noise"` (DiffQ: additive pseudo-quantization noise) or
+            `"ste"` (LSQ-style straight-through estimator); `fxq.finetune(..., mode=...)` picks another per run.
         noise: distribution of DiffQ's noise in `"noise"` mode: `"uniform"` (U[-1/2, 1/2], the paper) or
             `"gaussian"` (N(0, 1/4), the reference code).
         overrides: ordered `(glob, spec)` pairs matched against module paths and node names of quantized
@@ -163,61 +275,51 @@ class QuantConfig:
     integer_bias: bool = True
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(
-                f"QuantConfig.mode={self.mode!r} is unknown; expected one of {MODES} "
-                "('dither' = GDNSQ, 'noise' = DiffQ, 'ste' = LSQ-style)."
-            )
-        if self.noise not in NOISE_DISTRIBUTIONS:
-            raise ConfigError(
-                f"QuantConfig.noise={self.noise!r} is unknown; expected one of {NOISE_DISTRIBUTIONS}."
-            )
-        for kind in ("weight", "activation"):
-            spec = getattr(self, kind)
-            if spec is not None and not isinstance(spec, QuantSpec):
-                raise ConfigError(
-                    f"QuantConfig.{kind}={spec!r} is not a QuantSpec; pass fxq.QuantSpec(...) or None."
-                )
-        if self.activation is not None:
-            _check_activation_spec("QuantConfig.activation", self.activation)
-        if self.weight is not None:
-            _check_weight_spec("QuantConfig.weight", self.weight)
-        if self.first_last_bits is not None:
-            if isinstance(self.first_last_bits, bool) or not isinstance(self.first_last_bits, int):
-                raise ConfigError(
-                    f"QuantConfig.first_last_bits={self.first_last_bits!r} must be an integer in 2..16 or None."
-                )
-            if not (2 <= self.first_last_bits <= MAX_SUPPORTED_BITS):
-                raise ConfigError(
-                    f"QuantConfig.first_last_bits={self.first_last_bits} is outside 2..16; "
-                    "use 8 (the usual deployment choice) or None to learn them like the rest."
-                )
-        if self.join_bits is not None and (
-            isinstance(self.join_bits, bool) or not isinstance(self.join_bits, int)
-            or not (2 <= self.join_bits <= MAX_SUPPORTED_BITS)
-        ):
-            raise ConfigError(
-                f"QuantConfig.join_bits={self.join_bits!r} must be an integer in 2..16 or None; use 8 (the width "
-                "of onnxruntime's integer add/concat kernels) or None to learn them like other activations."
-            )
-        if isinstance(self.overrides, (str, bytes)) or not isinstance(self.overrides, Sequence):
-            raise ConfigError(
-                f"QuantConfig.overrides={self.overrides!r} must be a list of (glob, QuantSpec | None) pairs."
-            )
-        normalized = []
-        for item in self.overrides:
-            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
-                raise ConfigError(
-                    f"QuantConfig.overrides entry {item!r} must be a (glob, QuantSpec | None) pair, "
-                    'e.g. ("features.0*", fxq.QuantSpec(bits=8)).'
-                )
-            pattern, spec = item
-            if spec is not None and not isinstance(spec, QuantSpec):
-                raise ConfigError(
-                    f"QuantConfig.overrides entry for {pattern!r} has spec {spec!r}; expected a QuantSpec or None."
-                )
-            normalized.append((pattern, spec))
-        object.__setattr__(self, "overrides", tuple(normalized))
+        _check_estimator("QuantConfig", self.mode, self.noise)
+        _check_number_format("QuantConfig", self.weight, self.activation)
+        overrides = _check_placement("QuantConfig", self.first_last_bits, self.join_bits, self.overrides)
+        object.__setattr__(self, "overrides", overrides)
+
+    @property
+    def number_format(self) -> NumberFormat:
+        """How weights and activations are quantized."""
+        return NumberFormat(weight=self.weight, activation=self.activation)
+
+    @property
+    def placement(self) -> Placement:
+        """Where quantizers go (overrides, first/last bits, joins, outputs, int32 bias)."""
+        return Placement(
+            overrides=self.overrides, first_last_bits=self.first_last_bits, quantize_joins=self.quantize_joins,
+            share_join_scales=self.share_join_scales, quantize_outputs=self.quantize_outputs,
+            join_bits=self.join_bits, integer_bias=self.integer_bias,
+        )
+
+    @property
+    def estimator(self) -> EstimatorChoice:
+        """The quantizers' default training estimator."""
+        return EstimatorChoice(mode=self.mode, noise=self.noise)
+
+    @classmethod
+    def from_parts(
+        cls, number_format: Optional[NumberFormat] = None, placement: Optional[Placement] = None,
+        estimator: Optional[EstimatorChoice] = None,
+    ) -> "QuantConfig":
+        """The configuration made of its parts (each part's defaults where one is not given).
+
+        Example:
+            >>> QuantConfig.from_parts(NumberFormat(weight=QuantSpec(bits=4)), Placement(first_last_bits=None))
+        """
+        parts = (
+            (number_format if number_format is not None else NumberFormat(), NumberFormat),
+            (placement if placement is not None else Placement(), Placement),
+            (estimator if estimator is not None else EstimatorChoice(), EstimatorChoice),
+        )
+        values: Dict[str, Any] = {}
+        for part, kind in parts:
+            if not isinstance(part, kind):
+                raise ConfigError(f"QuantConfig.from_parts got {part!r} where a {kind.__name__} goes.")
+            values.update({f.name: getattr(part, f.name) for f in dataclasses.fields(part)})
+        return cls(**values)
 
     def replace(self, **changes: Any) -> "QuantConfig":
         """A copy with some fields changed (validated again)."""

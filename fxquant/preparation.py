@@ -20,7 +20,7 @@ from torch import fx, nn
 from fxquant.analyze import analyze, kept_float, quant_op
 from fxquant.batches import model_device
 from fxquant.checkpoint import attach_checkpoint_info
-from fxquant.config import QuantConfig
+from fxquant.config import NumberFormat, Placement, QuantConfig
 from fxquant.errors import ConfigError, PrepareError, StateError
 from fxquant.graph import STATE_ATTR, module_state, quantizers_of, tensors_read_by_quantizers
 from fxquant.op_registry import quantized_kinds
@@ -118,7 +118,9 @@ def _model_ops(gm: fx.GraphModule) -> List[str]:
     return names
 
 
-def check_something_quantized(gm: fx.GraphModule, model: nn.Module, config: QuantConfig) -> None:
+def check_something_quantized(
+    gm: fx.GraphModule, model: nn.Module, number_format: NumberFormat, placement: Placement
+) -> None:
     """Refuse an analyzed graph in which no op gets a weight or input quantizer.
 
     Raises:
@@ -131,7 +133,10 @@ def check_something_quantized(gm: fx.GraphModule, model: nn.Module, config: Quan
         return
     kinds = ", ".join(quantized_kinds())
     what = type(model).__name__
-    if ops and config.weight is None and config.activation is None and all(s is None for _, s in config.overrides):
+    if (
+        ops and number_format.weight is None and number_format.activation is None
+        and all(s is None for _, s in placement.overrides)
+    ):
         raise PrepareError(
             f"no op of {what} could be quantized: QuantConfig(weight=None, activation=None) keeps all {len(ops)} "
             "quantizable ops float. Give QuantConfig a weight and/or activation QuantSpec, e.g. "
@@ -243,14 +248,18 @@ def prepare(
     gm, front_end = capture_model(work, capture, leaf_modules, example_inputs, dynamic)
     shapes = functools.partial(propagate_shapes, example_inputs=example_inputs)
     run_passes(
-        gm, (shapes, functionalize_modules, decompose_attention, fold_batchnorm, shapes, functools.partial(analyze, config=config))
+        gm,
+        (
+            shapes, functionalize_modules, decompose_attention, fold_batchnorm, shapes,
+            functools.partial(analyze, number_format=config.number_format, placement=config.placement),
+        ),
     )
-    check_something_quantized(gm, model, config)
+    check_something_quantized(gm, model, config.number_format, config.placement)
     run_passes(
         gm,
         (
-            functools.partial(insert_weight_quantizers, config=config),
-            functools.partial(insert_activation_quantizers, config=config),
+            functools.partial(insert_weight_quantizers, estimator=config.estimator),
+            functools.partial(insert_activation_quantizers, estimator=config.estimator),
             *((insert_bias_quantizers,) if config.integer_bias else ()),
         ),
     )

@@ -233,7 +233,8 @@ def test_analysis_only_writes_meta() -> None:
     run_passes(gm, (functionalize_modules,))
     propagate_shapes(gm, x)
     before = [(n.name, n.op, str(n.target), tuple(map(str, n.args))) for n in gm.graph.nodes]
-    analyze(gm, fxq.QuantConfig())
+    config = fxq.QuantConfig()
+    analyze(gm, config.number_format, config.placement)
     after = [(n.name, n.op, str(n.target), tuple(map(str, n.args))) for n in gm.graph.nodes]
     assert before == after
     relu = next(n for n in gm.graph.nodes if n.name == "relu")
@@ -266,7 +267,7 @@ def test_annotations_are_the_whole_plan_and_insertion_follows_them(share: bool, 
     gm = torch.fx.symbolic_trace(model)
     run_passes(gm, (functionalize_modules, fold_batchnorm))
     propagate_shapes(gm, x)
-    analyze(gm, config)
+    analyze(gm, config.number_format, config.placement)
     ops = {n.name: quant_op(n) for n in gm.graph.nodes if quant_op(n) is not None}
     points = [p for n in gm.graph.nodes if tensor_info(n) is not None for p in tensor_info(n).points]
     assert ops and points

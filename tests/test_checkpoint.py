@@ -89,16 +89,32 @@ def test_export_captured_round_trip(tmp_path: Path) -> None:
 
 def test_other_config_is_refused_naming_the_field() -> None:
     model, x, qm = _trained()
-    other = fxq.prepare(model, x, fxq.QuantConfig(mode="noise"))
-    with pytest.raises(fxq.CheckpointError, match=r"config\.mode: 'dither' in the checkpoint, 'noise' here"):
+    other = fxq.prepare(model, x, fxq.QuantConfig(first_last_bits=None))
+    with pytest.raises(fxq.CheckpointError, match=r"config\.first_last_bits: 8 in the checkpoint, None here"):
         fxq.load_state_dict(other, qm.state_dict())
-    with pytest.raises(fxq.CheckpointError, match=r"config\.mode"):
+    with pytest.raises(fxq.CheckpointError, match=r"config\.first_last_bits"):
         other.load_state_dict(qm.state_dict())  # the plain call is refused the same way
+
+
+@pytest.mark.parametrize("mode", ["noise", "ste"])
+def test_a_checkpoint_loads_into_a_module_prepared_with_another_estimator(mode: str) -> None:
+    """The estimator is fine-tuning's choice (`finetune(mode=...)`), not part of the checkpoint's identity; a
+    checkpoint saved before it was left out (its config holds `mode`) loads too."""
+    model, x, qm = _trained()
+    other = fxq.prepare(model, x, fxq.QuantConfig(mode=mode))
+    saved = qm.state_dict()
+    other.load_state_dict(saved)
+    with torch.no_grad():
+        assert torch.equal(qm.eval()(x), other.eval()(x))
+    info = saved["fxq_checkpoint._extra_state"]
+    assert "mode" not in info["config"] and "first_last_bits" in info["config"]
+    older = {**saved, "fxq_checkpoint._extra_state": {**info, "config": {**info["config"], "mode": "'dither'"}}}
+    fxq.load_state_dict(fxq.prepare(model, x, fxq.QuantConfig(mode=mode)), older)
 
 
 def test_refused_load_changes_nothing() -> None:
     model, x, qm = _trained()
-    other = fxq.prepare(model, x, fxq.QuantConfig(mode="noise"))
+    other = fxq.prepare(model, x, fxq.QuantConfig(first_last_bits=None))
     before = copy.deepcopy(other.state_dict())
     with pytest.raises(fxq.CheckpointError):
         other.load_state_dict(qm.state_dict())

@@ -67,3 +67,35 @@ def test_config_is_frozen_and_overrides_become_a_tuple() -> None:
     with pytest.raises(AttributeError):
         cfg.mode = "ste"  # type: ignore[misc]
     assert cfg.replace(mode="ste").mode == "ste"
+
+
+def test_config_parts_are_typed_and_make_the_config_back() -> None:
+    """`QuantConfig` splits into the number format (analysis), the placement (analysis, insertion) and the
+    training estimator (fine-tuning's default); `from_parts` builds the same configuration from them."""
+    from fxquant.config import EstimatorChoice, NumberFormat, Placement
+
+    cfg = fxq.QuantConfig(weight=fxq.QuantSpec(bits=4), first_last_bits=None, overrides=[("fc", None)], mode="ste",
+                          join_bits=None)
+    assert cfg.number_format == NumberFormat(weight=fxq.QuantSpec(bits=4))
+    assert cfg.placement == Placement(overrides=(("fc", None),), first_last_bits=None, join_bits=None)
+    assert cfg.estimator == EstimatorChoice(mode="ste")
+    assert fxq.QuantConfig.from_parts(cfg.number_format, cfg.placement, cfg.estimator) == cfg
+    assert fxq.QuantConfig.from_parts() == fxq.QuantConfig()
+    with pytest.raises(fxq.ConfigError, match=r"from_parts got .*Placement.* where a NumberFormat goes"):
+        fxq.QuantConfig.from_parts(Placement())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p.NumberFormat(weight=8), r"NumberFormat.weight=8 is not a QuantSpec"),
+        (lambda p: p.Placement(first_last_bits=1), r"Placement.first_last_bits=1 is outside 2\.\.16"),
+        (lambda p: p.Placement(overrides="fc"), r"Placement.overrides='fc' must be a list"),
+        (lambda p: p.EstimatorChoice(mode="lsq"), r"EstimatorChoice.mode='lsq' is unknown"),
+    ],
+)
+def test_config_parts_validate_and_name_themselves(make, message: str) -> None:  # noqa: ANN001
+    import fxquant.config as parts
+
+    with pytest.raises(fxq.ConfigError, match=message):
+        make(parts)

@@ -21,7 +21,7 @@ from typing import Dict, Optional, Tuple
 from torch import fx, nn
 
 from fxquant.annotations import ActPoint, quant_op, tensor_info
-from fxquant.config import QuantConfig, QuantSpec
+from fxquant.config import EstimatorChoice, QuantSpec
 from fxquant.graph import quantizer_container, quantizer_name, quantizer_target, stored_tensor
 from fxquant.op_registry import facts_of
 from fxquant.passes import ACTIVATIONS_QUANTIZED, ANALYZED, BIASES_QUANTIZED, SHAPES, WEIGHTS_QUANTIZED, graph_pass
@@ -54,7 +54,7 @@ def _learnable(module: nn.Module) -> LearnableQuantizer:
 
 
 def _make_quantizer(
-    spec: QuantSpec, config: QuantConfig, kind: str, shape: Tuple[int, ...], served: Tuple[str, ...], *,
+    spec: QuantSpec, estimator: EstimatorChoice, kind: str, shape: Tuple[int, ...], served: Tuple[str, ...], *,
     channel_axis: Optional[int] = None, block_axis: Optional[int] = None, nonnegative: bool = False,
 ) -> LearnableQuantizer:
     """The quantizer of an annotation's resolved `spec` (analysis decided granularity and sign)."""
@@ -74,8 +74,8 @@ def _make_quantizer(
         per_group_bits=spec.per_group_bits,
         learn_bits=spec.learn_bits,
         learn_clamps=spec.learn_clamps,
-        mode=config.mode,
-        noise=config.noise,
+        mode=estimator.mode,
+        noise=estimator.noise,
         symmetric=kind == KIND_WEIGHT,
         nonnegative=nonnegative,
         served=served,
@@ -83,8 +83,9 @@ def _make_quantizer(
 
 
 @graph_pass(requires=(ANALYZED, SHAPES), ensures=(WEIGHTS_QUANTIZED,))
-def insert_weight_quantizers(gm: fx.GraphModule, *, config: QuantConfig) -> fx.GraphModule:
-    """Insert a weight quantizer between each annotated op and its weight parameter."""
+def insert_weight_quantizers(gm: fx.GraphModule, *, estimator: EstimatorChoice) -> fx.GraphModule:
+    """Insert a weight quantizer between each annotated op and its weight parameter (training with
+    `estimator` until `finetune(mode=...)` picks another)."""
     container = quantizer_container(gm)
     by_param: Dict[int, str] = {}
     call_of: Dict[fx.Node, fx.Node] = {}
@@ -100,7 +101,7 @@ def insert_weight_quantizers(gm: fx.GraphModule, *, config: QuantConfig) -> fx.G
         if name is None:
             name = _safe_name(str(weight_node.target), container)
             q = _make_quantizer(
-                op.weight_spec, config, KIND_WEIGHT, tuple(param.shape), (op.name,),
+                op.weight_spec, estimator, KIND_WEIGHT, tuple(param.shape), (op.name,),
                 channel_axis=op.channel_axis, block_axis=op.block_axis,
             )
             q.to(device=param.device)
@@ -122,8 +123,9 @@ def insert_weight_quantizers(gm: fx.GraphModule, *, config: QuantConfig) -> fx.G
 
 
 @graph_pass(requires=(ANALYZED, SHAPES), ensures=(ACTIVATIONS_QUANTIZED,))
-def insert_activation_quantizers(gm: fx.GraphModule, *, config: QuantConfig) -> fx.GraphModule:
-    """Insert activation quantizers after annotated producers, rewiring only the annotated consumers."""
+def insert_activation_quantizers(gm: fx.GraphModule, *, estimator: EstimatorChoice) -> fx.GraphModule:
+    """Insert activation quantizers after annotated producers, rewiring only the annotated consumers (training
+    with `estimator` until `finetune(mode=...)` picks another)."""
     container = quantizer_container(gm)
     nodes_by_name = {n.name: n for n in gm.graph.nodes}
     shared: Dict[Tuple[int, QuantSpec], str] = {}
@@ -139,7 +141,7 @@ def insert_activation_quantizers(gm: fx.GraphModule, *, config: QuantConfig) -> 
         first: Optional[fx.Node] = None
         for point in sorted(info.points, key=lambda p: -p.spec.bits):
             served = tuple(_display_name(nodes_by_name[c]) for c in point.consumers)
-            name = _activation_quantizer(container, config, node, point, served, shape, shared)
+            name = _activation_quantizer(container, estimator, node, point, served, shape, shared)
             source = node if first is None else first
             with gm.graph.inserting_after(source):
                 qnode = _quantizer_call(gm.graph, name, source)
@@ -157,7 +159,7 @@ def _display_name(node: fx.Node) -> str:
 
 def _activation_quantizer(
     container: nn.ModuleDict,
-    config: QuantConfig,
+    estimator: EstimatorChoice,
     node: fx.Node,
     point: ActPoint,
     served: Tuple[str, ...],
@@ -172,7 +174,7 @@ def _activation_quantizer(
     # a second quantizer of the same tensor (another spec, e.g. a join's 8 bits) is named after its reader
     base = f"act_{node.name}" if f"act_{node.name}" not in container else f"act_{node.name}_to_{point.consumers[0]}"
     name = _safe_name(base, container)
-    container[name] = _make_quantizer(point.spec, config, KIND_ACTIVATION, shape, served, nonnegative=point.nonnegative)
+    container[name] = _make_quantizer(point.spec, estimator, KIND_ACTIVATION, shape, served, nonnegative=point.nonnegative)
     if key is not None:
         shared[key] = name
     return name
