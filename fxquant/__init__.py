@@ -54,8 +54,7 @@ from fxquant.report import QuantReport, report
 from fxquant.shared_weights import own_weights
 from fxquant.utils import quantizers_enabled, set_quantizers_enabled
 from fxquant.verify import VerifyReport, verify
-
-__version__ = "0.1.0"
+from fxquant.version import __version__ as __version__
 
 __all__ = [
     "QuantConfig",

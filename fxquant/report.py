@@ -14,14 +14,13 @@ from torch import fx, nn
 
 from fxquant.analyze import kept_float
 from fxquant.errors import StateError
+from fxquant.export.onnx_report import OnnxQuantReport, onnx_report
 from fxquant.graph import is_quantizer_path, quantizer_calls, quantizers_of
 from fxquant.quantizer import KIND_BIAS, KIND_WEIGHT, FrozenBias, Quantizer
 from fxquant.tracing import NOTES_ATTR
 
-if TYPE_CHECKING:  # the export floor imports this module
+if TYPE_CHECKING:
     import onnx
-
-    from fxquant.export.onnx_report import OnnxQuantReport
 
 FLOAT_BITS = 32
 
@@ -142,9 +141,7 @@ def report(module: Any) -> Union[QuantReport, "OnnxQuantReport"]:
         StateError: the module has no fxquant quantizers.
     """
     if isinstance(module, (str, bytes)) or hasattr(module, "__fspath__") or type(module).__name__ == "ModelProto":
-        from fxquant.export import onnx_report  # the export floor reads ONNX files
-
-        return onnx_report(module)
+        return onnx_report(module)  # the export floor reads ONNX files
     container = quantizers_of(module) if isinstance(module, fx.GraphModule) else None
     if container is None:
         raise StateError(

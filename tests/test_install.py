@@ -33,6 +33,9 @@ def test_plain_pip_install_gives_a_working_demo(tmp_path: Path) -> None:
     python = venv / "bin" / "python"
     # the constraints file pins the CPU build of torch; the package itself asks only for a range
     _run([python, "-m", "pip", "install", "-q", "-c", ROOT / "constraints.txt", ROOT], timeout=2400)
+    # the distribution's version is the package's own (pyproject reads fxquant/version.py)
+    _run([python, "-c", "import importlib.metadata as m, fxquant; assert m.version('fxquant') == fxquant.__version__"],
+         timeout=300)
     out = tmp_path / "demo"
     result = _run([venv / "bin" / "fxquant", "demo", "--steps", "3", "--quiet", "--out", out], timeout=1200)
     assert result.stdout == ""

@@ -61,6 +61,7 @@ from fxquant.export.plan import TYPE_BITS, QuantizerPlan, plan_quantizers, u8s8_
 from fxquant.export.runtime_patterns import apply_runtime_patterns
 from fxquant.graph import module_state
 from fxquant.tracing import SHAPES_ATTR, normalize_inputs, silenced
+from fxquant.version import __version__
 
 T = onnx.TensorProto
 MIN_EXPORTER_OPSET = 18
@@ -231,7 +232,7 @@ def _annotate(model: onnx.ModelProto, plans: Dict[str, QuantizerPlan], keep_torc
         for init in model.graph.initializer:
             del init.metadata_props[:]
     del model.metadata_props[:]
-    model.metadata_props.add(key=METADATA_PREFIX + "version", value=_version())
+    model.metadata_props.add(key=METADATA_PREFIX + "version", value=__version__)
     model.metadata_props.add(
         key=METADATA_PREFIX + "quantizers",
         value=json.dumps({n: {k: v for k, v in asdict(p).items() if k != "name"} for n, p in plans.items()}),
@@ -239,12 +240,6 @@ def _annotate(model: onnx.ModelProto, plans: Dict[str, QuantizerPlan], keep_torc
     floats = [n for n, p in plans.items() if p.lowering == "float"]
     model.metadata_props.add(key=METADATA_PREFIX + "float_quantizers", value=",".join(floats))
     model.producer_name = "fxquant"
-
-
-def _version() -> str:
-    from fxquant import __version__
-
-    return __version__
 
 
 def _has_onnx_function(e: BaseException) -> Optional[str]:
