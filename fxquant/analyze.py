@@ -14,7 +14,9 @@
 - first and last quantized layers (no quantized layer before / after them in the graph).
 
 The annotations are the dataclasses of `fxquant.annotations`; the placement rules for joins and integer-kernel
-outputs are `fxquant.activation_points`. Insertion passes read the annotations (`passes/insert.py`).
+outputs are `fxquant.activation_points`; the last step names the quantizer of every weight, activation edge and
+int32 bias, shared and derived ones resolved once (`fxquant.quantizer_names`). The annotations are the whole
+plan: insertion passes (`passes/insert.py`) execute them and decide nothing.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from fxquant.op_registry import (
     quantizable_info,
 )
 from fxquant.passes import ANALYZED, FUNCTIONAL, SHAPES, graph_pass
+from fxquant.quantizer_names import name_quantizers
 from fxquant.tracing import FLOAT_MODULES_ATTR
 
 
@@ -386,6 +389,7 @@ def analyze(gm: fx.GraphModule, number_format: NumberFormat, placement: Placemen
     for node in nodes:
         if node.name in annotations:
             node.meta[META_KEY] = annotations[node.name]
+    name_quantizers(gm, nodes)
 
     unused = [placement.overrides[i][0] for i in range(len(placement.overrides)) if i not in used_overrides]
     if unused:
@@ -462,6 +466,8 @@ def kept_float(gm: fx.GraphModule) -> List[FloatOp]:
     ops an override keeps float; modules and ops that hold weights fxquant does not quantize (LSTM, GRU,
     MultiheadAttention modules, aten.lstm, ...); fused attention and einsum kernels. Normalisation layers
     (float by design) and weight-free elementwise ops are not listed. Reads the graph; changes nothing.
+    What it reads (the `QuantOp`s on op nodes, the capture's float modules, the ops themselves) is what
+    insertion and freeze leave as they are, so a prepared or frozen module gives the analysed graph's list.
     """
     leaves: Dict[str, str] = dict(getattr(gm, FLOAT_MODULES_ATTR, {}) or {})
     out = [FloatOp(path, "module", reason) for path, reason in leaves.items()]

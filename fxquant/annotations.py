@@ -21,6 +21,16 @@ MODULE_META_KEY = "fxquant_module"
 """`node.meta` key set by `functionalize_modules`: the module path a functional op came from."""
 
 
+@dataclass(frozen=True)
+class DerivedBias:
+    """The int32 bias of an op: no spec of its own, derived from the quantizers of the op's input and weight
+    (its grid is `s_x * s_w` of their integer scales). Names are quantizers of the plan."""
+
+    quantizer: str
+    input_quantizer: str
+    weight_quantizer: str
+
+
 @dataclass
 class QuantOp:
     """Annotation of a quantized op node.
@@ -38,6 +48,10 @@ class QuantOp:
         int32_bias: its stored bias is rounded to the int32 grid `s_x * s_w` (a `BiasQuantizer`): the op adds
             its bias in int32 in integer kernels, `QuantConfig(integer_bias=True)`, and its input (per tensor)
             and weight (per tensor or channel) are quantized.
+        weight_quantizer: the name of the quantizer of its weight (shared by tied weights), set with the
+            other names once the plan is complete (`fxquant.quantizer_names`).
+        input_quantizers: `(argument index, quantizer name)` of each quantized activation input.
+        bias: its int32 bias, derived from its input and weight quantizers (when `int32_bias`).
 
     Every spec is resolved here (granularity included), so insertion builds quantizers without deciding.
     """
@@ -54,6 +68,9 @@ class QuantOp:
     is_last: bool = False
     reason: str = "default"
     int32_bias: bool = False
+    weight_quantizer: Optional[str] = None
+    input_quantizers: Tuple[Tuple[int, str], ...] = ()
+    bias: Optional[DerivedBias] = None
 
 
 @dataclass
@@ -62,12 +79,17 @@ class ActPoint:
 
     `spec` is resolved (per tensor); `nonnegative` is the sign of the quantizer, which for a quantizer shared
     by a join group (`join_group`, with `QuantConfig(share_join_scales=True)`) holds for every member.
+    `quantizer` names the quantizer (points of one join group with one spec share one) and `reads` the
+    quantizer whose call on the same tensor this point reads instead of the tensor itself (None: the tensor),
+    both set once the plan is complete (`fxquant.quantizer_names`).
     """
 
     consumers: Tuple[str, ...]
     spec: QuantSpec
     nonnegative: bool
     join_group: Optional[int] = None
+    quantizer: str = ""
+    reads: Optional[str] = None
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import operator
 from typing import Dict, List, Tuple
 
@@ -281,10 +283,93 @@ def test_annotations_are_the_whole_plan_and_insertion_follows_them(share: bool, 
         assert group_points and len({(p.join_group, p.spec, p.nonnegative) for p in group_points}) == len(
             {(p.join_group, p.spec) for p in group_points})
 
+    # every quantizer is named by the plan: weights, activation edges (shared ones once), derived biases
+    planned = {op.weight_quantizer for op in ops.values() if op.weight_quantizer is not None}
+    planned |= {p.quantizer for p in points}
+    planned |= {op.bias.quantizer for op in ops.values() if op.bias is not None}
+    for op in ops.values():
+        if op.int32_bias:
+            assert op.bias is not None and op.bias.weight_quantizer == op.weight_quantizer
+            assert op.bias.input_quantizer in {name for _, name in op.input_quantizers}
+        else:
+            assert op.bias is None
+        assert len(op.input_quantizers) == (len(op.input_indices) if op.input_spec is not None else 0)
+    if share:
+        group_points = [p for p in points if p.join_group is not None]
+        assert len({p.quantizer for p in group_points}) == len({(p.join_group, p.spec) for p in group_points})
+        assert len({p.quantizer for p in group_points}) < len(group_points)  # shared, resolved once
+    else:
+        assert len({p.quantizer for p in points}) == len(points)
+
     qm = fxq.prepare(model, x, config)
     quantizers = qm.fxq_quantizers
+    assert set(quantizers.keys()) - {"_checkpoint"} == planned
     biases = [q for q in quantizers.values() if q.kind == "bias"]
     assert len(biases) == sum(op.int32_bias for op in ops.values())
     acts = [q for q in quantizers.values() if q.kind == "activation"]
     assert all(q.granularity == "per_tensor" for q in acts)
     assert all(q.granularity == "per_channel" for q in quantizers.values() if q.kind == "weight")
+
+
+def test_insertion_executes_the_plan_it_is_given() -> None:
+    """Insertion decides nothing: renamed quantizers in the annotations, and a second point on one tensor
+    planned to read the first one's output, are inserted exactly so (a hand-made plan on a two-layer MLP)."""
+    from fxquant.analyze import analyze
+    from fxquant.annotations import ActPoint, tensor_info
+    from fxquant.config import EstimatorChoice
+    from fxquant.passes import run_passes
+    from fxquant.passes.functionalize import functionalize_modules
+    from fxquant.passes.insert import insert_activation_quantizers, insert_bias_quantizers, insert_weight_quantizers
+    from fxquant.tracing import propagate_shapes
+
+    model, x = make("mlp")
+    gm = torch.fx.symbolic_trace(model)
+    config = fxq.QuantConfig(first_last_bits=None)
+    run_passes(gm, (functionalize_modules, functools.partial(propagate_shapes, example_inputs=x),
+                    functools.partial(analyze, number_format=config.number_format, placement=config.placement)))
+    fc1 = next(n for n in gm.graph.nodes if quant_op(n) is not None)
+    op = quant_op(fc1)
+    info = tensor_info(fc1.args[0])
+    assert op is not None and op.bias is not None and info is not None and len(info.points) == 1
+    # the plan, changed by hand: other names, and a 6-bit quantizer of the input planned after the 8-bit one
+    op.weight_quantizer = "w_first"
+    info.points[0].quantizer = "x_in"
+    op.input_quantizers = ((0, "x_in"),)
+    op.bias = dataclasses.replace(op.bias, quantizer="b_first", input_quantizer="x_in", weight_quantizer="w_first")
+    info.points.append(ActPoint(consumers=(), spec=info.points[0].spec.replace(bits=6, max_bits=6),
+                                nonnegative=False, quantizer="x_six", reads="x_in"))
+    estimator = EstimatorChoice()
+    run_passes(gm, (functools.partial(insert_weight_quantizers, estimator=estimator),
+                    functools.partial(insert_activation_quantizers, estimator=estimator), insert_bias_quantizers))
+    names = set(gm.fxq_quantizers.keys())
+    assert {"w_first", "x_in", "x_six", "b_first"} <= names
+    calls = {str(n.target).split(".")[-1]: n for n in gm.graph.nodes if n.op == "call_module"}
+    assert calls["x_six"].args[0] is calls["x_in"]  # reads the planned quantizer's call, not the tensor
+    assert calls["x_in"].args[0].op == "placeholder"
+    assert fc1.args[0] is calls["x_in"] and fc1.args[1] is calls["w_first"] and fc1.args[2] is calls["b_first"]
+    assert gm.fxq_quantizers["b_first"].input_quantizer is gm.fxq_quantizers["x_in"]
+
+
+def test_kept_float_reads_the_plan_that_insertion_and_freeze_keep() -> None:
+    """`kept_float` reads only what analysis wrote on op nodes and the float modules of the capture, which
+    insertion and freeze leave as they are: the same list on the analysed graph, the prepared and the frozen
+    module (an LSTM and a GRU not quantized, a linear head kept float by an override)."""
+    from models_zoo import RecurrentTagger
+
+    from fxquant.analyze import analyze, kept_float
+    from fxquant.passes import run_passes
+    from fxquant.passes.functionalize import functionalize_modules
+    from fxquant.tracing import propagate_shapes
+
+    torch.manual_seed(0)
+    model, tokens = RecurrentTagger().eval(), torch.randint(0, 50, (4, 8))
+    config = fxq.QuantConfig(overrides=[("head", None)])
+    gm = torch.fx.symbolic_trace(model)
+    run_passes(gm, (functionalize_modules, functools.partial(propagate_shapes, example_inputs=tokens),
+                    functools.partial(analyze, number_format=config.number_format, placement=config.placement)))
+    planned = kept_float(gm)
+    assert {f.name for f in planned} >= {"lstm", "gru", "head"}
+    qm = fxq.prepare(model, tokens, config)
+    fxq.calibrate(qm, [tokens])
+    assert kept_float(qm) == planned
+    assert kept_float(fxq.freeze(qm)) == planned
