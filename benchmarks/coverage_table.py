@@ -215,7 +215,7 @@ def _row(name: str, tmp: Path, iters: int, top_ops: int) -> Dict[str, str]:
     row.update(
         capture=qm.fxquant_capture,
         quantizers=f"{n_weights}+{len(quantizers) - n_weights}",
-        kept_float=str(len(fxq.report(qm).extra.get("kept_float", []))),
+        kept_float=str(len(fxq.report(qm).kept_float)),
     )
     frozen = fxq.freeze(qm)
     path = str(tmp / f"{name}_fxq.onnx")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Set, Union, overload
 
 from torch import fx, nn
 
-from fxquant.analyze import kept_float
+from fxquant.analyze import FloatOp, kept_float
 from fxquant.errors import StateError
 from fxquant.export.onnx_report import OnnxQuantReport, onnx_report
 from fxquant.graph import is_quantizer_path, quantizer_calls, quantizers_of
@@ -47,7 +47,8 @@ class QuantizerRow:
 
 @dataclass
 class QuantReport:
-    """A table of quantizers plus model-size totals."""
+    """A table of quantizers plus model-size totals, the ops that stayed float (`kept_float`, each with why) and
+    what the capture changed or fixed (`capture_notes`: a cache switched off, sizes kept static)."""
 
     rows: List[QuantizerRow] = field(default_factory=list)
     avg_weight_bits: float = 0.0
@@ -56,7 +57,8 @@ class QuantReport:
     float_param_numel: int = 0
     size_bytes: float = 0.0
     float_size_bytes: float = 0.0
-    extra: Dict[str, Any] = field(default_factory=dict)
+    kept_float: List[FloatOp] = field(default_factory=list)
+    capture_notes: List[str] = field(default_factory=list)
 
     @property
     def compression(self) -> float:
@@ -100,9 +102,9 @@ class QuantReport:
             f"size: {self.size_bytes / 1024:.1f} KiB at the learned bits vs {self.float_size_bytes / 1024:.1f} KiB "
             f"float32 ({self.compression:.2f}x smaller)"
         )
-        for row in self.extra.get("kept_float", []):
-            lines.append(f"kept float: {row['name']} ({row['op']}): {row['reason']}")
-        for note in self.extra.get("capture_notes", []):
+        for row in self.kept_float:
+            lines.append(f"kept float: {row.name} ({row.op}): {row.reason}")
+        for note in self.capture_notes:
             lines.append(f"capture: {note}")
         return "\n".join(lines)
 
@@ -202,9 +204,6 @@ def report(module: Any) -> Union[QuantReport, "OnnxQuantReport"]:
         float_param_numel=other,
         size_bytes=size,
         float_size_bytes=float_size,
-        extra={
-            "kept_float": [asdict(f) for f in kept_float(module)],
-            # what the capture changed or fixed (cache switched off, sizes kept static), from tracing
-            "capture_notes": [str(n) for n in getattr(module, NOTES_ATTR, ()) or ()],
-        },
+        kept_float=kept_float(module),
+        capture_notes=[str(n) for n in getattr(module, NOTES_ATTR, ()) or ()],
     )

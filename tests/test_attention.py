@@ -85,7 +85,7 @@ def test_self_attention_mha_becomes_quantized_linears_and_matmuls(kwargs: dict) 
     qm = fxq.prepare(model, x, capture="symbolic_trace")
     served = _served(qm)
     assert {"attn.in_proj", "attn.out_proj", "attn.scores", "attn.context", "head"} <= served
-    assert not [f for f in fxq.report(qm).extra["kept_float"] if f["name"] == "attn"]
+    assert not [f for f in fxq.report(qm).kept_float if f.name == "attn"]
     with torch.no_grad(), fxq.quantizers_enabled(qm, False):
         assert torch.allclose(qm.eval()(x), model(x), atol=1e-5)
     fxq.calibrate(qm, [x])
@@ -97,7 +97,7 @@ def test_cross_attention_mha_stays_a_reported_float_module() -> None:
     torch.manual_seed(0)
     model = CrossAttention().eval()
     qm = fxq.prepare(model, _inputs(), capture="symbolic_trace")
-    kept = {f["name"]: f["reason"] for f in fxq.report(qm).extra["kept_float"]}
+    kept = {f.name: f.reason for f in fxq.report(qm).kept_float}
     assert "cross-attention" in kept["attn"]
     assert "head" in _served(qm)
 

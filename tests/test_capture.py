@@ -133,12 +133,12 @@ def test_leaf_fallback_keeps_untraceable_submodule_float() -> None:
     assert list(qm.fxquant_float_modules) == ["gate"]
     assert "control flow" in qm.fxquant_float_modules["gate"]
     assert isinstance(qm.get_submodule("gate"), Gate)
-    kept = fxq.report(qm).extra["kept_float"]
-    assert [(k["name"], k["op"]) for k in kept] == [("gate", "module")]
+    kept = fxq.report(qm).kept_float
+    assert [(k.name, k.op) for k in kept] == [("gate", "module")]
     fxq.calibrate(qm, [x])
     with torch.no_grad():
         assert torch.allclose(qm.eval()(x), model(x), atol=0.1)
-    assert fxq.report(fxq.freeze(qm)).extra["kept_float"] == kept  # survives freeze's deepcopy
+    assert fxq.report(fxq.freeze(qm)).kept_float == kept  # survives freeze's deepcopy
     assert fxq.prepare(model, x, capture="symbolic_trace_leaves").fxquant_capture == "symbolic_trace_leaves"
 
 

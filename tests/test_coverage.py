@@ -66,7 +66,7 @@ EXPECTED_WEIGHT_QUANTIZERS = {
     "t5": 1 + 7 + 11,
     "wav2vec2": 3 + 1 + 2 * 6 + 2,  # 3 feature convs, feature projection, 6 linears per layer, projector, classifier
 }
-# Float ops fxquant reports (`report(qm).extra["kept_float"]`): ops that read weights it does not quantize.
+# Float ops fxquant reports (`report(qm).kept_float`): ops that read weights it does not quantize.
 EXPECTED_KEPT_FLOAT = {
     "recurrent": 2,  # LSTM, GRU
     "control_flow": 1,  # the Gate leaf
@@ -117,7 +117,7 @@ def test_prepare_calibrate_train_freeze_export(name: str, tmp_path: Path) -> Non
     served = {s for q in qm.fxq_quantizers.values() for s in q.served}
     model_paths = {n for n, _ in model.named_modules()}
     assert served & model_paths
-    assert len(fxq.report(qm).extra.get("kept_float", [])) == EXPECTED_KEPT_FLOAT.get(name, 0)
+    assert len(fxq.report(qm).kept_float) == EXPECTED_KEPT_FLOAT.get(name, 0)
 
     fxq.calibrate(qm, batches)
     with torch.no_grad():
@@ -211,9 +211,9 @@ def test_kept_float_ops_are_listed_in_the_report() -> None:
     model, example, batches = ZOO["recurrent"]()
     qm = fxq.prepare(model, example)
     fxq.calibrate(qm, batches)
-    kept = {row["name"]: row for row in fxq.report(qm).extra["kept_float"]}
+    kept = {row.name: row for row in fxq.report(qm).kept_float}
     assert set(kept) == {"lstm", "gru"}
-    assert "not quantized" in kept["lstm"]["reason"]
+    assert "not quantized" in kept["lstm"].reason
     assert "kept float: lstm (LSTM)" in str(fxq.report(qm))
 
     model, example, batches = ZOO["bert"]()
@@ -221,7 +221,7 @@ def test_kept_float_ops_are_listed_in_the_report() -> None:
     fxq.calibrate(qm, batches)
     # the fused sdpa attention is decomposed (passes/attention.py): nothing stays float, and both attention
     # matmuls of each layer get activation quantizers
-    assert fxq.report(qm).extra["kept_float"] == []
+    assert fxq.report(qm).kept_float == []
     served = {s for q in qm.fxq_quantizers.values() for s in q.served}
     for layer in (0, 1):
         assert {f"bert.encoder.layer.{layer}.attention.self.{m}" for m in ("scores", "context")} <= served
@@ -242,4 +242,4 @@ def test_eager_attention_matmuls_are_quantized_with_unsigned_probabilities() -> 
     assert {"encoder.layer.0.attention.self.matmul", "encoder.layer.0.attention.self.matmul_1"} <= served
     probs = [q for q in qm.fxq_quantizers.values() if "encoder.layer.0.attention.self.matmul_1" in q.served]
     assert any(q.nonnegative for q in probs)
-    assert fxq.report(qm).extra["kept_float"] == []
+    assert fxq.report(qm).kept_float == []

@@ -49,3 +49,20 @@ def test_report_of_frozen_equals_prepared() -> None:
 def test_report_of_a_plain_module_is_refused() -> None:
     with pytest.raises(fxq.StateError, match=r"report expects a module from fxq.prepare or fxq.freeze"):
         fxq.report(torch.nn.Linear(2, 2))
+
+
+def test_kept_float_ops_are_typed_and_the_report_is_plain_data() -> None:
+    """An op kept float by an override is a `FloatOp` of the report (name, op, why), printed and in `to_dict`,
+    which `json` writes as it is."""
+    import json
+
+    from fxquant.analyze import FloatOp
+
+    model, x = make("mlp")
+    qm = fxq.prepare(model, x, fxq.QuantConfig(overrides=[("fc2", None)]))
+    rep = fxq.report(qm)
+    assert rep.kept_float == [FloatOp("fc2", "linear", "kept float by override 'fc2'")]
+    assert "kept float: fc2 (linear): kept float by override 'fc2'" in str(rep)
+    data = json.loads(json.dumps(rep.to_dict()))
+    assert data["kept_float"] == [{"name": "fc2", "op": "linear", "reason": "kept float by override 'fc2'"}]
+    assert data["capture_notes"] == []
