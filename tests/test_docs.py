@@ -24,3 +24,22 @@ def test_extending_example_runs(index: int, tmp_path: Path) -> None:
     script.write_text(BLOCKS[index])
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+ROOT = Path(__file__).resolve().parent.parent
+CITATION = re.compile(r'docs/([\w-]+\.md)((?:,?\s+(?:sections?\s+)?(?:and\s+)?"[^"]+")*)')
+
+
+def test_every_document_and_section_a_docstring_cites_exists() -> None:
+    """`docs/<name>.md, "Section"` in the package's text names a file of docs/ and one of its headings."""
+    cited = 0
+    for source in sorted((ROOT / "fxquant").rglob("*.py")):
+        text = source.read_text()
+        for match in CITATION.finditer(text):
+            doc = ROOT / "docs" / match.group(1)
+            assert doc.exists(), f"{source.name} cites {doc.name}, which is not in docs/"
+            headings = [line.lstrip("#").strip() for line in doc.read_text().splitlines() if line.startswith("#")]
+            for title in (" ".join(t.split()) for t in re.findall(r'"([^"]+)"', match.group(2))):
+                cited += 1
+                assert any(title in heading for heading in headings), f"{source.name} cites {doc.name}, {title!r}"
+    assert cited > 20
