@@ -11,6 +11,7 @@ both are kept), and `inplace`, `prepare(..., inplace=True)` and `freeze(qm, inpl
 path for a model that barely fits).
 
     python benchmarks/bench_scale.py [--sizes 10m,100m,400m,1b] [--batch 4] [--tokens 128] [--batches 4] [--no-export]
+        [--modes copy,inplace] [--uint8-weights auto|on|off]
 
 Targets (issue 13): growth linear in size; calibrate <= 2x a float forward; peak <= 2x the model (1.3x in
 place). Memory is sampled every 2 ms from /proc/self/statm (Linux).
@@ -26,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 SIZES: Dict[str, Dict[str, int]] = {
     # hidden, layers, heads, kv heads, intermediate, vocab (vocab 32000 as on model hubs)
@@ -70,7 +71,9 @@ def _timed(fn: Callable[[], object]) -> Tuple[object, float, PeakMemory]:
     return out, seconds, mem
 
 
-def _one(size: str, batch_size: int, tokens: int, num_batches: int, export: bool, inplace: bool) -> Dict[str, float]:
+def _one(
+    size: str, batch_size: int, tokens: int, num_batches: int, export: bool, inplace: bool, uint8_weights: Optional[bool]
+) -> Dict[str, float]:
     """Measure one model in this process; returns the figures as a dict."""
     import gc
 
@@ -136,7 +139,8 @@ def _one(size: str, batch_size: int, tokens: int, num_batches: int, export: bool
         del qm
         gc.collect()
         with tempfile.TemporaryDirectory() as tmp:
-            _, seconds, mem = _timed(lambda: fxq.export_onnx(frozen, example, os.path.join(tmp, "m.onnx")))
+            path = os.path.join(tmp, "m.onnx")
+            _, seconds, mem = _timed(lambda: fxq.export_onnx(frozen, example, path, uint8_weights=uint8_weights))
             record("export", seconds, mem)
             out["onnx_MB"] = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)) / 1e6
     out["overall_peak_x"] = max(v for k, v in out.items() if k.endswith("_peak_x"))
@@ -151,12 +155,15 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4, help="calibration batches")
     parser.add_argument("--no-export", action="store_true", help="skip export_onnx (the slowest step)")
     parser.add_argument("--modes", default="copy,inplace", help="modes: copy (defaults), inplace (prepare and freeze in place) or both")
+    parser.add_argument("--uint8-weights", choices=("auto", "on", "off"), default="auto",
+                        help="export_onnx's uint8_weights: auto (None: on where this CPU's u8s8 kernels saturate), on, off")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
         size, mode = args._child.split(":")
-        row = _one(size, args.batch, args.tokens, args.batches, not args.no_export, mode == "inplace")
+        uint8 = {"auto": None, "on": True, "off": False}[args.uint8_weights]
+        row = _one(size, args.batch, args.tokens, args.batches, not args.no_export, mode == "inplace", uint8)
         print("ROW " + json.dumps(row))
         return
     rows: List[Dict[str, object]] = []
@@ -164,7 +171,8 @@ def main() -> None:
         if size not in SIZES:
             parser.error(f"unknown size {size!r}; choose from {sorted(SIZES)}")
         for mode in args.modes.split(","):
-            cmd = [sys.executable, __file__, "--_child", f"{size}:{mode}", "--tokens", str(args.tokens), "--batch", str(args.batch), "--batches", str(args.batches)]
+            cmd = [sys.executable, __file__, "--_child", f"{size}:{mode}", "--tokens", str(args.tokens), "--batch", str(args.batch), "--batches", str(args.batches),
+                   "--uint8-weights", args.uint8_weights]
             if args.no_export:
                 cmd.append("--no-export")
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -172,7 +180,7 @@ def main() -> None:
             if proc.returncode != 0 or not lines:
                 print(f"{size} {mode}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
                 continue
-            row = {"size": size, "prepare": mode, **json.loads(lines[-1][4:])}
+            row = {"size": size, "prepare": mode, "uint8_weights": args.uint8_weights, **json.loads(lines[-1][4:])}
             rows.append(row)
             _print_row(row)
     if args.json:
@@ -185,7 +193,7 @@ _HEADER_SHOWN = False
 
 def _print_row(row: Dict[str, object]) -> None:
     global _HEADER_SHOWN
-    cols = ["size", "prepare", "params_M", "float_forward_s", "prepare_s", "calibrate_per_batch_x_float", "calibrate_search_s", "freeze_s",
+    cols = ["size", "prepare", "uint8_weights", "params_M", "float_forward_s", "prepare_s", "calibrate_per_batch_x_float", "calibrate_search_s", "freeze_s",
             "export_s", "prepare_peak_x", "calibrate_peak_x", "freeze_peak_x", "export_peak_x", "prepare_adds_x",
             "calibrate_adds_x", "freeze_adds_x", "export_adds_x", "overall_peak_x"]
     if not _HEADER_SHOWN:

@@ -82,7 +82,9 @@ def check_materialized(model: nn.Module, example_inputs: Any) -> None:
 
     `prepare` runs the model on its example inputs (shapes, the sign of tensors) and calibration reads the
     weights, so a model built under `torch.device("meta")` must get its weights first; it would otherwise fail
-    deep inside shape propagation.
+    deep inside shape propagation. The way that holds the weights once: `load_state_dict(state_dict,
+    assign=True)` of a state dict loaded lazily (`torch.load(path, mmap=True)`); prepare then shares those
+    tensors (`fxquant.shared_weights`).
 
     Raises:
         PrepareError: names the first such tensor, how many hold no data, and how to load them.
@@ -92,9 +94,10 @@ def check_materialized(model: nn.Module, example_inputs: Any) -> None:
     if empty:
         raise PrepareError(
             f"{empty[0]} is on the meta device ({len(empty)} of {len(tensors)} tensors hold no data); prepare runs "
-            "the model on its example inputs, so give it its weights first: model.to_empty(device='cpu') then "
-            "model.load_state_dict(state_dict) (prepare(..., inplace=True) then quantizes those weights without "
-            "a second copy)."
+            "the model on its example inputs, so give it its weights first: model.load_state_dict(state_dict, "
+            "assign=True) makes the state dict's tensors the model's (no second copy; with "
+            "state_dict = torch.load(path, mmap=True) they are read from the file as they are used), and prepare "
+            "quantizes those weights without copying them."
         )
 
 

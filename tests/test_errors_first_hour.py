@@ -142,15 +142,38 @@ def test_prepare_refuses_a_model_on_the_meta_device_and_says_how_to_load_it() ->
     with torch.device("meta"):
         empty = type(model)()
     with pytest.raises(fxq.PrepareError, match=r"the model's parameter 'fc1.weight' is on the meta device \(\d+ of "
-                                               r"\d+ tensors hold no data\); .*model.to_empty\(device='cpu'\) then "
-                                               r"model.load_state_dict\(state_dict\)"):
+                                               r"\d+ tensors hold no data\); .*model.load_state_dict\(state_dict, "
+                                               r"assign=True\)"):
         fxq.prepare(empty, x)
     with pytest.raises(fxq.PrepareError, match=r"example_inputs is on the meta device \(1 of \d+ tensors"):
         fxq.prepare(model, x.to("meta"))
-    empty.to_empty(device="cpu")
-    empty.load_state_dict(model.state_dict())
+    empty.load_state_dict(model.state_dict(), assign=True)
     loaded, reference = (fxq.calibrate(fxq.prepare(m, x), [x], progress=False).eval() for m in (empty, model))
     assert torch.equal(loaded(x), reference(x))  # the fix works
+
+
+def test_a_meta_model_loaded_lazily_holds_its_weights_once(tmp_path) -> None:  # noqa: ANN001
+    """The path the meta-device error gives: a model built on the meta device, its state dict loaded from a file
+    with `mmap=True` and assigned (`assign=True`): prepare, calibrate and freeze read the file's pages, and no
+    float weight is ever copied (the prepared module's weights are the mapped tensors; the model is not modified)."""
+    model, x = _mlp()
+    path = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), path)
+    with torch.device("meta"):
+        lazy = type(model)()
+    state = torch.load(path, mmap=True, weights_only=True)
+    lazy.load_state_dict(state, assign=True)
+    mapped = {name: t.untyped_storage().data_ptr() for name, t in state.items()}
+    assert {name: p.untyped_storage().data_ptr() for name, p in lazy.named_parameters()} == mapped
+    qm = fxq.prepare(lazy, x)
+    weights = {name: p for name, p in qm.named_parameters() if not name.startswith("fxq_quantizers.")}
+    assert weights and all(p.untyped_storage().data_ptr() == mapped[name] for name, p in weights.items())
+    fxq.calibrate(qm, [x], progress=False)
+    frozen = fxq.freeze(qm)
+    reference = fxq.freeze(fxq.calibrate(fxq.prepare(model, x), [x], progress=False))
+    with torch.no_grad():
+        assert torch.equal(frozen(x), reference(x))
+    assert all(torch.equal(p, model.state_dict()[n]) for n, p in lazy.state_dict().items())
 
 
 def test_prepare_accepts_integer_inputs_and_buffers() -> None:
