@@ -126,7 +126,10 @@ def test_round_clamp_clamp_and_step_gradients_match_plain_autograd(clamp_shape: 
     lo = torch.full(clamp_shape, -1.0, requires_grad=True)
     hi = torch.full(clamp_shape, 1.5, requires_grad=True)
     g = torch.randn(5, 3, 7)
-    (round_clamp(x, step, lo, hi) * g).sum().backward()
+    y = round_clamp(x, step, lo, hi)
+    with torch.no_grad():  # the values: one clamp pair takes the CPU's scalar clamp, the others tensor bounds
+        assert torch.equal(y, torch.round(torch.clamp(x, lo, hi) / step) * step)
+    (y * g).sum().backward()
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, step, lo, hi)]
     x2, s2, lo2, hi2 = leaves
     inside = (x2 >= lo2) & (x2 <= hi2)
