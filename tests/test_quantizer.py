@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,12 +114,19 @@ def test_round_clamp_gradients_match_lsq_autograd_reference() -> None:
     assert torch.allclose(x.grad, x2.grad) and torch.allclose(step.grad, s2.grad, atol=1e-6)
 
 
+@pytest.mark.parametrize("as_numbers", [True, False], ids=["scalar bounds (CPU)", "mask (other devices)"])
 @pytest.mark.parametrize("clamp_shape", [(), (1, 3, 1), (5, 1, 7), (3, 1)],
                          ids=["one clamp pair", "per channel", "two axes", "right-aligned"])
-def test_round_clamp_clamp_and_step_gradients_match_plain_autograd(clamp_shape: tuple) -> None:
-    """Both backward paths (sums over the clipped elements for one clamp pair, reductions per group
-    otherwise) equal the same function written with plain autograd ops, asymmetric clamps included."""
+def test_round_clamp_clamp_and_step_gradients_match_plain_autograd(clamp_shape: tuple, as_numbers: bool,
+                                                                    monkeypatch) -> None:  # noqa: ANN001
+    """Every backward path (one clamp pair: with the bounds as numbers on the CPU, or sums over the clipped
+    elements elsewhere; reductions per group otherwise) equals the same function written with plain autograd
+    ops, asymmetric clamps included."""
+    import fxquant.quantizer.numerics as numerics
     from fxquant.quantizer import round_clamp
+
+    if not as_numbers:
+        monkeypatch.setattr(numerics, "bounds_as_numbers", lambda x, lo, hi: None)
 
     torch.manual_seed(0)
     x = (torch.randn(5, 3, 7) * 2).requires_grad_(True)
@@ -141,6 +149,30 @@ def test_round_clamp_clamp_and_step_gradients_match_plain_autograd(clamp_shape: 
     for ours, reference in zip((x, step, lo, hi), leaves):
         assert ours.grad is not None and reference.grad is not None
         assert torch.allclose(ours.grad, reference.grad, atol=1e-5), (ours.grad, reference.grad)
+
+
+@pytest.mark.parametrize("as_numbers", [True, False], ids=["scalar bounds (CPU)", "mask (other devices)"])
+def test_round_clamp_passes_the_gradient_at_the_bounds_themselves(as_numbers: bool, monkeypatch) -> None:  # noqa: ANN001
+    """The straight-through gradient reaches `x` on the closed interval `[lo, hi]` (elements equal to a bound,
+    such as the largest weight after `hi = max|w|`, keep theirs); the clamps' gradients sum what lies strictly
+    outside. The CPU's one-pair path selects by float32 neighbours of the bounds: checked at those neighbours."""
+    import fxquant.quantizer.numerics as numerics
+    from fxquant.quantizer import round_clamp
+
+    if not as_numbers:
+        monkeypatch.setattr(numerics, "bounds_as_numbers", lambda x, lo, hi: None)
+    lo, hi = torch.tensor(-1.0), torch.tensor(1.5)
+    below, above = np.nextafter(np.float32(-1.0), np.float32(-2.0)), np.nextafter(np.float32(1.5), np.float32(2.0))
+    values = [-3.0, float(below), -1.0, 0.0, 0.7, 1.5, float(above), 4.0]
+    for shape in ((), (1,)):  # one pair as 0-d and as 1-element tensors
+        x = torch.tensor(values, requires_grad=True)
+        step = torch.full(shape, 0.25, requires_grad=True)
+        lo_t = lo.reshape(shape).clone().requires_grad_(True)
+        hi_t = hi.reshape(shape).clone().requires_grad_(True)
+        g = torch.arange(1.0, 9.0)
+        (round_clamp(x, step, lo_t, hi_t) * g).sum().backward()
+        assert x.grad.tolist() == [0.0, 0.0, 3.0, 4.0, 5.0, 6.0, 0.0, 0.0]
+        assert lo_t.grad.item() == 1.0 + 2.0 and hi_t.grad.item() == 7.0 + 8.0
 
 
 def test_large_groups_draw_the_dither_sum_with_its_exact_variance() -> None:

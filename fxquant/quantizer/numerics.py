@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Dict, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -166,6 +167,16 @@ def dither_of_groups(grad_in: Tensor, shape: torch.Size) -> Tensor:
     return torch.randn(shape, device=grad_in.device, dtype=grad_in.dtype) * variance.sqrt()
 
 
+def bounds_as_numbers(x: Tensor, lo: Tensor, hi: Tensor) -> Optional[Tuple[float, float]]:
+    """One clamp pair for a tensor on the CPU, as Python numbers (else None: several pairs, or a device where
+    reading them would wait for it). With numbers the CPU clamp runs its scalar kernel (4-5x faster than with
+    broadcast tensor bounds; same values: the bounds are float32 numbers either way) and `_RoundClamp`'s
+    backward needs no mask (docs/decisions.md, "Scalar clamp bounds on the CPU")."""
+    if lo.numel() == 1 and hi.numel() == 1 and x.device.type == "cpu":
+        return float(lo), float(hi)
+    return None
+
+
 class _RoundClamp(torch.autograd.Function):
     """`y = step * round(clamp(x, lo, hi) / step)` with straight-through gradients, in one autograd node.
 
@@ -183,46 +194,66 @@ class _RoundClamp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, step: Tensor, lo: Tensor, hi: Tensor, dither: bool) -> Tensor:  # noqa: ANN001
-        if lo.numel() == 1 and hi.numel() == 1 and x.device.type == "cpu":
-            # one clamp pair: as Python numbers, the CPU clamp runs its scalar kernel (4-5x faster than with
-            # broadcast tensor bounds, measured; same values: the bounds are float32 numbers either way). On
-            # other devices reading them would wait for the device, so they stay tensors there.
-            clamped = torch.clamp(x, float(lo), float(hi))
+        bounds = bounds_as_numbers(x, lo, hi)
+        if bounds is not None:
+            clamped = torch.clamp(x, *bounds)
+            outside = x.new_empty(0)
         else:
             clamped = torch.clamp(x, lo, hi)
-        outside = clamped != x
+            outside = clamped != x
         u = clamped.div_(step)
         q = torch.round(u)
         # saved as u - q (in place on u); the step's gradient is q - u
         ctx.save_for_backward(x, u.sub_(q), outside, lo, hi)
-        ctx.step_shape, ctx.dither = step.shape, dither
+        ctx.step_shape, ctx.dither, ctx.bounds = step.shape, dither, bounds
         return q.mul_(step)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
         x, minus_residual, outside, lo, hi = ctx.saved_tensors
-        grad_in = torch.where(outside, 0.0, grad)
         need_lo, need_hi = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         grad_lo = grad_hi = grad_step = None
-        if lo.numel() == 1 and hi.numel() == 1 and (need_lo or need_hi):
-            # one index of the (few) clipped elements, gathered twice: boolean indexing ran `nonzero` once
-            # per tensor indexed (docs/decisions.md, "Clipped elements of a per-tensor quantizer")
-            clipped = torch.nonzero(outside.reshape(-1)).squeeze(1)
-            x_out, grad_out = x.reshape(-1).index_select(0, clipped), grad.reshape(-1).index_select(0, clipped)
+        if ctx.bounds is not None:
+            # torch's activation backward kernels select by comparing `x` with a number in one vectorised pass:
+            # `hardtanh_backward(g, x, a, b)` keeps `g` where `a < x < b`, `threshold_backward(g, x, t)` where
+            # `x > t`. They replace a bool mask made in the forward and `where`/`nonzero` on it, which ran
+            # single-threaded (docs/decisions.md, "Clipped elements of a per-tensor quantizer").
+            lo_value, hi_value = ctx.bounds
+            grad_in = _inside_gradient(grad, x, lo_value, hi_value)
             if need_hi:
-                grad_hi = torch.where(x_out > hi.reshape(()), grad_out, 0.0).sum().reshape(hi.shape)
+                grad_hi = torch.ops.aten.threshold_backward(grad, x, hi_value).sum().reshape(hi.shape)
             if need_lo:
-                grad_lo = torch.where(x_out < lo.reshape(()), grad_out, 0.0).sum().reshape(lo.shape)
+                grad_lo = torch.ops.aten.hardtanh_backward(grad, x, -math.inf, lo_value).sum().reshape(lo.shape)
         else:
-            if need_hi:
-                grad_hi = reduce_to_shape(torch.where(x > hi, grad, 0.0), hi.shape)
-            if need_lo:
-                grad_lo = reduce_to_shape(torch.where(x < lo, grad, 0.0), lo.shape)
+            grad_in = torch.where(outside, 0.0, grad)
+            if lo.numel() == 1 and hi.numel() == 1 and (need_lo or need_hi):
+                # one index of the (few) clipped elements, gathered twice: boolean indexing ran `nonzero` once
+                # per tensor indexed (docs/decisions.md, "Clipped elements of a per-tensor quantizer")
+                clipped = torch.nonzero(outside.reshape(-1)).squeeze(1)
+                x_out, grad_out = x.reshape(-1).index_select(0, clipped), grad.reshape(-1).index_select(0, clipped)
+                if need_hi:
+                    grad_hi = torch.where(x_out > hi.reshape(()), grad_out, 0.0).sum().reshape(hi.shape)
+                if need_lo:
+                    grad_lo = torch.where(x_out < lo.reshape(()), grad_out, 0.0).sum().reshape(lo.shape)
+            else:
+                if need_hi:
+                    grad_hi = reduce_to_shape(torch.where(x > hi, grad, 0.0), hi.shape)
+                if need_lo:
+                    grad_lo = reduce_to_shape(torch.where(x < lo, grad, 0.0), lo.shape)
         if ctx.needs_input_grad[1]:
             grad_step = -_sum_of_products(grad_in, minus_residual, ctx.step_shape)
             if ctx.dither:
                 grad_step = grad_step + dither_of_groups(grad_in, ctx.step_shape)
         return grad_in, grad_step, grad_lo, grad_hi, None
+
+
+def _inside_gradient(grad: Tensor, x: Tensor, lo: float, hi: float) -> Tensor:
+    """`grad` where `lo <= x <= hi`, 0 elsewhere, in one pass: `hardtanh_backward` keeps the open interval, so
+    its bounds are the float32 neighbours just outside `lo` and `hi` (no float32 lies between a bound and its
+    neighbour: the selection is exactly the closed interval)."""
+    below_lo = float(np.nextafter(np.float32(lo), np.float32(-np.inf)))
+    above_hi = float(np.nextafter(np.float32(hi), np.float32(np.inf)))
+    return torch.ops.aten.hardtanh_backward(grad, x, below_lo, above_hi)
 
 
 def round_clamp(x: Tensor, step: Tensor, lo: Tensor, hi: Tensor, dither: bool = False) -> Tensor:
