@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import pytest
 import torch
 
 from fxquant.quantizer import LearnableQuantizer, fake_quantize
+from fxquant.quantizer.numerics import GridConstants
 
 
 def act_quantizer(mode: str, bits: int = 4, nonnegative: bool = False, **kw) -> LearnableQuantizer:
@@ -455,3 +458,51 @@ def test_frozen_weight_codes_made_in_slices_equal_the_whole_tensor_codes(layout:
     assert codes.dtype == torch.int8 and codes.shape == x.shape
     assert torch.equal(codes, expected)
     assert int(codes.abs().max()) == 7  # the grid is used to its end
+
+
+def _reference_grid(p: torch.Tensor, lo: Optional[torch.Tensor], hi: torch.Tensor, k: GridConstants) -> tuple:
+    """The training grid written op by op with autograd (what `LearnableQuantizer` computed before
+    `training_grid`)."""
+    from fxquant.quantizer.numerics import MIN_STEP, clamp_ste, grad_scale, round_ste
+
+    bits = round_ste(k.min_bits + k.span * clamp_ste(p, 0.0, 1.0))
+    levels = torch.pow(2.0, bits - 1.0) - 1.0 if k.symmetric else torch.pow(2.0, bits) - 1.0
+    hi_v = grad_scale(torch.clamp(hi, min=0.0), k.clamp_grad_scale)
+    if k.symmetric:
+        step = torch.clamp(hi_v / levels, min=MIN_STEP)
+        return step, -step * levels, step * levels
+    lo_v = grad_scale(torch.clamp(lo, max=0.0), k.clamp_grad_scale)
+    step = torch.clamp((hi_v - lo_v) / levels, min=MIN_STEP)
+    zero_point = round_ste(-lo_v / step)
+    lo_grid = -zero_point * step
+    return step, lo_grid, lo_grid + step * levels
+
+
+@pytest.mark.parametrize(
+    "symmetric, bits, lo, hi",
+    [
+        (True, [0.37], None, [0.8, -0.1, 1e-12, 2.5]),  # per channel, a negative and a tiny clamp
+        (False, [1.3], [-0.7], [1.9]),  # asymmetric per tensor, bits parameter above its bound
+        (False, [0.5], [0.2], [3.0]),  # a positive lo is clamped to 0
+        (False, [0.2, 0.9, -0.3], [-1.0, -0.01, 0.0], [1.0, 0.5, 2.0]),  # per-group bits
+    ],
+)
+def test_training_grid_equals_the_op_by_op_chain(symmetric: bool, bits: list, lo: Optional[list], hi: list) -> None:
+    """`training_grid` (one autograd node) gives the op-by-op chain's values exactly and its gradients."""
+    from fxquant.quantizer.numerics import training_grid
+
+    k = GridConstants(min_bits=2.0, span=6.0, symmetric=symmetric, clamp_grad_scale=0.037)
+    leaves = [torch.tensor(bits), None if lo is None else torch.tensor(lo), torch.tensor(hi)]
+    ours = [None if t is None else t.clone().requires_grad_(True) for t in leaves]
+    theirs = [None if t is None else t.clone().requires_grad_(True) for t in leaves]
+    out = training_grid(*ours, k)
+    ref = _reference_grid(*theirs, k)
+    for a, b in zip(out, ref):
+        assert torch.equal(a, b)
+    weights = [torch.randn(out[0].shape, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    sum(((o * w).sum() for o, w in zip(out, weights)), torch.zeros(())).backward()
+    sum(((r * w).sum() for r, w in zip(ref, weights)), torch.zeros(())).backward()
+    for a, b in zip(ours, theirs):
+        if a is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+            assert bool(a.grad.abs().sum() > 0) or a is ours[1]

@@ -42,6 +42,7 @@ from fxquant.quantizer.numerics import (
     KIND_WEIGHT,
     MIN_STEP,
     MSE_SLICE,
+    GridConstants,
     clamp_ste,
     expand_groups,
     fake_quantize,
@@ -50,6 +51,7 @@ from fxquant.quantizer.numerics import (
     mean_over_ranks,
     reduce_to_groups,
     round_ste,
+    training_grid,
 )
 
 
@@ -430,6 +432,12 @@ class LearnableQuantizer(Quantizer):
         estimator = self.estimator
         if estimator.rounds and self.follow_bits and self.learn_bits:
             self.follow_bits_(x)
+        expand = lambda t: expand_groups(t, self.block_axis, self.group_size)  # noqa: E731
+        if estimator.rounds and (self.block_axis is None or self.group_size in (None, 1)):
+            # the same grid as below, in one autograd node (numerics.training_grid)
+            lo_param = None if self.symmetric else self.lo
+            step, lo_grid, hi_grid = training_grid(self.bits_param, lo_param, self.hi, self._grid_constants(x))
+            return estimator.quantize(x, step, lo_grid, hi_grid)
         bits = round_ste(self.bits()) if estimator.rounds else self.bits()
         levels = self._levels(bits)
         lo, hi = self.clamp_bounds()
@@ -437,8 +445,7 @@ class LearnableQuantizer(Quantizer):
             # LSQ's gradient scale on every clamp parameter alike (the step's and the clip's gradients keep
             # their ratio; scaling only the step's part turned the clamps' gradient direction by 70-80
             # degrees and stalled W2A2 training)
-            numel = max(x.numel() // max(math.prod(self.param_shape), 1), 1)
-            scale = 1.0 / math.sqrt(numel * float(2 ** (self.max_bits - (1 if self.symmetric else 0))))
+            scale = self._grid_constants(x).clamp_grad_scale
             hi = grad_scale(hi, scale)
             lo = grad_scale(lo, scale)
         step = self._step_of(lo, hi, levels)
@@ -449,8 +456,14 @@ class LearnableQuantizer(Quantizer):
             zero_point = round_ste(-lo / step)
             lo_grid = -zero_point * step
             hi_grid = lo_grid + step * levels
-        expand = lambda t: expand_groups(t, self.block_axis, self.group_size)  # noqa: E731
         return estimator.quantize(x, expand(step), expand(lo_grid), expand(hi_grid))
+
+    def _grid_constants(self, x: Tensor) -> GridConstants:
+        """The constants of the training grid for a tensor like `x`: LSQ's gradient scale
+        `1 / sqrt(elements per group * Qp)` at the top of the bit range."""
+        numel = max(x.numel() // max(math.prod(self.param_shape), 1), 1)
+        scale = 1.0 / math.sqrt(numel * float(2 ** (self.max_bits - (1 if self.symmetric else 0))))
+        return GridConstants(float(self.min_bits), float(self.max_bits - self.min_bits), self.symmetric, scale)
 
     def _eval_forward(self, x: Tensor) -> Tensor:
         g = self.integer_grid()

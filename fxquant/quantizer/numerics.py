@@ -11,6 +11,7 @@ share clamps, step and bits: `group_param_shape`, `expand_groups`, `reduce_to_gr
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
@@ -165,6 +166,92 @@ def dither_of_groups(grad_in: Tensor, shape: torch.Size) -> Tensor:
         return reduce_to_shape(grad_in * r, shape) / math.sqrt(3.0)
     variance = _sum_of_products(grad_in, grad_in, shape) / 12.0
     return torch.randn(shape, device=grad_in.device, dtype=grad_in.dtype) * variance.sqrt()
+
+
+@dataclass(frozen=True)
+class GridConstants:
+    """What fixes a learnable quantizer's training grid besides its parameters (`LearnableQuantizer`)."""
+
+    min_bits: float
+    span: float  # max_bits - min_bits
+    symmetric: bool
+    clamp_grad_scale: float  # LSQ's gradient scale on the clamp parameters
+
+
+class _TrainingGrid(torch.autograd.Function):
+    """`(step, lo, hi)` of the grid a rounding estimator trains on, from the bits parameter and the clamps, in
+    one autograd node (the same values as `LearnableQuantizer`'s op-by-op chain, which built ~30 nodes per
+    quantizer per step; their graph bookkeeping cost about as much as the chain's arithmetic).
+
+    Forward, with `p` the bits parameter and the clamps `lo <= 0 <= hi` (`lo = -hi` if symmetric):
+    `B = round(min_bits + span * clamp(p, 0, 1))`, `L = 2^(B-1) - 1` (symmetric) or `2^B - 1`,
+    `step = max((hi - lo) / L, MIN_STEP)` (`hi / L` symmetric); symmetric grid `[-step L, step L]`, else
+    `zp = round(-lo / step)` and `[-zp step, -zp step + step L]`. Backward: straight-through for both
+    roundings and the clamp of `p`, LSQ's gradient scale on the clamps' gradients, torch's gradient of
+    `clamp` elsewhere (passes at the bound itself).
+    """
+
+    @staticmethod
+    def forward(ctx, bits_param: Tensor, lo: Optional[Tensor], hi: Tensor, k: GridConstants):  # noqa: ANN001, ANN205
+        s = k.clamp_grad_scale
+        b = k.min_bits + k.span * (bits_param + (bits_param.clamp(0.0, 1.0) - bits_param))
+        bits = b + (torch.round(b) - b)
+        levels = torch.pow(2.0, bits - 1.0) - 1.0 if k.symmetric else torch.pow(2.0, bits) - 1.0
+        hi_c = torch.clamp(hi, min=0.0)
+        hi_v = (hi_c - hi_c * s) + hi_c * s  # the values grad_scale gives
+        if k.symmetric:
+            ratio = hi_v / levels
+            step = torch.clamp(ratio, min=MIN_STEP)
+            lo_grid, hi_grid = -step * levels, step * levels
+            zero_point = lo_v = None
+        else:
+            assert lo is not None
+            lo_c = torch.clamp(lo, max=0.0)
+            lo_v = (lo_c - lo_c * s) + lo_c * s
+            ratio = (hi_v - lo_v) / levels
+            step = torch.clamp(ratio, min=MIN_STEP)
+            t = -lo_v / step
+            zero_point = t + (torch.round(t) - t)
+            lo_grid = -zero_point * step
+            hi_grid = lo_grid + step * levels
+        ctx.k, ctx.has_lo = k, lo is not None
+        ctx.save_for_backward(bits_param, bits, levels, hi, lo, lo_v, ratio, step, zero_point)
+        return step, lo_grid, hi_grid
+
+    @staticmethod
+    def backward(ctx, g_step: Tensor, g_lo: Tensor, g_hi: Tensor):  # noqa: ANN001, ANN205
+        bits_param, bits, levels, hi, lo, lo_v, ratio, step, zero_point = ctx.saved_tensors
+        k: GridConstants = ctx.k
+        if k.symmetric:
+            d_step = g_step + levels * (g_hi - g_lo)
+            d_levels = step * (g_hi - g_lo)
+            d_lo_v = None
+        else:
+            g_lo_total = g_lo + g_hi  # the upper bound is the lower one plus step * L
+            d_zero_point = -step * g_lo_total
+            d_step = g_step - zero_point * g_lo_total + levels * g_hi
+            d_levels = step * g_hi
+            # zero_point = round(t) (straight-through), t = -lo_v / step
+            d_lo_v = -d_zero_point / step
+            d_step = d_step + d_zero_point * lo_v / (step * step)
+        d_ratio = torch.where(ratio >= MIN_STEP, d_step, 0.0)
+        d_hi_v = d_ratio / levels
+        d_levels = d_levels - d_ratio * ratio / levels
+        d_hi = torch.where(hi >= 0.0, d_hi_v * k.clamp_grad_scale, 0.0)
+        d_lo = None
+        if d_lo_v is not None and ctx.needs_input_grad[1]:
+            d_lo_v = d_lo_v - d_ratio / levels
+            d_lo = reduce_to_shape(torch.where(lo <= 0.0, d_lo_v * k.clamp_grad_scale, 0.0), lo.shape)
+        # L = 2^(B-1) - 1 or 2^B - 1 with B = round(b) straight-through, b = min_bits + span * p
+        power = levels + 1.0
+        d_bits_param = reduce_to_shape(d_levels * power * math.log(2.0) * k.span, bits_param.shape)
+        return d_bits_param, d_lo, reduce_to_shape(d_hi, hi.shape), None
+
+
+def training_grid(bits_param: Tensor, lo: Optional[Tensor], hi: Tensor, constants: GridConstants) -> Tuple[Tensor, Tensor, Tensor]:
+    """`(step, lo, hi)` of a rounding estimator's training grid in one autograd node (see `_TrainingGrid`)."""
+    step, lo_grid, hi_grid = _TrainingGrid.apply(bits_param, lo, hi, constants)
+    return step, lo_grid, hi_grid
 
 
 def bounds_as_numbers(x: Tensor, lo: Tensor, hi: Tensor) -> Optional[Tuple[float, float]]:
