@@ -243,16 +243,17 @@ def _annotate(model: onnx.ModelProto, plans: Dict[str, QuantizerPlan], keep_torc
 
 
 def _has_onnx_function(e: BaseException) -> Optional[str]:
-    """The name of the torch op the exporter had no ONNX function for, if that is what failed."""
-    text = str(e)
+    """The op the exporter had no ONNX function for, if that is what failed: a `DispatchError` of torch.onnx's
+    exporter anywhere in the exception's causes (its type decides; the op's name is read from its message,
+    which names the op's target first)."""
     cause: Optional[BaseException] = e
-    while cause is not None:
-        text += "\n" + str(cause)
-        cause = cause.__cause__ or cause.__context__
-    marker = "No ONNX function found for"
-    if marker in text:
-        rest = text.split(marker, 1)[1].strip()
-        return rest.split()[0].strip("<>'\".,")
+    seen = 0
+    while cause is not None and seen < 32:
+        if type(cause).__name__ == "DispatchError" and isinstance(cause, torch.onnx.OnnxExporterError):
+            text = str(cause)
+            target = re.search(r"op='([^']+)'", text) or re.search(r"found for (\S+)", text)
+            return target.group(1).strip("<>'\".,") if target else text.splitlines()[0]
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
     return None
 
 
