@@ -356,6 +356,7 @@ class _Training:
             self.penalty = SizePenalty(run.size_lambda)
         self.good_state, self.good_opt = snapshot(run.inner), copy.deepcopy(self.opt.state_dict())
         self.bad_in_a_row = 0
+        self.updated = False  # an optimizer step was taken
 
     def base_loss(self, batch: Batch) -> Tensor:
         """The distillation loss to the teacher plus the user's task loss, on one batch."""
@@ -415,10 +416,22 @@ class _Training:
         """The optimizer step and the projection of the quantizers into their domain."""
         self.bad_in_a_row = 0
         self.opt.step()
+        self.updated = True
         for q in self.quantizers:
             q.project_bits_()
         if self.run.schedule.floor and self.run.penalty == "exterior":
             self.run.bits.apply_floor()
+
+    def advance_schedule(self) -> None:
+        """The learning rate of the next step. The schedule counts steps, skipped non-finite ones included; before
+        the first optimizer step torch would warn that the scheduler stepped first, which is that skip, not a
+        misuse."""
+        if self.updated:
+            self.lr_schedule.step()
+            return
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.lr_schedule.step()
 
     def step(self, step: int, batch: Batch) -> Tuple[float, Dict[str, float], bool, bool]:
         """One step; returns its base loss, the bit statistics after it, whether it met the target, and
@@ -484,7 +497,7 @@ class _Training:
                         loss=f"{base_value:.4g}", wbits=f"{stats['avg_weight_bits']:.2f}",
                         abits=f"{stats['avg_activation_bits']:.2f}", met=met, refresh=False,
                     )
-                self.lr_schedule.step()
+                self.advance_schedule()
                 bar.update(1)
         except KeyboardInterrupt:
             result.interrupted = True
