@@ -46,7 +46,6 @@ from fxquant.quantizer.numerics import (
     clamp_ste,
     expand_groups,
     fake_quantize,
-    grad_scale,
     group_param_shape,
     mean_over_ranks,
     reduce_to_groups,
@@ -432,35 +431,29 @@ class LearnableQuantizer(Quantizer):
         estimator = self.estimator
         if estimator.rounds and self.follow_bits and self.learn_bits:
             self.follow_bits_(x)
-        expand = lambda t: expand_groups(t, self.block_axis, self.group_size)  # noqa: E731
-        if estimator.rounds and (self.block_axis is None or self.group_size in (None, 1)):
-            # the same grid as below, in one autograd node (numerics.training_grid)
+        if estimator.rounds:
+            # the integer-bit grid and its straight-through gradients in one autograd node
             lo_param = None if self.symmetric else self.lo
             step, lo_grid, hi_grid = training_grid(self.bits_param, lo_param, self.hi, self._grid_constants(x))
-            return estimator.quantize(x, step, lo_grid, hi_grid)
-        bits = round_ste(self.bits()) if estimator.rounds else self.bits()
-        levels = self._levels(bits)
-        lo, hi = self.clamp_bounds()
-        if estimator.rounds:
-            # LSQ's gradient scale on every clamp parameter alike (the step's and the clip's gradients keep
-            # their ratio; scaling only the step's part turned the clamps' gradient direction by 70-80
-            # degrees and stalled W2A2 training)
-            scale = self._grid_constants(x).clamp_grad_scale
-            hi = grad_scale(hi, scale)
-            lo = grad_scale(lo, scale)
-        step = self._step_of(lo, hi, levels)
-        if self.symmetric:
-            lo_grid, hi_grid = -step * levels, step * levels
         else:
-            # the zero point lives on the integer grid in training too (straight-through rounding)
-            zero_point = round_ste(-lo / step)
-            lo_grid = -zero_point * step
-            hi_grid = lo_grid + step * levels
+            levels = self._levels(self.bits())
+            lo, hi = self.clamp_bounds()
+            step = self._step_of(lo, hi, levels)
+            if self.symmetric:
+                lo_grid, hi_grid = -step * levels, step * levels
+            else:
+                # the zero point lives on the integer grid in training too (straight-through rounding)
+                zero_point = round_ste(-lo / step)
+                lo_grid = -zero_point * step
+                hi_grid = lo_grid + step * levels
+        expand = lambda t: expand_groups(t, self.block_axis, self.group_size)  # noqa: E731
         return estimator.quantize(x, expand(step), expand(lo_grid), expand(hi_grid))
 
     def _grid_constants(self, x: Tensor) -> GridConstants:
         """The constants of the training grid for a tensor like `x`: LSQ's gradient scale
-        `1 / sqrt(elements per group * Qp)` at the top of the bit range."""
+        `1 / sqrt(elements per group * Qp)` at the top of the bit range, on every clamp parameter alike (the
+        step's and the clip's gradients keep their ratio; scaling only the step's part turned the clamps'
+        gradient direction by 70-80 degrees and stalled W2A2 training)."""
         numel = max(x.numel() // max(math.prod(self.param_shape), 1), 1)
         scale = 1.0 / math.sqrt(numel * float(2 ** (self.max_bits - (1 if self.symmetric else 0))))
         return GridConstants(float(self.min_bits), float(self.max_bits - self.min_bits), self.symmetric, scale)

@@ -180,8 +180,9 @@ class GridConstants:
 
 class _TrainingGrid(torch.autograd.Function):
     """`(step, lo, hi)` of the grid a rounding estimator trains on, from the bits parameter and the clamps, in
-    one autograd node (the same values as `LearnableQuantizer`'s op-by-op chain, which built ~30 nodes per
-    quantizer per step; their graph bookkeeping cost about as much as the chain's arithmetic).
+    one autograd node (the same values as the op-by-op chain of recorded ops it replaced, ~30 nodes per quantizer
+    per step whose graph bookkeeping cost about as much as their arithmetic; docs/decisions.md, "The training
+    grid in one autograd node").
 
     Forward, with `p` the bits parameter and the clamps `lo <= 0 <= hi` (`lo = -hi` if symmetric):
     `B = round(min_bits + span * clamp(p, 0, 1))`, `L = 2^(B-1) - 1` (symmetric) or `2^B - 1`,
@@ -193,12 +194,11 @@ class _TrainingGrid(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, bits_param: Tensor, lo: Optional[Tensor], hi: Tensor, k: GridConstants):  # noqa: ANN001, ANN205
+        # no autograd records here: the straight-through helpers give their values, the backward their gradients
         s = k.clamp_grad_scale
-        b = k.min_bits + k.span * (bits_param + (bits_param.clamp(0.0, 1.0) - bits_param))
-        bits = b + (torch.round(b) - b)
+        bits = round_ste(k.min_bits + k.span * clamp_ste(bits_param, 0.0, 1.0))
         levels = torch.pow(2.0, bits - 1.0) - 1.0 if k.symmetric else torch.pow(2.0, bits) - 1.0
-        hi_c = torch.clamp(hi, min=0.0)
-        hi_v = (hi_c - hi_c * s) + hi_c * s  # the values grad_scale gives
+        hi_v = grad_scale(torch.clamp(hi, min=0.0), s)
         if k.symmetric:
             ratio = hi_v / levels
             step = torch.clamp(ratio, min=MIN_STEP)
@@ -206,15 +206,13 @@ class _TrainingGrid(torch.autograd.Function):
             zero_point = lo_v = None
         else:
             assert lo is not None
-            lo_c = torch.clamp(lo, max=0.0)
-            lo_v = (lo_c - lo_c * s) + lo_c * s
+            lo_v = grad_scale(torch.clamp(lo, max=0.0), s)
             ratio = (hi_v - lo_v) / levels
             step = torch.clamp(ratio, min=MIN_STEP)
-            t = -lo_v / step
-            zero_point = t + (torch.round(t) - t)
+            zero_point = round_ste(-lo_v / step)
             lo_grid = -zero_point * step
             hi_grid = lo_grid + step * levels
-        ctx.k, ctx.has_lo = k, lo is not None
+        ctx.k = k
         ctx.save_for_backward(bits_param, bits, levels, hi, lo, lo_v, ratio, step, zero_point)
         return step, lo_grid, hi_grid
 
@@ -273,10 +271,11 @@ class _RoundClamp(torch.autograd.Function):
     parameter's (broadcast) shape here, so the graph holds one node per quantizer instead of a dozen
     element-wise ops.
 
-    Cost: the forward makes two temporaries of `x`'s size (in place from then on) and keeps a one-byte mask
-    of the clipped elements; the backward makes one (`dL/dx`). With one clamp pair for the whole tensor
-    (per-tensor activations) the clamps' gradients are sums over the clipped elements only (few) and the
-    step's a dot product, so the backward reads the gradient about three times instead of a dozen.
+    Cost: the forward makes two temporaries of `x`'s size (in place from then on). With one clamp pair for the
+    whole tensor (per-tensor activations) on the CPU the bounds are numbers (`bounds_as_numbers`): the backward
+    selects the gradients by comparing `x` with them, the clamps' gradients are two sums and the step's a dot
+    product. Otherwise the forward keeps a one-byte mask of the clipped elements, and the clamps' gradients are
+    sums over the gathered clipped elements (one pair on another device) or reductions per group.
     """
 
     @staticmethod
