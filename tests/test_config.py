@@ -46,6 +46,8 @@ def test_config_errors_are_fxquant_errors() -> None:
         (dict(weight=8), r"QuantConfig.weight=8 is not a QuantSpec"),
         (dict(first_last_bits=1), r"first_last_bits=1 is outside 2\.\.16"),
         (dict(first_last_bits="8"), r"first_last_bits='8' must be an integer"),
+        (dict(join_bits=1), r"QuantConfig.join_bits=1 must be an integer in 2\.\.16 or None; use 8"),
+        (dict(join_bits=True), r"join_bits=True must be an integer"),
         (dict(overrides="fc"), r"overrides='fc' must be a list"),
         (dict(overrides=[("fc",)]), r"overrides entry \('fc',\) must be a \(glob, QuantSpec \| None\) pair"),
         (dict(overrides=[("fc", 4)]), r"overrides entry for 'fc' has spec 4"),
@@ -91,6 +93,8 @@ def test_config_parts_are_typed_and_make_the_config_back() -> None:
         (lambda p: p.NumberFormat(weight=8), r"NumberFormat.weight=8 is not a QuantSpec"),
         (lambda p: p.Placement(first_last_bits=1), r"Placement.first_last_bits=1 is outside 2\.\.16"),
         (lambda p: p.Placement(overrides="fc"), r"Placement.overrides='fc' must be a list"),
+        (lambda p: p.Placement(join_bits=17), r"Placement.join_bits=17 must be an integer in 2\.\.16 or None"),
+        (lambda p: p.EstimatorChoice(noise="laplace"), r"EstimatorChoice.noise='laplace' is unknown"),
         (lambda p: p.EstimatorChoice(mode="lsq"), r"EstimatorChoice.mode='lsq' is unknown"),
     ],
 )
