@@ -15,7 +15,8 @@ Each run appends one JSON line to `--out` (default `benchmarks/results/lowbit.js
 sweep keeps what finished; `--table` prints the Markdown tables (mean +- std over seeds) from that file.
 
 Run: `python benchmarks/bench_lowbit.py --bits 2,4 --seeds 0,1,2` then `python benchmarks/bench_lowbit.py --table`.
-Variants for ablations: `--variant key=value,...` passes QuantConfig / finetune options (see `VARIANT_KEYS`).
+Variants for ablations: `--variant key=value,...` passes QuantConfig / finetune options (see `VARIANT_KEYS`);
+`bits8=stem|fc` keeps the layers matching those globs at 8 bits (weights and inputs).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import fxquant as fxq  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "lowbit.jsonl")
 VARIANT_KEYS = ("mode", "quantize_joins", "quantize_outputs", "join_bits", "integer_bias", "calib_method", "lr",
-                "bits_lr", "penalty_growth", "warmup", "decay_start", "loss")
+                "bits_lr", "penalty_growth", "warmup", "decay_start", "loss", "bits8")
 SCHEDULE_KEYS = {"lr": "lr", "bits_lr": "bits_lr", "penalty_growth": "penalty_growth", "warmup": "warmup",
                  "decay_start": "decay_start"}
 
@@ -79,6 +80,8 @@ def run_fxquant(model: torch.nn.Module, bits: int, convention: str, seed: int, s
             cfg_kwargs[key] = variant[key] == "1"
     if "join_bits" in variant:
         cfg_kwargs["join_bits"] = None if variant["join_bits"] == "none" else int(variant["join_bits"])
+    if "bits8" in variant:  # ablation: these layers (globs joined by "|") at 8 bits, weights and inputs
+        cfg_kwargs["overrides"] = [(glob, fxq.QuantSpec(bits=8, learn_bits=False)) for glob in variant["bits8"].split("|")]
     cfg = fxq.QuantConfig(**cfg_kwargs)
     qm = fxq.prepare(model, batches[0][0][:8], cfg)
     t0 = time.perf_counter()

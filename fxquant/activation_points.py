@@ -6,6 +6,9 @@ The rules `fxquant.analyze.analyze` applies after it has annotated the quantized
   integer kernel reads their result (`feeds_integer_kernel`), so a runtime runs them as QLinearAdd/QLinearConcat;
 - `quantize_outputs`: the output of a conv with quantized input is quantized for all its readers
   (`add_output_points`), after a directly following ReLU-like activation and across shape-only ops;
+- gated products (`value * sigmoid(z)` or `* hardsigmoid(z)`: squeeze-excite, hardswish) whose result an
+  integer kernel reads get quantizers on both inputs and on their output, so a runtime runs them as QLinearMul
+  (and a hard-sigmoid gate as QLinearAdd, a sigmoid one as QLinearSigmoid) instead of float islands;
 - such kernel-only quantizers have fixed bits (`kernel_only`: `QuantConfig.join_bits`);
 - a quantizer shared by a join group has one sign (`share_join_signs`).
 
@@ -47,6 +50,22 @@ def join_inputs(node: fx.Node) -> List[fx.Node]:
     inputs = [c for c in candidates if is_float_tensor(c) and c.op != "get_attr"]
     unique = list(dict.fromkeys(inputs))
     return unique if len(unique) >= 2 else []
+
+
+def gated_product(node: fx.Node) -> Optional[Tuple[fx.Node, fx.Node]]:
+    """`(value, gate)` of a product `value * gate` of two computed tensors whose gate is a sigmoid or hard
+    sigmoid output (squeeze-excite's scaling, hardswish after `decompose_hardswish`), else None."""
+    facts = facts_of(node)
+    if facts is None or not facts.integer_product or node.op == "call_module" or len(node.args) < 2:
+        return None
+    a, b = node.args[0], node.args[1]
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node) and a is not b and is_float_tensor(a) and is_float_tensor(b)):
+        return None
+    for value, gate in ((a, b), (b, a)):
+        gate_facts = facts_of(gate)
+        if gate_facts is not None and gate_facts.gate and value.op != "get_attr":
+            return value, gate
+    return None
 
 
 def is_fused_activation(node: fx.Node) -> bool:
@@ -117,9 +136,10 @@ def kernel_only(placement: Placement, spec: Optional[QuantSpec]) -> Optional[Qua
 
 def add_output_points(
     nodes: List[fx.Node], ops: Dict[str, QuantOp], consumers_of: ConsumersOf,
-    placement: Placement,
+    placement: Placement, products: Mapping[str, QuantSpec],
 ) -> None:
-    """Quantize the output of each conv with quantized input for all its readers (`quantize_outputs`).
+    """Quantize the output of each conv with quantized input, and of each quantized gated product
+    (`products`: its spec), for all its readers (`quantize_outputs`).
 
     The tensor is the op's output, followed through a ReLU/ReLU6/clamp that is its only reader and then
     through single-reader shape-only ops (runtimes fold the activation and move the QuantizeLinear across
@@ -130,7 +150,10 @@ def add_output_points(
     for node in nodes:
         op = ops.get(node.name)
         facts = quantizable_info(node)
-        if op is None or facts is None or not facts.output_quantized or op.input_spec is None or not is_float_tensor(node):
+        output_spec: Optional[QuantSpec] = products.get(node.name)
+        if op is not None and facts is not None and facts.output_quantized and op.input_spec is not None:
+            output_spec = kernel_only(placement, op.input_spec)
+        if output_spec is None or not is_float_tensor(node):
             continue
         out = node
         if len(out.users) == 1 and is_fused_activation(next(iter(out.users))):
@@ -143,9 +166,7 @@ def add_output_points(
         for reader in readers:
             kept_float = reader.name in ops and ops[reader.name].input_spec is None  # e.g. an override None
             if reader.name not in served and not kept_float and not quantized_after_layout(reader, consumers_of):
-                spec = kernel_only(placement, op.input_spec)
-                assert spec is not None
-                consumers_of.setdefault(out.name, []).append((reader.name, spec))
+                consumers_of.setdefault(out.name, []).append((reader.name, output_spec))
 
 
 def share_join_signs(annotations: Iterable[NodeAnnotation]) -> None:

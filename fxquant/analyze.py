@@ -34,6 +34,7 @@ from fxquant.activation_points import (
     ConsumersOf,
     add_output_points,
     feeds_integer_kernel,
+    gated_product,
     fixed_bits,
     join_inputs,
     kernel_only,
@@ -347,8 +348,14 @@ def analyze(gm: fx.GraphModule, number_format: NumberFormat, placement: Placemen
     # 3. Joins (add/concat): their inputs are quantized when an integer kernel reads the join's result (or an
     # override names the join); groups of tensors meeting at them.
     joins = {node.name: inputs for node in nodes if (inputs := join_inputs(node))}  # graph order
-    join_specs: Dict[str, Optional[QuantSpec]] = {}
+    gated = {node.name: pair for node in nodes if (pair := gated_product(node))} if placement.quantize_outputs else {}
+    join_specs: Dict[str, Optional[QuantSpec]] = {}  # joins, and the gated products of step 4
     for node in reversed(nodes):  # a join's readers are decided before it
+        if node.name in gated:
+            # 4. Gated products an integer kernel reads: both inputs and the output quantized (QLinearMul).
+            spec = kernel_only(placement, number_format.activation)
+            join_specs[node.name] = spec if feeds_integer_kernel(node, consumers_of, join_specs) else None
+            continue
         if node.name not in joins:
             continue
         all_names.append(node.name)
@@ -375,8 +382,15 @@ def analyze(gm: fx.GraphModule, number_format: NumberFormat, placement: Placemen
         for consumer, spec in items:
             consumers_of.setdefault(producer, []).append((consumer, spec))
 
+    products: Dict[str, QuantSpec] = {}
+    for name, (value, gate) in gated.items():
+        spec = join_specs.get(name)
+        if spec is not None:
+            products[name] = spec
+            for tensor in (value, gate):
+                consumers_of.setdefault(tensor.name, []).append((name, spec))
     if placement.quantize_outputs:
-        add_output_points(nodes, ops, consumers_of, placement)
+        add_output_points(nodes, ops, consumers_of, placement, products)
 
     annotations: Dict[str, NodeAnnotation] = {}
     for node in nodes:

@@ -80,6 +80,9 @@ class OpFacts:
         batchnorm: the op is an eval-mode-capable BatchNorm (its statistics are read by name).
         float_reason: it holds or applies weights that stay float, and why (reported by `kept_float`).
         float_by_design: it has parameters that are float by design (normalisation), not worth a report line.
+        gate: its output lies in [0, 1] (sigmoid, hard sigmoid): `value * gate` is a gated product.
+        integer_product: the product of two tensors, which onnxruntime runs as QLinearMul when both inputs and
+            the output are quantized (done for gated products: squeeze-excite, hardswish).
     """
 
     name: str
@@ -99,6 +102,8 @@ class OpFacts:
     batchnorm: bool = False
     float_reason: Optional[str] = None
     float_by_design: bool = False
+    gate: bool = False
+    integer_product: bool = False
 
     def __post_init__(self) -> None:
         if self.kind is not None and self.kind not in KINDS:
@@ -199,13 +204,15 @@ REGISTRY: Tuple[OpFacts, ...] = (
             fused_activation=True),
     OpFacts("hardtanh", functions=(F.hardtanh, aten.hardtanh.default), modules=(nn.Hardtanh,),
             arguments=("input", "min_val", "max_val"), sign=SIGN_CLAMP, fused_activation=True),
+    OpFacts("gate", functions=(torch.sigmoid, F.sigmoid, F.hardsigmoid, aten.sigmoid.default, aten.hardsigmoid.default),
+            methods=("sigmoid", "sigmoid_"), modules=(nn.Sigmoid, nn.Hardsigmoid), sign=SIGN_NONNEGATIVE, gate=True),
+    # hardswish(x) = x * hardsigmoid(x): `decompose_hardswish` spells it so when activations are quantized
+    OpFacts("hardswish", functions=(F.hardswish, aten.hardswish.default), modules=(nn.Hardswish,)),
     OpFacts("nonnegative", functions=(
-        torch.sigmoid, F.sigmoid, F.softmax, torch.softmax, F.hardsigmoid, torch.abs, torch.exp, F.softplus,
-        torch.square, aten.sigmoid.default, aten.softmax.int, aten._softmax.default, aten.hardsigmoid.default,
-        aten.abs.default, aten.exp.default, aten.softplus.default, aten.square.default, aten.sqrt.default,
-        aten.rsqrt.default,
-    ), methods=("sigmoid", "sigmoid_", "softmax", "abs", "exp"),
-        modules=(nn.Sigmoid, nn.Softmax, nn.Hardsigmoid, nn.Softplus), sign=SIGN_NONNEGATIVE),
+        F.softmax, torch.softmax, torch.abs, torch.exp, F.softplus, torch.square, aten.softmax.int,
+        aten._softmax.default, aten.abs.default, aten.exp.default, aten.softplus.default, aten.square.default,
+        aten.sqrt.default, aten.rsqrt.default,
+    ), methods=("softmax", "abs", "exp"), modules=(nn.Softmax, nn.Softplus), sign=SIGN_NONNEGATIVE),
     # Shape-only ops.
     OpFacts("layout", functions=(
         torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
@@ -224,8 +231,9 @@ REGISTRY: Tuple[OpFacts, ...] = (
             methods=("add", "add_"), arguments=("input", "other"), sign=SIGN_FOLLOWS, join="add"),
     OpFacts("cat", functions=(torch.cat, torch.concat, aten.cat.default, aten.concat.default),
             arguments=("tensors", "dim"), sign=SIGN_FOLLOWS, join="cat"),
-    OpFacts("mul", functions=(operator.mul, torch.mul, operator.truediv, torch.div, aten.mul.Tensor, aten.mul.Scalar,
-                              aten.div.Tensor, aten.div.Scalar), methods=("mul",),
+    OpFacts("mul", functions=(operator.mul, torch.mul, aten.mul.Tensor, aten.mul.Scalar), methods=("mul",),
+            arguments=("input", "other"), sign=SIGN_SCALED, integer_product=True),
+    OpFacts("div", functions=(operator.truediv, torch.div, aten.div.Tensor, aten.div.Scalar),
             arguments=("input", "other"), sign=SIGN_SCALED),
     OpFacts("keeps sign", functions=(
         operator.getitem, F.dropout, F.interpolate, torch.mean, torch.sum, torch.max, torch.amax, torch.chunk,

@@ -117,14 +117,21 @@ def test_round_clamp_gradients_match_lsq_autograd_reference() -> None:
     assert torch.allclose(x.grad, x2.grad) and torch.allclose(step.grad, s2.grad, atol=1e-6)
 
 
+CLIPPED_SIDES = {"both sides": lambda x: x, "only above": lambda x: x.abs() - 1.0, "only below": lambda x: -x.abs() + 1.4,
+                 "neither": lambda x: x.clamp(-1.0, 1.5)}
+"""Inputs of `round_clamp(x, 0.25, -1, 1.5)` clipped on both sides, one side (a ReLU output's lower side clips
+nothing) or none: `_clipped_gradients` takes a different branch for each."""
+
+
 @pytest.mark.parametrize("as_numbers", [True, False], ids=["scalar bounds (CPU)", "mask (other devices)"])
 @pytest.mark.parametrize("clamp_shape", [(), (1, 3, 1), (5, 1, 7), (3, 1)],
                          ids=["one clamp pair", "per channel", "two axes", "right-aligned"])
-def test_round_clamp_clamp_and_step_gradients_match_plain_autograd(clamp_shape: tuple, as_numbers: bool,
+@pytest.mark.parametrize("clipped", list(CLIPPED_SIDES))
+def test_round_clamp_clamp_and_step_gradients_match_plain_autograd(clamp_shape: tuple, as_numbers: bool, clipped: str,
                                                                     monkeypatch) -> None:  # noqa: ANN001
     """Every backward path (one clamp pair: with the bounds as numbers on the CPU, or sums over the clipped
     elements elsewhere; reductions per group otherwise) equals the same function written with plain autograd
-    ops, asymmetric clamps included."""
+    ops, asymmetric clamps included, whichever sides clip."""
     import fxquant.quantizer.numerics as numerics
     from fxquant.quantizer import round_clamp
 
@@ -132,7 +139,7 @@ def test_round_clamp_clamp_and_step_gradients_match_plain_autograd(clamp_shape: 
         monkeypatch.setattr(numerics, "bounds_as_numbers", lambda x, lo, hi: None)
 
     torch.manual_seed(0)
-    x = (torch.randn(5, 3, 7) * 2).requires_grad_(True)
+    x = CLIPPED_SIDES[clipped](torch.randn(5, 3, 7) * 2).requires_grad_(True)
     step = torch.full(clamp_shape, 0.25, requires_grad=True)
     lo = torch.full(clamp_shape, -1.0, requires_grad=True)
     hi = torch.full(clamp_shape, 1.5, requires_grad=True)
@@ -148,7 +155,8 @@ def test_round_clamp_clamp_and_step_gradients_match_plain_autograd(clamp_shape: 
     rounded = (u + (torch.round(u) - u).detach()) * s2
     y2 = torch.where(x2 > hi2, hi2 + 0 * x2, torch.where(x2 < lo2, lo2 + 0 * x2, rounded))
     (y2 * g).sum().backward()
-    assert bool((~inside).any()) and bool(((x2 > hi2) & (x2 < 2)).any())
+    assert bool((x2 > hi2).any()) == (clipped in ("both sides", "only above"))
+    assert bool((x2 < lo2).any()) == (clipped in ("both sides", "only below"))
     for ours, reference in zip((x, step, lo, hi), leaves):
         assert ours.grad is not None and reference.grad is not None
         assert torch.allclose(ours.grad, reference.grad, atol=1e-5), (ours.grad, reference.grad)

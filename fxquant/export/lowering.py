@@ -6,6 +6,7 @@
 - `gather_embeddings`: `embedding(dequantize(table), ids)` -> `gather_dequantize(ids)` for 8/16-bit tables;
 - `linears_to_matmul`: `linear(x, W, b)` -> `matmul(x, W^T) + b` with the codes stored transposed (the
   pattern onnxruntime turns into MatMulNBits / QLinearMatMul / MatMulIntegerToFloat);
+- `hard_sigmoid_gates`: `quantize(hardsigmoid(x), s)` -> `quantize(x + 3, 6 s)` read back with `s` (QLinearAdd);
 - `use_export_stand_ins`: every planned frozen quantizer becomes a stand-in module that calls one custom op
   of `fxquant.export.ops` (`_ExportActivation`, `_ExportDequantize`, `_ExportGatherDequantize`), and every
   quantizer call (stand-in or float arithmetic) is put between provenance marks naming it.
@@ -37,7 +38,7 @@ from fxquant.quantizer import FrozenActivationQuantizer, FrozenBias, FrozenWeigh
 class _ExportActivation(nn.Module):
     """Export-time stand-in of a `FrozenActivationQuantizer`: one `fxquant::quantize_dequantize` call."""
 
-    def __init__(self, qp: QParams, onnx_type: int) -> None:
+    def __init__(self, qp: QParams, onnx_type: int, quantize_scale_factor: float = 1.0) -> None:
         super().__init__()
         _, tmin, tmax, _ = next(v for v in ONNX_CONTAINERS.values() if v[0] == onnx_type)
         self.qmin, self.qmax = qp.qmin, qp.qmax
@@ -48,12 +49,31 @@ class _ExportActivation(nn.Module):
         self.register_buffer("zero_point", qp.zero_point.to(zp_dtype))
         self.register_buffer("code_min", torch.tensor(self.qmin, dtype=zp_dtype))
         self.register_buffer("code_max", torch.tensor(self.qmax, dtype=zp_dtype))
+        # a hard-sigmoid gate (`hard_sigmoid_gates`): quantized with `factor * scale`, dequantized with `scale`
+        rescaled = quantize_scale_factor != 1.0
+        self.register_buffer("dequantize_scale", qp.scale.clone() if rescaled else None)
+        if rescaled:
+            self.scale = self.scale * quantize_scale_factor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.fxquant.quantize_dequantize(
             x, self.scale, self.zero_point, self.code_min, self.code_max, self.qmin, self.qmax, self.onnx_type,
-            self.clip,
+            self.clip, self.dequantize_scale,
         )
+
+
+class _ExportConstant(nn.Module):
+    """An exact constant as `DequantizeLinear` of one UINT8 code (`code * scale`), the form onnxruntime's
+    QLinearAdd fusion needs of its second input."""
+
+    def __init__(self, code: int, scale: float) -> None:
+        super().__init__()
+        self.register_buffer("code", torch.tensor(code, dtype=torch.uint8))
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32))
+        self.register_buffer("zero_point", torch.tensor(0, dtype=torch.uint8))
+
+    def forward(self) -> torch.Tensor:
+        return torch.ops.fxquant.dequantize(self.code, self.scale, self.zero_point, 0, -1, onnx.TensorProto.UINT8)
 
 
 def _stored_codes(codes: torch.Tensor, stored: torch.dtype, zero_point_offset: int) -> torch.Tensor:
@@ -177,6 +197,51 @@ def gather_embeddings(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan]) ->
     return gm
 
 
+_HARD_SIGMOIDS = (F.hardsigmoid, torch.ops.aten.hardsigmoid.default)
+
+HARD_SIGMOID_OFFSET = "fxq_export_hard_sigmoid_offset"
+"""The export copy's submodule holding the constant 3 of `hard_sigmoid_gates`."""
+
+
+@graph_pass(requires=(FROZEN,))
+def hard_sigmoid_gates(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan]) -> fx.GraphModule:
+    """`quantize(hardsigmoid(x), s)` -> `quantize(x + 3, 6 s)` read back with scale `s`, for an unsigned quantizer
+    with zero point 0 that reads only this gate.
+
+    `hardsigmoid(x) = clip(x + 3, 0, 6) / 6`: codes `clip(round(hardsigmoid(x) / s), 0, qmax)` equal
+    `clip(round((x + 3) / (6 s)), 0, qmax)` (the same numbers up to float rounding at a tie), the clip being
+    QuantizeLinear's saturation. onnxruntime has no integer hard sigmoid; `DequantizeLinear -> Add(3) ->
+    QuantizeLinear` it runs as one QLinearAdd on the codes (docs/decisions.md, "Hardswish as integer kernels")."""
+    container = quantizer_container(gm)
+    graph = gm.graph
+    calls: Dict[str, List[fx.Node]] = {}
+    for call, called in quantizer_calls(graph):
+        calls.setdefault(called, []).append(call)
+    for node in list(graph.nodes):
+        is_hard_sigmoid = (node.op == "call_function" and node.target in _HARD_SIGMOIDS) or (
+            node.op == "call_module" and type(gm.get_submodule(str(node.target))) is nn.Hardsigmoid)
+        if not is_hard_sigmoid or len(node.users) != 1 or not node.args:
+            continue
+        reader = next(iter(node.users))
+        name = quantizer_name(reader)
+        plan = plans.get(name) if name is not None else None
+        q = container[name] if name is not None else None
+        if plan is None or plan.lowering != "qdq" or not isinstance(q, FrozenActivationQuantizer) or len(calls[name]) != 1:
+            continue
+        qp = q.qparams()
+        if qp.qmin != 0 or bool((qp.zero_point != 0).any()) or qp.scale.numel() != 1:
+            continue
+        if not hasattr(gm, HARD_SIGMOID_OFFSET):
+            gm.add_submodule(HARD_SIGMOID_OFFSET, _ExportConstant(1, 3.0))
+        with graph.inserting_before(node):
+            offset = graph.call_module(HARD_SIGMOID_OFFSET, ())
+            shifted = graph.call_function(torch.add, (node.args[0], offset))
+        node.replace_all_uses_with(shifted)
+        graph.erase_node(node)
+        plan.quantize_scale_factor = 6.0
+    return gm
+
+
 def _is_linear(node: fx.Node) -> bool:
     """A linear layer (any spelling) with its weight as the second positional argument."""
     facts = facts_of(node)
@@ -234,7 +299,7 @@ def use_export_stand_ins(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan])
             assert plan.onnx_type is not None
             qp = q.qparams()
             if isinstance(q, FrozenActivationQuantizer):
-                stand_in = _ExportActivation(qp, plan.onnx_type)
+                stand_in = _ExportActivation(qp, plan.onnx_type, plan.quantize_scale_factor)
             elif plan.gathered:
                 stand_in = _ExportGatherDequantize(_stored_codes(q.codes, TORCH_STORABLE[plan.onnx_type], 0), qp)
             elif plan.transposed:  # linear weight (out, in) stored (in, out) for MatMul
@@ -282,6 +347,7 @@ def export_copy(frozen: fx.GraphModule, plans: Dict[str, QuantizerPlan]) -> fx.G
         (
             functools.partial(gather_embeddings, plans=plans),
             functools.partial(linears_to_matmul, plans=plans),
+            functools.partial(hard_sigmoid_gates, plans=plans),
             functools.partial(use_export_stand_ins, plans=plans),
         ),
     )

@@ -25,7 +25,7 @@ from onnx.defs import OpSchema
 from onnxscript.values import Opset
 from torch import Tensor
 
-from fxquant.quantizer import fake_quantize
+from fxquant.quantizer import fake_quantize, quantize_codes
 
 
 @torch.library.custom_op("fxquant::quantize_dequantize", mutates_args=())
@@ -39,15 +39,21 @@ def quantize_dequantize(
     qmax: int,
     onnx_type: int,
     clip: bool,
+    dequantize_scale: Optional[Tensor] = None,
 ) -> Tensor:
     """`fake_quantize(x, scale, zero_point, qmin, qmax)`; `code_min`/`code_max` are `qmin`/`qmax` in the
-    container's type, for the integer Clip of widths narrower than their container."""
+    container's type, for the integer Clip of widths narrower than their container. With `dequantize_scale`
+    the codes are dequantized with it instead of `scale` (a hard-sigmoid gate: `x + 3` quantized with
+    `6 s`, read back with `s`; `fxquant.export.lowering.hard_sigmoid_gates`)."""
     zp = zero_point.to(scale.dtype)
-    return fake_quantize(x, scale, zp, torch.full_like(zp, qmin), torch.full_like(zp, qmax))
+    qmin_t, qmax_t = torch.full_like(zp, qmin), torch.full_like(zp, qmax)
+    if dequantize_scale is None:
+        return fake_quantize(x, scale, zp, qmin_t, qmax_t)
+    return (quantize_codes(x, scale, zp, qmin_t, qmax_t) - zp) * dequantize_scale
 
 
 @quantize_dequantize.register_fake
-def _(x, scale, zero_point, code_min, code_max, qmin, qmax, onnx_type, clip):  # noqa: ANN001, ANN202
+def _(x, scale, zero_point, code_min, code_max, qmin, qmax, onnx_type, clip, dequantize_scale=None):  # noqa: ANN001, ANN202
     return torch.empty_like(x)
 
 
@@ -136,7 +142,8 @@ def translation_table(opset: int) -> Dict[Any, Callable[..., Any]]:
     module = getattr(onnxscript, f"opset{min(max(opset, 18), 23)}")
     op = module
 
-    def qdq_onnx(x, scale, zero_point, code_min, code_max, qmin: int, qmax: int, onnx_type: int, clip: bool):  # noqa: ANN001, ANN202
+    def qdq_onnx(x, scale, zero_point, code_min, code_max, qmin: int, qmax: int, onnx_type: int, clip: bool,  # noqa: ANN001, ANN202
+                 dequantize_scale=None):  # noqa: ANN001
         codes_type = clipped_type(onnx_type, clip)
         if codes_type not in TORCH_STORABLE:
             zero_point = op.Cast(zero_point, to=codes_type)
@@ -144,7 +151,7 @@ def translation_table(opset: int) -> Dict[Any, Callable[..., Any]]:
         q = op.QuantizeLinear(x, scale, zero_point)
         if clip:  # a narrower width in a wider container: clip the integer codes, as integer kernels allow
             q = op.Clip(q, code_min, code_max)
-        return op.DequantizeLinear(q, scale, zero_point)
+        return op.DequantizeLinear(q, scale if dequantize_scale is None else dequantize_scale, zero_point)
 
     def dq_onnx(codes, scale, zero_point, axis: int, block_size: int, onnx_type: int):  # noqa: ANN001, ANN202
         # An explicit zero point on weights: onnxruntime builds QGemm (integer linear layers) only from a

@@ -7,6 +7,10 @@ numbers up to float rounding, and each is kept only for a fusion measured to mat
 - `x * rsqrt(v)`, exported as `Mul(x, Reciprocal(Sqrt(v)))`, becomes `Div(x, Sqrt(v))`: onnxruntime fuses the
   RMS norms of T5 and Llama (`pow, mean, add, sqrt, div, mul`) into one `SimplifiedLayerNormalization` only
   from the division.
+- `ReduceMean` over every spatial axis with `keepdims=1` (how the exporter spells `adaptive_avg_pool2d(x, 1)`
+  and `x.mean((2, 3), keepdim=True)`) becomes `GlobalAveragePool`: between DequantizeLinear and
+  QuantizeLinear onnxruntime runs that as QLinearGlobalAveragePool on the codes, while a quantized ReduceMean
+  stays float (squeeze-excite's pooling, a CNN's head).
 """
 
 from __future__ import annotations
@@ -25,8 +29,30 @@ def _divided_by_square_root(op: Any, x: ir.Value, v: ir.Value) -> ir.Value:
     return op.Div(x, op.Sqrt(v))
 
 
+def _spatial_mean(op: Any, x: ir.Value, axes: ir.Value) -> ir.Value:
+    return op.ReduceMean(x, axes, keepdims=1)
+
+
+def _over_all_spatial_axes(context: Any, x: ir.Value, axes: ir.Value, **_: Any) -> bool:
+    """`axes` is a constant naming every axis after the first two of an image or volume (rank 4 or 5; not rank 3,
+    where the mean over the last axis is a norm's that onnxruntime fuses as it is)."""
+    rank = len(x.shape) if x.shape is not None else None
+    values = axes.const_value.numpy() if axes.const_value is not None else None
+    if rank is None or not 4 <= rank <= 5 or values is None:
+        return False
+    return sorted(int(a) % rank for a in values.reshape(-1)) == list(range(2, rank))
+
+
+def _global_average_pool(op: Any, x: ir.Value, axes: ir.Value) -> ir.Value:
+    return op.GlobalAveragePool(x)
+
+
 RULES = pattern.RewriteRuleSet(
-    [pattern.RewriteRule(_times_reciprocal_square_root, _divided_by_square_root)], commute=True
+    [
+        pattern.RewriteRule(_times_reciprocal_square_root, _divided_by_square_root),
+        pattern.RewriteRule(_spatial_mean, _global_average_pool, _over_all_spatial_axes),
+    ],
+    commute=True,
 )
 """The rewrites `apply_runtime_patterns` applies, in order."""
 
