@@ -373,3 +373,48 @@ def test_kept_float_reads_the_plan_that_insertion_and_freeze_keep() -> None:
     fxq.calibrate(qm, [tokens])
     assert kept_float(qm) == planned
     assert kept_float(fxq.freeze(qm)) == planned
+
+
+class _HardswishSE(nn.Module):
+    """conv -> hardswish (module) -> squeeze-excite gated by a hard sigmoid -> conv -> pooled linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.Hardswish()
+        self.fc1, self.fc2 = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.project = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.conv(x))
+        gate = F.hardsigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(y, 1)))))
+        return self.head(F.adaptive_avg_pool2d(self.project(y * gate), 1).flatten(1))
+
+
+def test_gated_products_are_quantized_for_integer_kernels_and_hardswish_only_with_quantized_activations() -> None:
+    """With quantized activations, hardswish becomes `x * hardsigmoid(x)`; each gated product an integer kernel
+    reads gets its gate, its value and its output quantized at the kernel-only 8 bits (QLinearMul/QLinearAdd)
+    even at W4A4, the gates unsigned. With float activations (weights only) hardswish stays one op."""
+    torch.manual_seed(0)
+    model, x = _HardswishSE().eval(), torch.randn(2, 3, 8, 8)
+    spec = fxq.QuantSpec(bits=4, min_bits=2, max_bits=8)
+    qm = fxq.prepare(model, x, fxq.QuantConfig(weight=spec, activation=spec, first_last_bits=None))
+    targets = [n.target for n in qm.graph.nodes if n.op == "call_function"]
+    assert F.hardswish not in targets and targets.count(F.hardsigmoid) == 2 and targets.count(operator.mul) == 2
+    _, acts = layout(qm)
+    served = {c: name for name, (consumers, _) in acts.items() for c in consumers}
+    assert {"mul", "mul_1", "hardsigmoid", "hardsigmoid_1"} <= set(served)  # both products' inputs, the gates' inputs
+    assert set(acts["act_mul_1"][0]) == {"mul", "adaptive_avg_pool2d"}  # the hardswish's output, for all its readers
+    for name in ("act_mul_1", "act_hardsigmoid", "act_hardsigmoid_1", "act_conv2d"):
+        q = qm.fxq_quantizers[name]
+        assert int(q.integer_bits().max()) == 8 and not q.learn_bits
+    gates = [name for name, (_, nonnegative) in acts.items() if name.startswith("act_hardsigmoid")]
+    assert len(gates) == 2 and all(acts[g][1] for g in gates)
+    with torch.no_grad():
+        fxq.calibrate(qm, [x])
+        qm.eval()
+        assert torch.allclose(qm(x), model(x), atol=0.2)
+
+    weights_only = fxq.prepare(model, x, fxq.QuantConfig(weight=spec, activation=None, first_last_bits=None))
+    assert any(isinstance(m, nn.Hardswish) for m in weights_only.modules())

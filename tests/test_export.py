@@ -140,7 +140,7 @@ def test_w8a8_cnn_golden_ops_and_integer_kernels(tmp_path) -> None:
         + ["QuantizeLinear", "DequantizeLinear", "Add", "Relu"]
         + ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "DequantizeLinear", "Conv", "Relu"]
         + ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "DequantizeLinear", "Conv", "Relu"]
-        + ["QuantizeLinear", "DequantizeLinear", "Concat", "ReduceMean", "Reshape"]
+        + ["QuantizeLinear", "DequantizeLinear", "Concat", "GlobalAveragePool", "Reshape"]
         + ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "DequantizeLinear", "MatMul", "Add"]
     )
     types = collections.Counter(i.data_type for i in model.graph.initializer if i.data_type != T.FLOAT and i.data_type != T.INT64)
@@ -631,3 +631,46 @@ def test_outputs_next_to_provenance_marks_keep_their_names_and_the_file_runs(tmp
         expected = frozen(x)
     for g, e in zip(got, expected):
         assert np.abs(g - e.numpy()).max() < 1e-5
+
+
+class _SqueezeExciteHardswish(nn.Module):
+    """A MobileNetV3 block's tail: conv, hardswish (module), squeeze-excite with a hard-sigmoid gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.Hardswish()
+        self.fc1, self.fc2 = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.project = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.conv(x))
+        gate = torch.nn.functional.hardsigmoid(self.fc2(torch.relu(self.fc1(torch.nn.functional.adaptive_avg_pool2d(y, 1)))))
+        return self.project(y * gate)
+
+
+@pytest.mark.parametrize("quantize_outputs", [True, False])
+def test_hardswish_and_squeeze_excite_run_as_integer_kernels(tmp_path, quantize_outputs: bool) -> None:  # noqa: ANN001
+    """Hardswish (x * hardsigmoid(x)) and squeeze-excite's gated product run as QLinearAdd (the gate: x + 3 at
+    6 times the gate's scale) and QLinearMul, its pooling as QLinearGlobalAveragePool: no float island between
+    the integer convs; the file computes what the frozen module does. Without output quantizers (the option
+    that asks for none beyond the quantized ops' inputs) the hardswish stays one float op."""
+    torch.manual_seed(0)
+    model, x = _SqueezeExciteHardswish().eval(), torch.randn(2, 3, 12, 12)
+    cfg = fxq.QuantConfig(weight=_spec(8), activation=_spec(8), first_last_bits=None, quantize_outputs=quantize_outputs)
+    qm = fxq.prepare(model, x, cfg)
+    fxq.calibrate(qm, [x, torch.randn_like(x)])
+    frozen = fxq.freeze(qm)
+    path = str(tmp_path / "se.onnx")
+    exported = fxq.export_onnx(frozen, x, path)
+    ops = _optimized_ops(path, tmp_path)
+    if quantize_outputs:
+        assert "HardSwish" not in {n.op_type for n in exported.graph.node}
+        # the last conv writes the model's output, which stays float: a float conv reading DequantizeLinear
+        assert (ops["QLinearAdd"], ops["QLinearMul"], ops["QLinearGlobalAveragePool"], ops["QLinearConv"]) == (2, 2, 1, 3), ops
+        assert not {"HardSigmoid", "HardSwish", "Mul", "Add", "ReduceMean", "GlobalAveragePool"} & set(ops), ops
+    else:
+        assert ops["HardSwish"] + ops["HardSigmoid"] >= 1 and ops["QLinearMul"] == 0, ops
+    result = fxq.verify(frozen, path, [x], raise_on_failure=False)
+    assert all(r.ok for r in result.results), str(result)
+    assert max(r.relative_error for r in result.results) < 1e-5, str(result)

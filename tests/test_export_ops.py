@@ -77,6 +77,7 @@ class QDQCase:
     qmax: int
     zero_point: int
     scale: float
+    dequantize_factor: float = 1.0  # != 1: dequantized with `scale * factor` (a hard-sigmoid gate's 1/6)
 
     @property
     def clip(self) -> bool:
@@ -120,9 +121,13 @@ class QDQCase:
             torch.tensor(self.qmax, dtype=dt),
         )
 
+    def dequantize_scale(self, scale: Tensor) -> Optional[Tensor]:
+        return None if self.dequantize_factor == 1.0 else scale * self.dequantize_factor
+
     def call(self, x: Tensor, scale: Tensor, zero_point: Tensor, code_min: Tensor, code_max: Tensor) -> Tensor:
         return torch.ops.fxquant.quantize_dequantize(
-            x, scale, zero_point, code_min, code_max, self.qmin, self.qmax, self.onnx_type, self.clip
+            x, scale, zero_point, code_min, code_max, self.qmin, self.qmax, self.onnx_type, self.clip,
+            self.dequantize_scale(scale),
         )
 
 
@@ -179,6 +184,7 @@ Case = Union[QDQCase, DQCase]
 QDQ_CASES = [
     QDQCase("uint8_8bit", T.UINT8, 18, 0, 255, 128, 3 / 64),
     QDQCase("uint8_8bit_after_relu", T.UINT8, 18, 0, 255, 0, 0.25),
+    QDQCase("uint8_hard_sigmoid_gate", T.UINT8, 18, 0, 255, 0, 6 / 255, dequantize_factor=1 / 6),
     QDQCase("uint8_3bit_clip", T.UINT8, 18, 0, 7, 3, 5 / 128),
     QDQCase("uint16_16bit", T.UINT16, 21, 0, 2**16 - 1, 2**15, 3 / 2**14),
     QDQCase("uint16_12bit_clip", T.UINT16, 21, 0, 4095, 2000, 7 / 2**12),
@@ -410,7 +416,8 @@ def test_quantize_dequantize_inputs_hit_ties_and_both_clamps(case: QDQCase) -> N
     so the equality above covers them."""
     _, scale, *_ = case.inputs()
     out = _torch_output(case).reshape(-1)
-    s = float(scale)
+    dequantize_scale = case.dequantize_scale(scale)
+    s = float(scale if dequantize_scale is None else dequantize_scale)
     expected_ties = [(min(max(round(t) + case.zero_point, case.qmin), case.qmax) - case.zero_point) * s for t in TIES]
     assert np.array_equal(out[: len(TIES)], np.array(expected_ties, np.float32))  # Python's round: half to even
     assert out.min() == np.float32((case.qmin - case.zero_point) * s)
@@ -424,8 +431,11 @@ def test_quantize_dequantize_emits_quantize_clip_only_when_asked_dequantize(case
     x, scale, zero_point, code_min, code_max = _exported(case.opset).inputs[case.name]
     cast = case.graph_type not in TORCH_STORABLE
     counts = collections.Counter(n.op_type for n in model.graph.node)
-    want = {"QuantizeLinear": 1, "DequantizeLinear": 1, "Clip": int(case.clip), "Cast": (3 if case.clip else 1) * cast}
+    rescaled = case.dequantize_factor != 1.0  # this test's module computes `scale * factor` in its graph
+    want = {"QuantizeLinear": 1, "DequantizeLinear": 1, "Clip": int(case.clip), "Cast": (3 if case.clip else 1) * cast,
+            "Mul": int(rescaled), "Constant": int(rescaled)}
     assert counts == +collections.Counter(want), counts  # unary +: drop the zero counts
+    dequantize_scale = [n for n in model.graph.node if n.op_type == "Mul"][0].output[0] if rescaled else scale
     (q,) = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
     (dq,) = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
     assert list(q.input[:2]) == [x, scale] and len(q.input) == 3
@@ -437,7 +447,7 @@ def test_quantize_dequantize_emits_quantize_clip_only_when_asked_dequantize(case
         _assert_is_input_or_cast(model, clip.input[1], code_min, case.graph_type, cast)
         _assert_is_input_or_cast(model, clip.input[2], code_max, case.graph_type, cast)
         codes = clip.output[0]
-    assert list(dq.input) == [codes, scale, q.input[2]]
+    assert list(dq.input) == [codes, dequantize_scale, q.input[2]]
     assert list(dq.output) == [model.graph.output[0].name]
     q_codes, dq_codes = _run(model, feeds, [q.output[0], codes])
     assert q_codes.dtype == helper.tensor_dtype_to_np_dtype(case.graph_type)  # codes in the graph type
