@@ -15,7 +15,9 @@ functions and aten overloads (`call_function` targets), Tensor methods (`call_me
 - `sign`: how the sign of the output follows from the inputs (`SIGN_*`);
 - `layout_only` (shape-only ops a runtime moves a QuantizeLinear across), `fused_activation` (ReLU-like ops
   an integer kernel applies before its QuantizeLinear), `join` (add/concat of tensors that share scales);
-- `float_reason` / `float_by_design`: ops with weights that stay float, and why (reports).
+- `float_reason` / `float_by_design`: ops with weights that stay float, and why (reports);
+- `gate` (sigmoid, hard sigmoid: outputs in [0, 1]) and `integer_product` (a product of two tensors): a
+  gated product an integer kernel reads is quantized for onnxruntime's QLinearMul (`activation_points`).
 
 Analysis (`analyze.py`), module lowering (`passes/functionalize.py`), BatchNorm folding
 (`passes/fold_bn.py`), bias insertion (`passes/insert.py`) and export (`export/qdq.py`) read this table
