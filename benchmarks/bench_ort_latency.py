@@ -180,7 +180,7 @@ def bench(name: str, batch: int, iters: int, tmp: Path) -> Dict[str, str]:
         f"ORT {method} ms": f"{ms['ort']:.2f}", "fxquant ms": f"{ms['fxq']:.2f}",
         "vs float": f"{ms['float'] / ms['fxq']:.2f}x", "vs ORT": f"{ms['ort'] / ms['fxq']:.2f}x",
         "ORT vs float": f"{ms['float'] / ms['ort']:.2f}x",
-        "integer conv/matmul": f"{100 * result.integer_fraction:.0f}% ({result.integer_kernels}/{result.integer_kernels + result.float_compute})",
+        "integer kernels / compute ops": f"{100 * result.integer_fraction:.0f}% ({result.integer_kernels}/{result.integer_kernels + result.float_compute})",
         "parity": parity,
         **({"fxquant INT8-weight ms (u8s8, saturating)": f"{ms['fxq_int8']:.2f}"} if saturating else {}),
     }
