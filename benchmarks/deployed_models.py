@@ -46,6 +46,46 @@ class MobileNetV3Style(nn.Module):
         return self.head(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
 
 
+class MBConv(nn.Module):
+    """EfficientNet's block: 1x1 expand, SiLU, depthwise 3x3, SiLU, squeeze-excite with a SiLU bottleneck and a
+    sigmoid gate, 1x1 project, residual (when the shapes allow)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int = 4) -> None:
+        super().__init__()
+        h = cin * expand
+        self.expand = nn.Sequential(nn.Conv2d(cin, h, 1, bias=False), nn.BatchNorm2d(h), nn.SiLU())
+        self.dw = nn.Sequential(nn.Conv2d(h, h, 3, stride, 1, groups=h, bias=False), nn.BatchNorm2d(h), nn.SiLU())
+        self.se_reduce, self.se_expand = nn.Conv2d(h, max(cin // 4, 8), 1), nn.Conv2d(max(cin // 4, 8), h, 1)
+        self.project = nn.Sequential(nn.Conv2d(h, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dw(self.expand(x))
+        y = y * torch.sigmoid(self.se_expand(F.silu(self.se_reduce(F.adaptive_avg_pool2d(y, 1)))))
+        y = self.project(y)
+        return x + y if self.residual else y
+
+
+class EfficientNetStyle(nn.Module):
+    """EfficientNet-B0-like at 224 px: SiLU stem, MBConv stages (16, 24, 40, 80, 112 channels), 1x1 head conv,
+    pooled linear classifier."""
+
+    def __init__(self, classes: int = 1000) -> None:
+        super().__init__()
+        layers: List[nn.Module] = [nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.SiLU()]
+        cin = 32
+        for cout, blocks, stride in ((16, 1, 1), (24, 2, 2), (40, 2, 2), (80, 3, 2), (112, 3, 1)):
+            for i in range(blocks):
+                layers.append(MBConv(cin, cout, stride if i == 0 else 1, expand=1 if cout == 16 else 4))
+                cin = cout
+        layers += [nn.Conv2d(cin, 640, 1, bias=False), nn.BatchNorm2d(640), nn.SiLU()]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(640, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
 class ConvNeXtStyle(nn.Module):
     """ConvNeXt-style at 224 px: 4x4 patchify stem, four stages of the zoo's `ConvNeXtBlock` (64-512
     channels), LayerNorm + 2x2 strided conv downsampling, pooled LayerNorm head."""
@@ -199,6 +239,7 @@ def wav2vec2(batch: int) -> Tuple[nn.Module, Any, List[Any]]:
 
 MODELS: Dict[str, Tuple[Factory, bool]] = {
     "mobilenet_v3": (vision(MobileNetV3Style), True),
+    "efficientnet": (vision(EfficientNetStyle), True),
     "densenet": (vision(DenseNetStyle), True),
     "convnext": (vision(ConvNeXtStyle), True),
     "swin": (vision(SwinStyle), False),

@@ -54,7 +54,7 @@ def join_inputs(node: fx.Node) -> List[fx.Node]:
 
 def gated_product(node: fx.Node) -> Optional[Tuple[fx.Node, fx.Node]]:
     """`(value, gate)` of a product `value * gate` of two computed tensors whose gate is a sigmoid or hard
-    sigmoid output (squeeze-excite's scaling, hardswish after `decompose_hardswish`), else None."""
+    sigmoid output (squeeze-excite's scaling, hardswish and SiLU after `decompose_gated_activations`), else None."""
     facts = facts_of(node)
     if facts is None or not facts.integer_product or node.op == "call_module" or len(node.args) < 2:
         return None

@@ -85,6 +85,7 @@ class OpFacts:
         gate: its output lies in [0, 1] (sigmoid, hard sigmoid): `value * gate` is a gated product.
         integer_product: the product of two tensors, which onnxruntime runs as QLinearMul when both inputs and
             the output are quantized (done for gated products: squeeze-excite, hardswish).
+        gate_of_input: the op is `x * gate(x)` (hardswish, SiLU): the gate's function and aten spellings.
     """
 
     name: str
@@ -106,6 +107,7 @@ class OpFacts:
     float_by_design: bool = False
     gate: bool = False
     integer_product: bool = False
+    gate_of_input: Optional[Tuple[Any, Any]] = None
 
     def __post_init__(self) -> None:
         if self.kind is not None and self.kind not in KINDS:
@@ -208,8 +210,11 @@ REGISTRY: Tuple[OpFacts, ...] = (
             arguments=("input", "min_val", "max_val"), sign=SIGN_CLAMP, fused_activation=True),
     OpFacts("gate", functions=(torch.sigmoid, F.sigmoid, F.hardsigmoid, aten.sigmoid.default, aten.hardsigmoid.default),
             methods=("sigmoid", "sigmoid_"), modules=(nn.Sigmoid, nn.Hardsigmoid), sign=SIGN_NONNEGATIVE, gate=True),
-    # hardswish(x) = x * hardsigmoid(x): `decompose_hardswish` spells it so when activations are quantized
-    OpFacts("hardswish", functions=(F.hardswish, aten.hardswish.default), modules=(nn.Hardswish,)),
+    # x times a gate of x: `decompose_gated_activations` spells them so when activations are quantized
+    OpFacts("hardswish", functions=(F.hardswish, aten.hardswish.default), modules=(nn.Hardswish,),
+            gate_of_input=(F.hardsigmoid, aten.hardsigmoid.default)),
+    OpFacts("silu", functions=(F.silu, aten.silu.default), modules=(nn.SiLU,),
+            gate_of_input=(torch.sigmoid, aten.sigmoid.default)),
     OpFacts("nonnegative", functions=(
         F.softmax, torch.softmax, torch.abs, torch.exp, F.softplus, torch.square, aten.softmax.int,
         aten._softmax.default, aten.abs.default, aten.exp.default, aten.softplus.default, aten.square.default,

@@ -29,7 +29,7 @@ from fxquant.passes.attention import decompose_attention
 from fxquant.passes.fold_bn import fold_batchnorm
 from fxquant.passes.freeze import freeze_quantizers
 from fxquant.passes.functionalize import functionalize_modules
-from fxquant.passes.hardswish import decompose_hardswish
+from fxquant.passes.gated_activations import decompose_gated_activations
 from fxquant.passes.insert import insert_activation_quantizers, insert_bias_quantizers, insert_weight_quantizers
 from fxquant.quantizer import iter_learnable
 from fxquant.shared_weights import mark_shared, sharing_memo, should_share
@@ -255,7 +255,7 @@ def prepare(
         gm,
         (
             shapes, functionalize_modules, decompose_attention, fold_batchnorm,
-            functools.partial(decompose_hardswish, number_format=config.number_format), shapes,
+            functools.partial(decompose_gated_activations, number_format=config.number_format), shapes,
             functools.partial(analyze, number_format=config.number_format, placement=config.placement),
         ),
     )

@@ -418,3 +418,29 @@ def test_gated_products_are_quantized_for_integer_kernels_and_hardswish_only_wit
 
     weights_only = fxq.prepare(model, x, fxq.QuantConfig(weight=spec, activation=None, first_last_bits=None))
     assert any(isinstance(m, nn.Hardswish) for m in weights_only.modules())
+
+
+@pytest.mark.parametrize("spelling", ["module", "function"])
+def test_silu_becomes_x_times_its_sigmoid_gate(spelling: str) -> None:
+    """SiLU (module or function) is `x * sigmoid(x)` after preparation with quantized activations, with the
+    same values; the product an integer kernel reads is quantized with its gate."""
+    torch.manual_seed(0)
+    act = nn.SiLU() if spelling == "module" else F.silu
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(), nn.Conv2d(4, 4, 1)).eval()
+    model[1] = act if spelling == "module" else _Apply(act)
+    x = torch.randn(2, 3, 8, 8)
+    qm = fxq.prepare(model, x, fxq.QuantConfig(first_last_bits=None))
+    targets = [n.target for n in qm.graph.nodes if n.op == "call_function"]
+    assert F.silu not in targets and torch.sigmoid in targets and operator.mul in targets
+    assert not any(isinstance(m, nn.SiLU) for m in qm.modules())
+    served = {c for q in qm.fxq_quantizers.values() if getattr(q, "kind", None) == "activation" for c in q.served}
+    assert {"sigmoid", "mul"} <= served
+
+
+class _Apply(nn.Module):
+    def __init__(self, fn) -> None:  # noqa: ANN001
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)

@@ -633,30 +633,34 @@ def test_outputs_next_to_provenance_marks_keep_their_names_and_the_file_runs(tmp
         assert np.abs(g - e.numpy()).max() < 1e-5
 
 
-class _SqueezeExciteHardswish(nn.Module):
-    """A MobileNetV3 block's tail: conv, hardswish (module), squeeze-excite with a hard-sigmoid gate."""
+class _SqueezeExcite(nn.Module):
+    """A MobileNetV3 block's tail (hardswish module, squeeze-excite with a hard-sigmoid gate) or an
+    EfficientNet one's (SiLU module, sigmoid gate)."""
 
-    def __init__(self) -> None:
+    def __init__(self, family: str) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.act = nn.Hardswish()
+        self.act = nn.Hardswish() if family == "mobilenet_v3" else nn.SiLU()
+        self.gate = torch.nn.functional.hardsigmoid if family == "mobilenet_v3" else torch.sigmoid
         self.fc1, self.fc2 = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
         self.project = nn.Conv2d(8, 8, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.act(self.conv(x))
-        gate = torch.nn.functional.hardsigmoid(self.fc2(torch.relu(self.fc1(torch.nn.functional.adaptive_avg_pool2d(y, 1)))))
+        gate = self.gate(self.fc2(torch.relu(self.fc1(torch.nn.functional.adaptive_avg_pool2d(y, 1)))))
         return self.project(y * gate)
 
 
+@pytest.mark.parametrize("family", ["mobilenet_v3", "efficientnet"])
 @pytest.mark.parametrize("quantize_outputs", [True, False])
-def test_hardswish_and_squeeze_excite_run_as_integer_kernels(tmp_path, quantize_outputs: bool) -> None:  # noqa: ANN001
-    """Hardswish (x * hardsigmoid(x)) and squeeze-excite's gated product run as QLinearAdd (the gate: x + 3 at
-    6 times the gate's scale) and QLinearMul, its pooling as QLinearGlobalAveragePool: no float island between
+def test_hardswish_silu_and_squeeze_excite_run_as_integer_kernels(tmp_path, quantize_outputs: bool, family: str) -> None:  # noqa: ANN001
+    """Hardswish (x * hardsigmoid(x)), SiLU (x * sigmoid(x)) and squeeze-excite's gated product run as integer
+    kernels: a hard-sigmoid gate as QLinearAdd (x + 3 at 6 times the gate's scale), a sigmoid one as
+    QLinearSigmoid, the products as QLinearMul, the pooling as QLinearGlobalAveragePool: no float island between
     the integer convs; the file computes what the frozen module does. Without output quantizers (the option
-    that asks for none beyond the quantized ops' inputs) the hardswish stays one float op."""
+    that asks for none beyond the quantized ops' inputs) the activation stays float."""
     torch.manual_seed(0)
-    model, x = _SqueezeExciteHardswish().eval(), torch.randn(2, 3, 12, 12)
+    model, x = _SqueezeExcite(family).eval(), torch.randn(2, 3, 12, 12)
     cfg = fxq.QuantConfig(weight=_spec(8), activation=_spec(8), first_last_bits=None, quantize_outputs=quantize_outputs)
     qm = fxq.prepare(model, x, cfg)
     fxq.calibrate(qm, [x, torch.randn_like(x)])
@@ -664,13 +668,15 @@ def test_hardswish_and_squeeze_excite_run_as_integer_kernels(tmp_path, quantize_
     path = str(tmp_path / "se.onnx")
     exported = fxq.export_onnx(frozen, x, path)
     ops = _optimized_ops(path, tmp_path)
+    gate_kernel = "QLinearAdd" if family == "mobilenet_v3" else "QLinearSigmoid"
     if quantize_outputs:
         assert "HardSwish" not in {n.op_type for n in exported.graph.node}
         # the last conv writes the model's output, which stays float: a float conv reading DequantizeLinear
-        assert (ops["QLinearAdd"], ops["QLinearMul"], ops["QLinearGlobalAveragePool"], ops["QLinearConv"]) == (2, 2, 1, 3), ops
-        assert not {"HardSigmoid", "HardSwish", "Mul", "Add", "ReduceMean", "GlobalAveragePool"} & set(ops), ops
+        assert (ops[gate_kernel], ops["QLinearMul"], ops["QLinearGlobalAveragePool"], ops["QLinearConv"]) == (2, 2, 1, 3), ops
+        assert not {"HardSigmoid", "HardSwish", "Sigmoid", "Mul", "Add", "ReduceMean", "GlobalAveragePool"} & set(ops), ops
     else:
-        assert ops["HardSwish"] + ops["HardSigmoid"] >= 1 and ops["QLinearMul"] == 0, ops
+        float_activations = ops["HardSwish"] + ops["HardSigmoid"] + ops["Sigmoid"] + ops["QuickGelu"]  # x * sigmoid(x) fused
+        assert float_activations >= 1 and ops["QLinearMul"] == 0, ops
     result = fxq.verify(frozen, path, [x], raise_on_failure=False)
     assert all(r.ok for r in result.results), str(result)
     assert max(r.relative_error for r in result.results) < 1e-5, str(result)

@@ -211,7 +211,7 @@ def hard_sigmoid_gates(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan]) -
     `hardsigmoid(x) = clip(x + 3, 0, 6) / 6`: codes `clip(round(hardsigmoid(x) / s), 0, qmax)` equal
     `clip(round((x + 3) / (6 s)), 0, qmax)` (the same numbers up to float rounding at a tie), the clip being
     QuantizeLinear's saturation. onnxruntime has no integer hard sigmoid; `DequantizeLinear -> Add(3) ->
-    QuantizeLinear` it runs as one QLinearAdd on the codes (docs/decisions.md, "Hardswish as integer kernels")."""
+    QuantizeLinear` it runs as one QLinearAdd on the codes (docs/decisions.md, "Hardswish and SiLU as integer kernels")."""
     container = quantizer_container(gm)
     graph = gm.graph
     calls: Dict[str, List[fx.Node]] = {}
