@@ -18,6 +18,7 @@ from models_zoo import (  # on the path coverage_table sets
     ConvNeXtBlock,
     DenseLayer,
     InvertedResidual,
+    MBConv,
     SwinBlock,
     init_bn_statistics,
 )
@@ -44,26 +45,6 @@ class MobileNetV3Style(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
-
-
-class MBConv(nn.Module):
-    """EfficientNet's block: 1x1 expand, SiLU, depthwise 3x3, SiLU, squeeze-excite with a SiLU bottleneck and a
-    sigmoid gate, 1x1 project, residual (when the shapes allow)."""
-
-    def __init__(self, cin: int, cout: int, stride: int, expand: int = 4) -> None:
-        super().__init__()
-        h = cin * expand
-        self.expand = nn.Sequential(nn.Conv2d(cin, h, 1, bias=False), nn.BatchNorm2d(h), nn.SiLU())
-        self.dw = nn.Sequential(nn.Conv2d(h, h, 3, stride, 1, groups=h, bias=False), nn.BatchNorm2d(h), nn.SiLU())
-        self.se_reduce, self.se_expand = nn.Conv2d(h, max(cin // 4, 8), 1), nn.Conv2d(max(cin // 4, 8), h, 1)
-        self.project = nn.Sequential(nn.Conv2d(h, cout, 1, bias=False), nn.BatchNorm2d(cout))
-        self.residual = stride == 1 and cin == cout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.dw(self.expand(x))
-        y = y * torch.sigmoid(self.se_expand(F.silu(self.se_reduce(F.adaptive_avg_pool2d(y, 1)))))
-        y = self.project(y)
-        return x + y if self.residual else y
 
 
 class EfficientNetStyle(nn.Module):

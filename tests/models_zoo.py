@@ -101,6 +101,39 @@ class InvertedResidual(nn.Module):
         return x + self.project(self.se(self.dw(self.expand(x))))
 
 
+class MBConv(nn.Module):
+    """EfficientNet's block: 1x1 expand, SiLU, depthwise 3x3, SiLU, squeeze-excite with a SiLU bottleneck and a
+    sigmoid gate, 1x1 project, residual (when the shapes allow)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int = 4) -> None:
+        super().__init__()
+        h = cin * expand
+        self.expand = nn.Sequential(nn.Conv2d(cin, h, 1, bias=False), nn.BatchNorm2d(h), nn.SiLU())
+        self.dw = nn.Sequential(nn.Conv2d(h, h, 3, stride, 1, groups=h, bias=False), nn.BatchNorm2d(h), nn.SiLU())
+        self.se_reduce, self.se_expand = nn.Conv2d(h, max(cin // 4, 8), 1), nn.Conv2d(max(cin // 4, 8), h, 1)
+        self.project = nn.Sequential(nn.Conv2d(h, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dw(self.expand(x))
+        y = y * torch.sigmoid(self.se_expand(F.silu(self.se_reduce(F.adaptive_avg_pool2d(y, 1)))))
+        y = self.project(y)
+        return x + y if self.residual else y
+
+
+class TinyEfficientNet(nn.Module):
+    """EfficientNet-style: strided stem with SiLU, two MBConv blocks (SiLU, sigmoid squeeze-excite), pooled head."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.SiLU())
+        self.blocks = nn.Sequential(MBConv(8, 8, 1, expand=2), MBConv(8, 16, 2, expand=2))
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1), 1))
+
+
 class TinyMobileNet(nn.Module):
     """MobileNetV3-style: strided stem with hardswish, two inverted residual blocks, pooled linear head."""
 
@@ -478,6 +511,7 @@ def hf_wav2vec2() -> Tuple[nn.Module, Any, List[Any]]:
 ZOO: Dict[str, Factory] = {
     "resnet": lambda: _vision(_seeded(TinyResNet), (3, 16, 16)),
     "mobilenet": lambda: _vision(_seeded(TinyMobileNet), (3, 16, 16)),
+    "efficientnet": lambda: _vision(_seeded(TinyEfficientNet), (3, 16, 16)),
     "unet": lambda: _vision(_seeded(TinyUNet), (3, 16, 16)),
     "recurrent": lambda: _tokens(_seeded(RecurrentTagger), 50, key="tokens"),
     "control_flow": lambda: _vision(_seeded(ControlFlowNet), (16,)),
@@ -494,6 +528,6 @@ ZOO: Dict[str, Factory] = {
     "wav2vec2": hf_wav2vec2,
 }
 HF_MODELS = ("bert", "gpt2", "vit", "distilbert", "llama", "t5", "wav2vec2")
-CNN_MODELS = ("resnet", "mobilenet", "unet", "densenet", "convnext")
+CNN_MODELS = ("resnet", "mobilenet", "efficientnet", "unet", "densenet", "convnext")
 """Convolutional networks (benchmarked against onnxruntime's `quantize_static`); the others are attention or
 recurrent models (against `quantize_dynamic`)."""

@@ -36,6 +36,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 EXPECTED_CAPTURE = {
     "resnet": "symbolic_trace",
     "mobilenet": "symbolic_trace",
+    "efficientnet": "symbolic_trace",
     "unet": "symbolic_trace",
     "recurrent": "symbolic_trace",
     "control_flow": "symbolic_trace_leaves",
@@ -49,6 +50,7 @@ EXPECTED_CAPTURE = {
 EXPECTED_WEIGHT_QUANTIZERS = {
     "resnet": 7,  # 6 convs + fc
     "mobilenet": 12,  # stem + 2 x (expand, dw, se.fc1, se.fc2, project) + head
+    "efficientnet": 12,  # stem + 2 x (expand, dw, se_reduce, se_expand, project) + head
     "unet": 7,  # 6 convs + conv-transpose
     "recurrent": 2,  # embedding + head (LSTM/GRU float)
     "control_flow": 2,  # inp + out (gate float)
