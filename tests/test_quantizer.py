@@ -150,7 +150,6 @@ def test_round_clamp_clamp_and_step_gradients_match_plain_autograd(clamp_shape: 
     (y * g).sum().backward()
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, step, lo, hi)]
     x2, s2, lo2, hi2 = leaves
-    inside = (x2 >= lo2) & (x2 <= hi2)
     u = x2 / s2
     rounded = (u + (torch.round(u) - u).detach()) * s2
     y2 = torch.where(x2 > hi2, hi2 + 0 * x2, torch.where(x2 < lo2, lo2 + 0 * x2, rounded))

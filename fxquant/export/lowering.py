@@ -45,15 +45,13 @@ class _ExportActivation(nn.Module):
         self.clip = (self.qmin, self.qmax) != (tmin, tmax)
         self.onnx_type = clipped_type(onnx_type, self.clip)  # a clipped 3-bit UINT4 runs in UINT8
         zp_dtype = TORCH_STORABLE.get(self.onnx_type, torch.int64)
-        self.register_buffer("scale", qp.scale.clone())
+        # a hard-sigmoid gate (`hard_sigmoid_gates`): quantized with `factor * scale`, dequantized with `scale`
+        rescaled = quantize_scale_factor != 1.0
+        self.register_buffer("scale", qp.scale * quantize_scale_factor if rescaled else qp.scale.clone())
+        self.register_buffer("dequantize_scale", qp.scale.clone() if rescaled else None)
         self.register_buffer("zero_point", qp.zero_point.to(zp_dtype))
         self.register_buffer("code_min", torch.tensor(self.qmin, dtype=zp_dtype))
         self.register_buffer("code_max", torch.tensor(self.qmax, dtype=zp_dtype))
-        # a hard-sigmoid gate (`hard_sigmoid_gates`): quantized with `factor * scale`, dequantized with `scale`
-        rescaled = quantize_scale_factor != 1.0
-        self.register_buffer("dequantize_scale", qp.scale.clone() if rescaled else None)
-        if rescaled:
-            self.scale = self.scale * quantize_scale_factor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.fxquant.quantize_dequantize(
@@ -224,8 +222,9 @@ def hard_sigmoid_gates(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan]) -
             continue
         reader = next(iter(node.users))
         name = quantizer_name(reader)
-        plan = plans.get(name) if name is not None else None
-        q = container[name] if name is not None else None
+        if name is None:
+            continue
+        plan, q = plans.get(name), container[name]
         if plan is None or plan.lowering != "qdq" or not isinstance(q, FrozenActivationQuantizer) or len(calls[name]) != 1:
             continue
         qp = q.qparams()
