@@ -86,6 +86,8 @@ class OpFacts:
         integer_product: the product of two tensors, which onnxruntime runs as QLinearMul when both inputs and
             the output are quantized (done for gated products: squeeze-excite, hardswish).
         gate_of_input: the op is `x * gate(x)` (hardswish, SiLU): the gate's function and aten spellings.
+        clipped_shift: `(shift, range)` when the op is `clip(x + shift, 0, range) / range` (hard sigmoid: (3, 6)):
+            quantized with scale `s` and zero point 0, it is `x + shift` quantized with `range * s`.
     """
 
     name: str
@@ -108,6 +110,7 @@ class OpFacts:
     gate: bool = False
     integer_product: bool = False
     gate_of_input: Optional[Tuple[Any, Any]] = None
+    clipped_shift: Optional[Tuple[float, float]] = None
 
     def __post_init__(self) -> None:
         if self.kind is not None and self.kind not in KINDS:
@@ -208,8 +211,10 @@ REGISTRY: Tuple[OpFacts, ...] = (
             fused_activation=True),
     OpFacts("hardtanh", functions=(F.hardtanh, aten.hardtanh.default), modules=(nn.Hardtanh,),
             arguments=("input", "min_val", "max_val"), sign=SIGN_CLAMP, fused_activation=True),
-    OpFacts("gate", functions=(torch.sigmoid, F.sigmoid, F.hardsigmoid, aten.sigmoid.default, aten.hardsigmoid.default),
-            methods=("sigmoid", "sigmoid_"), modules=(nn.Sigmoid, nn.Hardsigmoid), sign=SIGN_NONNEGATIVE, gate=True),
+    OpFacts("sigmoid", functions=(torch.sigmoid, F.sigmoid, aten.sigmoid.default), methods=("sigmoid", "sigmoid_"),
+            modules=(nn.Sigmoid,), sign=SIGN_NONNEGATIVE, gate=True),
+    OpFacts("hardsigmoid", functions=(F.hardsigmoid, aten.hardsigmoid.default), modules=(nn.Hardsigmoid,),
+            sign=SIGN_NONNEGATIVE, gate=True, clipped_shift=(3.0, 6.0)),
     # x times a gate of x: `decompose_gated_activations` spells them so when activations are quantized
     OpFacts("hardswish", functions=(F.hardswish, aten.hardswish.default), modules=(nn.Hardswish,),
             gate_of_input=(F.hardsigmoid, aten.hardsigmoid.default)),

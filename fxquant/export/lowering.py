@@ -195,16 +195,14 @@ def gather_embeddings(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan]) ->
     return gm
 
 
-_HARD_SIGMOIDS = (F.hardsigmoid, torch.ops.aten.hardsigmoid.default)
-
-HARD_SIGMOID_OFFSET = "fxq_export_hard_sigmoid_offset"
-"""The export copy's submodule holding the constant 3 of `hard_sigmoid_gates`."""
+SHIFT_PREFIX = "fxq_export_shift_"
+"""Prefix of the export copy's submodules holding the constant shifts of `hard_sigmoid_gates`."""
 
 
 @graph_pass(requires=(FROZEN,))
 def hard_sigmoid_gates(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan]) -> fx.GraphModule:
     """`quantize(hardsigmoid(x), s)` -> `quantize(x + 3, 6 s)` read back with scale `s`, for an unsigned quantizer
-    with zero point 0 that reads only this gate.
+    with zero point 0 that reads only this gate (ops with the registry's `OpFacts.clipped_shift`).
 
     `hardsigmoid(x) = clip(x + 3, 0, 6) / 6`: codes `clip(round(hardsigmoid(x) / s), 0, qmax)` equal
     `clip(round((x + 3) / (6 s)), 0, qmax)` (the same numbers up to float rounding at a tie), the clip being
@@ -216,10 +214,10 @@ def hard_sigmoid_gates(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan]) -
     for call, called in quantizer_calls(graph):
         calls.setdefault(called, []).append(call)
     for node in list(graph.nodes):
-        is_hard_sigmoid = (node.op == "call_function" and node.target in _HARD_SIGMOIDS) or (
-            node.op == "call_module" and type(gm.get_submodule(str(node.target))) is nn.Hardsigmoid)
-        if not is_hard_sigmoid or len(node.users) != 1 or not node.args:
+        facts = facts_of(node)
+        if facts is None or facts.clipped_shift is None or len(node.users) != 1 or not node.args:
             continue
+        shift, span = facts.clipped_shift
         reader = next(iter(node.users))
         name = quantizer_name(reader)
         if name is None:
@@ -230,14 +228,15 @@ def hard_sigmoid_gates(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan]) -
         qp = q.qparams()
         if qp.qmin != 0 or bool((qp.zero_point != 0).any()) or qp.scale.numel() != 1:
             continue
-        if not hasattr(gm, HARD_SIGMOID_OFFSET):
-            gm.add_submodule(HARD_SIGMOID_OFFSET, _ExportConstant(1, 3.0))
+        constant = f"{SHIFT_PREFIX}{str(shift).replace('.', '_').replace('-', 'minus_')}"
+        if not hasattr(gm, constant):
+            gm.add_submodule(constant, _ExportConstant(1, shift))
         with graph.inserting_before(node):
-            offset = graph.call_module(HARD_SIGMOID_OFFSET, ())
+            offset = graph.call_module(constant, ())
             shifted = graph.call_function(torch.add, (node.args[0], offset))
         node.replace_all_uses_with(shifted)
         graph.erase_node(node)
-        plan.quantize_scale_factor = 6.0
+        plan.quantize_scale_factor = span
     return gm
 
 
