@@ -43,3 +43,27 @@ def test_an_rms_norm_is_exported_as_the_division_onnxruntime_fuses(tmp_path) -> 
     with torch.no_grad():
         np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: other.numpy()})[0],
                                    frozen(other).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_spatial_mean_becomes_global_average_pool_and_leaves_no_unused_initializer(tmp_path) -> None:  # noqa: ANN001
+    """`x.mean((2, 3), keepdim=True)` after a quantized conv is exported as GlobalAveragePool (onnxruntime's
+    QLinearGlobalAveragePool between Q/DQ), and the ReduceMean's axes constant does not stay behind (onnxruntime
+    warns about every unused initializer)."""
+    class Pool(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.fc = torch.nn.Conv2d(4, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.conv(x)).mean((2, 3), keepdim=True))
+
+    torch.manual_seed(0)
+    model, x = Pool().eval(), torch.randn(2, 3, 8, 8)
+    qm = fxq.prepare(model, x, fxq.QuantConfig(first_last_bits=None))
+    fxq.calibrate(qm, [x])
+    exported = fxq.export_onnx(fxq.freeze(qm), x, str(tmp_path / "pool.onnx"))
+    ops = [n.op_type for n in exported.graph.node]
+    assert "GlobalAveragePool" in ops and "ReduceMean" not in ops
+    read = {i for n in exported.graph.node for i in n.input}
+    assert all(init.name in read for init in exported.graph.initializer)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.rewriter import pattern
 
 
@@ -58,8 +59,12 @@ RULES = pattern.RewriteRuleSet(
 
 
 def apply_runtime_patterns(model: ir.Model) -> int:
-    """Apply `RULES` to `model` in place; the number of rewrites."""
-    return RULES.apply_to_model(model)
+    """Apply `RULES` to `model` in place, then drop what the rewrites left unread (a `ReduceMean`'s axes
+    constant: onnxruntime warns about every unused initializer); the number of rewrites."""
+    count = RULES.apply_to_model(model)
+    if count:
+        RemoveUnusedNodesPass()(model)
+    return count
 
 
 __all__ = ["RULES", "apply_runtime_patterns"]
