@@ -42,9 +42,9 @@ import fxquant as fxq  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "lowbit.jsonl")
 VARIANT_KEYS = ("mode", "quantize_joins", "quantize_outputs", "join_bits", "integer_bias", "calib_method", "lr",
-                "bits_lr", "penalty_growth", "warmup", "decay_start", "loss", "bits8")
-SCHEDULE_KEYS = {"lr": "lr", "bits_lr": "bits_lr", "penalty_growth": "penalty_growth", "warmup": "warmup",
-                 "decay_start": "decay_start"}
+                "clamp_lr", "bits_lr", "penalty_growth", "warmup", "decay_start", "loss", "bits8")
+SCHEDULE_KEYS = {"lr": "lr", "clamp_lr": "clamp_lr", "bits_lr": "bits_lr", "penalty_growth": "penalty_growth",
+                 "warmup": "warmup", "decay_start": "decay_start"}
 
 
 def run_lsq(model: torch.nn.Module, bits: int, convention: str, seed: int, steps: int,
