@@ -680,3 +680,26 @@ def test_hardswish_silu_and_squeeze_excite_run_as_integer_kernels(tmp_path, quan
     result = fxq.verify(frozen, path, [x], raise_on_failure=False)
     assert all(r.ok for r in result.results), str(result)
     assert max(r.relative_error for r in result.results) < 1e-5, str(result)
+    # the ONNX report finds the frozen module's quantizers, no more (the gate's shift is inside its own marks)
+    assert {row.quantizer for row in fxq.report(path).rows} == set(dict(frozen.fxq_quantizers.named_children()))
+
+
+def test_a_hard_sigmoid_gate_whose_range_grew_past_one_stays_a_float_hard_sigmoid(tmp_path) -> None:  # noqa: ANN001
+    """`quantize(x + 3, 6 s)` equals `quantize(hardsigmoid(x), s)` only when the codes saturate by the gate's top
+    (`round(1 / s) >= qmax`); a gate quantizer whose range grew past 1 (fine-tuning can move it) is exported as a
+    float HardSigmoid between its Q/DQ, and the file still computes what the frozen module does."""
+    torch.manual_seed(0)
+    model, x = _SqueezeExcite("mobilenet_v3").eval(), torch.randn(2, 3, 12, 12)
+    qm = fxq.prepare(model, x, fxq.QuantConfig(weight=_spec(8), activation=_spec(8), first_last_bits=None))
+    fxq.calibrate(qm, [x, torch.randn_like(x)])
+    gates = [q for name, q in qm.fxq_quantizers.items() if name.startswith("act_hardsigmoid")]
+    assert len(gates) == 2
+    with torch.no_grad():
+        gates[0].hi.mul_(3.0)  # one gate's range: [0, ~3]
+    frozen = fxq.freeze(qm)
+    path = str(tmp_path / "se.onnx")
+    fxq.export_onnx(frozen, x, path)
+    ops = _optimized_ops(path, tmp_path)
+    assert ops["HardSigmoid"] == 1 and ops["QLinearAdd"] == 1, ops
+    result = fxq.verify(frozen, path, [x], raise_on_failure=False)
+    assert max(r.relative_error for r in result.results) < 1e-5, str(result)

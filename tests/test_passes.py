@@ -15,7 +15,9 @@ from fxquant.errors import PassError
 from fxquant.passes import BN_FOLDED, FUNCTIONAL, properties, run_passes
 from fxquant.passes.attention import decompose_attention
 from fxquant.passes.fold_bn import fold_batchnorm
+from fxquant.config import NumberFormat, QuantSpec
 from fxquant.passes.functionalize import functionalize_modules
+from fxquant.passes.gated_activations import decompose_gated_activations
 from fxquant.tracing import propagate_shapes
 
 
@@ -107,3 +109,33 @@ def test_a_pass_whose_requirement_is_missing_is_refused_with_the_pass_that_ensur
     gm = _module(nn.Module(), graph)
     with pytest.raises(PassError, match=r"pass fold_batchnorm requires 'functional'.*ensured by functionalize_modules"):
         run_passes(gm, (fold_batchnorm,))
+
+
+class _Gated(nn.Module):
+    """hardswish (module), SiLU (function and module), and an in-place SiLU whose input a later op reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hardswish, self.silu = nn.Hardswish(), nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x * 2.0
+        y = F.silu(h, inplace=True)  # writes h: the next line reads the activated tensor
+        return self.silu(self.hardswish(x)) + F.silu(x) + h + y
+
+
+def test_decompose_gated_activations_writes_x_times_its_gate_with_the_same_values() -> None:
+    """hardswish -> x * hardsigmoid(x), SiLU -> x * sigmoid(x) (module and function calls), the same values; an
+    in-place call whose input is read again is left as it is; nothing changes when activations stay float."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 5)
+    quantized = NumberFormat(weight=QuantSpec(bits=8), activation=QuantSpec(bits=8))
+    gm = decompose_gated_activations(fx.symbolic_trace(_Gated()), number_format=quantized)
+    gm.recompile()
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert F.hardsigmoid in targets and targets.count(torch.sigmoid) == 2 and targets.count(F.silu) == 1  # the in-place one
+    assert not [n for n in gm.graph.nodes if n.op == "call_module"]
+    assert torch.allclose(gm(x.clone()), _Gated()(x.clone()), atol=1e-6)
+    float_activations = NumberFormat(weight=QuantSpec(bits=8), activation=None)
+    kept = decompose_gated_activations(fx.symbolic_trace(_Gated()), number_format=float_activations)
+    assert sum(n.op == "call_module" for n in kept.graph.nodes) == 2

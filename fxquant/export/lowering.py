@@ -38,7 +38,7 @@ from fxquant.quantizer import FrozenActivationQuantizer, FrozenBias, FrozenWeigh
 class _ExportActivation(nn.Module):
     """Export-time stand-in of a `FrozenActivationQuantizer`: one `fxquant::quantize_dequantize` call."""
 
-    def __init__(self, qp: QParams, onnx_type: int, quantize_scale_factor: float = 1.0) -> None:
+    def __init__(self, qp: QParams, onnx_type: int, quantize_scale_factor: float = 1.0, input_shift: float = 0.0) -> None:
         super().__init__()
         _, tmin, tmax, _ = next(v for v in ONNX_CONTAINERS.values() if v[0] == onnx_type)
         self.qmin, self.qmax = qp.qmin, qp.qmax
@@ -52,26 +52,23 @@ class _ExportActivation(nn.Module):
         self.register_buffer("zero_point", qp.zero_point.to(zp_dtype))
         self.register_buffer("code_min", torch.tensor(self.qmin, dtype=zp_dtype))
         self.register_buffer("code_max", torch.tensor(self.qmax, dtype=zp_dtype))
+        # ... whose input is `x + shift`, the shift an exact DequantizeLinear of one UINT8 code (the form
+        # onnxruntime's QLinearAdd fusion needs), inside this quantizer's provenance marks
+        self.input_shift = input_shift
+        if input_shift:
+            self.register_buffer("shift_code", torch.tensor(1, dtype=torch.uint8))
+            self.register_buffer("shift_scale", torch.tensor(input_shift, dtype=torch.float32))
+            self.register_buffer("shift_zero_point", torch.tensor(0, dtype=torch.uint8))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_shift:
+            x = x + torch.ops.fxquant.dequantize(
+                self.shift_code, self.shift_scale, self.shift_zero_point, 0, -1, onnx.TensorProto.UINT8
+            )
         return torch.ops.fxquant.quantize_dequantize(
             x, self.scale, self.zero_point, self.code_min, self.code_max, self.qmin, self.qmax, self.onnx_type,
             self.clip, self.dequantize_scale,
         )
-
-
-class _ExportConstant(nn.Module):
-    """An exact constant as `DequantizeLinear` of one UINT8 code (`code * scale`), the form onnxruntime's
-    QLinearAdd fusion needs of its second input."""
-
-    def __init__(self, code: int, scale: float) -> None:
-        super().__init__()
-        self.register_buffer("code", torch.tensor(code, dtype=torch.uint8))
-        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32))
-        self.register_buffer("zero_point", torch.tensor(0, dtype=torch.uint8))
-
-    def forward(self) -> torch.Tensor:
-        return torch.ops.fxquant.dequantize(self.code, self.scale, self.zero_point, 0, -1, onnx.TensorProto.UINT8)
 
 
 def _stored_codes(codes: torch.Tensor, stored: torch.dtype, zero_point_offset: int) -> torch.Tensor:
@@ -195,19 +192,19 @@ def gather_embeddings(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan]) ->
     return gm
 
 
-SHIFT_PREFIX = "fxq_export_shift_"
-"""Prefix of the export copy's submodules holding the constant shifts of `hard_sigmoid_gates`."""
-
-
 @graph_pass(requires=(FROZEN,))
 def hard_sigmoid_gates(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan]) -> fx.GraphModule:
-    """`quantize(hardsigmoid(x), s)` -> `quantize(x + 3, 6 s)` read back with scale `s`, for an unsigned quantizer
-    with zero point 0 that reads only this gate (ops with the registry's `OpFacts.clipped_shift`).
+    """`quantize(hardsigmoid(x), s)` -> `quantize(x + 3, 6 s)` read back with scale `s` (ops with the registry's
+    `OpFacts.clipped_shift`), for an unsigned per-tensor quantizer with zero point 0 that reads only this gate and
+    whose codes saturate by the gate's top, 1 (`round(1 / s) >= qmax`).
 
     `hardsigmoid(x) = clip(x + 3, 0, 6) / 6`: codes `clip(round(hardsigmoid(x) / s), 0, qmax)` equal
-    `clip(round((x + 3) / (6 s)), 0, qmax)` (the same numbers up to float rounding at a tie), the clip being
-    QuantizeLinear's saturation. onnxruntime has no integer hard sigmoid; `DequantizeLinear -> Add(3) ->
-    QuantizeLinear` it runs as one QLinearAdd on the codes (docs/decisions.md, "Hardswish and SiLU as integer kernels")."""
+    `clip(round((x + 3) / (6 s)), 0, qmax)` (the same numbers up to float rounding at a tie), QuantizeLinear's
+    saturation being the clip; with `round(1 / s) < qmax` (a gate quantizer whose range grew past 1) they would
+    not, and the gate stays a float HardSigmoid. onnxruntime has no integer hard sigmoid; `DequantizeLinear ->
+    Add(3) -> QuantizeLinear` it runs as one QLinearAdd on the codes (docs/decisions.md, "Hardswish and SiLU as
+    integer kernels"). The plan records the rewrite (`quantize_scale_factor`, `input_shift`) for the quantizer's
+    stand-in (`use_export_stand_ins`, which must run after this pass), which adds the shift itself."""
     container = quantizer_container(gm)
     graph = gm.graph
     calls: Dict[str, List[fx.Node]] = {}
@@ -228,15 +225,11 @@ def hard_sigmoid_gates(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan]) -
         qp = q.qparams()
         if qp.qmin != 0 or bool((qp.zero_point != 0).any()) or qp.scale.numel() != 1:
             continue
-        constant = f"{SHIFT_PREFIX}{str(shift).replace('.', '_').replace('-', 'minus_')}"
-        if not hasattr(gm, constant):
-            gm.add_submodule(constant, _ExportConstant(1, shift))
-        with graph.inserting_before(node):
-            offset = graph.call_module(constant, ())
-            shifted = graph.call_function(torch.add, (node.args[0], offset))
-        node.replace_all_uses_with(shifted)
+        if round(1.0 / float(qp.scale)) < qp.qmax:
+            continue
+        reader.replace_input_with(node, node.args[0])
         graph.erase_node(node)
-        plan.quantize_scale_factor = span
+        plan.quantize_scale_factor, plan.input_shift = span, shift
     return gm
 
 
@@ -297,7 +290,7 @@ def use_export_stand_ins(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan])
             assert plan.onnx_type is not None
             qp = q.qparams()
             if isinstance(q, FrozenActivationQuantizer):
-                stand_in = _ExportActivation(qp, plan.onnx_type, plan.quantize_scale_factor)
+                stand_in = _ExportActivation(qp, plan.onnx_type, plan.quantize_scale_factor, plan.input_shift)
             elif plan.gathered:
                 stand_in = _ExportGatherDequantize(_stored_codes(q.codes, TORCH_STORABLE[plan.onnx_type], 0), qp)
             elif plan.transposed:  # linear weight (out, in) stored (in, out) for MatMul

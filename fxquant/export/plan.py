@@ -57,9 +57,10 @@ class QuantizerPlan:
     transposed: bool = False
     gathered: bool = False  # an embedding table: its rows are gathered as integer codes, then scaled
     lookup_alias: Optional[str] = None  # a table also read by linears (tied head): its lookups' stand-in's name
-    # a hard-sigmoid gate's quantizer reads `x + 3` (`lowering.hard_sigmoid_gates`): QuantizeLinear's scale is
-    # this times the frozen scale, DequantizeLinear's the frozen scale
+    # a hard-sigmoid gate's quantizer reads `x + input_shift` (`lowering.hard_sigmoid_gates`): QuantizeLinear's
+    # scale is `quantize_scale_factor` times the frozen scale, DequantizeLinear's the frozen scale
     quantize_scale_factor: float = 1.0
+    input_shift: float = 0.0
 
     @property
     def type_name(self) -> str:

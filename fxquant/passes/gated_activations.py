@@ -29,7 +29,9 @@ aten = torch.ops.aten
 @graph_pass(invalidates=(SHAPES, ANALYZED))
 def decompose_gated_activations(gm: fx.GraphModule, *, number_format: NumberFormat) -> fx.GraphModule:
     """Rewrite each call (function, aten op or module) of an op that is `x * gate(x)` into that product, in the
-    same spelling family (aten ops stay aten ops); nothing when activations stay float."""
+    same spelling family (aten ops stay aten ops); nothing when activations stay float. An in-place call
+    (`inplace=True`) whose input other ops read too is left as it is: those readers see the activated tensor,
+    which the product would not write into `x`."""
     if number_format.activation is None:
         return gm
     graph = gm.graph
@@ -38,6 +40,8 @@ def decompose_gated_activations(gm: fx.GraphModule, *, number_format: NumberForm
         if facts is None or facts.gate_of_input is None or not node.args or not isinstance(node.args[0], fx.Node):
             continue
         x = node.args[0]
+        if _in_place(gm, node) and len(x.users) > 1:
+            continue
         function_gate, aten_gate = facts.gate_of_input
         on_aten = node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
         with graph.inserting_before(node):
@@ -50,3 +54,10 @@ def decompose_gated_activations(gm: fx.GraphModule, *, number_format: NumberForm
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     return gm
+
+
+def _in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether the call writes its result into its input (`inplace=True` as an argument or a module attribute)."""
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(str(node.target)), "inplace", False))
+    return bool(node.kwargs.get("inplace", False)) or (len(node.args) > 1 and node.args[1] is True)

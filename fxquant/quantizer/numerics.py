@@ -306,10 +306,10 @@ class _RoundClamp(torch.autograd.Function):
             # single-threaded (docs/decisions.md, "Clipped elements of a per-tensor quantizer").
             lo_value, hi_value = ctx.bounds
             grad_in = _inside_gradient(grad, x, lo_value, hi_value)
-            if need_lo or need_hi:
-                below, above = _clipped_gradients(grad, grad_in, x, lo_value, hi_value)
-                grad_lo = below.reshape(lo.shape) if need_lo else None
-                grad_hi = above.reshape(hi.shape) if need_hi else None
+            if need_hi:
+                grad_hi = torch.ops.aten.threshold_backward(grad, x, hi_value).sum().reshape(hi.shape)
+            if need_lo:
+                grad_lo = torch.ops.aten.hardtanh_backward(grad, x, -math.inf, lo_value).sum().reshape(lo.shape)
         else:
             grad_in = torch.where(outside, 0.0, grad)
             if lo.numel() == 1 and hi.numel() == 1 and (need_lo or need_hi):
@@ -340,29 +340,6 @@ def _inside_gradient(grad: Tensor, x: Tensor, lo: float, hi: float) -> Tensor:
     below_lo = float(np.nextafter(np.float32(lo), np.float32(-np.inf)))
     above_hi = float(np.nextafter(np.float32(hi), np.float32(np.inf)))
     return torch.ops.aten.hardtanh_backward(grad, x, below_lo, above_hi)
-
-
-def _clipped_gradients(grad: Tensor, grad_in: Tensor, x: Tensor, lo: float, hi: float) -> Tuple[Tensor, Tensor]:
-    """`(sum of grad where x < lo, sum of grad where x > hi)`, the clamps' gradients of one clamp pair.
-
-    Their sum is `sum(grad) - sum(grad_in)`: two read-only reductions. Where `x`'s range shows that one side
-    clips nothing (always the lower side of a ReLU output), that side's gradient is exactly 0 and the other is
-    that difference; otherwise the upper side is selected explicitly. This replaces a select-and-sum per side
-    (`threshold_backward`/`hardtanh_backward`, each writing a tensor of `x`'s size), ~2x the memory traffic
-    (docs/decisions.md, "Clamp gradients from two sums"). The sums accumulate in float64: the clipped part is
-    a small difference of two large sums.
-    """
-    x_min, x_max = (float(v) for v in torch.aminmax(x))
-    zero = grad.new_zeros(())
-    if x_min >= lo and x_max <= hi:
-        return zero, zero
-    outside = (grad.sum() - grad_in.sum())
-    if x_min >= lo:
-        return zero, outside
-    if x_max <= hi:
-        return outside, zero
-    above = torch.ops.aten.threshold_backward(grad, x, hi).sum()
-    return outside - above, above
 
 
 def round_clamp(x: Tensor, step: Tensor, lo: Tensor, hi: Tensor, dither: bool = False) -> Tensor:
