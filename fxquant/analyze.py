@@ -350,20 +350,9 @@ def analyze(gm: fx.GraphModule, number_format: NumberFormat, placement: Placemen
     joins = {node.name: inputs for node in nodes if (inputs := join_inputs(node))}  # graph order
     gated = {node.name: pair for node in nodes if (pair := gated_product(node))} if placement.quantize_outputs else {}
     join_specs: Dict[str, Optional[QuantSpec]] = {}  # joins, and the gated products of step 4
+    # 4. Gated products (`value * sigmoid(z)`, ...) the same way: both inputs and the output quantized (QLinearMul).
     for node in reversed(nodes):  # a join's readers are decided before it
-        if node.name in gated:
-            # 4. Gated products an integer kernel reads (or an override names): both inputs and the output
-            # quantized (QLinearMul).
-            all_names.append(node.name)
-            matched, spec, _ = _match_override(placement, (node.name,), used_overrides)
-            if matched:
-                join_specs[node.name] = None if spec is None else _act_spec_from(spec)
-            elif feeds_integer_kernel(node, consumers_of, join_specs):
-                join_specs[node.name] = kernel_only(placement, number_format.activation)
-            else:
-                join_specs[node.name] = None
-            continue
-        if node.name not in joins:
+        if node.name not in joins and node.name not in gated:
             continue
         all_names.append(node.name)
         matched, spec, _ = _match_override(placement, (node.name,), used_overrides)

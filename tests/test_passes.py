@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fxquant.config import NumberFormat, QuantSpec
 from fxquant.errors import PassError
 from fxquant.passes import BN_FOLDED, FUNCTIONAL, properties, run_passes
 from fxquant.passes.attention import decompose_attention
 from fxquant.passes.fold_bn import fold_batchnorm
-from fxquant.config import NumberFormat, QuantSpec
 from fxquant.passes.functionalize import functionalize_modules
 from fxquant.passes.gated_activations import decompose_gated_activations
 from fxquant.tracing import propagate_shapes
