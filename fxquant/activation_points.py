@@ -9,6 +9,8 @@ The rules `fxquant.analyze.analyze` applies after it has annotated the quantized
 - gated products (`value * sigmoid(z)` or `* hardsigmoid(z)`: squeeze-excite, hardswish) whose result an
   integer kernel reads get quantizers on both inputs and on their output, so a runtime runs them as QLinearMul
   (and a hard-sigmoid gate as QLinearAdd, a sigmoid one as QLinearSigmoid) instead of float islands;
+- the input of an average pooling over an image whose output is quantized (`add_pooling_points`: a CNN's head
+  pool), so onnxruntime pools the codes (QLinearGlobalAveragePool) and the join before it is an integer add;
 - such kernel-only quantizers have fixed bits (`kernel_only`: `QuantConfig.join_bits`);
 - a quantizer shared by a join group has one sign (`share_join_signs`).
 
@@ -167,6 +169,26 @@ def add_output_points(
             kept_float = reader.name in ops and ops[reader.name].input_spec is None  # e.g. an override None
             if reader.name not in served and not kept_float and not quantized_after_layout(reader, consumers_of):
                 consumers_of.setdefault(out.name, []).append((reader.name, output_spec))
+
+
+def add_pooling_points(nodes: List[fx.Node], consumers_of: ConsumersOf, spec: Optional[QuantSpec]) -> None:
+    """Quantize the input of each average pooling over an image whose output is quantized for all its readers
+    (through single-reader shape-only ops: a CNN's head pool before its linear), with `spec`: onnxruntime then runs
+    the pooling on the codes, and the join or gated product before it sees an integer kernel read its result."""
+    if spec is None:
+        return
+    for node in nodes:
+        facts = facts_of(node)
+        x = node.args[0] if node.args else None
+        if facts is None or not facts.integer_pooling or not isinstance(x, fx.Node) or not is_float_tensor(x):
+            continue
+        meta = x.meta.get("tensor_meta")
+        if meta is None or len(getattr(meta, "shape", ())) != 4:
+            continue
+        out = through_layout(node)
+        served = {c for c, _ in consumers_of.get(out.name, [])}
+        if out.users and all(r.name in served for r in out.users) and node.name not in {c for c, _ in consumers_of.get(x.name, [])}:
+            consumers_of.setdefault(x.name, []).append((node.name, spec))
 
 
 def share_join_signs(annotations: Iterable[NodeAnnotation]) -> None:

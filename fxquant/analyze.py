@@ -33,6 +33,7 @@ from torch import fx, nn
 from fxquant.activation_points import (
     ConsumersOf,
     add_output_points,
+    add_pooling_points,
     feeds_integer_kernel,
     fixed_bits,
     gated_product,
@@ -344,6 +345,8 @@ def analyze(gm: fx.GraphModule, number_format: NumberFormat, placement: Placemen
             producer = node.args[i]
             assert isinstance(producer, fx.Node)
             consumers_of.setdefault(producer.name, []).append((node.name, op.input_spec))
+    if placement.quantize_outputs:  # average poolings whose output is quantized pool the codes
+        add_pooling_points(nodes, consumers_of, kernel_only(placement, number_format.activation))
 
     # 3. Joins (add/concat): their inputs are quantized when an integer kernel reads the join's result (or an
     # override names the join); groups of tensors meeting at them.

@@ -86,6 +86,8 @@ class OpFacts:
         integer_product: the product of two tensors, which onnxruntime runs as QLinearMul when both inputs and
             the output are quantized (done for gated products: squeeze-excite, hardswish).
         gate_of_input: the op is `x * gate(x)` (hardswish, SiLU): the gate's function and aten spellings.
+        integer_pooling: over an image (rank 4), onnxruntime runs it on the codes between Q/DQ
+            (QLinearAveragePool, QLinearGlobalAveragePool).
         clipped_shift: `(shift, range)` when the op is `clip(x + shift, 0, range) / range` (hard sigmoid: (3, 6)):
             quantized with scale `s` and zero point 0, it is `x + shift` quantized with `range * s`.
     """
@@ -111,6 +113,7 @@ class OpFacts:
     integer_product: bool = False
     gate_of_input: Optional[Tuple[Any, Any]] = None
     clipped_shift: Optional[Tuple[float, float]] = None
+    integer_pooling: bool = False
 
     def __post_init__(self) -> None:
         if self.kind is not None and self.kind not in KINDS:
@@ -238,7 +241,7 @@ REGISTRY: Tuple[OpFacts, ...] = (
     ), sign=SIGN_FOLLOWS, selects_values=True),
     OpFacts("average pooling", functions=_AVG_POOLS, modules=(
         nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    ), sign=SIGN_FOLLOWS),
+    ), sign=SIGN_FOLLOWS, integer_pooling=True),
     OpFacts("add", functions=(operator.add, torch.add, operator.iadd, aten.add.Tensor, aten.add_.Tensor),
             methods=("add", "add_"), arguments=("input", "other"), sign=SIGN_FOLLOWS, join="add"),
     OpFacts("cat", functions=(torch.cat, torch.concat, aten.cat.default, aten.concat.default),

@@ -140,7 +140,8 @@ def test_w8a8_cnn_golden_ops_and_integer_kernels(tmp_path) -> None:
         + ["QuantizeLinear", "DequantizeLinear", "Add", "Relu"]
         + ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "DequantizeLinear", "Conv", "Relu"]
         + ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "DequantizeLinear", "Conv", "Relu"]
-        + ["QuantizeLinear", "DequantizeLinear", "Concat", "GlobalAveragePool", "Reshape"]
+        # the concat's output quantized for the head pool, which then pools the codes (QLinearGlobalAveragePool)
+        + ["QuantizeLinear", "DequantizeLinear", "Concat", "QuantizeLinear", "DequantizeLinear", "GlobalAveragePool", "Reshape"]
         + ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "DequantizeLinear", "MatMul", "Add"]
     )
     types = collections.Counter(i.data_type for i in model.graph.initializer if i.data_type != T.FLOAT and i.data_type != T.INT64)
@@ -152,6 +153,7 @@ def test_w8a8_cnn_golden_ops_and_integer_kernels(tmp_path) -> None:
     ops = _optimized_ops(path, tmp_path)
     assert ops["QLinearConv"] == 5
     assert ops["QLinearAdd"] == 1
+    assert ops["QLinearGlobalAveragePool"] == 1
     assert "Conv" not in ops
 
 
@@ -299,7 +301,7 @@ def test_nodes_and_metadata_map_back_to_quantizers(tmp_path) -> None:
     assert report.integer_bytes == integer_initializer_bytes(model)
     text = str(fxq.report(path))
     # act_relu (conv1's input) reads act_relu_to_add (the join's, fixed at 8 bits): one more pair
-    assert all(name in text for name in names) and "9 Q/DQ pairs" in text
+    assert all(name in text for name in names) and "10 Q/DQ pairs" in text
 
 
 def test_dynamic_batch_runs_any_batch(tmp_path) -> None:
@@ -701,5 +703,37 @@ def test_a_hard_sigmoid_gate_whose_range_grew_past_one_stays_a_float_hard_sigmoi
     fxq.export_onnx(frozen, x, path)
     ops = _optimized_ops(path, tmp_path)
     assert ops["HardSigmoid"] == 1 and ops["QLinearAdd"] == 1, ops
+    result = fxq.verify(frozen, path, [x], raise_on_failure=False)
+    assert max(r.relative_error for r in result.results) < 1e-5, str(result)
+
+
+class _ResidualHead(nn.Module):
+    """A residual block's last add and ReLU, then the global average pool and linear head of a CNN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv1(x))
+        y = torch.relu(y + self.conv2(y))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+
+def test_a_cnn_head_pools_the_codes_and_its_last_residual_add_is_integer(tmp_path) -> None:  # noqa: ANN001
+    """The head's average pool reads a quantized input when its output is quantized (the linear's input), so
+    onnxruntime runs it as QLinearGlobalAveragePool and the residual add before it as QLinearAdd (with the ReLU):
+    no float op between the integer kernels; the file computes what the frozen module does."""
+    torch.manual_seed(0)
+    model, x = _ResidualHead().eval(), torch.randn(2, 3, 12, 12)
+    qm = fxq.prepare(model, x, fxq.QuantConfig(first_last_bits=None))
+    fxq.calibrate(qm, [x, torch.randn_like(x)])
+    frozen = fxq.freeze(qm)
+    path = str(tmp_path / "head.onnx")
+    fxq.export_onnx(frozen, x, path)
+    ops = _optimized_ops(path, tmp_path)
+    assert (ops["QLinearAdd"], ops["QLinearGlobalAveragePool"], ops["QLinearConv"], ops["QGemm"]) == (1, 1, 2, 1), ops
+    assert not {"Add", "Relu", "GlobalAveragePool", "ReduceMean", "Conv"} & set(ops), ops
     result = fxq.verify(frozen, path, [x], raise_on_failure=False)
     assert max(r.relative_error for r in result.results) < 1e-5, str(result)
