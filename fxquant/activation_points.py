@@ -118,13 +118,16 @@ def feeds_integer_kernel(
     return False
 
 
-def quantized_after_layout(node: fx.Node, consumers_of: ConsumersOf) -> bool:
-    """`node` starts a chain of single-reader shape-only ops whose result is quantized for all its readers."""
-    if not is_layout(node):
-        return False
+def quantized_for_all_readers(node: fx.Node, consumers_of: ConsumersOf) -> bool:
+    """The result of `node`, followed through single-reader shape-only ops, is quantized for all its readers."""
     node = through_layout(node)
     served = {c for c, _ in consumers_of.get(node.name, [])}
     return bool(node.users) and all(r.name in served for r in node.users)
+
+
+def quantized_after_layout(node: fx.Node, consumers_of: ConsumersOf) -> bool:
+    """`node` starts a chain of single-reader shape-only ops whose result is quantized for all its readers."""
+    return is_layout(node) and quantized_for_all_readers(node, consumers_of)
 
 
 def kernel_only(placement: Placement, spec: Optional[QuantSpec]) -> Optional[QuantSpec]:
@@ -185,9 +188,7 @@ def add_pooling_points(nodes: List[fx.Node], consumers_of: ConsumersOf, spec: Op
         meta = x.meta.get("tensor_meta")
         if meta is None or len(getattr(meta, "shape", ())) != 4:
             continue
-        out = through_layout(node)
-        served = {c for c, _ in consumers_of.get(out.name, [])}
-        if out.users and all(r.name in served for r in out.users) and node.name not in {c for c, _ in consumers_of.get(x.name, [])}:
+        if quantized_for_all_readers(node, consumers_of):
             consumers_of.setdefault(x.name, []).append((node.name, spec))
 
 
