@@ -42,9 +42,10 @@ import fxquant as fxq  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "lowbit.jsonl")
 VARIANT_KEYS = ("mode", "quantize_joins", "quantize_outputs", "join_bits", "integer_bias", "calib_method", "lr",
-                "clamp_lr", "bits_lr", "penalty_growth", "warmup", "decay_start", "loss", "bits8")
+                "clamp_lr", "bits_lr", "penalty_growth", "warmup", "decay_start", "final_lr_ratio", "loss", "bits8",
+                "calib_batches")
 SCHEDULE_KEYS = {"lr": "lr", "clamp_lr": "clamp_lr", "bits_lr": "bits_lr", "penalty_growth": "penalty_growth",
-                 "warmup": "warmup", "decay_start": "decay_start"}
+                 "warmup": "warmup", "decay_start": "decay_start", "final_lr_ratio": "final_lr_ratio"}
 
 
 def run_lsq(model: torch.nn.Module, bits: int, convention: str, seed: int, steps: int,
@@ -86,7 +87,8 @@ def run_fxquant(model: torch.nn.Module, bits: int, convention: str, seed: int, s
     qm = fxq.prepare(model, batches[0][0][:8], cfg)
     t0 = time.perf_counter()
     calib_kwargs = {"method": variant["calib_method"]} if "calib_method" in variant else {}  # else fxquant's default
-    fxq.calibrate(qm, [b[0] for b in batches[:2]], num_batches=2, **calib_kwargs)
+    calib_batches = int(variant.get("calib_batches", 2))
+    fxq.calibrate(qm, [b[0] for b in batches[:calib_batches]], num_batches=calib_batches, **calib_kwargs)
     kwargs: Dict[str, Any] = {}
     schedule = {SCHEDULE_KEYS[k]: float(v) for k, v in variant.items() if k in SCHEDULE_KEYS}
     if schedule:
