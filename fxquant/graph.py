@@ -51,6 +51,14 @@ def quantizer_calls(graph: fx.Graph) -> Iterator[Tuple[fx.Node, str]]:
             yield node, name
 
 
+def quantizer_calls_by_name(graph: fx.Graph) -> Dict[str, List[fx.Node]]:
+    """By quantizer name, its calls in graph order (a weight shared by two layers may be called twice)."""
+    calls: Dict[str, List[fx.Node]] = {}
+    for node, name in quantizer_calls(graph):
+        calls.setdefault(name, []).append(node)
+    return calls
+
+
 def quantizer_readers(graph: fx.Graph) -> Dict[str, List[fx.Node]]:
     """By quantizer target, every node that reads one of its calls (a weight shared by two layers may be
     called twice): a lowering that changes what a quantizer computes must fit all of them."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import Dict, List
+from typing import Dict
 
 import onnx
 import torch
@@ -28,7 +28,14 @@ from torch import fx, nn
 
 from fxquant.export.ops import TORCH_STORABLE, clipped_type
 from fxquant.export.plan import ONNX_CONTAINERS, QuantizerPlan
-from fxquant.graph import quantizer_calls, quantizer_container, quantizer_name, quantizer_readers, quantizer_target
+from fxquant.graph import (
+    quantizer_calls,
+    quantizer_calls_by_name,
+    quantizer_container,
+    quantizer_name,
+    quantizer_readers,
+    quantizer_target,
+)
 from fxquant.op_registry import facts_of
 from fxquant.passes import EXPORT_LOWERED, FROZEN, graph_pass, run_passes
 from fxquant.qparams import QParams
@@ -207,9 +214,7 @@ def hard_sigmoid_gates(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan]) -
     stand-in (`use_export_stand_ins`, which must run after this pass), which adds the shift itself."""
     container = quantizer_container(gm)
     graph = gm.graph
-    calls: Dict[str, List[fx.Node]] = {}
-    for call, called in quantizer_calls(graph):
-        calls.setdefault(called, []).append(call)
+    calls = quantizer_calls_by_name(graph)
     for node in list(graph.nodes):
         facts = facts_of(node)
         if facts is None or facts.clipped_shift is None or len(node.users) != 1 or not node.args:
@@ -246,10 +251,7 @@ def linears_to_matmul(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan]) ->
     container = quantizer_container(gm)
     graph = gm.graph
     readers = quantizer_readers(graph)
-    calls_of: Dict[str, List[fx.Node]] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls_of.setdefault(str(node.target), []).append(node)
+    calls_of = quantizer_calls_by_name(graph)
     for node in list(graph.nodes):
         if not _is_linear(node):
             continue
@@ -262,7 +264,7 @@ def linears_to_matmul(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan]) ->
         plan = plans.get(name)
         if not isinstance(q, FrozenWeight) or plan is None or plan.lowering != "qdq" or plan.lookup_alias is not None:
             continue  # a tied table's codes stay as they are, read by its lookups too (not a transposed copy)
-        calls = calls_of[str(w.target)]
+        calls = calls_of[name]
         if q.codes.dim() != 2 or any(not _is_linear(u) or u.args[1] not in calls for u in readers[str(w.target)]):
             continue
         plan.transposed = True
