@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from typing import Optional
 
 import numpy as np
@@ -123,20 +124,38 @@ CLIPPED_SIDES = {"both sides": lambda x: x, "only above": lambda x: x.abs() - 1.
 nothing) or none: `_clipped_gradients` takes a different branch for each."""
 
 
-@pytest.mark.parametrize("as_numbers", [True, False], ids=["scalar bounds (CPU)", "mask (other devices)"])
+PATHS = ("fused CPU kernel", "torch ops, scalar bounds (CPU)", "torch ops, mask (other devices)")
+"""The three ways `_RoundClamp` computes one clamp pair: `fused_cpu`'s one-pass kernel, torch ops with the bounds
+as numbers, torch ops with a mask of the clipped elements."""
+
+
+def _use_path(path: str, monkeypatch) -> None:  # noqa: ANN001
+    import fxquant.quantizer.fused_cpu as fused_cpu
+    import fxquant.quantizer.numerics as numerics
+
+    if path == PATHS[0]:
+        if shutil.which(fused_cpu.compiler()[0]) is None:
+            pytest.skip("no C compiler on this machine: the fused CPU kernel cannot be built")
+        monkeypatch.setattr(fused_cpu, "MIN_ELEMENTS", 1)  # the tests' small tensors too
+        assert fused_cpu.library() is not None, "the fused kernel did not build on this machine"
+    else:
+        monkeypatch.setenv("FXQ_FUSED_KERNELS", "0")
+    if path == PATHS[2]:
+        monkeypatch.setattr(numerics, "bounds_as_numbers", lambda x, lo, hi: None)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("clamp_shape", [(), (1, 3, 1), (5, 1, 7), (3, 1)],
                          ids=["one clamp pair", "per channel", "two axes", "right-aligned"])
 @pytest.mark.parametrize("clipped", list(CLIPPED_SIDES))
-def test_round_clamp_clamp_and_step_gradients_match_plain_autograd(clamp_shape: tuple, as_numbers: bool, clipped: str,
+def test_round_clamp_clamp_and_step_gradients_match_plain_autograd(clamp_shape: tuple, path: str, clipped: str,
                                                                     monkeypatch) -> None:  # noqa: ANN001
-    """Every backward path (one clamp pair: with the bounds as numbers on the CPU, or sums over the clipped
-    elements elsewhere; reductions per group otherwise) equals the same function written with plain autograd
-    ops, asymmetric clamps included, whichever sides clip."""
-    import fxquant.quantizer.numerics as numerics
+    """Every backward path (one clamp pair: the fused CPU kernel, torch ops with the bounds as numbers on the CPU,
+    or sums over the clipped elements elsewhere; reductions per group otherwise) equals the same function written
+    with plain autograd ops, asymmetric clamps included, whichever sides clip."""
     from fxquant.quantizer import round_clamp
 
-    if not as_numbers:
-        monkeypatch.setattr(numerics, "bounds_as_numbers", lambda x, lo, hi: None)
+    _use_path(path, monkeypatch)
 
     torch.manual_seed(0)
     x = CLIPPED_SIDES[clipped](torch.randn(5, 3, 7) * 2).requires_grad_(True)
@@ -161,16 +180,14 @@ def test_round_clamp_clamp_and_step_gradients_match_plain_autograd(clamp_shape: 
         assert torch.allclose(ours.grad, reference.grad, atol=1e-5), (ours.grad, reference.grad)
 
 
-@pytest.mark.parametrize("as_numbers", [True, False], ids=["scalar bounds (CPU)", "mask (other devices)"])
-def test_round_clamp_passes_the_gradient_at_the_bounds_themselves(as_numbers: bool, monkeypatch) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("path", PATHS)
+def test_round_clamp_passes_the_gradient_at_the_bounds_themselves(path: str, monkeypatch) -> None:  # noqa: ANN001
     """The straight-through gradient reaches `x` on the closed interval `[lo, hi]` (elements equal to a bound,
     such as the largest weight after `hi = max|w|`, keep theirs); the clamps' gradients sum what lies strictly
-    outside. The CPU's one-pair path selects by float32 neighbours of the bounds: checked at those neighbours."""
-    import fxquant.quantizer.numerics as numerics
+    outside. The CPU's one-pair paths select by comparing with the bounds: checked at their float32 neighbours."""
     from fxquant.quantizer import round_clamp
 
-    if not as_numbers:
-        monkeypatch.setattr(numerics, "bounds_as_numbers", lambda x, lo, hi: None)
+    _use_path(path, monkeypatch)
     lo, hi = torch.tensor(-1.0), torch.tensor(1.5)
     below, above = np.nextafter(np.float32(-1.0), np.float32(-2.0)), np.nextafter(np.float32(1.5), np.float32(2.0))
     values = [-3.0, float(below), -1.0, 0.0, 0.7, 1.5, float(above), 4.0]

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fxquant.quantizer import fused_cpu
+
 MIN_STEP = 1e-9
 """Smallest step: a dead group (hi == lo == 0) gets this step and one level instead of a division by 0."""
 
@@ -164,8 +166,13 @@ def dither_of_groups(grad_in: Tensor, shape: torch.Size) -> Tensor:
     if numel_per_group < DITHER_EXACT_BELOW:
         r = torch.randint(0, 2, grad_in.shape, device=grad_in.device).to(grad_in.dtype) - 0.5
         return reduce_to_shape(grad_in * r, shape) / math.sqrt(3.0)
-    variance = _sum_of_products(grad_in, grad_in, shape) / 12.0
-    return torch.randn(shape, device=grad_in.device, dtype=grad_in.dtype) * variance.sqrt()
+    return dither_from_square_sum(_sum_of_products(grad_in, grad_in, shape), shape)
+
+
+def dither_from_square_sum(square_sum: Tensor, shape: torch.Size) -> Tensor:
+    """The dither of groups of at least `DITHER_EXACT_BELOW` elements from `sum_i g_i^2` per group: a Gaussian
+    draw with variance `square_sum / 12` (see `dither_of_groups`)."""
+    return torch.randn(shape, device=square_sum.device, dtype=square_sum.dtype) * (square_sum / 12.0).sqrt()
 
 
 @dataclass(frozen=True)
@@ -281,6 +288,13 @@ class _RoundClamp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, step: Tensor, lo: Tensor, hi: Tensor, dither: bool) -> Tensor:  # noqa: ANN001
         bounds = bounds_as_numbers(x, lo, hi)
+        ctx.step_shape, ctx.dither, ctx.bounds = step.shape, dither, bounds
+        ctx.fused = bounds is not None and step.numel() == 1 and fused_cpu.applies(x)
+        if ctx.fused:
+            assert bounds is not None
+            ctx.step_value = float(step)
+            ctx.save_for_backward(x, lo, hi)
+            return fused_cpu.round_clamp_forward(x, ctx.step_value, *bounds)
         if bounds is not None:
             clamped = torch.clamp(x, *bounds)
             outside = x.new_empty(0)
@@ -291,11 +305,12 @@ class _RoundClamp(torch.autograd.Function):
         q = torch.round(u)
         # saved as u - q (in place on u); the step's gradient is q - u
         ctx.save_for_backward(x, u.sub_(q), outside, lo, hi)
-        ctx.step_shape, ctx.dither, ctx.bounds = step.shape, dither, bounds
         return q.mul_(step)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
+        if ctx.fused:
+            return _fused_backward(ctx, grad)
         x, minus_residual, outside, lo, hi = ctx.saved_tensors
         need_lo, need_hi = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         grad_lo = grad_hi = grad_step = None
@@ -331,6 +346,24 @@ class _RoundClamp(torch.autograd.Function):
             if ctx.dither:
                 grad_step = grad_step + dither_of_groups(grad_in, ctx.step_shape)
         return grad_in, grad_step, grad_lo, grad_hi, None
+
+
+def _fused_backward(ctx, grad: Tensor) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], None]:  # noqa: ANN001
+    """`_RoundClamp`'s backward from the fused CPU kernel's one pass (`fused_cpu.round_clamp_backward`)."""
+    x, lo, hi = ctx.saved_tensors
+    grad_in, sums = fused_cpu.round_clamp_backward(grad, x, ctx.step_value, *ctx.bounds)
+    sums = sums.to(grad.dtype)
+    grad_lo = sums[0].reshape(lo.shape) if ctx.needs_input_grad[2] else None
+    grad_hi = sums[1].reshape(hi.shape) if ctx.needs_input_grad[3] else None
+    grad_step = None
+    if ctx.needs_input_grad[1]:
+        grad_step = (-sums[2]).reshape(ctx.step_shape)
+        if ctx.dither:
+            if grad_in.numel() < DITHER_EXACT_BELOW:
+                grad_step = grad_step + dither_of_groups(grad_in, ctx.step_shape)
+            else:
+                grad_step = grad_step + dither_from_square_sum(sums[3].reshape(ctx.step_shape), ctx.step_shape)
+    return grad_in, grad_step, grad_lo, grad_hi, None
 
 
 def _inside_gradient(grad: Tensor, x: Tensor, lo: float, hi: float) -> Tensor:

@@ -1,0 +1,187 @@
+"""The fused CPU kernel of a per-tensor quantizer's straight-through round-clamp: one pass forward, one backward.
+
+`numerics._RoundClamp` with one clamp pair makes five memory passes over the activation forward and about
+as many backward; on the CPU those passes, not arithmetic, were most of a fine-tuning step's overhead over a
+float step (docs/decisions.md, "A fused CPU kernel for per-tensor quantizers"). `round_clamp.c` does each
+direction in one pass; this module builds it with the system C compiler on first use, caches the shared
+library, and calls it through `ctypes` with the tensors' data pointers.
+
+Why not torch's own tools: `torch.utils.cpp_extension` compiles torch's C++ headers (about a minute on first
+use, and it needs ninja), and `torch.compile` compiles a kernel per shape and guards every call; the C file has
+no dependency and builds in well under a second. Where it cannot be used (no C compiler, another device or
+dtype, a non-contiguous tensor, `FXQ_FUSED_KERNELS=0`), the torch ops compute the same values: the forward
+is bitwise the same, the gradients the same up to the order of float sums.
+
+Environment: `FXQ_FUSED_KERNELS=0` turns the kernel off; `CC` names the compiler (default: the one Python
+was built with, else `cc`); `FXQ_CACHE_DIR` moves the cache (default `~/.cache/fxquant`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import subprocess
+import sysconfig
+import tempfile
+import warnings
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+class FusedKernelWarning(UserWarning):
+    """The fused CPU kernel could not be built; the torch ops compute the same values, more slowly."""
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "round_clamp.c")
+FLAGS = ("-O3", "-fno-trapping-math", "-fPIC", "-shared", "-fopenmp")
+"""`-fno-trapping-math` lets the selects vectorise (no value changes); never `-ffast-math` (the rounding relies
+on IEEE float arithmetic)."""
+NATIVE_FLAGS = ("-march=native",)
+"""Tried first: this CPU's widest vectors (AVX-512 halves the backward's time against SSE2's on an Intel Xeon).
+The cache key holds the CPU's identity, so a home directory shared by different machines keeps one library
+per CPU; a compiler that rejects the flag builds without it."""
+ABI_VERSION = 2
+MIN_ELEMENTS = 4096
+"""Smaller tensors take the torch path: the call's fixed cost is larger than the passes it saves."""
+
+_library: Optional[ctypes.CDLL] = None
+_tried = False
+
+
+def enabled() -> bool:
+    """Whether the environment allows the fused kernel (`FXQ_FUSED_KERNELS=0` turns it off)."""
+    return os.environ.get("FXQ_FUSED_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def compiler() -> List[str]:
+    """The C compiler command: `$CC`, else the one Python was built with, else `cc`."""
+    command = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    return shlex.split(command)
+
+
+def cache_dir() -> str:
+    """Where built kernels are kept: `$FXQ_CACHE_DIR`, else `~/.cache/fxquant`."""
+    return os.environ.get("FXQ_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fxquant")
+
+
+def cpu_identity() -> str:
+    """What `-march=native` compiles for: the CPU's model and feature flags where Linux lists them."""
+    identity = [platform.machine(), platform.system(), platform.processor()]
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags", "Features", "CPU part"):
+                    identity.append(line.strip())
+                elif not line.strip() and len(identity) > 3:
+                    break  # the first processor's entry is enough
+    except OSError:
+        pass
+    return "\n".join(identity)
+
+
+def _library_path(source: bytes, command: List[str]) -> str:
+    key = hashlib.sha256(source + repr((command, FLAGS, NATIVE_FLAGS, cpu_identity())).encode()).hexdigest()
+    return os.path.join(cache_dir(), "kernels", f"round_clamp-{key[:16]}.so")
+
+
+def build(path: str, command: List[str]) -> None:
+    """Compile `round_clamp.c` into the shared library `path`, for this CPU if the compiler can, else for the
+    architecture's baseline (atomically: concurrent processes may race)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        try:
+            subprocess.run([*command, *FLAGS, *NATIVE_FLAGS, SOURCE, "-o", tmp], check=True, capture_output=True,
+                           text=True, timeout=120)
+        except subprocess.CalledProcessError:
+            subprocess.run([*command, *FLAGS, SOURCE, "-o", tmp], check=True, capture_output=True, text=True,
+                           timeout=120)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load(path: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(path)
+    if lib.fxq_abi_version() != ABI_VERSION:
+        raise OSError(f"{path} has ABI version {lib.fxq_abi_version()}, expected {ABI_VERSION}")
+    ptr, i64, f32, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    lib.fxq_round_clamp_forward.argtypes = [ptr, ptr, i64, f32, f32, f32, c_int]
+    lib.fxq_round_clamp_forward.restype = None
+    lib.fxq_round_clamp_backward.argtypes = [ptr, ptr, ptr, i64, f32, f32, f32, ptr, c_int]
+    lib.fxq_round_clamp_backward.restype = None
+    return lib
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded kernel library, built on first use; None when it is turned off or cannot be built (then a
+    warning says why, once per process, and the torch path is used)."""
+    global _library, _tried
+    if not enabled():
+        return None
+    if _tried:
+        return _library
+    _tried = True
+    command = compiler()
+    try:
+        with open(SOURCE, "rb") as fh:
+            path = _library_path(fh.read(), command)
+        if not os.path.exists(path):
+            build(path, command)
+        _library = _load(path)
+    except (OSError, subprocess.SubprocessError, AttributeError) as exc:
+        detail = exc.stderr.strip().splitlines()[-1] if isinstance(exc, subprocess.CalledProcessError) and exc.stderr else exc
+        warnings.warn(
+            f"fxquant could not build its fused CPU quantizer kernel with {' '.join(command)!r} ({detail}); "
+            "fine-tuning on the CPU uses torch ops instead (same values, slower steps). Install a C compiler with "
+            "OpenMP (e.g. gcc) or name one in CC; FXQ_FUSED_KERNELS=0 silences this.",
+            FusedKernelWarning, stacklevel=2,
+        )
+        _library = None
+    return _library
+
+
+def reset() -> None:
+    """Forget the loaded library so the next `library()` call looks again (tests change the environment)."""
+    global _library, _tried
+    _library, _tried = None, False
+
+
+def applies(x: Tensor) -> bool:
+    """Whether the fused kernel can quantize `x`: float32, contiguous, on the CPU, large enough, available."""
+    return (
+        x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and x.numel() >= MIN_ELEMENTS
+        and library() is not None
+    )
+
+
+def round_clamp_forward(x: Tensor, step: float, lo: float, hi: float) -> Tensor:
+    """`step * round(clamp(x, lo, hi) / step)`; `x` must pass `applies`."""
+    lib = library()
+    assert lib is not None
+    out = torch.empty_like(x)
+    lib.fxq_round_clamp_forward(x.data_ptr(), out.data_ptr(), x.numel(), step, lo, hi, torch.get_num_threads())
+    return out
+
+
+def round_clamp_backward(grad: Tensor, x: Tensor, step: float, lo: float, hi: float) -> Tuple[Tensor, Tensor]:
+    """`(grad_in, sums)` of `round_clamp_forward(x, step, lo, hi)`: `grad` where `lo <= x <= hi` (0 elsewhere)
+    and, in float64, the sums of `grad` where `x < lo` and where `x > hi`, of `grad_in * (u - round(u))` with
+    `u = clamp(x, lo, hi) / step`, and of `grad_in ** 2`."""
+    lib = library()
+    assert lib is not None
+    grad = grad.contiguous()
+    grad_in = torch.empty_like(x)
+    sums = torch.empty(4, dtype=torch.float64)
+    lib.fxq_round_clamp_backward(
+        grad.data_ptr(), x.data_ptr(), grad_in.data_ptr(), x.numel(), step, lo, hi, sums.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return grad_in, sums

@@ -1,0 +1,79 @@
+/* fxquant's fused CPU kernels of the straight-through round-clamp (fxquant/quantizer/fused_cpu.py builds and
+ * loads this file; docs/decisions.md, "A fused CPU kernel for per-tensor quantizers").
+ *
+ * One pass forward and one pass backward over a float32 tensor quantized with one clamp pair [lo, hi] and one
+ * step (a per-tensor activation quantizer), where torch's ops make five passes forward and about as many
+ * backward. The values are those of `numerics._RoundClamp`, with u = clamp(x, lo, hi) / step:
+ *
+ *   forward:  out = step * round_half_even(u)
+ *   backward: grad_in = grad where lo <= x <= hi, 0 elsewhere; and four sums: grad where x < lo, grad where
+ *             x > hi, sum(grad_in * (u - round(u))) (the step's gradient is its negation), sum(grad_in^2) (the
+ *             dither's variance). It reads x again and recomputes u - round(u) (the same arithmetic as the
+ *             forward): storing it would cost a write and a tensor of x's size, and x is kept for the backward
+ *             anyway (by the op that made it, and by autograd here).
+ *
+ * Built with OpenMP: inside a process that imported torch, the loader finds torch's own libgomp.so.1 already
+ * loaded, so both share one thread pool. No -ffast-math: the rounding below relies on IEEE float arithmetic.
+ */
+#include <stdint.h>
+
+#define FXQ_MAGIC 12582912.0f      /* 1.5 * 2^23: float spacing is 1 between 2^23 and 2^24 */
+#define FXQ_EXACT_BELOW 4194304.0f /* 2^22: above it every float is an integer already */
+#define FXQ_PARALLEL_MIN 32768     /* fewer elements run on one thread */
+#define FXQ_BLOCK 256              /* float partial sums over blocks, added up in double */
+
+/* round half to even, as torch.round, without a libm call so that the loop vectorises on any x86-64 */
+static inline float fxq_round_half_even(float u) {
+    float magnitude = u < 0.0f ? -u : u;
+    float rounded = (u + FXQ_MAGIC) - FXQ_MAGIC;
+    return magnitude < FXQ_EXACT_BELOW ? rounded : u;
+}
+
+int fxq_abi_version(void) { return 2; }
+
+/* the clamped element divided by the step, as the forward computes it (NaN stays NaN, as torch.clamp) */
+static inline float fxq_scaled(float v, float step, float lo, float hi) {
+    float c = v < lo ? lo : v;
+    c = c > hi ? hi : c;
+    return c / step;
+}
+
+void fxq_round_clamp_forward(const float *x, float *out, int64_t n, float step, float lo, float hi, int threads) {
+#pragma omp parallel for simd num_threads(threads) schedule(static) if (n >= FXQ_PARALLEL_MIN)
+    for (int64_t i = 0; i < n; ++i) {
+        out[i] = fxq_round_half_even(fxq_scaled(x[i], step, lo, hi)) * step;
+    }
+}
+
+void fxq_round_clamp_backward(const float *grad, const float *x, float *grad_in, int64_t n, float step, float lo,
+                              float hi, double *sums, int threads) {
+    double below = 0.0, above = 0.0, dot = 0.0, square = 0.0;
+    int64_t blocks = (n + FXQ_BLOCK - 1) / FXQ_BLOCK;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : below, above, dot, square) \
+    if (n >= FXQ_PARALLEL_MIN)
+    for (int64_t b = 0; b < blocks; ++b) {
+        int64_t start = b * FXQ_BLOCK;
+        int64_t end = start + FXQ_BLOCK < n ? start + FXQ_BLOCK : n;
+        float block_below = 0.0f, block_above = 0.0f, block_dot = 0.0f, block_square = 0.0f;
+#pragma omp simd reduction(+ : block_below, block_above, block_dot, block_square)
+        for (int64_t i = start; i < end; ++i) {
+            float v = x[i], g = grad[i];
+            int is_below = v < lo, is_above = v > hi;
+            float u = fxq_scaled(v, step, lo, hi);
+            float inside = (is_below | is_above) ? 0.0f : g;
+            grad_in[i] = inside;
+            block_below += is_below ? g : 0.0f;
+            block_above += is_above ? g : 0.0f;
+            block_dot += inside * (u - fxq_round_half_even(u));
+            block_square += inside * inside;
+        }
+        below += block_below;
+        above += block_above;
+        dot += block_dot;
+        square += block_square;
+    }
+    sums[0] = below;
+    sums[1] = above;
+    sums[2] = dot;
+    sums[3] = square;
+}
