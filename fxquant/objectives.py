@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from fxquant.distributed import is_dtensor
 from fxquant.errors import ConfigError
 from fxquant.graph import is_quantizer_path
 from fxquant.losses import exterior_hinge, model_size_mb
@@ -169,6 +170,7 @@ class LearnedBits:
         quantized = sum(math.prod(q.tensor_shape) for q in self.weights)
         params = {id(p): p for n, p in module.named_parameters() if not is_quantizer_path(n)}
         self.float_numel = max(sum(p.numel() for p in params.values()) - quantized, 0)
+        self._bit_bounds_cache: Optional[Tuple[Tensor, ...]] = None
 
     def constraints(self) -> Optional[Tuple[Tensor, Tensor]]:
         """`(bits, targets)` as 1-D tensors for `exterior_hinge` (differentiable bits)."""
@@ -209,14 +211,38 @@ class LearnedBits:
         quantizers = self.weights + self.activations
         if not quantizers:
             return {}
-        per_q = [q.integer_bits().reshape(-1) for q in quantizers]
-        flat = torch.cat([b.to(per_q[0].device, torch.float32) for b in per_q]).tolist()
+        params = [q.bits_param for q in quantizers]
+        if len({p.device for p in params}) == 1 and not any(is_dtensor(p) for p in params):
+            # all quantizers at once (a handful of ops per step instead of ~8 per quantizer): the same float32
+            # arithmetic as `integer_bits`, element by element
+            lows, spans, highs = self._bit_bounds(quantizers, params[0].device)
+            p_all = torch.cat([p.reshape(-1) for p in params]).to(torch.float32)
+            flat = torch.round(lows + spans * p_all.clamp(0.0, 1.0)).clamp_(lows, highs).tolist()
+            sizes = [p.numel() for p in params]
+        else:
+            per_q = [q.integer_bits().reshape(-1) for q in quantizers]
+            flat = torch.cat([b.to(per_q[0].device, torch.float32) for b in per_q]).tolist()
+            sizes = [b.numel() for b in per_q]
         out: Dict[int, List[float]] = {}
         at = 0
-        for q, b in zip(quantizers, per_q):
-            out[id(q)] = flat[at : at + b.numel()]
-            at += b.numel()
+        for q, n in zip(quantizers, sizes):
+            out[id(q)] = flat[at : at + n]
+            at += n
         return out
+
+    def _bit_bounds(self, quantizers: List[LearnableQuantizer], device: torch.device) -> Tuple[Tensor, Tensor, Tensor]:
+        """`(min_bits, max_bits - min_bits, max_bits)` for every element of the quantizers' bits parameters, as
+        float32 tensors on `device` (made once)."""
+        cached = self._bit_bounds_cache
+        if cached is None or cached[0].device != device:
+            rows = [(float(q.min_bits), float(q.max_bits - q.min_bits), float(q.max_bits), q.bits_param.numel())
+                    for q in quantizers]
+            cached = tuple(
+                torch.tensor([row[i] for row in rows for _ in range(row[3])], dtype=torch.float32, device=device)
+                for i in range(3)
+            )
+            self._bit_bounds_cache = cached
+        return cached[0], cached[1], cached[2]
 
     def stats(self, integer_bits: Optional[Dict[int, List[float]]] = None) -> Dict[str, float]:
         """Average integer bits (what eval and freeze use) and model size (from `integer_bits` when given)."""

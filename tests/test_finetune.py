@@ -526,3 +526,23 @@ def test_lr_factor_warms_up_holds_and_decays_never_before_decay_start() -> None:
     assert no_target.decay_from == 50
     with pytest.raises(fxq.ConfigError, match=r"Schedule.decay_start=1.5 is a fraction"):
         Schedule(decay_start=1.5)
+
+
+def test_integer_bits_of_all_quantizers_at_once_equal_each_quantizers_own() -> None:
+    """`LearnedBits.integer_bits_by_quantizer` reads every quantizer's bits in a few ops; the values are each
+    quantizer's `integer_bits()`, with different bit ranges, per-group bits and bits parameters outside [0, 1]."""
+    from fxquant.objectives import LearnedBits
+    from fxquant.quantizer import LearnableQuantizer
+
+    holder = torch.nn.Module()
+    holder.a = LearnableQuantizer(kind="weight", tensor_shape=(6, 4), bits=8, min_bits=2, max_bits=8,
+                                  granularity="per_channel", channel_axis=0, per_group_bits=True, symmetric=True)
+    holder.b = LearnableQuantizer(kind="activation", tensor_shape=(2, 4), bits=5, min_bits=3, max_bits=6)
+    holder.c = LearnableQuantizer(kind="activation", tensor_shape=(2, 4), bits=4, min_bits=4, max_bits=4)
+    with torch.no_grad():
+        holder.a.bits_param.copy_(torch.tensor([-0.3, 0.0, 0.25, 0.5, 0.91, 1.7]).reshape(holder.a.bits_param.shape))
+        holder.b.bits_param.fill_(0.5)  # 4.5 bits: a tie, rounded to even
+    found = LearnedBits(holder, None).integer_bits_by_quantizer()
+    for q in (holder.a, holder.b, holder.c):
+        assert found[id(q)] == q.integer_bits().reshape(-1).tolist()
+    assert found[id(holder.b)] == [4.0] and found[id(holder.c)] == [4.0]

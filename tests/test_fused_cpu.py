@@ -96,3 +96,56 @@ def test_without_a_compiler_fine_tuning_warns_once_and_uses_the_torch_ops(tmp_pa
         assert not fused_cpu.applies(x)
         y = round_clamp(x, torch.tensor(0.25), torch.tensor(-1.0), torch.tensor(1.0))
     assert torch.equal(y, torch.round(x.clamp(-1.0, 1.0) / 0.25) * 0.25)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dither", [False, True], ids=["ste", "dither"])
+@pytest.mark.parametrize("kind", ["asymmetric", "nonnegative", "symmetric", "lo above 0", "dead (hi = lo = 0)"])
+def test_per_tensor_node_equals_the_grid_and_round_clamp_nodes(kind: str, dither: bool) -> None:
+    """`per_tensor_rounding` (the grid as float32 numbers and the fused kernel in one node) gives the values and
+    gradients of `training_grid` followed by `round_clamp`, for every kind of clamp pair, at fractional bits."""
+    from fxquant.quantizer.numerics import GridConstants, per_tensor_rounding, training_grid
+
+    torch.manual_seed(0)
+    x0 = torch.randn(8, 16, 40) * 1.3
+    symmetric = kind == "symmetric"
+    k = GridConstants(min_bits=2.0, span=6.0, symmetric=symmetric, clamp_grad_scale=0.01)
+    hi0, lo0 = {"dead (hi = lo = 0)": (0.0, 0.0), "lo above 0": (1.7, 0.3)}.get(kind, (1.7, -0.9))
+
+    def run(one_node: bool) -> Tuple[torch.Tensor, ...]:
+        x = x0.clone().requires_grad_(True)
+        bits = torch.tensor(0.41, requires_grad=True)  # 4.46 bits: rounds to 4, the gradient passes straight
+        hi = torch.tensor(hi0, requires_grad=True)
+        lo = None if symmetric else torch.tensor(0.0 if kind == "nonnegative" else lo0, requires_grad=kind != "nonnegative")
+        torch.manual_seed(3)
+        if one_node:
+            y = per_tensor_rounding(x, bits, lo, hi, k, dither)
+        else:
+            y = round_clamp(x, *training_grid(bits, lo, hi, k), dither)
+        (y * torch.linspace(-1, 2, y.numel()).reshape(y.shape)).sum().backward()
+        grads = [t.grad if t is not None and t.requires_grad else torch.zeros(()) for t in (x, bits, lo, hi)]
+        return (y.detach(), *grads)
+
+    ours, reference = run(True), run(False)
+    assert torch.equal(ours[0], reference[0])
+    assert torch.equal(ours[1], reference[1])
+    for name, a, b in zip(("bits", "lo", "hi"), ours[2:], reference[2:]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (name, a, b)
+
+
+@needs_compiler
+def test_learnable_quantizer_takes_the_one_node_path_on_the_cpu(monkeypatch) -> None:  # noqa: ANN001
+    """A per-tensor activation quantizer in training mode quantizes through `per_tensor_rounding`."""
+    import fxquant.quantizer.learnable as learnable
+    from fxquant.quantizer import LearnableQuantizer
+
+    q = LearnableQuantizer(kind="activation", tensor_shape=(8, 1024), bits=4, min_bits=2, max_bits=8,
+                           mode="dither", nonnegative=True)
+    x = torch.rand(8, 1024)
+    q.init_from_tensor(x)
+    calls = []
+    original = learnable.per_tensor_rounding
+    monkeypatch.setattr(learnable, "per_tensor_rounding", lambda *a: calls.append(1) or original(*a))
+    q.train()
+    q(x).sum().backward()
+    assert calls and q.hi.grad is not None and q.bits_param.grad is not None

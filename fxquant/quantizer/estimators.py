@@ -25,6 +25,8 @@ class Estimator:
     name: str = ""
     rounds: bool = True
     """Whether it trains on hard rounding at integer bits `round(b)` (else on the continuous `b`)."""
+    dither: bool = False
+    """Whether the step's straight-through gradient carries GDNSQ's dither (rounding estimators)."""
 
     def quantize(self, x: Tensor, step: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
         """Training-mode value of `x` on the grid `step` between the on-grid clamps `lo <= hi`."""
@@ -47,6 +49,7 @@ class DitherEstimator(Estimator):
     """GDNSQ: hard rounding forward; the step's straight-through gradient carries a random dither."""
 
     name = "dither"
+    dither = True
 
     def quantize(self, x: Tensor, step: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
         return round_clamp(x, step, lo, hi, dither=True)

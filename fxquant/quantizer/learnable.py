@@ -43,11 +43,13 @@ from fxquant.quantizer.numerics import (
     MIN_STEP,
     MSE_SLICE,
     GridConstants,
+    applies_per_tensor,
     clamp_ste,
     expand_groups,
     fake_quantize,
     group_param_shape,
     mean_over_ranks,
+    per_tensor_rounding,
     reduce_to_groups,
     round_ste,
     training_grid,
@@ -432,8 +434,12 @@ class LearnableQuantizer(Quantizer):
         if estimator.rounds and self.follow_bits and self.learn_bits:
             self.follow_bits_(x)
         if estimator.rounds:
-            # the integer-bit grid and its straight-through gradients in one autograd node
             lo_param = None if self.symmetric else self.lo
+            if applies_per_tensor(x, self.bits_param, lo_param, self.hi):
+                # per tensor on the CPU: grid and round-clamp in one node with the fused kernel
+                return per_tensor_rounding(x, self.bits_param, lo_param, self.hi, self._grid_constants(x),
+                                           estimator.dither)
+            # the integer-bit grid and its straight-through gradients in one autograd node
             step, lo_grid, hi_grid = training_grid(self.bits_param, lo_param, self.hi, self._grid_constants(x))
         else:
             levels = self._levels(self.bits())

@@ -259,6 +259,100 @@ def training_grid(bits_param: Tensor, lo: Optional[Tensor], hi: Tensor, constant
     return step, lo_grid, hi_grid
 
 
+def _number(t: Tensor) -> np.float32:
+    """A one-element tensor's value as a float32 number (numpy's float32 arithmetic is torch's, rounding alike)."""
+    return np.float32(t.item())
+
+
+class _PerTensorRounding(torch.autograd.Function):
+    """A per-tensor rounding estimator on the CPU in one autograd node: the training grid and the fused kernel's
+    round-clamp (`fused_cpu`), with the grid's scalars computed as float32 numbers instead of ~40 small tensor ops
+    and two nodes per quantizer and step (docs/decisions.md, "Per-tensor quantizers in one node").
+
+    The grid is `LearnableQuantizer._grid`'s, number for number (the values eval and freeze use); the backward
+    chains the kernel's sums through it with `_TrainingGrid.backward`'s formulas (straight-through roundings,
+    LSQ's gradient scale on the clamps, the dither drawn from torch's generator as `dither_of_groups` does).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, bits_param: Tensor, lo: Optional[Tensor], hi: Tensor, k: GridConstants,  # noqa: ANN001
+                dither: bool) -> Tensor:
+        f32 = np.float32
+        p = min(max(_number(bits_param), f32(0.0)), f32(1.0))
+        bits = np.round(f32(k.min_bits) + f32(k.span) * p)
+        levels = f32(2.0 ** (float(bits) - 1.0) - 1.0) if k.symmetric else f32(2.0 ** float(bits) - 1.0)
+        hi_raw = _number(hi)
+        hi_v = max(hi_raw, f32(0.0))
+        if k.symmetric:
+            lo_raw = lo_v = f32(0.0)
+            ratio = hi_v / levels
+            step = max(ratio, f32(MIN_STEP))
+            zero_point = f32(0.0)
+            lo_grid, hi_grid = -step * levels, step * levels
+        else:
+            assert lo is not None
+            lo_raw = _number(lo)
+            lo_v = min(lo_raw, f32(0.0))
+            ratio = (hi_v - lo_v) / levels
+            step = max(ratio, f32(MIN_STEP))
+            zero_point = np.round(-lo_v / step)
+            lo_grid = -zero_point * step
+            hi_grid = lo_grid + step * levels
+        ctx.k, ctx.dither = k, dither
+        ctx.numbers = tuple(float(v) for v in (levels, hi_raw, lo_raw, lo_v, ratio, step, zero_point, lo_grid, hi_grid))
+        ctx.save_for_backward(x, bits_param, lo if lo is not None else bits_param.new_empty(0), hi)
+        return fused_cpu.round_clamp_forward(x, float(step), float(lo_grid), float(hi_grid))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
+        x, bits_param, lo, hi = ctx.saved_tensors
+        k: GridConstants = ctx.k
+        levels, hi_raw, lo_raw, lo_v, ratio, step, zero_point, lo_grid, hi_grid = ctx.numbers
+        grad_in, sums = fused_cpu.round_clamp_backward(grad, x, step, lo_grid, hi_grid)
+        g_lo, g_hi, dot, square = sums.tolist()
+        g_step = -dot
+        if ctx.dither:  # x has at least fused_cpu.MIN_ELEMENTS >= DITHER_EXACT_BELOW elements: the Gaussian draw
+            # the draw `dither_from_square_sum` makes for one group, from the same generator
+            g_step += float(torch.randn((), dtype=grad.dtype)) * math.sqrt(square / 12.0)
+        if k.symmetric:
+            d_step = g_step + levels * (g_hi - g_lo)
+            d_levels = step * (g_hi - g_lo)
+            d_lo_v = 0.0
+        else:
+            g_lo_total = g_lo + g_hi
+            d_zero_point = -step * g_lo_total
+            d_step = g_step - zero_point * g_lo_total + levels * g_hi + d_zero_point * lo_v / (step * step)
+            d_levels = step * g_hi
+            d_lo_v = -d_zero_point / step
+        d_ratio = d_step if ratio >= MIN_STEP else 0.0
+        d_levels -= d_ratio * ratio / levels
+        d_hi = d_ratio / levels * k.clamp_grad_scale if hi_raw >= 0.0 else 0.0
+        d_lo = (d_lo_v - d_ratio / levels) * k.clamp_grad_scale if lo_raw <= 0.0 else 0.0
+        d_bits = d_levels * (levels + 1.0) * math.log(2.0) * k.span
+
+        grad_lo = torch.full_like(lo, d_lo) if ctx.needs_input_grad[2] else None
+        grad_hi = torch.full_like(hi, d_hi) if ctx.needs_input_grad[3] else None
+        grad_bits = torch.full_like(bits_param, d_bits) if ctx.needs_input_grad[1] else None
+        return grad_in, grad_bits, grad_lo, grad_hi, None, None
+
+
+def per_tensor_rounding(x: Tensor, bits_param: Tensor, lo: Optional[Tensor], hi: Tensor, constants: GridConstants,
+                        dither: bool) -> Tensor:
+    """`round_clamp(x, *training_grid(bits_param, lo, hi, constants), dither)` in one node with the fused kernel,
+    for one bits parameter and one clamp pair where `applies_per_tensor` holds (see `_PerTensorRounding`)."""
+    out: Tensor = _PerTensorRounding.apply(x, bits_param, lo, hi, constants, dither)
+    return out
+
+
+def applies_per_tensor(x: Tensor, bits_param: Tensor, lo: Optional[Tensor], hi: Tensor) -> bool:
+    """Whether `per_tensor_rounding` can quantize `x`: one bits parameter and one clamp pair, all on the CPU (read
+    as numbers without waiting for a device), and `x` fit for the fused kernel (`fused_cpu.applies`)."""
+    return (
+        bits_param.numel() == 1 and hi.numel() == 1 and (lo is None or lo.numel() == 1)
+        and hi.device.type == "cpu" and bits_param.device.type == "cpu" and fused_cpu.applies(x)
+    )
+
+
 def bounds_as_numbers(x: Tensor, lo: Tensor, hi: Tensor) -> Optional[Tuple[float, float]]:
     """One clamp pair for a tensor on the CPU, as Python numbers (else None: several pairs, or a device where
     reading them would wait for it). With numbers the CPU clamp runs its scalar kernel (4-5x faster than with
