@@ -23,6 +23,7 @@ import hashlib
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sysconfig
 import tempfile
@@ -58,9 +59,16 @@ def enabled() -> bool:
 
 
 def compiler() -> List[str]:
-    """The C compiler command: `$CC`, else the one Python was built with, else `cc`."""
-    command = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
-    return shlex.split(command)
+    """The C compiler command: `$CC` when set, else the first that exists of the one Python was built with,
+    `cc`, `gcc` and `clang` (else `cc`, whose failure the warning reports)."""
+    if os.environ.get("CC"):
+        return shlex.split(os.environ["CC"])
+    candidates = [sysconfig.get_config_var("CC") or "", "cc", "gcc", "clang"]
+    for command in filter(None, candidates):
+        words = shlex.split(command)
+        if words and shutil.which(words[0]) is not None:
+            return words
+    return ["cc"]
 
 
 def cache_dir() -> str:
