@@ -530,3 +530,16 @@ def test_training_grid_equals_the_op_by_op_chain(symmetric: bool, bits: list, lo
         if a is not None:
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
             assert bool(a.grad.abs().sum() > 0) or a is ours[1]
+
+
+def test_one_integer_bit_width_read_as_a_number_equals_integer_bits() -> None:
+    """`follow_bits_`'s shortcut reads one bit-width as a number: the value `integer_bits()` gives, ties (4.5 ->
+    4, 5.5 -> 6) and parameters outside [0, 1] included; several bit-widths take the tensor path (None)."""
+    q = LearnableQuantizer(kind="activation", tensor_shape=(4, 6), bits=8, min_bits=2, max_bits=8)
+    for p in (-0.4, 0.0, 0.1, 0.25, 7 / 12, 0.5, 0.99, 1.0, 1.3):
+        with torch.no_grad():
+            q.bits_param.fill_(p)
+        assert q._one_integer_bits() == float(q.integer_bits()), p
+    w = LearnableQuantizer(kind="weight", tensor_shape=(3, 6), bits=8, min_bits=2, max_bits=8, symmetric=True,
+                           granularity="per_channel", channel_axis=0, per_group_bits=True)
+    assert w._one_integer_bits() is None

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -147,6 +148,8 @@ class LearnableQuantizer(Quantizer):
         self.register_buffer("observed_max", torch.full(self.param_shape, -math.inf))
         # integer bits of the last training step (-1: none yet), for `follow_bits_`; not saved
         self.register_buffer("trained_bits", torch.full((), -1.0), persistent=False)
+        # the same as a number when there is one bit-width on the CPU (`_one_integer_bits`), else None
+        self.trained_bits_number: Optional[float] = None
         self.follow_bits = True
 
     @property
@@ -333,6 +336,16 @@ class LearnableQuantizer(Quantizer):
         and poor at 2-4)."""
         self.scale_clamps_(self.mse_clip_ratio(x, self.integer_bits(), ratios))
 
+    def _one_integer_bits(self) -> Optional[float]:
+        """`integer_bits()` as a number when there is one bit-width on the CPU (the same float32 arithmetic), else
+        None."""
+        if self.bits_param.numel() != 1 or self.bits_param.device.type != "cpu":
+            return None
+        f32 = np.float32
+        p = min(max(f32(self.bits_param.item()), f32(0.0)), f32(1.0))
+        bits = np.round(f32(self.min_bits) + f32(self.max_bits - self.min_bits) * p)
+        return float(min(max(bits, f32(self.min_bits)), f32(self.max_bits)))
+
     @torch.no_grad()
     def follow_bits_(self, x: Tensor) -> None:
         """When the integer bits changed since the last training step, move the clamps with them.
@@ -343,7 +356,11 @@ class LearnableQuantizer(Quantizer):
         batch, or of a weight on randomly drawn columns) is averaged over the ranks, so every rank keeps the
         same clamps.
         """
+        one = self._one_integer_bits()
+        if one is not None and one == self.trained_bits_number:
+            return  # the usual case: one bit-width, on the CPU, unchanged (one read instead of ~10 small ops)
         bits = self.integer_bits().expand(self.param_shape) if self.param_shape else self.integer_bits()
+        self.trained_bits_number = one
         last = self.trained_bits
         if last.shape != bits.shape or bool((last < 0).any()):
             self.trained_bits = bits.clone()
