@@ -234,7 +234,8 @@ class LearnedBits:
         """`(min_bits, max_bits - min_bits, max_bits)` for every element of the quantizers' bits parameters, as
         float32 tensors on `device` (made once)."""
         cached = self._bit_bounds_cache
-        if cached is None or cached[0].device != device:
+        numel = sum(q.bits_param.numel() for q in quantizers)
+        if cached is None or cached[0].device != device or cached[0].numel() != numel:
             rows = [(float(q.min_bits), float(q.max_bits - q.min_bits), float(q.max_bits), q.bits_param.numel())
                     for q in quantizers]
             cached = tuple(

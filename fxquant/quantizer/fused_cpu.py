@@ -12,8 +12,8 @@ no dependency and builds in well under a second. Where it cannot be used (no C c
 dtype, a non-contiguous tensor, `FXQ_FUSED_KERNELS=0`), the torch ops compute the same values: the forward
 is bitwise the same, the gradients the same up to the order of float sums.
 
-Environment: `FXQ_FUSED_KERNELS=0` turns the kernel off; `CC` names the compiler (default: the one Python
-was built with, else `cc`); `FXQ_CACHE_DIR` moves the cache (default `~/.cache/fxquant`).
+Environment: `FXQ_FUSED_KERNELS=0` turns the kernel off; `CC` names the compiler (default: see `compilers`);
+`FXQ_CACHE_DIR` moves the cache (default `~/.cache/fxquant`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ NATIVE_FLAGS = ("-march=native",)
 """Tried first: this CPU's widest vectors (AVX-512 halves the backward's time against SSE2's on an Intel Xeon).
 The cache key holds the CPU's identity, so a home directory shared by different machines keeps one library
 per CPU; a compiler that rejects the flag builds without it."""
-ABI_VERSION = 2
+ABI_VERSION = 3
 MIN_ELEMENTS = 4096
 """Smaller tensors take the torch path: the call's fixed cost is larger than the passes it saves."""
 
@@ -58,17 +58,25 @@ def enabled() -> bool:
     return os.environ.get("FXQ_FUSED_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def compiler() -> List[str]:
-    """The C compiler command: `$CC` when set, else the first that exists of the one Python was built with,
-    `cc`, `gcc` and `clang` (else `cc`, whose failure the warning reports)."""
+def compilers() -> List[List[str]]:
+    """The C compiler commands to try, in order: `$CC` alone when set, else those that exist of the one Python
+    was built with, `gcc`, `cc` and `clang` (gcc before cc and clang: its OpenMP is the libgomp torch loads)."""
     if os.environ.get("CC"):
-        return shlex.split(os.environ["CC"])
-    candidates = [sysconfig.get_config_var("CC") or "", "cc", "gcc", "clang"]
-    for command in filter(None, candidates):
+        return [shlex.split(os.environ["CC"])]
+    found: List[List[str]] = []
+    for command in filter(None, [sysconfig.get_config_var("CC") or "", "gcc", "cc", "clang"]):
         words = shlex.split(command)
-        if words and shutil.which(words[0]) is not None:
-            return words
-    return ["cc"]
+        if words and shutil.which(words[0]) is not None and words not in found:
+            found.append(words)
+    if found and "clang" in os.path.basename(found[0][0]) and ["gcc"] in found:
+        found.remove(["gcc"])
+        found.insert(0, ["gcc"])
+    return found or [["cc"]]
+
+
+def compiler() -> List[str]:
+    """The first command `compilers()` tries."""
+    return compilers()[0]
 
 
 def cache_dir() -> str:
@@ -98,18 +106,23 @@ def _library_path(source: bytes, command: List[str]) -> str:
 
 
 def build(path: str, command: List[str]) -> None:
-    """Compile `round_clamp.c` into the shared library `path`, for this CPU if the compiler can, else for the
-    architecture's baseline (atomically: concurrent processes may race)."""
+    """Compile `round_clamp.c` into the shared library `path`: for this CPU and with OpenMP where the compiler
+    can, else without `-march=native`, else single-threaded without OpenMP (a compiler without it, such as Apple's
+    clang: the pragmas are then ignored). Atomic: concurrent processes may race."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
     os.close(fd)
+    without_openmp = tuple(f for f in FLAGS if f != "-fopenmp")
+    attempts = [(*FLAGS, *NATIVE_FLAGS), FLAGS, (*without_openmp, *NATIVE_FLAGS), without_openmp]
     try:
-        try:
-            subprocess.run([*command, *FLAGS, *NATIVE_FLAGS, SOURCE, "-o", tmp], check=True, capture_output=True,
-                           text=True, timeout=120)
-        except subprocess.CalledProcessError:
-            subprocess.run([*command, *FLAGS, SOURCE, "-o", tmp], check=True, capture_output=True, text=True,
-                           timeout=120)
+        for i, flags in enumerate(attempts):
+            try:
+                subprocess.run([*command, *flags, SOURCE, "-o", tmp], check=True, capture_output=True, text=True,
+                               timeout=120)
+                break
+            except subprocess.CalledProcessError:
+                if i == len(attempts) - 1:
+                    raise
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -137,22 +150,29 @@ def library() -> Optional[ctypes.CDLL]:
     if _tried:
         return _library
     _tried = True
-    command = compiler()
+    failures: List[str] = []
     try:
-        with open(SOURCE, "rb") as fh:
-            path = _library_path(fh.read(), command)
-        if not os.path.exists(path):
-            build(path, command)
-        _library = _load(path)
-    except (OSError, subprocess.SubprocessError, AttributeError) as exc:
-        detail = exc.stderr.strip().splitlines()[-1] if isinstance(exc, subprocess.CalledProcessError) and exc.stderr else exc
-        warnings.warn(
-            f"fxquant could not build its fused CPU quantizer kernel with {' '.join(command)!r} ({detail}); "
-            "fine-tuning on the CPU uses torch ops instead (same values, slower steps). Install a C compiler with "
-            "OpenMP (e.g. gcc) or name one in CC; FXQ_FUSED_KERNELS=0 silences this.",
-            FusedKernelWarning, stacklevel=2,
-        )
-        _library = None
+        commands = compilers()
+    except ValueError as exc:  # an unbalanced quote in $CC
+        commands, failures = [], [f"CC={os.environ.get('CC')!r}: {exc}"]
+    for command in commands:
+        try:
+            with open(SOURCE, "rb") as fh:
+                path = _library_path(fh.read(), command)
+            if not os.path.exists(path):
+                build(path, command)
+            _library = _load(path)
+            return _library
+        except (OSError, subprocess.SubprocessError, AttributeError) as exc:
+            detail = exc.stderr.strip().splitlines()[-1] if isinstance(exc, subprocess.CalledProcessError) and exc.stderr else exc
+            failures.append(f"{' '.join(command)!r}: {detail}")
+    warnings.warn(
+        f"fxquant could not build its fused CPU quantizer kernel ({'; '.join(failures)}); fine-tuning on the CPU "
+        "uses torch ops instead (same values, slower steps). Install a C compiler (e.g. gcc) or name one in CC; "
+        "FXQ_FUSED_KERNELS=0 silences this.",
+        FusedKernelWarning, stacklevel=2,
+    )
+    _library = None
     return _library
 
 

@@ -17,6 +17,7 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from fxquant.quantizer import fused_cpu
 
@@ -201,11 +202,12 @@ class _TrainingGrid(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, bits_param: Tensor, lo: Optional[Tensor], hi: Tensor, k: GridConstants):  # noqa: ANN001, ANN205
-        # no autograd records here: the straight-through helpers give their values, the backward their gradients
-        s = k.clamp_grad_scale
-        bits = round_ste(k.min_bits + k.span * clamp_ste(bits_param, 0.0, 1.0))
+        # no autograd records here: plain values (the straight-through roundings' and LSQ's gradient scale's are
+        # the backward's; `grad_scale`'s value `(x - x s) + x s` could differ from x by an ulp, and then the
+        # trained grid from the one eval and freeze use, `LearnableQuantizer._grid`)
+        bits = torch.round(k.min_bits + k.span * torch.clamp(bits_param, 0.0, 1.0))
         levels = torch.pow(2.0, bits - 1.0) - 1.0 if k.symmetric else torch.pow(2.0, bits) - 1.0
-        hi_v = grad_scale(torch.clamp(hi, min=0.0), s)
+        hi_v = torch.clamp(hi, min=0.0)
         if k.symmetric:
             ratio = hi_v / levels
             step = torch.clamp(ratio, min=MIN_STEP)
@@ -213,10 +215,10 @@ class _TrainingGrid(torch.autograd.Function):
             zero_point = lo_v = None
         else:
             assert lo is not None
-            lo_v = grad_scale(torch.clamp(lo, max=0.0), s)
+            lo_v = torch.clamp(lo, max=0.0)
             ratio = (hi_v - lo_v) / levels
             step = torch.clamp(ratio, min=MIN_STEP)
-            zero_point = round_ste(-lo_v / step)
+            zero_point = torch.round(-lo_v / step)
             lo_grid = -zero_point * step
             hi_grid = lo_grid + step * levels
         ctx.k = k
@@ -304,6 +306,7 @@ class _PerTensorRounding(torch.autograd.Function):
         return fused_cpu.round_clamp_forward(x, float(step), float(lo_grid), float(hi_grid))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
         x, bits_param, lo, hi = ctx.saved_tensors
         k: GridConstants = ctx.k
@@ -311,7 +314,9 @@ class _PerTensorRounding(torch.autograd.Function):
         grad_in, sums = fused_cpu.round_clamp_backward(grad, x, step, lo_grid, hi_grid)
         g_lo, g_hi, dot, square = sums.tolist()
         g_step = -dot
-        if ctx.dither:  # x has at least fused_cpu.MIN_ELEMENTS >= DITHER_EXACT_BELOW elements: the Gaussian draw
+        if ctx.dither and any(ctx.needs_input_grad[1:4]):
+            # the step's gradient feeds the bits' and the clamps' (the torch path draws only when it is needed);
+            # x has at least fused_cpu.MIN_ELEMENTS >= DITHER_EXACT_BELOW elements: the Gaussian draw
             # the draw `dither_from_square_sum` makes for one group, from the same generator
             g_step += float(torch.randn((), dtype=grad.dtype)) * math.sqrt(square / 12.0)
         if k.symmetric:
@@ -324,7 +329,7 @@ class _PerTensorRounding(torch.autograd.Function):
             d_step = g_step - zero_point * g_lo_total + levels * g_hi + d_zero_point * lo_v / (step * step)
             d_levels = step * g_hi
             d_lo_v = -d_zero_point / step
-        d_ratio = d_step if ratio >= MIN_STEP else 0.0
+        d_ratio = d_step if ratio >= float(np.float32(MIN_STEP)) else 0.0  # the forward's float32 comparison
         d_levels -= d_ratio * ratio / levels
         d_hi = d_ratio / levels * k.clamp_grad_scale if hi_raw >= 0.0 else 0.0
         d_lo = (d_lo_v - d_ratio / levels) * k.clamp_grad_scale if lo_raw <= 0.0 else 0.0
@@ -345,11 +350,14 @@ def per_tensor_rounding(x: Tensor, bits_param: Tensor, lo: Optional[Tensor], hi:
 
 
 def applies_per_tensor(x: Tensor, bits_param: Tensor, lo: Optional[Tensor], hi: Tensor) -> bool:
-    """Whether `per_tensor_rounding` can quantize `x`: one bits parameter and one clamp pair, all on the CPU (read
-    as numbers without waiting for a device), and `x` fit for the fused kernel (`fused_cpu.applies`)."""
+    """Whether `per_tensor_rounding` can quantize `x`: one bits parameter and one clamp pair, float32 (the grid is
+    computed in float32 numbers) on the CPU (read as numbers without waiting for a device), and `x` fit for the
+    fused kernel (`fused_cpu.applies`)."""
     return (
         bits_param.numel() == 1 and hi.numel() == 1 and (lo is None or lo.numel() == 1)
-        and hi.device.type == "cpu" and bits_param.device.type == "cpu" and fused_cpu.applies(x)
+        and hi.device.type == "cpu" and bits_param.device.type == "cpu"
+        and all(t.dtype == torch.float32 for t in (bits_param, hi) + ((lo,) if lo is not None else ()))
+        and fused_cpu.applies(x)
     )
 
 
@@ -444,6 +452,11 @@ class _RoundClamp(torch.autograd.Function):
 
 def _fused_backward(ctx, grad: Tensor) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], None]:  # noqa: ANN001
     """`_RoundClamp`'s backward from the fused CPU kernel's one pass (`fused_cpu.round_clamp_backward`)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "a second derivative through fxquant's fused CPU quantizer kernel is not supported (its backward is "
+            "one C pass, not recorded); set FXQ_FUSED_KERNELS=0 to train through torch ops for double backward."
+        )
     x, lo, hi = ctx.saved_tensors
     grad_in, sums = fused_cpu.round_clamp_backward(grad, x, ctx.step_value, *ctx.bounds)
     sums = sums.to(grad.dtype)

@@ -15,21 +15,22 @@
  * Built with OpenMP: inside a process that imported torch, the loader finds torch's own libgomp.so.1 already
  * loaded, so both share one thread pool. No -ffast-math: the rounding below relies on IEEE float arithmetic.
  */
+#include <math.h>
 #include <stdint.h>
 
-#define FXQ_MAGIC 12582912.0f      /* 1.5 * 2^23: float spacing is 1 between 2^23 and 2^24 */
-#define FXQ_EXACT_BELOW 4194304.0f /* 2^22: above it every float is an integer already */
 #define FXQ_PARALLEL_MIN 32768     /* fewer elements run on one thread */
 #define FXQ_BLOCK 256              /* float partial sums over blocks, added up in double */
 
-/* round half to even, as torch.round, without a libm call so that the loop vectorises on any x86-64 */
+/* round half to even, as torch.round (the sign of a zero kept), without a libm call so that the loop vectorises
+ * on any x86-64: adding and subtracting 2^23 rounds a magnitude below 2^23 to an integer in the current rounding
+ * mode (to nearest, ties to even); from 2^23 up every float is an integer already. NaN stays NaN. */
 static inline float fxq_round_half_even(float u) {
-    float magnitude = u < 0.0f ? -u : u;
-    float rounded = (u + FXQ_MAGIC) - FXQ_MAGIC;
-    return magnitude < FXQ_EXACT_BELOW ? rounded : u;
+    float magnitude = fabsf(u);
+    float rounded = (magnitude + 0x1p23f) - 0x1p23f;
+    return copysignf(magnitude < 0x1p23f ? rounded : magnitude, u);
 }
 
-int fxq_abi_version(void) { return 2; }
+int fxq_abi_version(void) { return 3; }
 
 /* the clamped element divided by the step, as the forward computes it (NaN stays NaN, as torch.clamp) */
 static inline float fxq_scaled(float v, float step, float lo, float hi) {
