@@ -37,6 +37,7 @@ from torch import Tensor
 class FusedKernelWarning(UserWarning):
     """The fused CPU kernel could not be built; the torch ops compute the same values, more slowly."""
 
+
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "round_clamp.c")
 FLAGS = ("-O3", "-fno-trapping-math", "-fPIC", "-shared", "-fopenmp")
 """`-fno-trapping-math` lets the selects vectorise (no value changes); never `-ffast-math` (the rounding relies
@@ -153,12 +154,15 @@ def library() -> Optional[ctypes.CDLL]:
     failures: List[str] = []
     try:
         commands = compilers()
+        with open(SOURCE, "rb") as fh:
+            source = fh.read()
     except ValueError as exc:  # an unbalanced quote in $CC
         commands, failures = [], [f"CC={os.environ.get('CC')!r}: {exc}"]
+    except OSError as exc:  # the package lacks its C file
+        commands, failures = [], [str(exc)]
     for command in commands:
         try:
-            with open(SOURCE, "rb") as fh:
-                path = _library_path(fh.read(), command)
+            path = _library_path(source, command)
             if not os.path.exists(path):
                 build(path, command)
             _library = _load(path)

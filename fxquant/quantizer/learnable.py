@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -49,6 +48,7 @@ from fxquant.quantizer.numerics import (
     expand_groups,
     fake_quantize,
     group_param_shape,
+    integer_bits_number,
     mean_over_ranks,
     per_tensor_rounding,
     reduce_to_groups,
@@ -341,10 +341,7 @@ class LearnableQuantizer(Quantizer):
         None."""
         if self.bits_param.numel() != 1 or self.bits_param.device.type != "cpu":
             return None
-        f32 = np.float32
-        p = min(max(f32(self.bits_param.item()), f32(0.0)), f32(1.0))
-        bits = np.round(f32(self.min_bits) + f32(self.max_bits - self.min_bits) * p)
-        return float(min(max(bits, f32(self.min_bits)), f32(self.max_bits)))
+        return float(integer_bits_number(self.bits_param, self.min_bits, self.max_bits - self.min_bits))
 
     @torch.no_grad()
     def follow_bits_(self, x: Tensor) -> None:

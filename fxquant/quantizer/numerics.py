@@ -266,6 +266,14 @@ def _number(t: Tensor) -> np.float32:
     return np.float32(t.item())
 
 
+def integer_bits_number(bits_param: Tensor, min_bits: float, span: float) -> np.float32:
+    """`round(min_bits + span * clamp(p, 0, 1))` of a one-element bits parameter `p` as a float32 number: the
+    float32 arithmetic of `LearnableQuantizer.integer_bits` and `_TrainingGrid`, without tensor ops."""
+    f32 = np.float32
+    p = min(max(_number(bits_param), f32(0.0)), f32(1.0))
+    return np.round(f32(min_bits) + f32(span) * p)
+
+
 class _PerTensorRounding(torch.autograd.Function):
     """A per-tensor rounding estimator on the CPU in one autograd node: the training grid and the fused kernel's
     round-clamp (`fused_cpu`), with the grid's scalars computed as float32 numbers instead of ~40 small tensor ops
@@ -280,8 +288,7 @@ class _PerTensorRounding(torch.autograd.Function):
     def forward(ctx, x: Tensor, bits_param: Tensor, lo: Optional[Tensor], hi: Tensor, k: GridConstants,  # noqa: ANN001
                 dither: bool) -> Tensor:
         f32 = np.float32
-        p = min(max(_number(bits_param), f32(0.0)), f32(1.0))
-        bits = np.round(f32(k.min_bits) + f32(k.span) * p)
+        bits = integer_bits_number(bits_param, k.min_bits, k.span)
         levels = f32(2.0 ** (float(bits) - 1.0) - 1.0) if k.symmetric else f32(2.0 ** float(bits) - 1.0)
         hi_raw = _number(hi)
         hi_v = max(hi_raw, f32(0.0))
@@ -316,8 +323,8 @@ class _PerTensorRounding(torch.autograd.Function):
         g_step = -dot
         if ctx.dither and any(ctx.needs_input_grad[1:4]):
             # the step's gradient feeds the bits' and the clamps' (the torch path draws only when it is needed);
-            # x has at least fused_cpu.MIN_ELEMENTS >= DITHER_EXACT_BELOW elements: the Gaussian draw
-            # the draw `dither_from_square_sum` makes for one group, from the same generator
+            # x has at least fused_cpu.MIN_ELEMENTS >= DITHER_EXACT_BELOW elements, so this is the one Gaussian
+            # draw `dither_from_square_sum` makes for a group, from the same generator
             g_step += float(torch.randn((), dtype=grad.dtype)) * math.sqrt(square / 12.0)
         if k.symmetric:
             d_step = g_step + levels * (g_hi - g_lo)
