@@ -240,3 +240,12 @@ def test_double_backward_through_the_fused_kernel_says_how_to_get_it(monkeypatch
     y = round_clamp(x, torch.tensor(0.25, requires_grad=True), torch.tensor(-1.0), torch.tensor(1.0))
     with pytest.raises(RuntimeError, match="FXQ_FUSED_KERNELS=0"):
         torch.autograd.grad(y.sum(), x, create_graph=True)
+
+
+@needs_compiler
+def test_a_cached_library_of_another_abi_version_is_not_used(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """A library whose ABI version is not the loader's is refused with a warning naming both versions."""
+    monkeypatch.setenv("FXQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(fused_cpu, "ABI_VERSION", fused_cpu.ABI_VERSION + 100)
+    with pytest.warns(fused_cpu.FusedKernelWarning, match=r"has ABI version \d+, expected \d+"):
+        assert fused_cpu.library() is None
