@@ -2,12 +2,12 @@
 
 Both loops do the same work per step: a teacher forward, a student forward and backward with the
 Jeffreys-divergence loss, one Adam step. The float loop trains a copy of the float model; `fxq.finetune`
-trains the prepared module (W4A4 target, exterior penalty, every estimator) and also does its bookkeeping
-(penalty, bits statistics, candidate selection and state copies at the interval of a 300-step run; see
-`quant_steps_ms`). A step's time is the interval between the ends of two optimizer steps (`TimedAdam`), the
-mean over the second half of a run (bits at their target). Prints ms/step for each and the ratio, for three
-models: the digits CNN, the Fashion-MNIST ResNet of `bench_lowbit.py` (~147k parameters) and a ResNet-18
-(11M parameters, 32x32 inputs).
+trains the prepared module (W4A4 target, exterior penalty, every estimator) with its default optimizer (torch's
+fused Adam, which the float loop uses too) and also does its bookkeeping (penalty, bits statistics, candidate
+selection and state copies at the interval of a 300-step run; see `quant_steps_ms`). A step's time is the
+interval between the ends of two optimizer steps (a step-post hook, `timed`), the mean over the second half of a
+run (bits at their target). Prints ms/step for each and the ratio, for three models: the digits CNN, the
+Fashion-MNIST ResNet of `bench_lowbit.py` (~147k parameters) and a ResNet-18 (11M parameters, 32x32 inputs).
 
 Run: `python benchmarks/bench_finetune.py [--steps 30] [--threads 2] [--repeats 3] [--models digits,fashion,resnet18]`;
 each ratio is the median over `--repeats` float/quantized pairs measured next to each other.
@@ -33,6 +33,7 @@ from fashion_setup import BasicBlock, FashionResNet20  # noqa: E402
 
 import fxquant as fxq  # noqa: E402
 from fxquant.losses import distillation_loss  # noqa: E402
+from fxquant.optimization import default_optimizer  # noqa: E402
 
 
 class ResNet18(nn.Module):
@@ -80,18 +81,12 @@ def setups(batch: int) -> Dict[str, Callable[[], Tuple[nn.Module, List[torch.Ten
     return {"digits": digits, "fashion": fashion, "resnet18": resnet18}
 
 
-class TimedAdam(torch.optim.Adam):
-    """Adam that records when each `step()` ends: the intervals between them are whole training steps
-    (forward, backward, penalty, bookkeeping), measured inside one run."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.ends: List[float] = []
-
-    def step(self, closure: Any = None) -> Any:  # noqa: ANN401
-        out = super().step(closure)
-        self.ends.append(time.perf_counter())
-        return out
+def timed(optimizer: torch.optim.Optimizer) -> Tuple[torch.optim.Optimizer, List[float]]:
+    """`optimizer` and the list its step-post hook fills with the end time of each `step()`: the intervals
+    between them are whole training steps (forward, backward, penalty, bookkeeping), measured inside one run."""
+    ends: List[float] = []
+    optimizer.register_step_post_hook(lambda *_: ends.append(time.perf_counter()))
+    return optimizer, ends
 
 
 def steady_ms(ends: List[float]) -> float:
@@ -104,7 +99,7 @@ def steady_ms(ends: List[float]) -> float:
 def float_steps_ms(model: nn.Module, batches: List[torch.Tensor], steps: int) -> float:
     """ms per float distillation step (teacher forward, student forward/backward, Adam)."""
     student = copy.deepcopy(model).train()
-    opt = TimedAdam(student.parameters(), 1e-3)
+    opt, ends = timed(torch.optim.Adam(student.parameters(), 1e-3, fused=True))
     for i in range(steps):
         x = batches[i % len(batches)]
         with torch.no_grad():
@@ -113,7 +108,7 @@ def float_steps_ms(model: nn.Module, batches: List[torch.Tensor], steps: int) ->
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return steady_ms(opt.ends)
+    return steady_ms(ends)
 
 
 EVAL_EVERY = 300 // 20
@@ -126,15 +121,16 @@ def quant_steps_ms(model: nn.Module, batches: List[torch.Tensor], steps: int, mo
     `EVAL_EVERY` steps)."""
     qm = fxq.prepare(model, batches[0][:8], fxq.QuantConfig(mode=mode))
     fxq.calibrate(qm, batches[:2], num_batches=2)
-    made: List[TimedAdam] = []
+    made: List[List[float]] = []
 
-    def timed_adam(groups: List[Dict[str, Any]]) -> torch.optim.Optimizer:
-        made.append(TimedAdam(groups))
-        return made[-1]
+    def timed_default(groups: List[Dict[str, Any]]) -> torch.optim.Optimizer:
+        optimizer, ends = timed(default_optimizer(groups))
+        made.append(ends)
+        return optimizer
 
     fxq.finetune(qm, batches, teacher=model, steps=steps, target_bits=4, progress=False, eval_every=EVAL_EVERY,
-                 optimizer=timed_adam)
-    return steady_ms(made[-1].ends)
+                 optimizer=timed_default)
+    return steady_ms(made[-1])
 
 
 def main() -> None:

@@ -1,8 +1,10 @@
-"""The fused CPU kernel of a per-tensor quantizer (`fxquant.quantizer.fused_cpu`): the same values as the torch
-ops, built once and cached, and a clear fallback where it cannot be built."""
+"""The fused CPU kernels of the round-clamp (`fxquant.quantizer.fused_cpu`) and the one-node quantizer built on
+them (`numerics.fused_rounding`, per tensor and per row): the same values as the torch ops, built once and
+cached, and a clear fallback where they cannot be built."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from typing import Iterator, Tuple
@@ -98,19 +100,35 @@ def test_without_a_compiler_fine_tuning_warns_once_and_uses_the_torch_ops(tmp_pa
     assert torch.equal(y, torch.round(x.clamp(-1.0, 1.0) / 0.25) * 0.25)
 
 
+SHAPES = {
+    "per tensor": ((8, 16, 40), ()),
+    "per tensor, small": ((3, 20), ()),  # below MIN_ELEMENTS and DITHER_EXACT_BELOW: the dither's signs one by one
+    "per row": ((8, 16, 40), (8, 1, 1)),  # a per-channel weight: one clamp pair per output channel
+    "per row, short rows": ((16, 3, 3, 3), (16, 1, 1, 1)),  # rows of 27 < DITHER_EXACT_BELOW
+}
+
+
+def _params(shape: Tuple[int, ...], value: float, requires_grad: bool) -> torch.Tensor:
+    """A clamp parameter of `shape` around `value` (rows differ by up to 40%)."""
+    rows = torch.linspace(0.6, 1.4, max(math.prod(shape), 1)).reshape(shape) if shape else torch.tensor(1.0)
+    return (rows * value).requires_grad_(requires_grad)
+
+
 @needs_compiler
 @pytest.mark.parametrize("dither", [False, True], ids=["ste", "dither"])
 @pytest.mark.parametrize("bits_p", [0.41, 1.3, -0.2], ids=["4.46 bits", "above the range", "below the range"])
 @pytest.mark.parametrize("kind", ["asymmetric", "nonnegative", "symmetric", "lo above 0", "hi below 0",
                                   "dead (hi = lo = 0)", "tiny (step at MIN_STEP)"])
-def test_per_tensor_node_equals_the_grid_and_round_clamp_nodes(kind: str, bits_p: float, dither: bool) -> None:
-    """`per_tensor_rounding` (the grid as float32 numbers and the fused kernel in one node) gives the values and
-    gradients of `training_grid` followed by `round_clamp`, for every kind of clamp pair, inside and outside the
-    bits' range (the gradients to float32 rounding of the two-node path's float32 arithmetic)."""
-    from fxquant.quantizer.numerics import GridConstants, per_tensor_rounding, training_grid
+@pytest.mark.parametrize("shapes", list(SHAPES), ids=list(SHAPES))
+def test_one_node_equals_the_grid_and_round_clamp_nodes(shapes: str, kind: str, bits_p: float, dither: bool) -> None:
+    """`fused_rounding` (the grid in numpy float32 and the fused kernel in one node) gives the values and gradients
+    of `training_grid` followed by `round_clamp`, for every kind of clamp pair, inside and outside the bits'
+    range, per tensor and per row (the gradients to float32 rounding of the two-node path's float32 arithmetic)."""
+    from fxquant.quantizer.numerics import GridConstants, applies_fused_rounding, fused_rounding, training_grid
 
+    x_shape, param_shape = SHAPES[shapes]
     torch.manual_seed(0)
-    x0 = torch.randn(8, 16, 40) * 1.3
+    x0 = torch.randn(x_shape) * 1.3
     symmetric = kind == "symmetric"
     k = GridConstants(min_bits=2.0, span=6.0, symmetric=symmetric, clamp_grad_scale=0.01)
     hi0, lo0 = {"dead (hi = lo = 0)": (0.0, 0.0), "lo above 0": (1.7, 0.3), "hi below 0": (-0.5, -0.9),
@@ -121,11 +139,12 @@ def test_per_tensor_node_equals_the_grid_and_round_clamp_nodes(kind: str, bits_p
     def run(one_node: bool) -> Tuple[torch.Tensor, ...]:
         x = x0.clone().requires_grad_(True)
         bits = torch.tensor(bits_p, requires_grad=True)
-        hi = torch.tensor(hi0, requires_grad=True)
-        lo = None if symmetric else torch.tensor(0.0 if kind == "nonnegative" else lo0, requires_grad=kind != "nonnegative")
+        hi = _params(param_shape, hi0, True)
+        lo = None if symmetric else _params(param_shape, 0.0 if kind == "nonnegative" else lo0, kind != "nonnegative")
         torch.manual_seed(3)
         if one_node:
-            y = per_tensor_rounding(x, bits, lo, hi, k, dither)
+            assert applies_fused_rounding(x, bits, lo, hi)
+            y = fused_rounding(x, bits, lo, hi, k, dither)
         else:
             y = round_clamp(x, *training_grid(bits, lo, hi, k), dither)
         (y * torch.linspace(-1, 2, y.numel()).reshape(y.shape)).sum().backward()
@@ -136,28 +155,50 @@ def test_per_tensor_node_equals_the_grid_and_round_clamp_nodes(kind: str, bits_p
     assert torch.equal(ours[0], reference[0])
     assert torch.equal(ours[1], reference[1])
     for name, a, b in zip(("bits", "lo", "hi"), ours[2:], reference[2:]):
-        assert torch.allclose(a, b, rtol=5e-3, atol=1e-6), (name, a, b)
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=5e-3, atol=1e-6), (name, a, b)
 
 
 @needs_compiler
 @pytest.mark.parametrize("needs", ["bits and clamps", "only x"])
-def test_per_tensor_node_draws_the_dither_as_the_torch_path_does(needs: str) -> None:
-    """The dither is drawn only when the step's gradient is wanted, so the random stream after a backward is the
-    two-node path's: with frozen bits and clamps neither draws."""
-    from fxquant.quantizer.numerics import GridConstants, per_tensor_rounding, training_grid
+@pytest.mark.parametrize("shapes", list(SHAPES), ids=list(SHAPES))
+def test_one_node_draws_the_dither_as_the_torch_path_does(shapes: str, needs: str) -> None:
+    """The dither is drawn only when the step's gradient is wanted, and as the two-node path draws it (one
+    Gaussian per group, or a sign per element of short groups), so the random stream after a backward is the
+    same: with frozen bits and clamps neither draws."""
+    from fxquant.quantizer.numerics import GridConstants, fused_rounding, training_grid
 
+    x_shape, param_shape = SHAPES[shapes]
     k = GridConstants(min_bits=2.0, span=6.0, symmetric=False, clamp_grad_scale=0.01)
-    x0 = torch.randn(8, 16, 40)
+    x0 = torch.randn(x_shape)
     states = []
     for one_node in (True, False):
         wanted = needs == "bits and clamps"
         x = x0.clone().requires_grad_(True)
-        params = [torch.tensor(v, requires_grad=wanted) for v in (0.41, -0.9, 1.7)]
+        params = [torch.tensor(0.41, requires_grad=wanted), _params(param_shape, -0.9, wanted),
+                  _params(param_shape, 1.7, wanted)]
         torch.manual_seed(11)
-        y = per_tensor_rounding(x, *params, k, True) if one_node else round_clamp(x, *training_grid(*params, k), True)
+        y = fused_rounding(x, *params, k, True) if one_node else round_clamp(x, *training_grid(*params, k), True)
         y.sum().backward()
         states.append(torch.randn(3))
     assert torch.equal(states[0], states[1])
+
+
+def test_one_node_applies_only_to_one_pair_or_one_per_row() -> None:
+    """Clamps per tensor or shaped `(rows, 1, ...)` along the first axis; other layouts (per column, blocks,
+    several bit-widths, another dtype) keep the two-node path."""
+    from fxquant.quantizer.numerics import applies_fused_rounding
+
+    if fused_cpu.library() is None:
+        pytest.skip("no fused kernel")
+    x, bits = torch.randn(8, 6), torch.tensor(0.5)
+    assert applies_fused_rounding(x, bits, None, torch.ones(()))
+    assert applies_fused_rounding(x, bits, -torch.ones(8, 1), torch.ones(8, 1))
+    assert not applies_fused_rounding(x, bits, None, torch.ones(1, 6))  # per column
+    assert not applies_fused_rounding(x, bits, None, torch.ones(8))  # not broadcast along the rows
+    assert not applies_fused_rounding(x, bits, -torch.ones(()), torch.ones(8, 1))  # lo and hi differ
+    assert not applies_fused_rounding(x, torch.ones(8, 1), None, torch.ones(8, 1))  # bits per row
+    assert not applies_fused_rounding(x.double(), bits, None, torch.ones(()))
+    assert not applies_fused_rounding(x.t(), bits, None, torch.ones(()))  # not contiguous
 
 
 @needs_compiler
@@ -179,18 +220,23 @@ def test_per_tensor_node_trains_on_the_values_eval_computes() -> None:
 
 
 @needs_compiler
-def test_learnable_quantizer_takes_the_one_node_path_on_the_cpu(monkeypatch) -> None:  # noqa: ANN001
-    """A per-tensor activation quantizer in training mode quantizes through `per_tensor_rounding`."""
+@pytest.mark.parametrize("kind", ["activation", "weight"])
+def test_learnable_quantizer_takes_the_one_node_path_on_the_cpu(kind: str, monkeypatch) -> None:  # noqa: ANN001
+    """A per-tensor activation quantizer and a per-channel weight quantizer in training mode quantize through
+    `fused_rounding`."""
     import fxquant.quantizer.learnable as learnable
     from fxquant.quantizer import LearnableQuantizer
 
-    q = LearnableQuantizer(kind="activation", tensor_shape=(8, 1024), bits=4, min_bits=2, max_bits=8,
-                           mode="dither", nonnegative=True)
-    x = torch.rand(8, 1024)
+    per_channel = kind == "weight"
+    q = LearnableQuantizer(kind=kind, tensor_shape=(8, 1024), bits=4, min_bits=2, max_bits=8, mode="dither",
+                           nonnegative=not per_channel, granularity="per_channel" if per_channel else "per_tensor",
+                           channel_axis=0)
+    x = torch.rand(8, 1024) - (0.5 if per_channel else 0.0)
     q.init_from_tensor(x)
+    assert tuple(q.hi.shape) == ((8, 1) if per_channel else ())
     calls = []
-    original = learnable.per_tensor_rounding
-    monkeypatch.setattr(learnable, "per_tensor_rounding", lambda *a: calls.append(1) or original(*a))
+    original = learnable.fused_rounding
+    monkeypatch.setattr(learnable, "fused_rounding", lambda *a: calls.append(1) or original(*a))
     q.train()
     q(x).sum().backward()
     assert calls and q.hi.grad is not None and q.bits_param.grad is not None
@@ -249,3 +295,21 @@ def test_a_cached_library_of_another_abi_version_is_not_used(tmp_path, monkeypat
     monkeypatch.setattr(fused_cpu, "ABI_VERSION", fused_cpu.ABI_VERSION + 100)
     with pytest.warns(fused_cpu.FusedKernelWarning, match=r"has ABI version \d+, expected \d+"):
         assert fused_cpu.library() is None
+
+
+@needs_compiler
+def test_a_training_step_leaves_every_storage_resizable() -> None:
+    """The one-node quantizers and the int32 bias read parameters as numpy copies, never `.numpy()` views (which
+    would mark the storages not resizable for good: FSDP2 frees unsharded parameters and `freeze(inplace=True)`
+    float weights by resizing their storage)."""
+    import fxquant as fxq
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 36, 4))
+    x = torch.randn(4, 3, 8, 8)
+    qm = fxq.prepare(model, x)
+    fxq.calibrate(qm, [x])
+    qm.train()
+    qm(x).sum().backward()
+    for name, p in qm.named_parameters():
+        p.detach().untyped_storage().resize_(0)  # raises "Trying to resize storage that is not resizable"

@@ -451,6 +451,35 @@ def test_bias_in_training_has_the_values_eval_and_freeze_give_it(bias_scale: flo
     assert torch.equal(bias.grad, torch.ones(5))
 
 
+@pytest.mark.parametrize("weights", ["per_channel", "per_tensor"])
+def test_bias_rounded_in_numpy_equals_the_torch_ops(weights: str, monkeypatch) -> None:  # noqa: ANN001
+    """On the CPU the training-mode bias is rounded in numpy float32 (`_rounded_on_cpu`): the values of the torch
+    ops (`integer_scale` and `bias_scale`), bit for bit, for random clamps and bits of both quantizers."""
+    from fxquant.quantizer import BiasQuantizer
+
+    gen = torch.Generator().manual_seed(0)
+    for i in range(60):
+        x_q = LearnableQuantizer(kind="activation", tensor_shape=(4, 6), bits=8, min_bits=2, max_bits=8)
+        w_q = LearnableQuantizer(kind="weight", tensor_shape=(5, 6), bits=8, min_bits=2, max_bits=8, symmetric=True,
+                                 granularity=weights, channel_axis=0 if weights == "per_channel" else None)
+        x_q.init_from_tensor(torch.randn(4, 6, generator=gen) * 3)
+        w_q.init_from_tensor(torch.randn(5, 6, generator=gen))
+        with torch.no_grad():
+            for q in (x_q, w_q):
+                q.hi.mul_(torch.rand(q.hi.shape, generator=gen) + 0.2)
+                q.bits_param.fill_(float(torch.rand((), generator=gen)))
+            x_q.lo.mul_(float(torch.rand((), generator=gen)) + 0.2)
+        q = BiasQuantizer(x_q, w_q, 5).train()
+        bias = torch.randn(5, generator=gen) * 10 ** float(torch.randint(-3, 3, (), generator=gen))
+        ours = q._rounded_on_cpu(bias)
+        assert ours is not None
+        with monkeypatch.context() as m:
+            m.setattr(BiasQuantizer, "_rounded_on_cpu", lambda self, b: None)
+            reference = q._rounded(bias)
+        assert torch.equal(ours, reference), i
+        assert torch.equal(q(bias), q.eval()(bias)), i
+
+
 @pytest.mark.parametrize("layout", ["per_tensor", "per_channel_conv", "per_channel_transposed", "per_group", "per_group_axis0"])
 @pytest.mark.parametrize("slice_numel", [1, 50, 1 << 18])
 def test_frozen_weight_codes_made_in_slices_equal_the_whole_tensor_codes(layout: str, slice_numel: int) -> None:

@@ -1,9 +1,10 @@
-"""The fused CPU kernel of a per-tensor quantizer's straight-through round-clamp: one pass forward, one backward.
+"""The fused CPU kernels of a quantizer's straight-through round-clamp: one pass forward, one backward.
 
 `numerics._RoundClamp` with one clamp pair makes five memory passes over the activation forward and about
 as many backward; on the CPU those passes, not arithmetic, were most of a fine-tuning step's overhead over a
 float step (docs/decisions.md, "A fused CPU kernel for per-tensor quantizers"). `round_clamp.c` does each
-direction in one pass; this module builds it with the system C compiler on first use, caches the shared
+direction in one pass, for one clamp pair per tensor or one per row (a weight's output channels); this
+module builds it with the system C compiler on first use, caches the shared
 library, and calls it through `ctypes` with the tensors' data pointers.
 
 Why not torch's own tools: `torch.utils.cpp_extension` compiles torch's C++ headers (about a minute on first
@@ -30,6 +31,7 @@ import tempfile
 import warnings
 from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -46,9 +48,10 @@ NATIVE_FLAGS = ("-march=native",)
 """Tried first: this CPU's widest vectors (AVX-512 halves the backward's time against SSE2's on an Intel Xeon).
 The cache key holds the CPU's identity, so a home directory shared by different machines keeps one library
 per CPU; a compiler that rejects the flag builds without it."""
-ABI_VERSION = 3
+ABI_VERSION = 4
 MIN_ELEMENTS = 4096
-"""Smaller tensors take the torch path: the call's fixed cost is larger than the passes it saves."""
+"""Smaller tensors take the torch path in `numerics._RoundClamp` (the call's fixed cost is larger than the
+passes it saves there); `numerics.fused_rounding`, which also replaces the grid's ops, takes any size."""
 
 _library: Optional[ctypes.CDLL] = None
 _tried = False
@@ -139,6 +142,10 @@ def _load(path: str) -> ctypes.CDLL:
     lib.fxq_round_clamp_forward.restype = None
     lib.fxq_round_clamp_backward.argtypes = [ptr, ptr, ptr, i64, f32, f32, f32, ptr, c_int]
     lib.fxq_round_clamp_backward.restype = None
+    lib.fxq_round_clamp_rows_forward.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, c_int]
+    lib.fxq_round_clamp_rows_forward.restype = None
+    lib.fxq_round_clamp_rows_backward.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, c_int]
+    lib.fxq_round_clamp_rows_backward.restype = None
     return lib
 
 
@@ -186,10 +193,12 @@ def reset() -> None:
     _library, _tried = None, False
 
 
-def applies(x: Tensor) -> bool:
-    """Whether the fused kernel can quantize `x`: float32, contiguous, on the CPU, large enough, available."""
+def applies(x: Tensor, smallest: Optional[int] = None) -> bool:
+    """Whether the fused kernel can quantize `x`: float32, contiguous, on the CPU, at least `smallest` elements
+    (default `MIN_ELEMENTS`), available."""
     return (
-        x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and x.numel() >= MIN_ELEMENTS
+        x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
+        and x.numel() >= (MIN_ELEMENTS if smallest is None else smallest)
         and library() is not None
     )
 
@@ -215,5 +224,42 @@ def round_clamp_backward(grad: Tensor, x: Tensor, step: float, lo: float, hi: fl
     lib.fxq_round_clamp_backward(
         grad.data_ptr(), x.data_ptr(), grad_in.data_ptr(), x.numel(), step, lo, hi, sums.data_ptr(),
         torch.get_num_threads(),
+    )
+    return grad_in, sums
+
+
+def _pointer(values: np.ndarray) -> int:
+    assert values.dtype == np.float32 and values.flags.c_contiguous
+    return int(values.ctypes.data)
+
+
+def round_clamp_rows_forward(x: Tensor, step: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> Tensor:
+    """`round_clamp_forward` with one step and clamp pair per row of `x` (its first axis), given as float32
+    arrays of `x.shape[0]` values, or of one value for the whole tensor; `x` must pass `applies`."""
+    if step.size == 1:
+        return round_clamp_forward(x, float(step[0]), float(lo[0]), float(hi[0]))
+    lib = library()
+    assert lib is not None and step.size == lo.size == hi.size == x.shape[0]
+    out = torch.empty_like(x)
+    lib.fxq_round_clamp_rows_forward(x.data_ptr(), out.data_ptr(), step.size, x.numel() // step.size,
+                                     _pointer(step), _pointer(lo), _pointer(hi), torch.get_num_threads())
+    return out
+
+
+def round_clamp_rows_backward(grad: Tensor, x: Tensor, step: np.ndarray, lo: np.ndarray, hi: np.ndarray
+                              ) -> Tuple[Tensor, np.ndarray]:
+    """`(grad_in, sums)` of `round_clamp_rows_forward`: as `round_clamp_backward`, with the four float64 sums of
+    each row in `sums` (shape `(rows, 4)`)."""
+    if step.size == 1:
+        grad_in, one_row = round_clamp_backward(grad, x, float(step[0]), float(lo[0]), float(hi[0]))
+        return grad_in, one_row.numpy().reshape(1, 4)
+    lib = library()
+    assert lib is not None and step.size == lo.size == hi.size == x.shape[0]
+    grad = grad.contiguous()
+    grad_in = torch.empty_like(x)
+    sums = np.empty((step.size, 4), dtype=np.float64)
+    lib.fxq_round_clamp_rows_backward(
+        grad.data_ptr(), x.data_ptr(), grad_in.data_ptr(), step.size, x.numel() // step.size, _pointer(step),
+        _pointer(lo), _pointer(hi), int(sums.ctypes.data), torch.get_num_threads(),
     )
     return grad_in, sums

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -43,17 +44,18 @@ from fxquant.quantizer.numerics import (
     MIN_STEP,
     MSE_SLICE,
     GridConstants,
-    applies_per_tensor,
+    applies_fused_rounding,
     clamp_ste,
     expand_groups,
     fake_quantize,
+    fused_rounding,
     group_param_shape,
     integer_bits_number,
     mean_over_ranks,
-    per_tensor_rounding,
     reduce_to_groups,
     round_ste,
     training_grid,
+    values_of,
 )
 
 
@@ -248,6 +250,22 @@ class LearnableQuantizer(Quantizer):
         """The scale of `integer_grid()` alone (what the int32 bias reads every training step)."""
         lo, hi = self.clamp_bounds()
         return self._step_of(lo, hi, self._levels(self.integer_bits()))
+
+    def integer_scale_values(self) -> Optional[np.ndarray]:
+        """`integer_scale()` as a flat float32 array computed without tensor ops (the same float32 arithmetic)
+        when the quantizer has one bit-width and float32 parameters on the CPU, else None: the int32 bias reads
+        two scales every training step (`BiasQuantizer`)."""
+        bits = self._one_integer_bits()
+        if bits is None or self.hi.dtype != torch.float32 or self.hi.device.type != "cpu":
+            return None
+        f32 = np.float32
+        levels = f32(2.0 ** (bits - 1.0) - 1.0) if self.symmetric else f32(2.0 ** bits - 1.0)
+        span = np.maximum(values_of(self.hi), f32(0.0))
+        if not self.symmetric:
+            assert self.lo is not None
+            span = span - np.minimum(values_of(self.lo), f32(0.0))
+        scale: np.ndarray = np.maximum(span / levels, f32(MIN_STEP))
+        return scale
 
     def _split_blocks(self, x: Tensor) -> Tuple[Tensor, Tuple[int, ...]]:
         """`x` with its block axis split into `(blocks, group_size)`, and the group shape in that view (a 1
@@ -449,10 +467,10 @@ class LearnableQuantizer(Quantizer):
             self.follow_bits_(x)
         if estimator.rounds:
             lo_param = None if self.symmetric else self.lo
-            if applies_per_tensor(x, self.bits_param, lo_param, self.hi):
-                # per tensor on the CPU: grid and round-clamp in one node with the fused kernel
-                return per_tensor_rounding(x, self.bits_param, lo_param, self.hi, self._grid_constants(x),
-                                           estimator.dither)
+            if self.block_axis is None and applies_fused_rounding(x, self.bits_param, lo_param, self.hi):
+                # on the CPU, per tensor or per row: grid and round-clamp in one node with the fused kernel
+                return fused_rounding(x, self.bits_param, lo_param, self.hi, self._grid_constants(x),
+                                      estimator.dither)
             # the integer-bit grid and its straight-through gradients in one autograd node
             step, lo_grid, hi_grid = training_grid(self.bits_param, lo_param, self.hi, self._grid_constants(x))
         else:

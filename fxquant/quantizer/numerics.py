@@ -274,12 +274,21 @@ def integer_bits_number(bits_param: Tensor, min_bits: float, span: float) -> np.
     return np.round(f32(min_bits) + f32(span) * p)
 
 
-class _PerTensorRounding(torch.autograd.Function):
-    """A per-tensor rounding estimator on the CPU in one autograd node: the training grid and the fused kernel's
-    round-clamp (`fused_cpu`), with the grid's scalars computed as float32 numbers instead of ~40 small tensor ops
-    and two nodes per quantizer and step (docs/decisions.md, "Per-tensor quantizers in one node").
+def values_of(t: Tensor) -> np.ndarray:
+    """A copy of a CPU tensor's values as a flat numpy array. Not `t.numpy()`: that marks `t`'s storage as not
+    resizable for good, and FSDP2 frees an unsharded parameter (and `freeze(inplace=True)` a float weight) by
+    resizing its storage to nothing."""
+    values: np.ndarray = t.detach().reshape(-1).clone().numpy()
+    return values
 
-    The grid is `LearnableQuantizer._grid`'s, number for number (the values eval and freeze use); the backward
+
+class _FusedRounding(torch.autograd.Function):
+    """A rounding estimator on the CPU in one autograd node: the training grid and the fused kernel's round-clamp
+    (`fused_cpu`), with the grid computed in numpy float32 (one value, or one per row of a per-channel weight)
+    instead of ~40 small tensor ops and two nodes per quantizer and step (docs/decisions.md, "Per-tensor
+    quantizers in one node", "Per-channel weights in one node").
+
+    The grid is `LearnableQuantizer._grid`'s, value for value (the values eval and freeze use); the backward
     chains the kernel's sums through it with `_TrainingGrid.backward`'s formulas (straight-through roundings,
     LSQ's gradient scale on the clamps, the dither drawn from torch's generator as `dither_of_groups` does).
     """
@@ -290,42 +299,48 @@ class _PerTensorRounding(torch.autograd.Function):
         f32 = np.float32
         bits = integer_bits_number(bits_param, k.min_bits, k.span)
         levels = f32(2.0 ** (float(bits) - 1.0) - 1.0) if k.symmetric else f32(2.0 ** float(bits) - 1.0)
-        hi_raw = _number(hi)
-        hi_v = max(hi_raw, f32(0.0))
+        hi_raw = values_of(hi)
+        hi_v = np.maximum(hi_raw, f32(0.0))
         if k.symmetric:
-            lo_raw = lo_v = f32(0.0)
+            lo_raw = lo_v = zero_point = np.zeros_like(hi_v)
             ratio = hi_v / levels
-            step = max(ratio, f32(MIN_STEP))
-            zero_point = f32(0.0)
+            step = np.maximum(ratio, f32(MIN_STEP))
             lo_grid, hi_grid = -step * levels, step * levels
         else:
             assert lo is not None
-            lo_raw = _number(lo)
-            lo_v = min(lo_raw, f32(0.0))
+            lo_raw = values_of(lo)
+            lo_v = np.minimum(lo_raw, f32(0.0))
             ratio = (hi_v - lo_v) / levels
-            step = max(ratio, f32(MIN_STEP))
+            step = np.maximum(ratio, f32(MIN_STEP))
             zero_point = np.round(-lo_v / step)
             lo_grid = -zero_point * step
             hi_grid = lo_grid + step * levels
-        ctx.k, ctx.dither = k, dither
-        ctx.numbers = tuple(float(v) for v in (levels, hi_raw, lo_raw, lo_v, ratio, step, zero_point, lo_grid, hi_grid))
+        ctx.k, ctx.dither, ctx.levels = k, dither, float(levels)
+        # what the backward reads
+        ctx.arrays = (hi_raw >= 0.0, lo_raw <= 0.0, lo_v.astype(np.float64), ratio, step, zero_point, lo_grid, hi_grid)
         ctx.save_for_backward(x, bits_param, lo if lo is not None else bits_param.new_empty(0), hi)
-        return fused_cpu.round_clamp_forward(x, float(step), float(lo_grid), float(hi_grid))
+        return fused_cpu.round_clamp_rows_forward(x, step, lo_grid, hi_grid)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
         x, bits_param, lo, hi = ctx.saved_tensors
         k: GridConstants = ctx.k
-        levels, hi_raw, lo_raw, lo_v, ratio, step, zero_point, lo_grid, hi_grid = ctx.numbers
-        grad_in, sums = fused_cpu.round_clamp_backward(grad, x, step, lo_grid, hi_grid)
-        g_lo, g_hi, dot, square = sums.tolist()
+        levels = ctx.levels
+        hi_free, lo_free, lo_v, ratio, step32, zero_point, lo_grid, hi_grid = ctx.arrays
+        grad_in, sums = fused_cpu.round_clamp_rows_backward(grad, x, step32, lo_grid, hi_grid)
+        g_lo, g_hi, dot, square = sums.T
         g_step = -dot
         if ctx.dither and any(ctx.needs_input_grad[1:4]):
             # the step's gradient feeds the bits' and the clamps' (the torch path draws only when it is needed);
-            # x has at least fused_cpu.MIN_ELEMENTS >= DITHER_EXACT_BELOW elements, so this is the one Gaussian
-            # draw `dither_from_square_sum` makes for a group, from the same generator
-            g_step += float(torch.randn((), dtype=grad.dtype)) * math.sqrt(square / 12.0)
+            # the same draws as `dither_of_groups` from the same generator
+            rows = step32.size
+            if x.numel() // rows < DITHER_EXACT_BELOW:
+                signs = torch.randint(0, 2, grad_in.shape, device=grad_in.device).to(grad_in.dtype) - 0.5
+                g_step = g_step + (grad_in * signs).reshape(rows, -1).sum(1).double().numpy() / math.sqrt(3.0)
+            else:
+                g_step = g_step + torch.randn(rows, dtype=grad.dtype).double().numpy() * np.sqrt(square / 12.0)
+        step = step32.astype(np.float64)
         if k.symmetric:
             d_step = g_step + levels * (g_hi - g_lo)
             d_levels = step * (g_hi - g_lo)
@@ -336,35 +351,43 @@ class _PerTensorRounding(torch.autograd.Function):
             d_step = g_step - zero_point * g_lo_total + levels * g_hi + d_zero_point * lo_v / (step * step)
             d_levels = step * g_hi
             d_lo_v = -d_zero_point / step
-        d_ratio = d_step if ratio >= float(np.float32(MIN_STEP)) else 0.0  # the forward's float32 comparison
-        d_levels -= d_ratio * ratio / levels
-        d_hi = d_ratio / levels * k.clamp_grad_scale if hi_raw >= 0.0 else 0.0
-        d_lo = (d_lo_v - d_ratio / levels) * k.clamp_grad_scale if lo_raw <= 0.0 else 0.0
-        d_bits = d_levels * (levels + 1.0) * math.log(2.0) * k.span
+        d_ratio = np.where(ratio >= np.float32(MIN_STEP), d_step, 0.0)  # the forward's float32 comparison
+        d_levels = d_levels - d_ratio * ratio / levels
+        d_hi = np.where(hi_free, d_ratio / levels * k.clamp_grad_scale, 0.0)
+        d_lo = np.where(lo_free, (d_lo_v - d_ratio / levels) * k.clamp_grad_scale, 0.0)
+        d_bits = float(d_levels.sum()) * (levels + 1.0) * math.log(2.0) * k.span
 
-        grad_lo = torch.full_like(lo, d_lo) if ctx.needs_input_grad[2] else None
-        grad_hi = torch.full_like(hi, d_hi) if ctx.needs_input_grad[3] else None
+        def as_grad(values: np.ndarray, like: Tensor) -> Tensor:
+            # a tensor with torch's own storage: autograd may keep it as the parameter's `.grad`, whose storage
+            # FSDP2 resizes (a numpy-backed one cannot be)
+            return torch.tensor(values, dtype=like.dtype).reshape(like.shape)
+
+        grad_lo = as_grad(d_lo, lo) if ctx.needs_input_grad[2] else None
+        grad_hi = as_grad(d_hi, hi) if ctx.needs_input_grad[3] else None
         grad_bits = torch.full_like(bits_param, d_bits) if ctx.needs_input_grad[1] else None
         return grad_in, grad_bits, grad_lo, grad_hi, None, None
 
 
-def per_tensor_rounding(x: Tensor, bits_param: Tensor, lo: Optional[Tensor], hi: Tensor, constants: GridConstants,
-                        dither: bool) -> Tensor:
+def fused_rounding(x: Tensor, bits_param: Tensor, lo: Optional[Tensor], hi: Tensor, constants: GridConstants,
+                   dither: bool) -> Tensor:
     """`round_clamp(x, *training_grid(bits_param, lo, hi, constants), dither)` in one node with the fused kernel,
-    for one bits parameter and one clamp pair where `applies_per_tensor` holds (see `_PerTensorRounding`)."""
-    out: Tensor = _PerTensorRounding.apply(x, bits_param, lo, hi, constants, dither)
+    where `applies_fused_rounding` holds (see `_FusedRounding`)."""
+    out: Tensor = _FusedRounding.apply(x, bits_param, lo, hi, constants, dither)
     return out
 
 
-def applies_per_tensor(x: Tensor, bits_param: Tensor, lo: Optional[Tensor], hi: Tensor) -> bool:
-    """Whether `per_tensor_rounding` can quantize `x`: one bits parameter and one clamp pair, float32 (the grid is
-    computed in float32 numbers) on the CPU (read as numbers without waiting for a device), and `x` fit for the
-    fused kernel (`fused_cpu.applies`)."""
+def applies_fused_rounding(x: Tensor, bits_param: Tensor, lo: Optional[Tensor], hi: Tensor) -> bool:
+    """Whether `fused_rounding` can quantize `x`: one bits parameter and one clamp pair for the tensor or one per
+    row of its first axis (a per-channel weight: clamps shaped `(rows, 1, ..., 1)`), float32 (the grid is computed
+    in float32) on the CPU (read without waiting for a device), and `x` fit for the fused kernel."""
+    rows = hi.numel()
+    if rows != 1 and (x.dim() == 0 or hi.shape != (x.shape[0],) + (1,) * (x.dim() - 1)):
+        return False
     return (
-        bits_param.numel() == 1 and hi.numel() == 1 and (lo is None or lo.numel() == 1)
+        bits_param.numel() == 1 and (lo is None or lo.shape == hi.shape)
         and hi.device.type == "cpu" and bits_param.device.type == "cpu"
         and all(t.dtype == torch.float32 for t in (bits_param, hi) + ((lo,) if lo is not None else ()))
-        and fused_cpu.applies(x)
+        and fused_cpu.applies(x, smallest=1)
     )
 
 

@@ -12,6 +12,10 @@
  *             forward): storing it would cost a write and a tensor of x's size, and x is kept for the backward
  *             anyway (by the op that made it, and by autograd here).
  *
+ * The `_rows` variants do the same for a tensor whose rows (its first axis, e.g. a weight's output channels) each
+ * have their own step and clamp pair (a per-channel weight quantizer): the arrays step, lo and hi hold one value
+ * per row, and the backward writes the four sums of each row (sums[4 * row + k]).
+ *
  * Built with OpenMP: inside a process that imported torch, the loader finds torch's own libgomp.so.1 already
  * loaded, so both share one thread pool. No -ffast-math: the rounding below relies on IEEE float arithmetic.
  */
@@ -30,7 +34,7 @@ static inline float fxq_round_half_even(float u) {
     return copysignf(magnitude < 0x1p23f ? rounded : magnitude, u);
 }
 
-int fxq_abi_version(void) { return 3; }
+int fxq_abi_version(void) { return 4; }
 
 /* the clamped element divided by the step, as the forward computes it (NaN stays NaN, as torch.clamp) */
 static inline float fxq_scaled(float v, float step, float lo, float hi) {
@@ -77,4 +81,51 @@ void fxq_round_clamp_backward(const float *grad, const float *x, float *grad_in,
     sums[1] = above;
     sums[2] = dot;
     sums[3] = square;
+}
+
+void fxq_round_clamp_rows_forward(const float *x, float *out, int64_t rows, int64_t row_len, const float *step,
+                                  const float *lo, const float *hi, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * row_len >= FXQ_PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float s = step[r], l = lo[r], h = hi[r];
+        const float *xr = x + r * row_len;
+        float *outr = out + r * row_len;
+#pragma omp simd
+        for (int64_t i = 0; i < row_len; ++i) {
+            outr[i] = fxq_round_half_even(fxq_scaled(xr[i], s, l, h)) * s;
+        }
+    }
+}
+
+void fxq_round_clamp_rows_backward(const float *grad, const float *x, float *grad_in, int64_t rows, int64_t row_len,
+                                   const float *step, const float *lo, const float *hi, double *sums, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * row_len >= FXQ_PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float s = step[r], l = lo[r], h = hi[r];
+        double below = 0.0, above = 0.0, dot = 0.0, square = 0.0;
+        for (int64_t start = r * row_len; start < (r + 1) * row_len; start += FXQ_BLOCK) {
+            int64_t end = start + FXQ_BLOCK < (r + 1) * row_len ? start + FXQ_BLOCK : (r + 1) * row_len;
+            float block_below = 0.0f, block_above = 0.0f, block_dot = 0.0f, block_square = 0.0f;
+#pragma omp simd reduction(+ : block_below, block_above, block_dot, block_square)
+            for (int64_t i = start; i < end; ++i) {
+                float v = x[i], g = grad[i];
+                int is_below = v < l, is_above = v > h;
+                float u = fxq_scaled(v, s, l, h);
+                float inside = (is_below | is_above) ? 0.0f : g;
+                grad_in[i] = inside;
+                block_below += is_below ? g : 0.0f;
+                block_above += is_above ? g : 0.0f;
+                block_dot += inside * (u - fxq_round_half_even(u));
+                block_square += inside * inside;
+            }
+            below += block_below;
+            above += block_above;
+            dot += block_dot;
+            square += block_square;
+        }
+        sums[4 * r] = below;
+        sums[4 * r + 1] = above;
+        sums[4 * r + 2] = dot;
+        sums[4 * r + 3] = square;
+    }
 }
