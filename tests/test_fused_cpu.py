@@ -311,5 +311,5 @@ def test_a_training_step_leaves_every_storage_resizable() -> None:
     fxq.calibrate(qm, [x])
     qm.train()
     qm(x).sum().backward()
-    for name, p in qm.named_parameters():
+    for p in qm.parameters():
         p.detach().untyped_storage().resize_(0)  # raises "Trying to resize storage that is not resizable"
