@@ -5,13 +5,15 @@ For each size, in a fresh subprocess (so peak memory is that model's alone): the
 clip search on every weight and on a bounded sample of every activation), `freeze` and `export_onnx`, and the
 peak resident memory of each step as a ratio to the float model's parameter bytes. Two memory figures:
 `peak` is the process's resident memory above what it held before the model was built (the user's float
-model included, so 1.0 is the least possible), `adds` is what the step adds above the memory at its start.
+model included, so 1.0 is the least possible), `adds` is what the step adds above the memory at its start;
+`float_forward_adds` is what a float forward of one calibration batch adds (its activations and logits: a floor
+for calibrate's, which runs that forward).
 Two modes: `copy`, every step as by default (prepare copies the user's model, freeze copies the prepared module;
 both are kept), and `inplace`, `prepare(..., inplace=True)` and `freeze(qm, inplace=True)` (nothing is kept: the
 path for a model that barely fits).
 
     python benchmarks/bench_scale.py [--sizes 10m,100m,400m,1b] [--batch 4] [--tokens 128] [--batches 4] [--no-export]
-        [--modes copy,inplace] [--uint8-weights auto|on|off]
+        [--modes copy,inplace] [--uint8-weights auto|on|off] [--warm-up]
 
 Targets (issue 13): growth linear in size; calibrate <= 2x a float forward; peak <= 2x the model (1.3x in
 place). Memory is sampled every 2 ms from /proc/self/statm (Linux).
@@ -71,10 +73,40 @@ def _timed(fn: Callable[[], object]) -> Tuple[object, float, PeakMemory]:
     return out, seconds, mem
 
 
+WARM_UP = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=128,
+               vocab_size=1000)
+"""The tiny Llama `--warm-up` runs every step on first, so the measured model's figures leave out what the
+process pays once whatever the model (lazy imports of torch.export, the ONNX exporter and onnxruntime, their
+caches)."""
+
+
+def _warm_up(tokens: int, export: bool) -> None:
+    """prepare -> calibrate -> freeze -> export of a tiny Llama, everything dropped afterwards."""
+    import gc
+
+    import torch
+    import transformers as T
+
+    import fxquant as fxq
+
+    cfg = T.LlamaConfig(max_position_embeddings=max(64, tokens), bos_token_id=0, eos_token_id=0, **WARM_UP)
+    model = T.LlamaForCausalLM(cfg).eval()
+    example = {"input_ids": torch.randint(0, cfg.vocab_size, (1, tokens))}
+    qm = fxq.prepare(model, example)
+    fxq.calibrate(qm, [{"input_ids": torch.randint(0, cfg.vocab_size, (2, tokens))}], progress=False)
+    frozen = fxq.freeze(qm)
+    if export:
+        with tempfile.TemporaryDirectory() as tmp:
+            fxq.export_onnx(frozen, example, os.path.join(tmp, "warm.onnx"))
+    del model, qm, frozen
+    gc.collect()
+
+
 def _one(
-    size: str, batch_size: int, tokens: int, num_batches: int, export: bool, inplace: bool, uint8_weights: Optional[bool]
+    size: str, batch_size: int, tokens: int, num_batches: int, export: bool, inplace: bool, uint8_weights: Optional[bool],
+    warm_up: bool = False,
 ) -> Dict[str, float]:
-    """Measure one model in this process; returns the figures as a dict."""
+    """Measure one model in this process (after `_warm_up` when `warm_up`); returns the figures as a dict."""
     import gc
 
     import torch
@@ -83,6 +115,8 @@ def _one(
     import fxquant as fxq
 
     torch.set_num_threads(int(os.environ.get("FXQ_THREADS", "2")))
+    if warm_up:
+        _warm_up(tokens, export)
     baseline = _rss()
     torch.manual_seed(0)
     cfg = T.LlamaConfig(max_position_embeddings=max(64, tokens), bos_token_id=0, eos_token_id=0, **SIZES[size])
@@ -98,10 +132,13 @@ def _one(
     calib = [batch(batch_size, tokens) for _ in range(num_batches)]
     with torch.no_grad():  # the float forward of one calibration batch
         model(**calib[0], use_cache=False)  # warm up
-        t0 = time.perf_counter()
-        model(**calib[0], use_cache=False)
-        float_forward = time.perf_counter() - t0
-    out: Dict[str, float] = {"params_M": params / 1e6, "model_GB": model_bytes / 1e9, "float_forward_s": float_forward}
+        with PeakMemory() as forward_mem:
+            t0 = time.perf_counter()
+            model(**calib[0], use_cache=False)
+            float_forward = time.perf_counter() - t0
+    out: Dict[str, float] = {"params_M": params / 1e6, "model_GB": model_bytes / 1e9, "float_forward_s": float_forward,
+                             # what the float forward of one calibration batch itself adds (activations, logits)
+                             "float_forward_adds_x": (forward_mem.peak - forward_mem.start) / model_bytes}
 
     def record(step: str, seconds: float, mem: PeakMemory) -> None:
         out[f"{step}_s"] = seconds
@@ -157,13 +194,16 @@ def main() -> None:
     parser.add_argument("--modes", default="copy,inplace", help="modes: copy (defaults), inplace (prepare and freeze in place) or both")
     parser.add_argument("--uint8-weights", choices=("auto", "on", "off"), default="auto",
                         help="export_onnx's uint8_weights: auto (None: on where this CPU's u8s8 kernels saturate), on, off")
+    parser.add_argument("--warm-up", action="store_true",
+                        help="run every step on a tiny Llama first in each process (see WARM_UP), so the figures leave "
+                             "out the one-time costs (imports, caches) any model pays")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
         size, mode = args._child.split(":")
         uint8 = {"auto": None, "on": True, "off": False}[args.uint8_weights]
-        row = _one(size, args.batch, args.tokens, args.batches, not args.no_export, mode == "inplace", uint8)
+        row = _one(size, args.batch, args.tokens, args.batches, not args.no_export, mode == "inplace", uint8, args.warm_up)
         print("ROW " + json.dumps(row))
         return
     rows: List[Dict[str, object]] = []
@@ -175,12 +215,15 @@ def main() -> None:
                    "--uint8-weights", args.uint8_weights]
             if args.no_export:
                 cmd.append("--no-export")
+            if args.warm_up:
+                cmd.append("--warm-up")
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("ROW ")]
             if proc.returncode != 0 or not lines:
                 print(f"{size} {mode}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
                 continue
-            row = {"size": size, "prepare": mode, "uint8_weights": args.uint8_weights, **json.loads(lines[-1][4:])}
+            row = {"size": size, "prepare": mode, "uint8_weights": args.uint8_weights, "warm_up": args.warm_up,
+                   **json.loads(lines[-1][4:])}
             rows.append(row)
             _print_row(row)
     if args.json:
@@ -193,8 +236,8 @@ _HEADER_SHOWN = False
 
 def _print_row(row: Dict[str, object]) -> None:
     global _HEADER_SHOWN
-    cols = ["size", "prepare", "uint8_weights", "params_M", "float_forward_s", "prepare_s", "calibrate_per_batch_x_float", "calibrate_search_s", "freeze_s",
-            "export_s", "prepare_peak_x", "calibrate_peak_x", "freeze_peak_x", "export_peak_x", "prepare_adds_x",
+    cols = ["size", "prepare", "uint8_weights", "warm_up", "params_M", "float_forward_s", "prepare_s", "calibrate_per_batch_x_float", "calibrate_search_s", "freeze_s",
+            "export_s", "float_forward_adds_x", "prepare_peak_x", "calibrate_peak_x", "freeze_peak_x", "export_peak_x", "prepare_adds_x",
             "calibrate_adds_x", "freeze_adds_x", "export_adds_x", "overall_peak_x"]
     if not _HEADER_SHOWN:
         print(" | ".join(cols), flush=True)
