@@ -43,7 +43,7 @@ import fxquant as fxq  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "lowbit.jsonl")
 VARIANT_KEYS = ("mode", "quantize_joins", "quantize_outputs", "join_bits", "integer_bias", "calib_method", "lr",
                 "clamp_lr", "bits_lr", "penalty_growth", "warmup", "decay_start", "final_lr_ratio", "loss", "bits8",
-                "calib_batches")
+                "calib_batches", "reseed")
 SCHEDULE_KEYS = {"lr": "lr", "clamp_lr": "clamp_lr", "bits_lr": "bits_lr", "penalty_growth": "penalty_growth",
                  "warmup": "warmup", "decay_start": "decay_start", "final_lr_ratio": "final_lr_ratio"}
 
@@ -89,6 +89,10 @@ def run_fxquant(model: torch.nn.Module, bits: int, convention: str, seed: int, s
     calib_kwargs = {"method": variant["calib_method"]} if "calib_method" in variant else {}  # else fxquant's default
     calib_batches = int(variant.get("calib_batches", 2))
     fxq.calibrate(qm, [b[0] for b in batches[:calib_batches]], num_batches=calib_batches, **calib_kwargs)
+    if "reseed" in variant:
+        # fine-tuning's random draws (the dither) start from the same state whatever calibration drew: variants of
+        # calibration then differ by their clamps alone
+        torch.manual_seed(seed * 1000 + int(variant["reseed"]))
     kwargs: Dict[str, Any] = {}
     schedule = {SCHEDULE_KEYS[k]: float(v) for k, v in variant.items() if k in SCHEDULE_KEYS}
     if schedule:
