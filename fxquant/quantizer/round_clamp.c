@@ -50,6 +50,29 @@ void fxq_round_clamp_forward(const float *x, float *out, int64_t n, float step, 
     }
 }
 
+/* the backward of elements [start, end) (at most FXQ_BLOCK): grad_in there, and the block's four float sums added
+ * to partial[0..3] in double */
+static inline void fxq_backward_block(const float *grad, const float *x, float *grad_in, int64_t start, int64_t end,
+                                      float step, float lo, float hi, double *partial) {
+    float block_below = 0.0f, block_above = 0.0f, block_dot = 0.0f, block_square = 0.0f;
+#pragma omp simd reduction(+ : block_below, block_above, block_dot, block_square)
+    for (int64_t i = start; i < end; ++i) {
+        float v = x[i], g = grad[i];
+        int is_below = v < lo, is_above = v > hi;
+        float u = fxq_scaled(v, step, lo, hi);
+        float inside = (is_below | is_above) ? 0.0f : g;
+        grad_in[i] = inside;
+        block_below += is_below ? g : 0.0f;
+        block_above += is_above ? g : 0.0f;
+        block_dot += inside * (u - fxq_round_half_even(u));
+        block_square += inside * inside;
+    }
+    partial[0] += block_below;
+    partial[1] += block_above;
+    partial[2] += block_dot;
+    partial[3] += block_square;
+}
+
 void fxq_round_clamp_backward(const float *grad, const float *x, float *grad_in, int64_t n, float step, float lo,
                               float hi, double *sums, int threads) {
     double below = 0.0, above = 0.0, dot = 0.0, square = 0.0;
@@ -58,24 +81,12 @@ void fxq_round_clamp_backward(const float *grad, const float *x, float *grad_in,
     if (n >= FXQ_PARALLEL_MIN)
     for (int64_t b = 0; b < blocks; ++b) {
         int64_t start = b * FXQ_BLOCK;
-        int64_t end = start + FXQ_BLOCK < n ? start + FXQ_BLOCK : n;
-        float block_below = 0.0f, block_above = 0.0f, block_dot = 0.0f, block_square = 0.0f;
-#pragma omp simd reduction(+ : block_below, block_above, block_dot, block_square)
-        for (int64_t i = start; i < end; ++i) {
-            float v = x[i], g = grad[i];
-            int is_below = v < lo, is_above = v > hi;
-            float u = fxq_scaled(v, step, lo, hi);
-            float inside = (is_below | is_above) ? 0.0f : g;
-            grad_in[i] = inside;
-            block_below += is_below ? g : 0.0f;
-            block_above += is_above ? g : 0.0f;
-            block_dot += inside * (u - fxq_round_half_even(u));
-            block_square += inside * inside;
-        }
-        below += block_below;
-        above += block_above;
-        dot += block_dot;
-        square += block_square;
+        double partial[4] = {0.0, 0.0, 0.0, 0.0};
+        fxq_backward_block(grad, x, grad_in, start, start + FXQ_BLOCK < n ? start + FXQ_BLOCK : n, step, lo, hi, partial);
+        below += partial[0];
+        above += partial[1];
+        dot += partial[2];
+        square += partial[3];
     }
     sums[0] = below;
     sums[1] = above;
@@ -101,31 +112,14 @@ void fxq_round_clamp_rows_backward(const float *grad, const float *x, float *gra
                                    const float *step, const float *lo, const float *hi, double *sums, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (rows * row_len >= FXQ_PARALLEL_MIN)
     for (int64_t r = 0; r < rows; ++r) {
-        const float s = step[r], l = lo[r], h = hi[r];
-        double below = 0.0, above = 0.0, dot = 0.0, square = 0.0;
-        for (int64_t start = r * row_len; start < (r + 1) * row_len; start += FXQ_BLOCK) {
-            int64_t end = start + FXQ_BLOCK < (r + 1) * row_len ? start + FXQ_BLOCK : (r + 1) * row_len;
-            float block_below = 0.0f, block_above = 0.0f, block_dot = 0.0f, block_square = 0.0f;
-#pragma omp simd reduction(+ : block_below, block_above, block_dot, block_square)
-            for (int64_t i = start; i < end; ++i) {
-                float v = x[i], g = grad[i];
-                int is_below = v < l, is_above = v > h;
-                float u = fxq_scaled(v, s, l, h);
-                float inside = (is_below | is_above) ? 0.0f : g;
-                grad_in[i] = inside;
-                block_below += is_below ? g : 0.0f;
-                block_above += is_above ? g : 0.0f;
-                block_dot += inside * (u - fxq_round_half_even(u));
-                block_square += inside * inside;
-            }
-            below += block_below;
-            above += block_above;
-            dot += block_dot;
-            square += block_square;
+        double partial[4] = {0.0, 0.0, 0.0, 0.0};
+        int64_t row_end = (r + 1) * row_len;
+        for (int64_t start = r * row_len; start < row_end; start += FXQ_BLOCK) {
+            fxq_backward_block(grad, x, grad_in, start, start + FXQ_BLOCK < row_end ? start + FXQ_BLOCK : row_end, step[r],
+                               lo[r], hi[r], partial);
         }
-        sums[4 * r] = below;
-        sums[4 * r + 1] = above;
-        sums[4 * r + 2] = dot;
-        sums[4 * r + 3] = square;
+        for (int k = 0; k < 4; ++k) {
+            sums[4 * r + k] = partial[k];
+        }
     }
 }
