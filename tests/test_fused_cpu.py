@@ -313,3 +313,55 @@ def test_a_training_step_leaves_every_storage_resizable() -> None:
     qm(x).sum().backward()
     for p in qm.parameters():
         p.detach().untyped_storage().resize_(0)  # raises "Trying to resize storage that is not resizable"
+
+
+@needs_compiler
+@pytest.mark.parametrize("fused", [True, False], ids=["one node", "torch ops"])
+def test_a_second_derivative_through_a_per_channel_weight_quantizer(fused: bool, monkeypatch) -> None:  # noqa: ANN001
+    """A gradient penalty (`create_graph=True`, then a backward of the gradient) through a training-mode per-channel
+    weight quantizer works on the one-node path and gives the torch path's values."""
+    from fxquant.quantizer import LearnableQuantizer
+
+    monkeypatch.setenv("FXQ_FUSED_KERNELS", "1" if fused else "0")
+    torch.manual_seed(0)
+    q = LearnableQuantizer(kind="weight", tensor_shape=(8, 30), bits=4, min_bits=2, max_bits=8, symmetric=True,
+                           granularity="per_channel", channel_axis=0, mode="ste")
+    w = torch.randn(8, 30, requires_grad=True)
+    q.init_from_tensor(w.detach())
+    q.train()
+    a = torch.randn(30, 5, requires_grad=True)
+    (grad_a,) = torch.autograd.grad((q(w) @ a).square().sum(), a, create_graph=True)
+    grad_a.square().sum().backward()
+    assert a.grad is not None and q.hi.grad is not None and w.grad is not None
+    if fused:
+        monkeypatch.setenv("FXQ_FUSED_KERNELS", "0")
+        w2, a2 = w.detach().clone().requires_grad_(True), a.detach().clone().requires_grad_(True)
+        hi = q.hi.grad.clone()
+        q.hi.grad = None
+        (g2,) = torch.autograd.grad((q(w2) @ a2).square().sum(), a2, create_graph=True)
+        g2.square().sum().backward()
+        assert torch.allclose(a.grad, a2.grad, rtol=1e-5) and torch.allclose(hi, q.hi.grad, rtol=1e-4)
+
+
+@needs_compiler
+@pytest.mark.parametrize("shapes", list(SHAPES), ids=list(SHAPES))
+def test_a_nan_input_gets_no_gradient_and_an_infinite_clamp_no_warning(shapes: str) -> None:
+    """A NaN element counts as outside the clamps (its input gradient is 0, as the torch path's mask has it), and a
+    diverged (infinite) clamp computes quietly in the one-node path, as torch's ops do."""
+    import warnings
+
+    from fxquant.quantizer.numerics import GridConstants, fused_rounding
+
+    x_shape, param_shape = SHAPES[shapes]
+    k = GridConstants(min_bits=2.0, span=6.0, symmetric=False, clamp_grad_scale=0.01)
+    x = torch.randn(x_shape)
+    x.view(-1)[3] = float("nan")
+    x.requires_grad_(True)
+    hi = _params(param_shape, 1.5, True)
+    with torch.no_grad():
+        hi.view(-1)[-1] = float("inf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = fused_rounding(x, torch.tensor(0.4, requires_grad=True), _params(param_shape, -0.9, True), hi, k, True)
+        y.sum().backward()
+    assert x.grad is not None and x.grad.view(-1)[3] == 0.0

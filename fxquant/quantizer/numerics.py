@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from fxquant.quantizer import fused_cpu
 
@@ -300,30 +299,53 @@ class _FusedRounding(torch.autograd.Function):
         bits = integer_bits_number(bits_param, k.min_bits, k.span)
         levels = f32(2.0 ** (float(bits) - 1.0) - 1.0) if k.symmetric else f32(2.0 ** float(bits) - 1.0)
         hi_raw = values_of(hi)
-        hi_v = np.maximum(hi_raw, f32(0.0))
-        if k.symmetric:
-            lo_raw = lo_v = zero_point = np.zeros_like(hi_v)
-            ratio = hi_v / levels
-            step = np.maximum(ratio, f32(MIN_STEP))
-            lo_grid, hi_grid = -step * levels, step * levels
-        else:
-            assert lo is not None
-            lo_raw = values_of(lo)
-            lo_v = np.minimum(lo_raw, f32(0.0))
-            ratio = (hi_v - lo_v) / levels
-            step = np.maximum(ratio, f32(MIN_STEP))
-            zero_point = np.round(-lo_v / step)
-            lo_grid = -zero_point * step
-            hi_grid = lo_grid + step * levels
-        ctx.k, ctx.dither, ctx.levels = k, dither, float(levels)
+        with np.errstate(all="ignore"):  # a diverged (infinite) clamp computes NaN quietly, as torch's ops do
+            hi_v = np.maximum(hi_raw, f32(0.0))
+            if k.symmetric:
+                lo_raw = lo_v = zero_point = np.zeros_like(hi_v)
+                ratio = hi_v / levels
+                step = np.maximum(ratio, f32(MIN_STEP))
+                lo_grid, hi_grid = -step * levels, step * levels
+            else:
+                assert lo is not None
+                lo_raw = values_of(lo)
+                lo_v = np.minimum(lo_raw, f32(0.0))
+                ratio = (hi_v - lo_v) / levels
+                step = np.maximum(ratio, f32(MIN_STEP))
+                zero_point = np.round(-lo_v / step)
+                lo_grid = -zero_point * step
+                hi_grid = lo_grid + step * levels
+        ctx.k, ctx.dither, ctx.levels, ctx.lo_given = k, dither, float(levels), lo is not None
         # what the backward reads
         ctx.arrays = (hi_raw >= 0.0, lo_raw <= 0.0, lo_v.astype(np.float64), ratio, step, zero_point, lo_grid, hi_grid)
         ctx.save_for_backward(x, bits_param, lo if lo is not None else bits_param.new_empty(0), hi)
         return fused_cpu.round_clamp_rows_forward(x, step, lo_grid, hi_grid)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
+        if torch.is_grad_enabled():
+            return _FusedRounding.differentiable_backward(ctx, grad)
+        with np.errstate(all="ignore"):
+            return _FusedRounding.numbers_backward(ctx, grad)
+
+    @staticmethod
+    def differentiable_backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], ...]:  # noqa: ANN001
+        """A backward that records its own graph (a second derivative, `create_graph=True`): the same gradients
+        through the torch ops of `training_grid` and `round_clamp` (whose fused per-tensor kernel, on tensors of
+        `fused_cpu.MIN_ELEMENTS` or more, says it has no second derivative and how to get one)."""
+        x, bits_param, lo, hi = ctx.saved_tensors
+        lo_arg = lo if ctx.lo_given else None
+        wanted = [(i, t) for i, t in enumerate((x, bits_param, lo_arg, hi)) if t is not None and ctx.needs_input_grad[i]]
+        y = round_clamp(x, *training_grid(bits_param, lo_arg, hi, ctx.k), ctx.dither)
+        found = torch.autograd.grad(y, [t for _, t in wanted], grad, create_graph=True, allow_unused=True)
+        grads: List[Optional[Tensor]] = [None] * 6
+        for (i, _), g in zip(wanted, found):
+            grads[i] = g
+        return tuple(grads)
+
+    @staticmethod
+    def numbers_backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], ...]:  # noqa: ANN001
+        """The backward from the kernel's per-row sums, chained through the grid in numpy (no graph recorded)."""
         x, bits_param, lo, hi = ctx.saved_tensors
         k: GridConstants = ctx.k
         levels = ctx.levels

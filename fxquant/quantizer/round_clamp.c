@@ -6,8 +6,8 @@
  * backward. The values are those of `numerics._RoundClamp`, with u = clamp(x, lo, hi) / step:
  *
  *   forward:  out = step * round_half_even(u)
- *   backward: grad_in = grad where lo <= x <= hi, 0 elsewhere; and four sums: grad where x < lo, grad where
- *             x > hi, sum(grad_in * (u - round(u))) (the step's gradient is its negation), sum(grad_in^2) (the
+ *   backward: grad_in = grad where lo <= x <= hi, 0 elsewhere (NaN included); and four sums: grad where x < lo,
+ *             grad where x > hi, sum(grad_in * (u - round(u))) (the step's gradient is its negation), sum(grad_in^2) (the
  *             dither's variance). It reads x again and recomputes u - round(u) (the same arithmetic as the
  *             forward): storing it would cost a write and a tensor of x's size, and x is kept for the backward
  *             anyway (by the op that made it, and by autograd here).
@@ -60,7 +60,7 @@ static inline void fxq_backward_block(const float *grad, const float *x, float *
         float v = x[i], g = grad[i];
         int is_below = v < lo, is_above = v > hi;
         float u = fxq_scaled(v, step, lo, hi);
-        float inside = (is_below | is_above) ? 0.0f : g;
+        float inside = (v >= lo && v <= hi) ? g : 0.0f; /* a NaN is outside, as the torch path's mask has it */
         grad_in[i] = inside;
         block_below += is_below ? g : 0.0f;
         block_above += is_above ? g : 0.0f;
