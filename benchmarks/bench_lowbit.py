@@ -43,7 +43,7 @@ import fxquant as fxq  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "lowbit.jsonl")
 VARIANT_KEYS = ("mode", "quantize_joins", "quantize_outputs", "join_bits", "integer_bias", "calib_method", "lr",
                 "clamp_lr", "bits_lr", "penalty_growth", "warmup", "decay_start", "final_lr_ratio", "loss", "bits8",
-                "calib_batches", "reseed")
+                "calib_batches", "reseed", "distill")
 SCHEDULE_KEYS = {"lr": "lr", "clamp_lr": "clamp_lr", "bits_lr": "bits_lr", "penalty_growth": "penalty_growth",
                  "warmup": "warmup", "decay_start": "decay_start", "final_lr_ratio": "final_lr_ratio"}
 
@@ -97,6 +97,8 @@ def run_fxquant(model: torch.nn.Module, bits: int, convention: str, seed: int, s
     schedule = {SCHEDULE_KEYS[k]: float(v) for k, v in variant.items() if k in SCHEDULE_KEYS}
     if schedule:
         kwargs["schedule"] = fxq.Schedule(**schedule)
+    if "distill" in variant:
+        kwargs["distill"] = variant["distill"]  # finetune's distillation loss: "jeffreys" (default on logits) or "mse"
     if variant.get("loss") == "ce":
         kwargs["loss_fn"] = lambda out, y: F.cross_entropy(out, y)
         teacher = None
