@@ -49,8 +49,10 @@ from fxquant.quantizer.numerics import (
     expand_groups,
     fake_quantize,
     fused_rounding,
+    grid_step_values,
     group_param_shape,
     integer_bits_number,
+    levels_number,
     mean_over_ranks,
     reduce_to_groups,
     round_ste,
@@ -258,14 +260,11 @@ class LearnableQuantizer(Quantizer):
         bits = self._one_integer_bits()
         if bits is None or self.hi.dtype != torch.float32 or self.hi.device.type != "cpu":
             return None
-        f32 = np.float32
-        levels = f32(2.0 ** (bits - 1.0) - 1.0) if self.symmetric else f32(2.0 ** bits - 1.0)
-        span = np.maximum(values_of(self.hi), f32(0.0))
+        lo = None
         if not self.symmetric:
             assert self.lo is not None
-            span = span - np.minimum(values_of(self.lo), f32(0.0))
-        scale: np.ndarray = np.maximum(span / levels, f32(MIN_STEP))
-        return scale
+            lo = values_of(self.lo)
+        return grid_step_values(values_of(self.hi), lo, levels_number(bits, self.symmetric))[2]
 
     def _split_blocks(self, x: Tensor) -> Tuple[Tensor, Tuple[int, ...]]:
         """`x` with its block axis split into `(blocks, group_size)`, and the group shape in that view (a 1

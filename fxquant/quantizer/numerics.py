@@ -175,6 +175,14 @@ def dither_from_square_sum(square_sum: Tensor, shape: torch.Size) -> Tensor:
     return torch.randn(shape, device=square_sum.device, dtype=square_sum.dtype) * (square_sum / 12.0).sqrt()
 
 
+def dither_with_square_sum(grad_in: Tensor, square_sum: Tensor, shape: torch.Size) -> Tensor:
+    """`dither_of_groups(grad_in, shape)` when a fused kernel has already summed `g^2` per group (`square_sum`,
+    one value per group): the same draws from the same generator, without a pass over `grad_in` for large groups."""
+    if grad_in.numel() // max(math.prod(shape), 1) < DITHER_EXACT_BELOW:
+        return dither_of_groups(grad_in, shape)
+    return dither_from_square_sum(square_sum.reshape(shape), shape)
+
+
 @dataclass(frozen=True)
 class GridConstants:
     """What fixes a learnable quantizer's training grid besides its parameters (`LearnableQuantizer`)."""
@@ -273,6 +281,28 @@ def integer_bits_number(bits_param: Tensor, min_bits: float, span: float) -> np.
     return np.round(f32(min_bits) + f32(span) * p)
 
 
+def levels_number(bits: float, symmetric: bool) -> np.float32:
+    """`L = 2^(B-1) - 1` (symmetric) or `2^B - 1` of integer bits `B` as a float32 number (`_TrainingGrid`'s
+    `levels`)."""
+    return np.float32(2.0 ** (bits - 1.0) - 1.0) if symmetric else np.float32(2.0 ** bits - 1.0)
+
+
+def grid_step_values(hi: np.ndarray, lo: Optional[np.ndarray], levels: np.float32
+                     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(lo_v, ratio, step)` of clamps `hi` and `lo` (float32 arrays; `lo` None: symmetric) at `levels`, in
+    float32 as `_TrainingGrid` and `LearnableQuantizer._step_of` compute them: `lo_v = min(lo, 0)` (zeros when
+    symmetric), `ratio = (max(hi, 0) - lo_v) / levels` (`max(hi, 0) / levels` symmetric),
+    `step = max(ratio, MIN_STEP)`."""
+    f32 = np.float32
+    hi_v = np.maximum(hi, f32(0.0))
+    if lo is None:
+        lo_v, ratio = np.zeros_like(hi_v), hi_v / levels
+    else:
+        lo_v = np.minimum(lo, f32(0.0))
+        ratio = (hi_v - lo_v) / levels
+    return lo_v, ratio, np.maximum(ratio, f32(MIN_STEP))
+
+
 def values_of(t: Tensor) -> np.ndarray:
     """A copy of a CPU tensor's values as a flat numpy array. Not `t.numpy()`: that marks `t`'s storage as not
     resizable for good, and FSDP2 frees an unsharded parameter (and `freeze(inplace=True)` a float weight) by
@@ -295,29 +325,25 @@ class _FusedRounding(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, bits_param: Tensor, lo: Optional[Tensor], hi: Tensor, k: GridConstants,  # noqa: ANN001
                 dither: bool) -> Tensor:
-        f32 = np.float32
-        bits = integer_bits_number(bits_param, k.min_bits, k.span)
-        levels = f32(2.0 ** (float(bits) - 1.0) - 1.0) if k.symmetric else f32(2.0 ** float(bits) - 1.0)
+        levels = levels_number(float(integer_bits_number(bits_param, k.min_bits, k.span)), k.symmetric)
         hi_raw = values_of(hi)
+        lo_raw = None
+        if not k.symmetric:
+            assert lo is not None
+            lo_raw = values_of(lo)
         with np.errstate(all="ignore"):  # a diverged (infinite) clamp computes NaN quietly, as torch's ops do
-            hi_v = np.maximum(hi_raw, f32(0.0))
-            if k.symmetric:
-                lo_raw = lo_v = zero_point = np.zeros_like(hi_v)
-                ratio = hi_v / levels
-                step = np.maximum(ratio, f32(MIN_STEP))
+            lo_v, ratio, step = grid_step_values(hi_raw, lo_raw, levels)
+            if lo_raw is None:
+                zero_point = np.zeros_like(step)
                 lo_grid, hi_grid = -step * levels, step * levels
             else:
-                assert lo is not None
-                lo_raw = values_of(lo)
-                lo_v = np.minimum(lo_raw, f32(0.0))
-                ratio = (hi_v - lo_v) / levels
-                step = np.maximum(ratio, f32(MIN_STEP))
                 zero_point = np.round(-lo_v / step)
                 lo_grid = -zero_point * step
                 hi_grid = lo_grid + step * levels
         ctx.k, ctx.dither, ctx.levels, ctx.lo_given = k, dither, float(levels), lo is not None
         # what the backward reads
-        ctx.arrays = (hi_raw >= 0.0, lo_raw <= 0.0, lo_v.astype(np.float64), ratio, step, zero_point, lo_grid, hi_grid)
+        lo_free = np.ones(step.shape, dtype=bool) if lo_raw is None else lo_raw <= 0.0
+        ctx.arrays = (hi_raw >= 0.0, lo_free, lo_v.astype(np.float64), ratio, step, zero_point, lo_grid, hi_grid)
         ctx.save_for_backward(x, bits_param, lo if lo is not None else bits_param.new_empty(0), hi)
         return fused_cpu.round_clamp_rows_forward(x, step, lo_grid, hi_grid)
 
@@ -354,14 +380,9 @@ class _FusedRounding(torch.autograd.Function):
         g_lo, g_hi, dot, square = sums.T
         g_step = -dot
         if ctx.dither and any(ctx.needs_input_grad[1:4]):
-            # the step's gradient feeds the bits' and the clamps' (the torch path draws only when it is needed);
-            # the same draws as `dither_of_groups` from the same generator
-            rows = step32.size
-            if x.numel() // rows < DITHER_EXACT_BELOW:
-                signs = torch.randint(0, 2, grad_in.shape, device=grad_in.device).to(grad_in.dtype) - 0.5
-                g_step = g_step + (grad_in * signs).reshape(rows, -1).sum(1).double().numpy() / math.sqrt(3.0)
-            else:
-                g_step = g_step + torch.randn(rows, dtype=grad.dtype).double().numpy() * np.sqrt(square / 12.0)
+            # the step's gradient feeds the bits' and the clamps' (the torch path draws only when it is needed)
+            square_sum = torch.from_numpy(square).to(grad_in.dtype)
+            g_step = g_step + dither_with_square_sum(grad_in, square_sum, hi.shape).double().numpy().reshape(-1)
         step = step32.astype(np.float64)
         if k.symmetric:
             d_step = g_step + levels * (g_hi - g_lo)
@@ -518,10 +539,7 @@ def _fused_backward(ctx, grad: Tensor) -> Tuple[Tensor, Optional[Tensor], Option
     if ctx.needs_input_grad[1]:
         grad_step = (-sums[2]).reshape(ctx.step_shape)
         if ctx.dither:
-            if grad_in.numel() < DITHER_EXACT_BELOW:
-                grad_step = grad_step + dither_of_groups(grad_in, ctx.step_shape)
-            else:
-                grad_step = grad_step + dither_from_square_sum(sums[3].reshape(ctx.step_shape), ctx.step_shape)
+            grad_step = grad_step + dither_with_square_sum(grad_in, sums[3], ctx.step_shape)
     return grad_in, grad_step, grad_lo, grad_hi, None
 
 
