@@ -4,24 +4,24 @@ fxquant quantizes weights per output channel (the accuracy default); onnxruntime
 scale per weight tensor. Both become `MatMulIntegerToFloat` (or `DynamicQuantizeMatMul`) in onnxruntime's
 optimized graph; this times a QDQ `MatMul` of a uint8 activation `(1, M, K)` and an int8 weight `(K, N)` with
 per-column or per-tensor scales, with and without an explicit (zero) weight zero point, in one process, rounds
-interleaved. Default shape: the LM head of `deployed_models.t5` (32 decoder tokens, d_model 256, vocab 32000),
+interleaved (`coverage_table`'s sessions and timing). Default shape: the LM head of `deployed_models.t5` (32 decoder tokens, d_model 256, vocab 32000),
 about a third of that model's time.
 
-    python benchmarks/bench_ort_matmul_scales.py [--m 32] [--k 256] [--n 32000] [--threads 1] [--iters 60] [--rounds 5]
+    python benchmarks/bench_ort_matmul_scales.py [--m 32] [--k 256] [--n 32000] [--threads 1] [--iters 300] [--rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
+import coverage_table as ct  # benchmarks/ is on sys.path when this script runs
 import numpy as np
 import onnx
 import onnxruntime as ort
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 
@@ -51,38 +51,29 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=256)
     parser.add_argument("--n", type=int, default=32000)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--iters", type=int, default=60)
+    parser.add_argument("--iters", type=int, default=300, help="timed runs per variant, over --rounds rounds")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    x = np.random.default_rng(1).standard_normal((1, args.m, args.k)).astype(np.float32)
-    sessions: Dict[Tuple[bool, bool], ort.InferenceSession] = {}
-    kernels: Dict[Tuple[bool, bool], List[str]] = {}
+    ct.THREADS = args.threads
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((1, args.m, args.k)).astype(np.float32))
+    variants = {(per_column, zero_point): f"{'per column' if per_column else 'per tensor'} | "
+                f"{'zeros' if zero_point else 'none'}" for per_column in (True, False) for zero_point in (True, False)}
+    kernels: Dict[str, List[str]] = {}
+    paths: Dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for per_column in (True, False):
-            for zero_point in (True, False):
-                options = ort.SessionOptions()
-                options.intra_op_num_threads = args.threads
-                options.optimized_model_filepath = str(Path(tmp) / f"{per_column}_{zero_point}.onnx")
-                sessions[(per_column, zero_point)] = ort.InferenceSession(
-                    matmul_model(args.m, args.k, args.n, per_column, zero_point), options, providers=["CPUExecutionProvider"])
-                kernels[(per_column, zero_point)] = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
-    times: Dict[Tuple[bool, bool], List[float]] = {key: [] for key in sessions}
-    for _ in range(args.rounds):
-        for key, session in sessions.items():
-            for _ in range(5):
-                session.run(None, {"x": x})
-            for _ in range(args.iters):
-                t0 = time.perf_counter()
-                session.run(None, {"x": x})
-                times[key].append(time.perf_counter() - t0)
-    reference = statistics.median(times[(False, True)])
+        for (per_column, zero_point), label in variants.items():
+            paths[label] = str(Path(tmp) / f"{per_column}_{zero_point}.onnx")
+            Path(paths[label]).write_bytes(matmul_model(args.m, args.k, args.n, per_column, zero_point))
+            optimized = str(Path(tmp) / f"{per_column}_{zero_point}_optimized.onnx")
+            ct._session(paths[label], optimized)
+            kernels[label] = [node.op_type for node in onnx.load(optimized).graph.node]
+        ms = ct._latencies_ms(paths, x, args.iters, args.rounds)
+    reference = ms[variants[(False, True)]]
     print(f"onnxruntime {ort.__version__}, {args.threads} thread(s), (1, {args.m}, {args.k}) x ({args.k}, {args.n}), "
-          f"median of {args.rounds * args.iters} runs\n")
+          f"median of {args.iters} runs\n")
     print("| weight scales | weight zero point | optimized graph | ms | vs per tensor |\n|---|---|---|---|---|")
-    for (per_column, zero_point), ts in times.items():
-        ms = statistics.median(ts)
-        print(f"| {'per column' if per_column else 'per tensor'} | {'zeros' if zero_point else 'none'} | "
-              f"{' + '.join(kernels[(per_column, zero_point)])} | {ms * 1000:.3f} | {ms / reference:.2f}x |")
+    for label, value in ms.items():
+        print(f"| {label} | {' + '.join(kernels[label])} | {value:.3f} | {value / reference:.2f}x |")
 
 
 if __name__ == "__main__":
