@@ -29,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 SIZES: Dict[str, Dict[str, int]] = {
     # hidden, layers, heads, kv heads, intermediate, vocab (vocab 32000 as on model hubs)
@@ -80,17 +80,24 @@ process pays once whatever the model (lazy imports of torch.export, the ONNX exp
 caches)."""
 
 
+def _llama(size: Dict[str, int], tokens: int) -> Any:  # noqa: ANN401 - transformers is imported in the child only
+    """A random-weight Llama causal LM of `size` (a `SIZES` entry) in eval mode, for sequences of `tokens`."""
+    import transformers as T
+
+    cfg = T.LlamaConfig(max_position_embeddings=max(64, tokens), bos_token_id=0, eos_token_id=0, **size)
+    return T.LlamaForCausalLM(cfg).eval()
+
+
 def _warm_up(tokens: int, export: bool) -> None:
     """prepare -> calibrate -> freeze -> export of a tiny Llama, everything dropped afterwards."""
     import gc
 
     import torch
-    import transformers as T
 
     import fxquant as fxq
 
-    cfg = T.LlamaConfig(max_position_embeddings=max(64, tokens), bos_token_id=0, eos_token_id=0, **WARM_UP)
-    model = T.LlamaForCausalLM(cfg).eval()
+    model = _llama(WARM_UP, tokens)
+    cfg = model.config
     example = {"input_ids": torch.randint(0, cfg.vocab_size, (1, tokens))}
     qm = fxq.prepare(model, example)
     fxq.calibrate(qm, [{"input_ids": torch.randint(0, cfg.vocab_size, (2, tokens))}], progress=False)
@@ -110,7 +117,6 @@ def _one(
     import gc
 
     import torch
-    import transformers as T
 
     import fxquant as fxq
 
@@ -119,8 +125,8 @@ def _one(
         _warm_up(tokens, export)
     baseline = _rss()
     torch.manual_seed(0)
-    cfg = T.LlamaConfig(max_position_embeddings=max(64, tokens), bos_token_id=0, eos_token_id=0, **SIZES[size])
-    model = T.LlamaForCausalLM(cfg).eval()
+    model = _llama(SIZES[size], tokens)
+    cfg = model.config
     params = sum(p.numel() for p in model.parameters())
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     gen = torch.Generator().manual_seed(1)
