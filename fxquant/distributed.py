@@ -10,9 +10,10 @@ quantizers write their clamps in place during training and fine-tuning reads the
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -39,12 +40,20 @@ FSDP_RECIPE = f"fully_shard(qm, ignored_params=set(qm.{QUANTIZERS_ATTR}.paramete
 """How to shard a prepared module with FSDP2: one group for the weights, quantizer parameters replicated."""
 
 
-def is_dtensor(t: Tensor) -> bool:
+@functools.lru_cache(maxsize=None)
+def _dtensor_type() -> Optional[type]:
+    """torch's `DTensor` class (imported once: `is_dtensor` runs for every parameter on every step), or None
+    without torch.distributed."""
     if not dist.is_available():
-        return False
+        return None
     from torch.distributed.tensor import DTensor
 
-    return isinstance(t, DTensor)
+    return DTensor
+
+
+def is_dtensor(t: Tensor) -> bool:
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
 
 
 def fsdp_modules(inner: nn.Module) -> List[Tuple[str, Any]]:
@@ -120,22 +129,24 @@ def broadcast_quantizers(inner: nn.Module) -> None:
 
 
 def clip_grad_norm(params: List[nn.Parameter], max_norm: float) -> float:
-    """`clip_grad_norm_` over all of `params`; returns the global norm. Under FSDP2 the sharded (DTensor) and
-    the replicated parameters are normed apart (torch refuses a list mixing them) and the norms combined."""
-    sharded = [p for p in params if is_dtensor(p)]
-    parts = [part for part in (sharded, [p for p in params if not is_dtensor(p)]) if part]
+    """The global norm of the gradients of `params`, after scaling them to `max_norm` when it is exceeded (as
+    `clip_grad_norm_`; with `max_norm=inf` only the norm, which fine-tuning reads to skip non-finite steps, and no
+    pass over the gradients to multiply them by 1). Under FSDP2 the sharded (DTensor) and the replicated parameters
+    are normed apart (torch refuses a list mixing them) and the norms combined."""
+    sharded: List[Tensor] = []
+    plain: List[Tensor] = []
+    for p in params:
+        if p.grad is not None:
+            (sharded if is_dtensor(p) else plain).append(p.grad)
 
     def value(norm: Tensor) -> float:
         return float(norm.full_tensor() if is_dtensor(norm) else norm)  # type: ignore[attr-defined]
 
-    if len(parts) <= 1:
-        return value(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    total = math.sqrt(sum(value(torch.nn.utils.clip_grad_norm_(part, math.inf)) ** 2 for part in parts))
+    total = math.sqrt(sum(value(torch.nn.utils.get_total_norm(part)) ** 2 for part in (sharded, plain) if part))
     if math.isfinite(total) and total > max_norm:
         with torch.no_grad():
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(max_norm / (total + 1e-6))
+            for grad in sharded + plain:
+                grad.mul_(max_norm / (total + 1e-6))
     return total
 
 

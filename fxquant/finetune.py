@@ -77,9 +77,7 @@ from fxquant.objectives import (
     check_target,
 )
 from fxquant.optimization import OptimizerFactory, default_optimizer, param_groups
-from fxquant.quantizer import (
-    make_estimator,
-)
+from fxquant.quantizer import make_estimator, project_parameters
 from fxquant.state_selection import StateSelector, snapshot
 from fxquant.utils import quantizers_enabled
 
@@ -417,8 +415,7 @@ class _Training:
         self.bad_in_a_row = 0
         self.opt.step()
         self.updated = True
-        for q in self.quantizers:
-            q.project_bits_()
+        project_parameters(self.quantizers)
         if self.run.schedule.floor and self.run.penalty == "exterior":
             self.run.bits.apply_floor()
 

@@ -15,7 +15,7 @@ from torch import nn
 from fxquant.distributed import reshard, unwrap
 from fxquant.graph import is_quantizer_path
 from fxquant.objectives import Schedule
-from fxquant.quantizer import iter_learnable
+from fxquant.quantizer import iter_learnable, project_parameters
 from fxquant.shared_weights import own_weights
 
 OptimizerFactory = Callable[[List[Dict[str, Any]]], torch.optim.Optimizer]
@@ -91,5 +91,4 @@ def default_optimizer(groups: List[Dict[str, Any]]) -> torch.optim.Optimizer:
 def project_quantizers(qm: nn.Module) -> None:
     """Project every quantizer's parameters back into their domain (bits in bounds, `lo <= 0 <= hi`);
     call after each optimizer step of a training loop of one's own."""
-    for _, q in iter_learnable(unwrap(qm)):
-        q.project_bits_()
+    project_parameters([q for _, q in iter_learnable(unwrap(qm))])

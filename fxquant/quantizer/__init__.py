@@ -23,7 +23,7 @@ from fxquant.quantizer.estimators import (
     make_estimator,
 )
 from fxquant.quantizer.frozen import FrozenActivationQuantizer, FrozenBias, FrozenWeight
-from fxquant.quantizer.learnable import LearnableQuantizer, iter_learnable
+from fxquant.quantizer.learnable import LearnableQuantizer, iter_learnable, project_parameters
 from fxquant.quantizer.numerics import (
     CODES_SLICE,
     DITHER_EXACT_BELOW,
@@ -63,6 +63,6 @@ __all__ = [
     "IntegerGrid", "KIND_ACTIVATION", "KIND_BIAS", "KIND_WEIGHT", "LearnableQuantizer", "MIN_STEP", "MSE_SLICE",
     "NoiseEstimator", "Quantizer", "QuantizerSummary", "SteEstimator", "bias_scale", "bits_storage_bytes",
     "clamp_ste", "dequantize_codes", "dither_of_groups", "expand_groups", "fake_quantize", "fits_int32", "grad_scale",
-    "group_param_shape", "integer_codes", "iter_learnable", "make_estimator", "mean_over_ranks", "pseudo_quantization_noise",
+    "group_param_shape", "integer_codes", "iter_learnable", "make_estimator", "mean_over_ranks", "project_parameters", "pseudo_quantization_noise",
     "quantize_bias", "quantize_codes", "reduce_to_groups", "reduce_to_shape", "round_clamp", "round_ste",
 ]

@@ -41,14 +41,15 @@ class FusedKernelWarning(UserWarning):
 
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "round_clamp.c")
-FLAGS = ("-O3", "-fno-trapping-math", "-fPIC", "-shared", "-fopenmp")
+FLAGS = ("-O3", "-fno-trapping-math", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp")
 """`-fno-trapping-math` lets the selects vectorise (no value changes); never `-ffast-math` (the rounding relies
-on IEEE float arithmetic)."""
+on IEEE float arithmetic); `-ffp-contract=off`: no fused multiply-adds, so the grid is numpy's float32 arithmetic
+operation for operation."""
 NATIVE_FLAGS = ("-march=native",)
 """Tried first: this CPU's widest vectors (AVX-512 halves the backward's time against SSE2's on an Intel Xeon).
 The cache key holds the CPU's identity, so a home directory shared by different machines keeps one library
 per CPU; a compiler that rejects the flag builds without it."""
-ABI_VERSION = 4
+ABI_VERSION = 5
 MIN_ELEMENTS = 4096
 """Smaller tensors take the torch path in `numerics._RoundClamp` (the call's fixed cost is larger than the
 passes it saves there); `numerics.fused_rounding`, which also replaces the grid's ops, takes any size."""
@@ -146,6 +147,12 @@ def _load(path: str) -> ctypes.CDLL:
     lib.fxq_round_clamp_rows_forward.restype = None
     lib.fxq_round_clamp_rows_backward.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, c_int]
     lib.fxq_round_clamp_rows_backward.restype = None
+    lib.fxq_grid_rows.argtypes = [ptr, ptr, i64, f32, f32, f32, f32, c_int, ptr, ptr]
+    lib.fxq_grid_rows.restype = None
+    lib.fxq_grid_rows_backward.argtypes = [ptr, ptr, ptr, ptr, i64, f32, f32, c_int, ctypes.c_double, ptr, ptr]
+    lib.fxq_grid_rows_backward.restype = ctypes.c_double
+    lib.fxq_round_bias.argtypes = [ptr, i64, f32, ptr, i64, ptr]
+    lib.fxq_round_bias.restype = c_int
     return lib
 
 
@@ -263,3 +270,51 @@ def round_clamp_rows_backward(grad: Tensor, x: Tensor, step: np.ndarray, lo: np.
         _pointer(lo), _pointer(hi), int(sums.ctypes.data), torch.get_num_threads(),
     )
     return grad_in, sums
+
+
+GRID_ARRAYS = ("lo_v", "ratio", "step", "zero_point", "lo_grid", "hi_grid", "hi_free", "lo_free")
+"""The rows of `grid_rows`' array, in order (round_clamp.c's enum)."""
+
+
+def grid_rows(hi: Tensor, lo: Optional[Tensor], p: float, min_bits: float, span: float, min_step: float,
+              symmetric: bool) -> Tuple[np.ndarray, float, float]:
+    """`(grid, B, L)`: the training grid of clamps `hi` and `lo` (contiguous float32 on the CPU, one value per row or
+    for the tensor; `lo` None when symmetric) at the integer bits of bits parameter value `p`, as round_clamp.c's
+    `fxq_grid_rows` computes it: `grid` holds the `GRID_ARRAYS`, one float32 row each. The library must be loaded."""
+    lib = library()
+    assert lib is not None
+    rows = hi.numel()
+    grid = np.empty((len(GRID_ARRAYS), rows), dtype=np.float32)
+    bits_levels = np.empty(2, dtype=np.float32)
+    lib.fxq_grid_rows(hi.data_ptr(), None if lo is None else lo.data_ptr(), rows, p, min_bits, span, min_step,
+                      int(symmetric), grid.ctypes.data, bits_levels.ctypes.data)
+    return grid, float(bits_levels[0]), float(bits_levels[1])
+
+
+def grid_rows_backward(sums: np.ndarray, draws: Optional[Tensor], extra: Optional[np.ndarray], grid: np.ndarray,
+                       levels: float, min_step: float, symmetric: bool, clamp_grad_scale: float, d_hi: Tensor,
+                       d_lo: Optional[Tensor]) -> float:
+    """round_clamp.c's `fxq_grid_rows_backward`: writes the clamps' gradients into `d_hi` and `d_lo` (float32,
+    contiguous, one value per row of `grid`) from the round-clamp backward's `sums` (float64, 4 per row) and the
+    dither (`draws`: a float32 Gaussian per row; or `extra`: the dither per row in float64; neither: none); returns
+    the gradient of the levels summed over the rows."""
+    lib = library()
+    assert lib is not None and sums.dtype == np.float64 and sums.flags.c_contiguous
+    value: float = lib.fxq_grid_rows_backward(
+        sums.ctypes.data, None if draws is None else draws.data_ptr(), None if extra is None else extra.ctypes.data,
+        grid.ctypes.data, grid.shape[1], levels, min_step, int(symmetric), clamp_grad_scale, d_hi.data_ptr(),
+        None if d_lo is None else d_lo.data_ptr(),
+    )
+    return value
+
+
+def round_bias(bias: Tensor, input_scale: float, weight_scale: np.ndarray) -> Tensor:
+    """round_clamp.c's `fxq_round_bias`: the float32 bias (contiguous, on the CPU) rounded to the int32 grid of
+    `input_scale * weight_scale` (one float32 weight scale, or one per element), or the bias itself when a code would
+    not fit in int32. The library must be loaded."""
+    lib = library()
+    assert lib is not None and weight_scale.dtype == np.float32 and weight_scale.flags.c_contiguous
+    out = torch.empty_like(bias)
+    lib.fxq_round_bias(bias.data_ptr(), bias.numel(), input_scale, weight_scale.ctypes.data, weight_scale.size,
+                       out.data_ptr())
+    return out

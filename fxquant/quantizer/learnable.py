@@ -27,7 +27,7 @@ Initialisation for the grid trained on (docs/algorithms.md, "Calibration" and "F
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -44,20 +44,21 @@ from fxquant.quantizer.numerics import (
     MIN_STEP,
     MSE_SLICE,
     GridConstants,
+    GridValues,
     applies_fused_rounding,
+    applies_grid_values,
     clamp_ste,
     expand_groups,
     fake_quantize,
     fused_rounding,
-    grid_step_values,
+    grid_values,
     group_param_shape,
     integer_bits_number,
-    levels_number,
     mean_over_ranks,
+    parameters_key,
     reduce_to_groups,
     round_ste,
     training_grid,
-    values_of,
 )
 
 
@@ -155,6 +156,9 @@ class LearnableQuantizer(Quantizer):
         # the same as a number when there is one bit-width on the CPU (`_one_integer_bits`), else None
         self.trained_bits_number: Optional[float] = None
         self.follow_bits = True
+        # the training grid of the current parameters, computed once per update (`grid_values`)
+        self._grid_values: Optional[GridValues] = None
+        self._grid_constants_by_numel: Dict[int, GridConstants] = {}
 
     @property
     def mode(self) -> str:
@@ -189,12 +193,9 @@ class LearnableQuantizer(Quantizer):
 
     @torch.no_grad()
     def project_bits_(self) -> None:
-        """Project the bits parameter back into its bounds (call after an optimizer step)."""
-        self.bits_param.clamp_(0.0, 1.0)
-        if self.hi is not None:
-            self.hi.clamp_(min=0.0)
-        if isinstance(self.lo, nn.Parameter):
-            self.lo.clamp_(max=0.0)
+        """Project the bits parameter back into its bounds and the clamps to `lo <= 0 <= hi` (call after an
+        optimizer step; `project_parameters` does it for many quantizers at once)."""
+        project_parameters([self])
 
     # ---- clamps and step --------------------------------------------------------------------------
 
@@ -255,16 +256,25 @@ class LearnableQuantizer(Quantizer):
 
     def integer_scale_values(self) -> Optional[np.ndarray]:
         """`integer_scale()` as a flat float32 array computed without tensor ops (the same float32 arithmetic)
-        when the quantizer has one bit-width and float32 parameters on the CPU, else None: the int32 bias reads
-        two scales every training step (`BiasQuantizer`)."""
-        bits = self._one_integer_bits()
-        if bits is None or self.hi.dtype != torch.float32 or self.hi.device.type != "cpu":
-            return None
-        lo = None
-        if not self.symmetric:
-            assert self.lo is not None
-            lo = values_of(self.lo)
-        return grid_step_values(values_of(self.hi), lo, levels_number(bits, self.symmetric))[2]
+        when `grid_values` applies, else None: the int32 bias reads two scales every training step
+        (`BiasQuantizer`), after the quantizers' own forwards computed them."""
+        grid = self.grid_values()
+        return None if grid is None else grid.step
+
+    def grid_values(self) -> Optional[GridValues]:
+        """The training (and eval) grid of the current parameters in numpy float32 where `applies_grid_values` (one
+        bit-width, float32 parameters on the CPU), else None; computed again only when a parameter changed
+        (`parameters_key`), so a step computes it once for the quantizer and the int32 bias that reads it."""
+        lo = None if self.symmetric else self.lo
+        bits_param, hi = self.bits_param, self.hi
+        key = parameters_key(bits_param, hi, lo) + (self.min_bits, self.max_bits)
+        cached = self._grid_values
+        if cached is None or cached.key != key:
+            if not applies_grid_values(bits_param, lo, hi):
+                return None
+            k = GridConstants(float(self.min_bits), float(self.max_bits - self.min_bits), self.symmetric, 1.0)
+            cached = self._grid_values = grid_values(bits_param, lo, hi, k, key)
+        return cached
 
     def _split_blocks(self, x: Tensor) -> Tuple[Tensor, Tuple[int, ...]]:
         """`x` with its block axis split into `(blocks, group_size)`, and the group shape in that view (a 1
@@ -358,6 +368,9 @@ class LearnableQuantizer(Quantizer):
         None."""
         if self.bits_param.numel() != 1 or self.bits_param.device.type != "cpu":
             return None
+        grid = self.grid_values()
+        if grid is not None:
+            return grid.bits
         return float(integer_bits_number(self.bits_param, self.min_bits, self.max_bits - self.min_bits))
 
     @torch.no_grad()
@@ -469,7 +482,7 @@ class LearnableQuantizer(Quantizer):
             if self.block_axis is None and applies_fused_rounding(x, self.bits_param, lo_param, self.hi):
                 # on the CPU, per tensor or per row: grid and round-clamp in one node with the fused kernel
                 return fused_rounding(x, self.bits_param, lo_param, self.hi, self._grid_constants(x),
-                                      estimator.dither)
+                                      estimator.dither, self.grid_values())
             # the integer-bit grid and its straight-through gradients in one autograd node
             step, lo_grid, hi_grid = training_grid(self.bits_param, lo_param, self.hi, self._grid_constants(x))
         else:
@@ -491,9 +504,14 @@ class LearnableQuantizer(Quantizer):
         `1 / sqrt(elements per group * Qp)` at the top of the bit range, on every clamp parameter alike (the
         step's and the clip's gradients keep their ratio; scaling only the step's part turned the clamps'
         gradient direction by 70-80 degrees and stalled W2A2 training)."""
-        numel = max(x.numel() // max(math.prod(self.param_shape), 1), 1)
-        scale = 1.0 / math.sqrt(numel * float(2 ** (self.max_bits - (1 if self.symmetric else 0))))
-        return GridConstants(float(self.min_bits), float(self.max_bits - self.min_bits), self.symmetric, scale)
+        found = self._grid_constants_by_numel.get(x.numel())
+        key = (self.min_bits, self.max_bits, self.symmetric)
+        if found is None or (found.min_bits, found.min_bits + found.span, found.symmetric) != key:
+            numel = max(x.numel() // max(math.prod(self.param_shape), 1), 1)
+            scale = 1.0 / math.sqrt(numel * float(2 ** (self.max_bits - (1 if self.symmetric else 0))))
+            found = GridConstants(float(self.min_bits), float(self.max_bits - self.min_bits), self.symmetric, scale)
+            self._grid_constants_by_numel[x.numel()] = found
+        return found
 
     def _eval_forward(self, x: Tensor) -> Tensor:
         g = self.integer_grid()
@@ -524,6 +542,22 @@ class LearnableQuantizer(Quantizer):
             f"bits=[{self.min_bits},{self.max_bits}], mode={self.mode}, symmetric={self.symmetric}, "
             f"nonnegative={self.nonnegative}"
         )
+
+
+@torch.no_grad()
+def project_parameters(quantizers: Sequence[LearnableQuantizer]) -> None:
+    """Project the quantizers' parameters back into their domain after an optimizer step: bits parameters into
+    [0, 1], `hi >= 0`, learnable `lo <= 0`; one foreach call per bound for all of them (four calls per step instead
+    of up to three small ops per quantizer)."""
+    bits: List[Tensor] = [q.bits_param for q in quantizers]
+    his: List[Tensor] = [q.hi for q in quantizers]
+    los: List[Tensor] = [q.lo for q in quantizers if isinstance(q.lo, nn.Parameter)]
+    if bits:
+        torch._foreach_clamp_min_(bits, 0.0)
+        torch._foreach_clamp_max_(bits, 1.0)
+        torch._foreach_clamp_min_(his, 0.0)
+    if los:
+        torch._foreach_clamp_max_(los, 0.0)
 
 
 def iter_learnable(module: nn.Module) -> List[Tuple[str, LearnableQuantizer]]:

@@ -311,9 +311,49 @@ def values_of(t: Tensor) -> np.ndarray:
     return values
 
 
+def parameters_key(*tensors: Optional[Tensor]) -> Tuple[int, ...]:
+    """Where each tensor's values live and how often they were changed in place (its storage address and version
+    counter): equal keys mean unchanged values, without reading them (an optimizer step, a projection, a
+    `load_state_dict` all write in place, a `.data` assignment moves the storage)."""
+    return tuple(v for t in tensors if t is not None for v in (t.data_ptr(), t._version))
+
+
+@dataclass(frozen=True)
+class GridValues:
+    """A rounding estimator's training grid at the integer bits, as float32 numpy arrays (one value for the
+    tensor, or one per row or group): what the one-node forward rounds to, what its backward chains through and
+    what the int32 bias reads (`LearnableQuantizer.grid_values`, computed once per parameter update)."""
+
+    key: Tuple[int, ...]  # `parameters_key` of (bits, hi, lo) and the bit bounds it was computed from
+    bits: float  # the integer bits B
+    levels: float  # L = 2^(B-1) - 1 (symmetric) or 2^B - 1
+    arrays: np.ndarray  # `fused_cpu.GRID_ARRAYS`, one float32 row each
+
+    @property
+    def step(self) -> np.ndarray:
+        return self.arrays[2]
+
+    @property
+    def lo_grid(self) -> np.ndarray:
+        return self.arrays[4]
+
+    @property
+    def hi_grid(self) -> np.ndarray:
+        return self.arrays[5]
+
+
+def grid_values(bits_param: Tensor, lo: Optional[Tensor], hi: Tensor, k: GridConstants, key: Tuple[int, ...]
+                ) -> GridValues:
+    """`GridValues` of a one-element bits parameter and contiguous float32 clamps on the CPU (`lo` None: symmetric),
+    in the float32 arithmetic of `_TrainingGrid` and `LearnableQuantizer._grid` (the values eval and freeze use),
+    by round_clamp.c's `fxq_grid_rows` (the fused kernel library must be available)."""
+    arrays, bits, levels = fused_cpu.grid_rows(hi, lo, bits_param.item(), k.min_bits, k.span, MIN_STEP, k.symmetric)
+    return GridValues(key, bits, levels, arrays)
+
+
 class _FusedRounding(torch.autograd.Function):
-    """A rounding estimator on the CPU in one autograd node: the training grid and the fused kernel's round-clamp
-    (`fused_cpu`), with the grid computed in numpy float32 (one value, or one per row of a per-channel weight)
+    """A rounding estimator on the CPU in one autograd node: the fused kernel's round-clamp (`fused_cpu`) on the
+    training grid computed in numpy float32 (`GridValues`: one value, or one per row of a per-channel weight)
     instead of ~40 small tensor ops and two nodes per quantizer and step (docs/decisions.md, "Per-tensor
     quantizers in one node", "Per-channel weights in one node").
 
@@ -324,35 +364,16 @@ class _FusedRounding(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, bits_param: Tensor, lo: Optional[Tensor], hi: Tensor, k: GridConstants,  # noqa: ANN001
-                dither: bool) -> Tensor:
-        levels = levels_number(float(integer_bits_number(bits_param, k.min_bits, k.span)), k.symmetric)
-        hi_raw = values_of(hi)
-        lo_raw = None
-        if not k.symmetric:
-            assert lo is not None
-            lo_raw = values_of(lo)
-        with np.errstate(all="ignore"):  # a diverged (infinite) clamp computes NaN quietly, as torch's ops do
-            lo_v, ratio, step = grid_step_values(hi_raw, lo_raw, levels)
-            if lo_raw is None:
-                zero_point = np.zeros_like(step)
-                lo_grid, hi_grid = -step * levels, step * levels
-            else:
-                zero_point = np.round(-lo_v / step)
-                lo_grid = -zero_point * step
-                hi_grid = lo_grid + step * levels
-        ctx.k, ctx.dither, ctx.levels, ctx.lo_given = k, dither, float(levels), lo is not None
-        # what the backward reads
-        lo_free = np.ones(step.shape, dtype=bool) if lo_raw is None else lo_raw <= 0.0
-        ctx.arrays = (hi_raw >= 0.0, lo_free, lo_v.astype(np.float64), ratio, step, zero_point, lo_grid, hi_grid)
+                dither: bool, grid: GridValues) -> Tensor:
+        ctx.k, ctx.dither, ctx.grid, ctx.lo_given = k, dither, grid, lo is not None
         ctx.save_for_backward(x, bits_param, lo if lo is not None else bits_param.new_empty(0), hi)
-        return fused_cpu.round_clamp_rows_forward(x, step, lo_grid, hi_grid)
+        return fused_cpu.round_clamp_rows_forward(x, grid.step, grid.lo_grid, grid.hi_grid)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
         if torch.is_grad_enabled():
             return _FusedRounding.differentiable_backward(ctx, grad)
-        with np.errstate(all="ignore"):
-            return _FusedRounding.numbers_backward(ctx, grad)
+        return _FusedRounding.numbers_backward(ctx, grad)
 
     @staticmethod
     def differentiable_backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], ...]:  # noqa: ANN001
@@ -364,74 +385,71 @@ class _FusedRounding(torch.autograd.Function):
         wanted = [(i, t) for i, t in enumerate((x, bits_param, lo_arg, hi)) if t is not None and ctx.needs_input_grad[i]]
         y = round_clamp(x, *training_grid(bits_param, lo_arg, hi, ctx.k), ctx.dither)
         found = torch.autograd.grad(y, [t for _, t in wanted], grad, create_graph=True, allow_unused=True)
-        grads: List[Optional[Tensor]] = [None] * 6
+        grads: List[Optional[Tensor]] = [None] * 7
         for (i, _), g in zip(wanted, found):
             grads[i] = g
         return tuple(grads)
 
     @staticmethod
     def numbers_backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], ...]:  # noqa: ANN001
-        """The backward from the kernel's per-row sums, chained through the grid in numpy (no graph recorded)."""
+        """The backward from the kernel's per-row sums, chained through the grid by round_clamp.c's
+        `fxq_grid_rows_backward` (no graph recorded)."""
         x, bits_param, lo, hi = ctx.saved_tensors
         k: GridConstants = ctx.k
-        levels = ctx.levels
-        hi_free, lo_free, lo_v, ratio, step32, zero_point, lo_grid, hi_grid = ctx.arrays
-        grad_in, sums = fused_cpu.round_clamp_rows_backward(grad, x, step32, lo_grid, hi_grid)
-        g_lo, g_hi, dot, square = sums.T
-        g_step = -dot
+        g: GridValues = ctx.grid
+        grad_in, sums = fused_cpu.round_clamp_rows_backward(grad, x, g.step, g.lo_grid, g.hi_grid)
+        draws: Optional[Tensor] = None
+        extra: Optional[np.ndarray] = None
         if ctx.dither and any(ctx.needs_input_grad[1:4]):
-            # the step's gradient feeds the bits' and the clamps' (the torch path draws only when it is needed)
-            square_sum = torch.from_numpy(square).to(grad_in.dtype)
-            g_step = g_step + dither_with_square_sum(grad_in, square_sum, hi.shape).double().numpy().reshape(-1)
-        step = step32.astype(np.float64)
-        if k.symmetric:
-            d_step = g_step + levels * (g_hi - g_lo)
-            d_levels = step * (g_hi - g_lo)
-            d_lo_v = 0.0
-        else:
-            g_lo_total = g_lo + g_hi
-            d_zero_point = -step * g_lo_total
-            d_step = g_step - zero_point * g_lo_total + levels * g_hi + d_zero_point * lo_v / (step * step)
-            d_levels = step * g_hi
-            d_lo_v = -d_zero_point / step
-        d_ratio = np.where(ratio >= np.float32(MIN_STEP), d_step, 0.0)  # the forward's float32 comparison
-        d_levels = d_levels - d_ratio * ratio / levels
-        d_hi = np.where(hi_free, d_ratio / levels * k.clamp_grad_scale, 0.0)
-        d_lo = np.where(lo_free, (d_lo_v - d_ratio / levels) * k.clamp_grad_scale, 0.0)
-        d_bits = float(d_levels.sum()) * (levels + 1.0) * math.log(2.0) * k.span
-
-        def as_grad(values: np.ndarray, like: Tensor) -> Tensor:
-            # a tensor with torch's own storage: autograd may keep it as the parameter's `.grad`, whose storage
-            # FSDP2 resizes (a numpy-backed one cannot be)
-            return torch.tensor(values, dtype=like.dtype).reshape(like.shape)
-
-        grad_lo = as_grad(d_lo, lo) if ctx.needs_input_grad[2] else None
-        grad_hi = as_grad(d_hi, hi) if ctx.needs_input_grad[3] else None
-        grad_bits = torch.full_like(bits_param, d_bits) if ctx.needs_input_grad[1] else None
-        return grad_in, grad_bits, grad_lo, grad_hi, None, None
+            # the step's gradient feeds the bits' and the clamps' (the torch path draws only when it is needed); the
+            # same draws as `dither_of_groups`
+            if grad_in.numel() // max(hi.numel(), 1) < DITHER_EXACT_BELOW:
+                extra = dither_of_groups(grad_in, hi.shape).double().numpy().reshape(-1)
+            else:
+                draws = torch.randn(hi.shape, device=grad_in.device, dtype=grad_in.dtype)
+        # gradients with torch's own storage: autograd may keep them as the parameters' `.grad`, whose storage FSDP2
+        # resizes (a numpy-backed one cannot be)
+        grad_hi = torch.empty(hi.shape, dtype=hi.dtype)
+        grad_lo = torch.empty(lo.shape, dtype=lo.dtype) if ctx.needs_input_grad[2] else None
+        d_levels = fused_cpu.grid_rows_backward(sums, draws, extra, g.arrays, g.levels, MIN_STEP, k.symmetric,
+                                                k.clamp_grad_scale, grad_hi, grad_lo)
+        grad_bits = None
+        if ctx.needs_input_grad[1]:
+            grad_bits = torch.full_like(bits_param, d_levels * (g.levels + 1.0) * math.log(2.0) * k.span)
+        return grad_in, grad_bits, grad_lo, grad_hi if ctx.needs_input_grad[3] else None, None, None, None
 
 
 def fused_rounding(x: Tensor, bits_param: Tensor, lo: Optional[Tensor], hi: Tensor, constants: GridConstants,
-                   dither: bool) -> Tensor:
+                   dither: bool, grid: Optional[GridValues] = None) -> Tensor:
     """`round_clamp(x, *training_grid(bits_param, lo, hi, constants), dither)` in one node with the fused kernel,
-    where `applies_fused_rounding` holds (see `_FusedRounding`)."""
-    out: Tensor = _FusedRounding.apply(x, bits_param, lo, hi, constants, dither)
+    where `applies_fused_rounding` holds (see `_FusedRounding`); `grid` is these parameters' `grid_values` when
+    already computed."""
+    if grid is None:
+        grid = grid_values(bits_param, lo, hi, constants, parameters_key(bits_param, hi, lo))
+    out: Tensor = _FusedRounding.apply(x, bits_param, lo, hi, constants, dither, grid)
     return out
 
 
+def applies_grid_values(bits_param: Tensor, lo: Optional[Tensor], hi: Tensor) -> bool:
+    """Whether `grid_values` can compute the grid of these parameters: one bits parameter, clamps of one shape,
+    all float32 (the grid is computed in float32), contiguous and on the CPU (read in place, without waiting for a
+    device), and the fused kernel library available."""
+    return (
+        bits_param.numel() == 1 and (lo is None or lo.shape == hi.shape)
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+                for t in (bits_param, hi) + ((lo,) if lo is not None else ()))
+        and fused_cpu.library() is not None
+    )
+
+
 def applies_fused_rounding(x: Tensor, bits_param: Tensor, lo: Optional[Tensor], hi: Tensor) -> bool:
-    """Whether `fused_rounding` can quantize `x`: one bits parameter and one clamp pair for the tensor or one per
-    row of its first axis (a per-channel weight: clamps shaped `(rows, 1, ..., 1)`), float32 (the grid is computed
-    in float32) on the CPU (read without waiting for a device), and `x` fit for the fused kernel."""
+    """Whether `fused_rounding` can quantize `x`: `applies_grid_values`, one clamp pair for the tensor or one per
+    row of its first axis (a per-channel weight: clamps shaped `(rows, 1, ..., 1)`), and `x` fit for the fused
+    kernel."""
     rows = hi.numel()
     if rows != 1 and (x.dim() == 0 or hi.shape != (x.shape[0],) + (1,) * (x.dim() - 1)):
         return False
-    return (
-        bits_param.numel() == 1 and (lo is None or lo.shape == hi.shape)
-        and hi.device.type == "cpu" and bits_param.device.type == "cpu"
-        and all(t.dtype == torch.float32 for t in (bits_param, hi) + ((lo,) if lo is not None else ()))
-        and fused_cpu.applies(x, smallest=1)
-    )
+    return applies_grid_values(bits_param, lo, hi) and fused_cpu.applies(x, smallest=1)
 
 
 def bounds_as_numbers(x: Tensor, lo: Tensor, hi: Tensor) -> Optional[Tuple[float, float]]:

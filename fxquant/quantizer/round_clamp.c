@@ -16,10 +16,16 @@
  * have their own step and clamp pair (a per-channel weight quantizer): the arrays step, lo and hi hold one value
  * per row, and the backward writes the four sums of each row (sums[4 * row + k]).
  *
+ * `fxq_grid_rows` computes a learnable quantizer's training grid (`numerics.GridValues`) from its bits parameter and
+ * clamps, and `fxq_grid_rows_backward` chains the backward's sums through it (`numerics._FusedRounding`): a few
+ * float operations per row, which as numpy calls cost ~2 us each and dominated the steps of small models.
+ * Their float32 operations are numpy's, one by one (compiled with -ffp-contract=off: no fused multiply-adds).
+ *
  * Built with OpenMP: inside a process that imported torch, the loader finds torch's own libgomp.so.1 already
  * loaded, so both share one thread pool. No -ffast-math: the rounding below relies on IEEE float arithmetic.
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #define FXQ_PARALLEL_MIN 32768     /* fewer elements run on one thread */
@@ -34,7 +40,7 @@ static inline float fxq_round_half_even(float u) {
     return copysignf(magnitude < 0x1p23f ? rounded : magnitude, u);
 }
 
-int fxq_abi_version(void) { return 4; }
+int fxq_abi_version(void) { return 5; }
 
 /* the clamped element divided by the step, as the forward computes it (NaN stays NaN, as torch.clamp) */
 static inline float fxq_scaled(float v, float step, float lo, float hi) {
@@ -122,4 +128,135 @@ void fxq_round_clamp_rows_backward(const float *grad, const float *x, float *gra
             sums[4 * r + k] = partial[k];
         }
     }
+}
+
+/* numpy's maximum and minimum: NaN propagates, and of two equal values (0 and -0) the first is kept */
+static inline float fxq_maximum(float a, float b) { return (a >= b || isnan(a)) ? a : b; }
+static inline float fxq_minimum(float a, float b) { return (a <= b || isnan(a)) ? a : b; }
+
+enum { FXQ_LO_V, FXQ_RATIO, FXQ_STEP, FXQ_ZERO_POINT, FXQ_LO_GRID, FXQ_HI_GRID, FXQ_HI_FREE, FXQ_LO_FREE, FXQ_GRID_ROWS };
+
+/* The training grid of clamps hi (and lo; NULL when symmetric) per row, at the integer bits of the bits parameter p,
+ * as `numerics.grid_values` defines it: B = round(min_bits + span * clamp(p, 0, 1)) (Python's min/max: NaN stays
+ * NaN), L = 2^(B-1) - 1 (symmetric) or 2^B - 1; lo_v = min(lo, 0) (0 symmetric), ratio = (max(hi, 0) - lo_v) / L,
+ * step = max(ratio, min_step); symmetric: zero point 0, grid [-step L, step L]; else zp = round(-lo_v / step),
+ * [-zp step, -zp step + step L]; hi_free = hi >= 0, lo_free = lo <= 0 (1 symmetric). grid holds FXQ_GRID_ROWS
+ * arrays of `rows` floats in the enum's order; bits_levels receives B and L. */
+void fxq_grid_rows(const float *hi, const float *lo, int64_t rows, float p, float min_bits, float span, float min_step,
+                   int symmetric, float *grid, float *bits_levels) {
+    float clamped = 0.0f > p ? 0.0f : p;
+    clamped = 1.0f < clamped ? 1.0f : clamped;
+    float product = span * clamped;
+    float bits = fxq_round_half_even(min_bits + product);
+    float levels = (float)(pow(2.0, symmetric ? (double)bits - 1.0 : (double)bits) - 1.0);
+    bits_levels[0] = bits;
+    bits_levels[1] = levels;
+    for (int64_t r = 0; r < rows; ++r) {
+        float hi_v = fxq_maximum(hi[r], 0.0f);
+        float lo_v = symmetric ? 0.0f : fxq_minimum(lo[r], 0.0f);
+        float ratio = symmetric ? hi_v / levels : (hi_v - lo_v) / levels;
+        float step = fxq_maximum(ratio, min_step);
+        float zero_point, lo_grid, hi_grid;
+        if (symmetric) {
+            float span_grid = step * levels;
+            zero_point = 0.0f;
+            lo_grid = -step * levels;
+            hi_grid = span_grid;
+        } else {
+            float negated = -lo_v;
+            zero_point = fxq_round_half_even(negated / step);
+            lo_grid = -zero_point * step;
+            float span_grid = step * levels;
+            hi_grid = lo_grid + span_grid;
+        }
+        grid[FXQ_LO_V * rows + r] = lo_v;
+        grid[FXQ_RATIO * rows + r] = ratio;
+        grid[FXQ_STEP * rows + r] = step;
+        grid[FXQ_ZERO_POINT * rows + r] = zero_point;
+        grid[FXQ_LO_GRID * rows + r] = lo_grid;
+        grid[FXQ_HI_GRID * rows + r] = hi_grid;
+        grid[FXQ_HI_FREE * rows + r] = hi[r] >= 0.0f ? 1.0f : 0.0f;
+        grid[FXQ_LO_FREE * rows + r] = symmetric || lo[r] <= 0.0f ? 1.0f : 0.0f;
+    }
+}
+
+/* The backward of the grid (`numerics._FusedRounding.numbers_backward`), in double from the round-clamp backward's
+ * sums (4 per row: below lo, above hi, the residual dot product, the square sum): the step's gradient -dot plus the
+ * dither (draws: one float32 Gaussian per row, scaled by sqrt(square / 12) in float32 as numpy does; or extra: a
+ * dither already computed, per row; both NULL without dither), chained through the grid with straight-through
+ * roundings and the clamps' gradient scale. Writes d_hi and d_lo (float32, per row; d_lo NULL when not wanted)
+ * and returns the sum over rows of the gradient of L (the bits' gradient is that times (L + 1) ln 2 span). */
+double fxq_grid_rows_backward(const double *sums, const float *draws, const double *extra, const float *grid,
+                              int64_t rows, float levels_f, float min_step, int symmetric, double clamp_grad_scale,
+                              float *d_hi, float *d_lo) {
+    double levels = (double)levels_f, d_levels_sum = 0.0;
+    for (int64_t r = 0; r < rows; ++r) {
+        double g_lo = sums[4 * r], g_hi = sums[4 * r + 1], dot = sums[4 * r + 2], square = sums[4 * r + 3];
+        double g_step = -dot;
+        if (draws != NULL) {
+            float variance = (float)square / 12.0f;
+            float dither = draws[r] * sqrtf(variance);
+            g_step = g_step + (double)dither;
+        } else if (extra != NULL) {
+            g_step = g_step + extra[r];
+        }
+        double step = (double)grid[FXQ_STEP * rows + r];
+        double d_step, d_levels, d_lo_v;
+        if (symmetric) {
+            double difference = g_hi - g_lo;
+            double levels_part = levels * difference;
+            d_step = g_step + levels_part;
+            d_levels = step * difference;
+            d_lo_v = 0.0;
+        } else {
+            double g_lo_total = g_lo + g_hi;
+            double d_zero_point = -step * g_lo_total;
+            double lo_v = (double)grid[FXQ_LO_V * rows + r];
+            double zero_point = (double)grid[FXQ_ZERO_POINT * rows + r];
+            double zero_point_part = zero_point * g_lo_total;
+            double levels_part = levels * g_hi;
+            double numerator = d_zero_point * lo_v;
+            double step_square = step * step;
+            double lo_v_part = numerator / step_square;
+            d_step = ((g_step - zero_point_part) + levels_part) + lo_v_part;
+            d_levels = step * g_hi;
+            d_lo_v = -d_zero_point / step;
+        }
+        float ratio_f = grid[FXQ_RATIO * rows + r];
+        double d_ratio = ratio_f >= min_step ? d_step : 0.0;
+        double ratio_part = d_ratio * (double)ratio_f;
+        d_levels = d_levels - ratio_part / levels;
+        d_levels_sum += d_levels;
+        double d_hi_v = d_ratio / levels;
+        double scaled_hi = d_hi_v * clamp_grad_scale;
+        d_hi[r] = grid[FXQ_HI_FREE * rows + r] != 0.0f ? (float)scaled_hi : 0.0f;
+        if (d_lo != NULL) {
+            double shifted = d_lo_v - d_hi_v;
+            double scaled_lo = shifted * clamp_grad_scale;
+            d_lo[r] = grid[FXQ_LO_FREE * rows + r] != 0.0f ? (float)scaled_lo : 0.0f;
+        }
+    }
+    return d_levels_sum;
+}
+
+/* The int32 bias of `BiasQuantizer._rounded` in float32: scale = input_scale * weight_scale[c] (one weight scale, or
+ * one per channel), codes = round_half_even(bias / scale); out = codes * scale when every code is finite and below
+ * 2^31 in magnitude (fits int32), else the bias unchanged. Returns whether the codes fit. */
+int fxq_round_bias(const float *bias, int64_t n, float input_scale, const float *weight_scale, int64_t scales,
+                   float *out) {
+    int fits = 1;
+    for (int64_t c = 0; c < n; ++c) {
+        float scale = input_scale * weight_scale[scales == 1 ? 0 : c];
+        float code = fxq_round_half_even(bias[c] / scale);
+        if (!(fabsf(code) < 0x1p31f)) {
+            fits = 0;
+        }
+        out[c] = code * scale;
+    }
+    if (!fits) {
+        for (int64_t c = 0; c < n; ++c) {
+            out[c] = bias[c];
+        }
+    }
+    return fits;
 }
