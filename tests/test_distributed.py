@@ -3,6 +3,7 @@ the same state."""
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -195,3 +196,25 @@ def _fsdp_errors_worker(rank: int, world: int, init_file: str) -> None:
 def test_fsdp2_sharding_that_finetune_cannot_follow_is_refused_with_the_fix() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_fsdp_errors_worker, args=(1, os.path.join(tmp, "init")), nprocs=1, join=True)
+
+
+def test_gradient_norm_scales_only_when_it_exceeds_the_maximum() -> None:
+    """`clip_grad_norm` returns the global norm; with an infinite maximum (fine-tuning's default, which reads the
+    norm to skip non-finite steps) it leaves the gradients as they are, with a finite one it scales them to it, as
+    `torch.nn.utils.clip_grad_norm_` does; a non-finite gradient gives a non-finite norm."""
+    from fxquant.distributed import clip_grad_norm
+
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(1))]
+    params[0].grad = torch.tensor([3.0, 0.0, 0.0])
+    params[1].grad = torch.full((2, 2), 2.0)
+    before = [p.grad.clone() for p in params if p.grad is not None]
+    assert clip_grad_norm(params, float("inf")) == pytest.approx(5.0)
+    assert all(torch.equal(p.grad, b) for p, b in zip(params, before))
+    reference = [p.detach().clone().requires_grad_(True) for p in params[:2]]
+    for r, b in zip(reference, before):
+        r.grad = b.clone()
+    torch.nn.utils.clip_grad_norm_(reference, 1.0)
+    assert clip_grad_norm(params, 1.0) == pytest.approx(5.0)
+    assert all(torch.allclose(p.grad, r.grad) for p, r in zip(params, reference))
+    params[2].grad = torch.tensor([float("nan")])
+    assert not math.isfinite(clip_grad_norm(params, float("inf")))

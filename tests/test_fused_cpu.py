@@ -365,3 +365,62 @@ def test_a_nan_input_gets_no_gradient_and_an_infinite_clamp_no_warning(shapes: s
         y = fused_rounding(x, torch.tensor(0.4, requires_grad=True), _params(param_shape, -0.9, True), hi, k, True)
         y.sum().backward()
     assert x.grad is not None and x.grad.view(-1)[3] == 0.0
+
+
+@needs_compiler
+def test_per_row_node_trains_on_the_values_eval_computes() -> None:
+    """A per-channel weight through the one-node path (the grid by `fxq_grid_rows`) equals eval mode (the torch
+    ops of `integer_grid`, what freeze stores) exactly, for random clamps and bits, rows with a negative or zero
+    clamp included."""
+    from fxquant.quantizer import LearnableQuantizer
+
+    gen = torch.Generator().manual_seed(1)
+    for i in range(40):
+        q = LearnableQuantizer(kind="weight", tensor_shape=(12, 40), bits=8, min_bits=2, max_bits=8,
+                               granularity="per_channel", channel_axis=0, symmetric=True)
+        w = torch.randn(12, 40, generator=gen)
+        q.init_from_tensor(w)
+        with torch.no_grad():
+            q.hi.mul_(torch.rand(12, 1, generator=gen) + 0.2)
+            q.hi[3] = -0.5
+            q.hi[7] = 0.0
+            q.bits_param.fill_(float(torch.rand((), generator=gen)))
+        assert torch.equal(q.train()(w), q.eval()(w)), i
+
+
+@needs_compiler
+def test_the_grid_is_computed_once_per_parameter_update() -> None:
+    """`grid_values` is kept while the parameters are unchanged and computed again after every kind of update
+    fine-tuning makes: an in-place write, an optimizer step, `load_state_dict`, `set_bits`, new storage."""
+    from fxquant.quantizer import LearnableQuantizer
+
+    q = LearnableQuantizer(kind="activation", tensor_shape=(4, 64), bits=8, min_bits=2, max_bits=8)
+    x = torch.randn(4, 64)
+    q.init_from_tensor(x)
+    first = q.grid_values()
+    assert first is not None and q.grid_values() is first
+    saved = {k: v.clone() for k, v in q.state_dict().items()}
+
+    def changed(before: object) -> object:
+        now = q.grid_values()
+        assert now is not None and now is not before
+        assert float(now.step[0]) == float(q.integer_scale())  # the values eval uses
+        return now
+
+    with torch.no_grad():
+        q.hi.mul_(0.5)
+    grid = changed(first)
+    q.train()
+    opt = torch.optim.SGD(q.parameters(), lr=0.1)
+    q(x).pow(2).sum().backward()
+    opt.step()
+    grid = changed(grid)
+    q.load_state_dict(saved)
+    grid = changed(grid)
+    assert float(grid.step[0]) == float(first.step[0])
+    q.set_bits(4)
+    grid = changed(grid)
+    assert grid.bits == 4.0
+    q.hi = torch.nn.Parameter(q.hi.detach().clone() * 2)
+    changed(grid)
+    assert q.double().grid_values() is None  # not float32: the torch ops compute it

@@ -597,3 +597,30 @@ def test_training_grid_is_the_eval_grid_exactly(symmetric: bool) -> None:
     # the upper bound is `lo + step * levels` (float rounding may differ from `(qmax - zp) * step` in the last bit);
     # it lies on the same code, so the clipped values are eval's
     assert torch.equal(torch.round(hi / step), grid.qmax - grid.zero_point)
+
+
+def test_projection_of_many_quantizers_clamps_each_one() -> None:
+    """`project_parameters` (four foreach calls for all quantizers) leaves every quantizer as clamping its own
+    parameters would: bits parameter in [0, 1], `hi >= 0`, a learnable `lo <= 0`, a pinned `lo` untouched."""
+    from fxquant.quantizer import project_parameters
+
+    quantizers = [
+        LearnableQuantizer(kind="activation", tensor_shape=(4, 8), bits=8, min_bits=2, max_bits=8),
+        LearnableQuantizer(kind="activation", tensor_shape=(4, 8), bits=8, min_bits=2, max_bits=8, nonnegative=True),
+        LearnableQuantizer(kind="weight", tensor_shape=(4, 8), bits=8, min_bits=2, max_bits=8, symmetric=True,
+                           granularity="per_channel", channel_axis=0),
+    ]
+    with torch.no_grad():
+        for i, q in enumerate(quantizers):
+            q.bits_param.fill_(1.5 if i % 2 else -0.5)
+            q.hi.copy_(torch.linspace(-1.0, 1.0, q.hi.numel()).reshape(q.hi.shape))
+            if isinstance(q.lo, torch.nn.Parameter):
+                q.lo.fill_(0.7)
+    expected = []
+    for q in quantizers:
+        lo = q.lo.clamp(max=0.0) if isinstance(q.lo, torch.nn.Parameter) else q.lo
+        expected.append((q.bits_param.clamp(0.0, 1.0), q.hi.clamp(min=0.0), None if lo is None else lo.clone()))
+    project_parameters(quantizers)
+    for q, (bits, hi, lo) in zip(quantizers, expected):
+        assert torch.equal(q.bits_param, bits) and torch.equal(q.hi, hi)
+        assert (q.lo is None) == (lo is None) and (lo is None or torch.equal(q.lo, lo))
