@@ -424,3 +424,32 @@ def test_the_grid_is_computed_once_per_parameter_update() -> None:
     q.hi = torch.nn.Parameter(q.hi.detach().clone() * 2)
     changed(grid)
     assert q.double().grid_values() is None  # not float32: the torch ops compute it
+
+
+@needs_compiler
+def test_a_copy_computes_its_own_grid() -> None:
+    """A deep copy or a pickle of a quantizer does not carry the original's cached grid (its key names the
+    original's storages), and a quantizer pickled without the cache (an older fxquant) loads and trains."""
+    import copy
+    import io
+
+    from fxquant.quantizer import LearnableQuantizer
+
+    q = LearnableQuantizer(kind="activation", tensor_shape=(4, 64), bits=8, min_bits=2, max_bits=8)
+    x = torch.randn(4, 64)
+    q.init_from_tensor(x)
+    assert q.grid_values() is not None
+    twin = copy.deepcopy(q)
+    assert twin._grid_values is None
+    with torch.no_grad():
+        twin.hi.mul_(0.25)
+    assert float(twin.grid_values().step[0]) == float(twin.integer_scale()) != float(q.integer_scale())
+    state = q.__getstate__()
+    del state["_grid_values"], state["_grid_constants_by_numel"]
+    old = LearnableQuantizer.__new__(LearnableQuantizer)
+    old.__setstate__(state)
+    buffer = io.BytesIO()
+    torch.save(old, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert torch.equal(loaded.train()(x), q.train()(x))

@@ -27,7 +27,7 @@ Initialisation for the grid trained on (docs/algorithms.md, "Calibration" and "F
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -159,6 +159,18 @@ class LearnableQuantizer(Quantizer):
         # the training grid of the current parameters, computed once per update (`grid_values`)
         self._grid_values: Optional[GridValues] = None
         self._grid_constants_by_numel: Dict[int, GridConstants] = {}
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # a copy or a pickle computes its grid afresh: the cache's key names the original's storages
+        state: Dict[str, Any] = super().__getstate__()
+        state["_grid_values"] = None
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        # a quantizer pickled by an older fxquant has no caches
+        state.setdefault("_grid_values", None)
+        state.setdefault("_grid_constants_by_numel", {})
+        super().__setstate__(state)
 
     @property
     def mode(self) -> str:

@@ -314,7 +314,9 @@ def values_of(t: Tensor) -> np.ndarray:
 def parameters_key(*tensors: Optional[Tensor]) -> Tuple[int, ...]:
     """Where each tensor's values live and how often they were changed in place (its storage address and version
     counter): equal keys mean unchanged values, without reading them (an optimizer step, a projection, a
-    `load_state_dict` all write in place, a `.data` assignment moves the storage)."""
+    `load_state_dict` all write in place, a `.data` assignment moves the storage). A write through `.data`
+    (`p.data.mul_(2)`) bumps no version counter: a value computed from the key is then stale until the next
+    in-place update of `p`."""
     return tuple(v for t in tensors if t is not None for v in (t.data_ptr(), t._version))
 
 
