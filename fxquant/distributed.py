@@ -128,6 +128,16 @@ def broadcast_quantizers(inner: nn.Module) -> None:
         t.copy_(value.view(t.shape).to(t.dtype))
 
 
+def _total_norm(grads: List[Tensor]) -> Tensor:
+    """The 2-norm of `grads` taken together: `torch.nn.utils.get_total_norm` (torch 2.6 and later), else the norm
+    of the per-tensor norms."""
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if get_total_norm is not None:
+        norm: Tensor = get_total_norm(grads)
+        return norm
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
 def clip_grad_norm(params: List[nn.Parameter], max_norm: float) -> float:
     """The global norm of the gradients of `params`, after scaling them to `max_norm` when it is exceeded (as
     `clip_grad_norm_`; with `max_norm=inf` only the norm, which fine-tuning reads to skip non-finite steps, and no
@@ -142,7 +152,7 @@ def clip_grad_norm(params: List[nn.Parameter], max_norm: float) -> float:
     def value(norm: Tensor) -> float:
         return float(norm.full_tensor() if is_dtensor(norm) else norm)  # type: ignore[attr-defined]
 
-    total = math.sqrt(sum(value(torch.nn.utils.get_total_norm(part)) ** 2 for part in (sharded, plain) if part))
+    total = math.sqrt(sum(value(_total_norm(part)) ** 2 for part in (sharded, plain) if part))
     if math.isfinite(total) and total > max_norm:
         with torch.no_grad():
             for grad in sharded + plain:

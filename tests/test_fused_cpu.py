@@ -390,8 +390,9 @@ def test_per_row_node_trains_on_the_values_eval_computes() -> None:
 
 @needs_compiler
 def test_the_grid_is_computed_once_per_parameter_update() -> None:
-    """`grid_values` is kept while the parameters are unchanged and computed again after every kind of update
-    fine-tuning makes: an in-place write, an optimizer step, `load_state_dict`, `set_bits`, new storage."""
+    """`grid_values` is kept while the parameters hold the same values and computed again after every kind of
+    update: an in-place write, a fused optimizer step (which bumps no version counter) without the projection, a
+    write through `.data`, `load_state_dict`, `set_bits`, new storage."""
     from fxquant.quantizer import LearnableQuantizer
 
     q = LearnableQuantizer(kind="activation", tensor_shape=(4, 64), bits=8, min_bits=2, max_bits=8)
@@ -411,9 +412,13 @@ def test_the_grid_is_computed_once_per_parameter_update() -> None:
         q.hi.mul_(0.5)
     grid = changed(first)
     q.train()
-    opt = torch.optim.SGD(q.parameters(), lr=0.1)
-    q(x).pow(2).sum().backward()
-    opt.step()
+    opt = torch.optim.Adam(q.parameters(), lr=0.1, fused=True)
+    for _ in range(2):
+        q.train()(x).pow(2).sum().backward()
+        opt.step()
+        grid = changed(grid)
+        assert torch.equal(q.train()(x), q.eval()(x))
+    q.lo.data.mul_(2.0)
     grid = changed(grid)
     q.load_state_dict(saved)
     grid = changed(grid)
@@ -426,10 +431,22 @@ def test_the_grid_is_computed_once_per_parameter_update() -> None:
     assert q.double().grid_values() is None  # not float32: the torch ops compute it
 
 
+def test_the_grid_needs_lo_exactly_when_asymmetric() -> None:
+    """`fused_cpu.grid_rows` refuses an asymmetric grid without `lo` (it reads `lo` in place) instead of reading
+    from a null pointer."""
+    from fxquant.quantizer.numerics import GridConstants, fused_rounding
+
+    if fused_cpu.library() is None:
+        pytest.skip("no fused kernel")
+    k = GridConstants(min_bits=2.0, span=6.0, symmetric=False, clamp_grad_scale=0.01)
+    with pytest.raises(ValueError, match="lo exactly when"):
+        fused_rounding(torch.randn(8, 8), torch.tensor(0.5), None, torch.tensor(1.0), k, False)
+
+
 @needs_compiler
 def test_a_copy_computes_its_own_grid() -> None:
-    """A deep copy or a pickle of a quantizer does not carry the original's cached grid (its key names the
-    original's storages), and a quantizer pickled without the cache (an older fxquant) loads and trains."""
+    """A deep copy or a pickle of a quantizer does not carry the original's cached grid, and a quantizer pickled
+    without the cache (an older fxquant) loads and trains."""
     import copy
     import io
 
@@ -440,7 +457,7 @@ def test_a_copy_computes_its_own_grid() -> None:
     q.init_from_tensor(x)
     assert q.grid_values() is not None
     twin = copy.deepcopy(q)
-    assert twin._grid_values is None
+    assert twin._grid_values is None  # not carried (it would be compared and found stale anyway)
     with torch.no_grad():
         twin.hi.mul_(0.25)
     assert float(twin.grid_values().step[0]) == float(twin.integer_scale()) != float(q.integer_scale())

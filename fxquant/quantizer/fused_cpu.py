@@ -49,7 +49,7 @@ NATIVE_FLAGS = ("-march=native",)
 """Tried first: this CPU's widest vectors (AVX-512 halves the backward's time against SSE2's on an Intel Xeon).
 The cache key holds the CPU's identity, so a home directory shared by different machines keeps one library
 per CPU; a compiler that rejects the flag builds without it."""
-ABI_VERSION = 5
+ABI_VERSION = 6
 MIN_ELEMENTS = 4096
 """Smaller tensors take the torch path in `numerics._RoundClamp` (the call's fixed cost is larger than the
 passes it saves there); `numerics.fused_rounding`, which also replaces the grid's ops, takes any size."""
@@ -147,8 +147,8 @@ def _load(path: str) -> ctypes.CDLL:
     lib.fxq_round_clamp_rows_forward.restype = None
     lib.fxq_round_clamp_rows_backward.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, c_int]
     lib.fxq_round_clamp_rows_backward.restype = None
-    lib.fxq_grid_rows.argtypes = [ptr, ptr, i64, f32, f32, f32, f32, c_int, ptr, ptr]
-    lib.fxq_grid_rows.restype = None
+    lib.fxq_grid_rows.argtypes = [ptr, ptr, i64, ptr, f32, f32, f32, c_int, ptr, ptr, ptr, ptr]
+    lib.fxq_grid_rows.restype = c_int
     lib.fxq_grid_rows_backward.argtypes = [ptr, ptr, ptr, ptr, i64, f32, f32, c_int, ctypes.c_double, ptr, ptr]
     lib.fxq_grid_rows_backward.restype = ctypes.c_double
     lib.fxq_round_bias.argtypes = [ptr, i64, f32, ptr, i64, ptr]
@@ -276,19 +276,29 @@ GRID_ARRAYS = ("lo_v", "ratio", "step", "zero_point", "lo_grid", "hi_grid", "hi_
 """The rows of `grid_rows`' array, in order (round_clamp.c's enum)."""
 
 
-def grid_rows(hi: Tensor, lo: Optional[Tensor], p: float, min_bits: float, span: float, min_step: float,
-              symmetric: bool) -> Tuple[np.ndarray, float, float]:
-    """`(grid, B, L)`: the training grid of clamps `hi` and `lo` (contiguous float32 on the CPU, one value per row or
-    for the tensor; `lo` None when symmetric) at the integer bits of bits parameter value `p`, as round_clamp.c's
-    `fxq_grid_rows` computes it: `grid` holds the `GRID_ARRAYS`, one float32 row each. The library must be loaded."""
+def grid_rows(hi: Tensor, lo: Optional[Tensor], bits_param: Tensor, min_bits: float, span: float, min_step: float,
+              symmetric: bool, previous: Optional[np.ndarray]) -> Optional[Tuple[np.ndarray, np.ndarray, float, float]]:
+    """`(grid, values, B, L)`: the training grid of clamps `hi` and `lo` (one value per row or for the tensor; `lo`
+    None when symmetric) at the integer bits of the one-element `bits_param`, as round_clamp.c's `fxq_grid_rows`
+    computes it (`grid` holds the `GRID_ARRAYS`, one float32 row each), and a copy of the parameters' values; or None
+    when they are bit for bit `previous` (the `values` of an earlier call with as many rows): its grid still holds.
+    The tensors must be contiguous float32 on the CPU (`numerics.applies_grid_values`; they are read in place) and
+    the library loaded."""
     lib = library()
-    assert lib is not None
+    if lib is None or (lo is None) != symmetric:
+        raise ValueError("grid_rows needs the fused kernel library and lo exactly when the grid is asymmetric")
     rows = hi.numel()
+    values = np.empty(1 + 2 * rows, dtype=np.float32)
     grid = np.empty((len(GRID_ARRAYS), rows), dtype=np.float32)
     bits_levels = np.empty(2, dtype=np.float32)
-    lib.fxq_grid_rows(hi.data_ptr(), None if lo is None else lo.data_ptr(), rows, p, min_bits, span, min_step,
-                      int(symmetric), grid.ctypes.data, bits_levels.ctypes.data)
-    return grid, float(bits_levels[0]), float(bits_levels[1])
+    changed = lib.fxq_grid_rows(
+        hi.data_ptr(), None if lo is None else lo.data_ptr(), rows, bits_param.data_ptr(), min_bits, span, min_step,
+        int(symmetric), None if previous is None else previous.ctypes.data, values.ctypes.data, grid.ctypes.data,
+        bits_levels.ctypes.data,
+    )
+    if not changed:
+        return None
+    return grid, values, float(bits_levels[0]), float(bits_levels[1])
 
 
 def grid_rows_backward(sums: np.ndarray, draws: Optional[Tensor], extra: Optional[np.ndarray], grid: np.ndarray,

@@ -45,17 +45,16 @@ from fxquant.quantizer.numerics import (
     MSE_SLICE,
     GridConstants,
     GridValues,
-    applies_fused_rounding,
     applies_grid_values,
     clamp_ste,
     expand_groups,
     fake_quantize,
+    fits_fused_rounding,
     fused_rounding,
     grid_values,
     group_param_shape,
     integer_bits_number,
     mean_over_ranks,
-    parameters_key,
     reduce_to_groups,
     round_ste,
     training_grid,
@@ -161,7 +160,7 @@ class LearnableQuantizer(Quantizer):
         self._grid_constants_by_numel: Dict[int, GridConstants] = {}
 
     def __getstate__(self) -> Dict[str, Any]:
-        # a copy or a pickle computes its grid afresh: the cache's key names the original's storages
+        # a copy or a pickle computes its grid afresh (no arrays pickled for nothing)
         state: Dict[str, Any] = super().__getstate__()
         state["_grid_values"] = None
         return state
@@ -275,18 +274,16 @@ class LearnableQuantizer(Quantizer):
 
     def grid_values(self) -> Optional[GridValues]:
         """The training (and eval) grid of the current parameters in numpy float32 where `applies_grid_values` (one
-        bit-width, float32 parameters on the CPU), else None; computed again only when a parameter changed
-        (`parameters_key`), so a step computes it once for the quantizer and the int32 bias that reads it."""
+        bit-width, float32 parameters on the CPU), else None; computed again only when a parameter's value changed
+        (`numerics.grid_values` compares them in C), so a step computes it once for the quantizer and the int32 bias
+        that reads it."""
         lo = None if self.symmetric else self.lo
         bits_param, hi = self.bits_param, self.hi
-        key = parameters_key(bits_param, hi, lo) + (self.min_bits, self.max_bits)
-        cached = self._grid_values
-        if cached is None or cached.key != key:
-            if not applies_grid_values(bits_param, lo, hi):
-                return None
-            k = GridConstants(float(self.min_bits), float(self.max_bits - self.min_bits), self.symmetric, 1.0)
-            cached = self._grid_values = grid_values(bits_param, lo, hi, k, key)
-        return cached
+        if not applies_grid_values(bits_param, lo, hi):
+            return None
+        k = GridConstants(float(self.min_bits), float(self.max_bits - self.min_bits), self.symmetric, 1.0)
+        self._grid_values = grid_values(bits_param, lo, hi, k, self._grid_values)
+        return self._grid_values
 
     def _split_blocks(self, x: Tensor) -> Tuple[Tensor, Tuple[int, ...]]:
         """`x` with its block axis split into `(blocks, group_size)`, and the group shape in that view (a 1
@@ -487,14 +484,18 @@ class LearnableQuantizer(Quantizer):
         # straight-through to `b`): continuous bits would train weights for a grid the frozen model never
         # has. The noise estimator is DiffQ's relaxation: its noise scale follows the continuous `b`.
         estimator = self.estimator
-        if estimator.rounds and self.follow_bits and self.learn_bits:
+        grid = self.grid_values() if estimator.rounds and self.block_axis is None else None
+        if estimator.rounds and self.follow_bits and self.learn_bits and (
+            grid is None or grid.bits != self.trained_bits_number
+        ):
             self.follow_bits_(x)
+            grid = self.grid_values() if grid is not None else None  # the clamps may have moved with the bits
         if estimator.rounds:
             lo_param = None if self.symmetric else self.lo
-            if self.block_axis is None and applies_fused_rounding(x, self.bits_param, lo_param, self.hi):
+            if grid is not None and fits_fused_rounding(x, self.hi):
                 # on the CPU, per tensor or per row: grid and round-clamp in one node with the fused kernel
                 return fused_rounding(x, self.bits_param, lo_param, self.hi, self._grid_constants(x),
-                                      estimator.dither, self.grid_values())
+                                      estimator.dither, grid)
             # the integer-bit grid and its straight-through gradients in one autograd node
             step, lo_grid, hi_grid = training_grid(self.bits_param, lo_param, self.hi, self._grid_constants(x))
         else:
@@ -522,6 +523,8 @@ class LearnableQuantizer(Quantizer):
             numel = max(x.numel() // max(math.prod(self.param_shape), 1), 1)
             scale = 1.0 / math.sqrt(numel * float(2 ** (self.max_bits - (1 if self.symmetric else 0))))
             found = GridConstants(float(self.min_bits), float(self.max_bits - self.min_bits), self.symmetric, scale)
+            if len(self._grid_constants_by_numel) >= 64:  # inputs of many sizes (sequence lengths): keep it small
+                self._grid_constants_by_numel.clear()
             self._grid_constants_by_numel[x.numel()] = found
         return found
 

@@ -311,22 +311,15 @@ def values_of(t: Tensor) -> np.ndarray:
     return values
 
 
-def parameters_key(*tensors: Optional[Tensor]) -> Tuple[int, ...]:
-    """Where each tensor's values live and how often they were changed in place (its storage address and version
-    counter): equal keys mean unchanged values, without reading them (an optimizer step, a projection, a
-    `load_state_dict` all write in place, a `.data` assignment moves the storage). A write through `.data`
-    (`p.data.mul_(2)`) bumps no version counter: a value computed from the key is then stale until the next
-    in-place update of `p`."""
-    return tuple(v for t in tensors if t is not None for v in (t.data_ptr(), t._version))
-
-
 @dataclass(frozen=True)
 class GridValues:
     """A rounding estimator's training grid at the integer bits, as float32 numpy arrays (one value for the
     tensor, or one per row or group): what the one-node forward rounds to, what its backward chains through and
-    what the int32 bias reads (`LearnableQuantizer.grid_values`, computed once per parameter update)."""
+    what the int32 bias reads (`LearnableQuantizer.grid_values`: computed again only when a parameter's value
+    changed)."""
 
-    key: Tuple[int, ...]  # `parameters_key` of (bits, hi, lo) and the bit bounds it was computed from
+    constants: Tuple[float, float, bool]  # min_bits, span, symmetric of `GridConstants`
+    values: np.ndarray  # the bits parameter's, hi's and lo's values it was computed from (`fused_cpu.grid_rows`)
     bits: float  # the integer bits B
     levels: float  # L = 2^(B-1) - 1 (symmetric) or 2^B - 1
     arrays: np.ndarray  # `fused_cpu.GRID_ARRAYS`, one float32 row each
@@ -344,13 +337,22 @@ class GridValues:
         return self.arrays[5]
 
 
-def grid_values(bits_param: Tensor, lo: Optional[Tensor], hi: Tensor, k: GridConstants, key: Tuple[int, ...]
-                ) -> GridValues:
-    """`GridValues` of a one-element bits parameter and contiguous float32 clamps on the CPU (`lo` None: symmetric),
-    in the float32 arithmetic of `_TrainingGrid` and `LearnableQuantizer._grid` (the values eval and freeze use),
-    by round_clamp.c's `fxq_grid_rows` (the fused kernel library must be available)."""
-    arrays, bits, levels = fused_cpu.grid_rows(hi, lo, bits_param.item(), k.min_bits, k.span, MIN_STEP, k.symmetric)
-    return GridValues(key, bits, levels, arrays)
+def grid_values(bits_param: Tensor, lo: Optional[Tensor], hi: Tensor, k: GridConstants,
+                previous: Optional[GridValues] = None) -> GridValues:
+    """`GridValues` of a one-element bits parameter and clamps where `applies_grid_values` holds (`lo` None:
+    symmetric), in the float32 arithmetic of `_TrainingGrid` and `LearnableQuantizer._grid` (the values eval and
+    freeze use), by round_clamp.c's `fxq_grid_rows`; `previous` itself when the parameters still hold its values bit
+    for bit (a comparison, not a version counter: fused optimizers and collectives write without bumping it)."""
+    constants = (k.min_bits, k.span, k.symmetric)
+    if previous is not None and (previous.constants != constants or previous.arrays.shape[1] != hi.numel()):
+        previous = None
+    found = fused_cpu.grid_rows(hi, lo, bits_param, k.min_bits, k.span, MIN_STEP, k.symmetric,
+                                None if previous is None else previous.values)
+    if found is None:
+        assert previous is not None
+        return previous
+    arrays, values, bits, levels = found
+    return GridValues(constants, values, bits, levels, arrays)
 
 
 class _FusedRounding(torch.autograd.Function):
@@ -427,7 +429,7 @@ def fused_rounding(x: Tensor, bits_param: Tensor, lo: Optional[Tensor], hi: Tens
     where `applies_fused_rounding` holds (see `_FusedRounding`); `grid` is these parameters' `grid_values` when
     already computed."""
     if grid is None:
-        grid = grid_values(bits_param, lo, hi, constants, parameters_key(bits_param, hi, lo))
+        grid = grid_values(bits_param, lo, hi, constants)
     out: Tensor = _FusedRounding.apply(x, bits_param, lo, hi, constants, dither, grid)
     return out
 
@@ -444,14 +446,18 @@ def applies_grid_values(bits_param: Tensor, lo: Optional[Tensor], hi: Tensor) ->
     )
 
 
-def applies_fused_rounding(x: Tensor, bits_param: Tensor, lo: Optional[Tensor], hi: Tensor) -> bool:
-    """Whether `fused_rounding` can quantize `x`: `applies_grid_values`, one clamp pair for the tensor or one per
-    row of its first axis (a per-channel weight: clamps shaped `(rows, 1, ..., 1)`), and `x` fit for the fused
-    kernel."""
+def fits_fused_rounding(x: Tensor, hi: Tensor) -> bool:
+    """Whether `x` suits the fused kernel with clamps shaped like `hi`: one clamp pair for the tensor or one per row
+    of its first axis (a per-channel weight: clamps shaped `(rows, 1, ..., 1)`), and `fused_cpu.applies(x)`."""
     rows = hi.numel()
     if rows != 1 and (x.dim() == 0 or hi.shape != (x.shape[0],) + (1,) * (x.dim() - 1)):
         return False
-    return applies_grid_values(bits_param, lo, hi) and fused_cpu.applies(x, smallest=1)
+    return fused_cpu.applies(x, smallest=1)
+
+
+def applies_fused_rounding(x: Tensor, bits_param: Tensor, lo: Optional[Tensor], hi: Tensor) -> bool:
+    """Whether `fused_rounding` can quantize `x`: `applies_grid_values` and `fits_fused_rounding`."""
+    return applies_grid_values(bits_param, lo, hi) and fits_fused_rounding(x, hi)
 
 
 def bounds_as_numbers(x: Tensor, lo: Tensor, hi: Tensor) -> Optional[Tuple[float, float]]:

@@ -27,6 +27,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #define FXQ_PARALLEL_MIN 32768     /* fewer elements run on one thread */
 #define FXQ_BLOCK 256              /* float partial sums over blocks, added up in double */
@@ -40,7 +41,7 @@ static inline float fxq_round_half_even(float u) {
     return copysignf(magnitude < 0x1p23f ? rounded : magnitude, u);
 }
 
-int fxq_abi_version(void) { return 5; }
+int fxq_abi_version(void) { return 6; }
 
 /* the clamped element divided by the step, as the forward computes it (NaN stays NaN, as torch.clamp) */
 static inline float fxq_scaled(float v, float step, float lo, float hi) {
@@ -130,20 +131,36 @@ void fxq_round_clamp_rows_backward(const float *grad, const float *x, float *gra
     }
 }
 
-/* numpy's maximum and minimum: NaN propagates, and of two equal values (0 and -0) the first is kept */
+/* NaN propagates, as through numpy's maximum and minimum (of two equal values the first is kept: the sign of a zero
+ * may differ from numpy's there, never in the step or the grid) */
 static inline float fxq_maximum(float a, float b) { return (a >= b || isnan(a)) ? a : b; }
 static inline float fxq_minimum(float a, float b) { return (a <= b || isnan(a)) ? a : b; }
 
 enum { FXQ_LO_V, FXQ_RATIO, FXQ_STEP, FXQ_ZERO_POINT, FXQ_LO_GRID, FXQ_HI_GRID, FXQ_HI_FREE, FXQ_LO_FREE, FXQ_GRID_ROWS };
 
-/* The training grid of clamps hi (and lo; NULL when symmetric) per row, at the integer bits of the bits parameter p,
- * as `numerics.grid_values` defines it: B = round(min_bits + span * clamp(p, 0, 1)) (Python's min/max: NaN stays
- * NaN), L = 2^(B-1) - 1 (symmetric) or 2^B - 1; lo_v = min(lo, 0) (0 symmetric), ratio = (max(hi, 0) - lo_v) / L,
+/* The training grid of clamps hi (and lo; NULL when symmetric) per row, at the integer bits of the bits parameter
+ * *p_value, as `numerics.grid_values` defines it: B = round(min_bits + span * clamp(p, 0, 1)) (Python's min/max: NaN
+ * stays NaN), L = 2^(B-1) - 1 (symmetric) or 2^B - 1; lo_v = min(lo, 0) (0 symmetric), ratio = (max(hi, 0) - lo_v) / L,
  * step = max(ratio, min_step); symmetric: zero point 0, grid [-step L, step L]; else zp = round(-lo_v / step),
  * [-zp step, -zp step + step L]; hi_free = hi >= 0, lo_free = lo <= 0 (1 symmetric). grid holds FXQ_GRID_ROWS
- * arrays of `rows` floats in the enum's order; bits_levels receives B and L. */
-void fxq_grid_rows(const float *hi, const float *lo, int64_t rows, float p, float min_bits, float span, float min_step,
-                   int symmetric, float *grid, float *bits_levels) {
+ * arrays of `rows` floats in the enum's order; bits_levels receives B and L.
+ * The parameters' values (p, then hi, then lo) are copied to `values` (1 + 2 rows floats); when `previous` (such a
+ * copy from an earlier call, or NULL) holds the same bits, nothing else is written and 0 is returned (the grid of
+ * that call still holds); else the grid is computed and 1 returned. */
+int fxq_grid_rows(const float *hi, const float *lo, int64_t rows, const float *p_value, float min_bits, float span,
+                  float min_step, int symmetric, const float *previous, float *values, float *grid,
+                  float *bits_levels) {
+    values[0] = *p_value;
+    memcpy(values + 1, hi, (size_t)rows * sizeof(float));
+    if (symmetric) {
+        memset(values + 1 + rows, 0, (size_t)rows * sizeof(float));
+    } else {
+        memcpy(values + 1 + rows, lo, (size_t)rows * sizeof(float));
+    }
+    if (previous != NULL && memcmp(previous, values, (size_t)(1 + 2 * rows) * sizeof(float)) == 0) {
+        return 0;
+    }
+    float p = values[0];
     float clamped = 0.0f > p ? 0.0f : p;
     clamped = 1.0f < clamped ? 1.0f : clamped;
     float product = span * clamped;
@@ -178,12 +195,14 @@ void fxq_grid_rows(const float *hi, const float *lo, int64_t rows, float p, floa
         grid[FXQ_HI_FREE * rows + r] = hi[r] >= 0.0f ? 1.0f : 0.0f;
         grid[FXQ_LO_FREE * rows + r] = symmetric || lo[r] <= 0.0f ? 1.0f : 0.0f;
     }
+    return 1;
 }
 
 /* The backward of the grid (`numerics._FusedRounding.numbers_backward`), in double from the round-clamp backward's
  * sums (4 per row: below lo, above hi, the residual dot product, the square sum): the step's gradient -dot plus the
- * dither (draws: one float32 Gaussian per row, scaled by sqrt(square / 12) in float32 as numpy does; or extra: a
- * dither already computed, per row; both NULL without dither), chained through the grid with straight-through
+ * dither (draws: one float32 Gaussian per row, scaled by sqrt(square / 12) in float32, the correctly rounded square
+ * root, which torch's vectorised one matches but for an ulp in <1% of values; or extra: a dither already computed,
+ * per row; both NULL without dither), chained through the grid with straight-through
  * roundings and the clamps' gradient scale. Writes d_hi and d_lo (float32, per row; d_lo NULL when not wanted)
  * and returns the sum over rows of the gradient of L (the bits' gradient is that times (L + 1) ln 2 span). */
 double fxq_grid_rows_backward(const double *sums, const float *draws, const double *extra, const float *grid,
