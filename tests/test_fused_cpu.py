@@ -121,7 +121,7 @@ def _params(shape: Tuple[int, ...], value: float, requires_grad: bool) -> torch.
                                   "dead (hi = lo = 0)", "tiny (step at MIN_STEP)"])
 @pytest.mark.parametrize("shapes", list(SHAPES), ids=list(SHAPES))
 def test_one_node_equals_the_grid_and_round_clamp_nodes(shapes: str, kind: str, bits_p: float, dither: bool) -> None:
-    """`fused_rounding` (the grid in numpy float32 and the fused kernel in one node) gives the values and gradients
+    """`fused_rounding` (the grid in float32 by round_clamp.c and the fused kernel in one node) gives the values and gradients
     of `training_grid` followed by `round_clamp`, for every kind of clamp pair, inside and outside the bits'
     range, per tensor and per row (the gradients to float32 rounding of the two-node path's float32 arithmetic)."""
     from fxquant.quantizer.numerics import GridConstants, applies_fused_rounding, fused_rounding, training_grid

@@ -452,8 +452,8 @@ def test_bias_in_training_has_the_values_eval_and_freeze_give_it(bias_scale: flo
 
 
 @pytest.mark.parametrize("weights", ["per_channel", "per_tensor"])
-def test_bias_rounded_in_numpy_equals_the_torch_ops(weights: str, monkeypatch) -> None:  # noqa: ANN001
-    """On the CPU the training-mode bias is rounded in numpy float32 (`_rounded_on_cpu`): the values of the torch
+def test_bias_rounded_in_c_equals_the_torch_ops(weights: str, monkeypatch) -> None:  # noqa: ANN001
+    """On the CPU the training-mode bias is rounded in float32 by round_clamp.c (`_rounded_on_cpu`): the values of the torch
     ops (`integer_scale` and `bias_scale`), bit for bit, for random clamps and bits of both quantizers."""
     from fxquant.quantizer import BiasQuantizer
 

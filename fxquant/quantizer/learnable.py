@@ -273,7 +273,7 @@ class LearnableQuantizer(Quantizer):
         return None if grid is None else grid.step
 
     def grid_values(self) -> Optional[GridValues]:
-        """The training (and eval) grid of the current parameters in numpy float32 where `applies_grid_values` (one
+        """The training (and eval) grid of the current parameters as float32 arrays where `applies_grid_values` (one
         bit-width, float32 parameters on the CPU), else None; computed again only when a parameter's value changed
         (`numerics.grid_values` compares them in C), so a step computes it once for the quantizer and the int32 bias
         that reads it."""

@@ -303,14 +303,6 @@ def grid_step_values(hi: np.ndarray, lo: Optional[np.ndarray], levels: np.float3
     return lo_v, ratio, np.maximum(ratio, f32(MIN_STEP))
 
 
-def values_of(t: Tensor) -> np.ndarray:
-    """A copy of a CPU tensor's values as a flat numpy array. Not `t.numpy()`: that marks `t`'s storage as not
-    resizable for good, and FSDP2 frees an unsharded parameter (and `freeze(inplace=True)` a float weight) by
-    resizing its storage to nothing."""
-    values: np.ndarray = t.detach().reshape(-1).clone().numpy()
-    return values
-
-
 @dataclass(frozen=True)
 class GridValues:
     """A rounding estimator's training grid at the integer bits, as float32 numpy arrays (one value for the
@@ -357,9 +349,9 @@ def grid_values(bits_param: Tensor, lo: Optional[Tensor], hi: Tensor, k: GridCon
 
 class _FusedRounding(torch.autograd.Function):
     """A rounding estimator on the CPU in one autograd node: the fused kernel's round-clamp (`fused_cpu`) on the
-    training grid computed in numpy float32 (`GridValues`: one value, or one per row of a per-channel weight)
-    instead of ~40 small tensor ops and two nodes per quantizer and step (docs/decisions.md, "Per-tensor
-    quantizers in one node", "Per-channel weights in one node").
+    training grid computed in float32 by round_clamp.c (`GridValues`: one value, or one per row of a per-channel
+    weight) instead of ~40 small tensor ops and two nodes per quantizer and step (docs/decisions.md, "Per-tensor
+    quantizers in one node", "Per-channel weights in one node", "The grid in C, once per parameter update").
 
     The grid is `LearnableQuantizer._grid`'s, value for value (the values eval and freeze use); the backward
     chains the kernel's sums through it with `_TrainingGrid.backward`'s formulas (straight-through roundings,
