@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from fxquant.allocator import keep_freed_memory
 from fxquant.batches import (
     Batch,
     call_batch,
@@ -474,6 +475,8 @@ class _Training:
         run, result = self.run, self.result
         show_every = max(1, run.steps // 100)
         run.qm.train()
+        if self.device.type == "cpu":
+            keep_freed_memory()  # the steps' buffers stay in the heap instead of page-faulting in again each step
         bar = tqdm(total=run.steps, disable=not run.progress, desc="finetune", leave=False, dynamic_ncols=True)
         step = 0
         try:
