@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -98,4 +97,4 @@ class BiasQuantizer(Quantizer):
         input_scale, weight_scale = self.input_quantizer.integer_scale_values(), self.weight_quantizer.integer_scale_values()
         if input_scale is None or weight_scale is None or input_scale.size != 1 or weight_scale.size not in (1, bias.numel()):
             return None
-        return fused_cpu.round_bias(bias.detach(), float(input_scale[0]), np.ascontiguousarray(weight_scale))
+        return fused_cpu.round_bias(bias.detach(), float(input_scale[0]), weight_scale)

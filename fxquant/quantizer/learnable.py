@@ -157,7 +157,6 @@ class LearnableQuantizer(Quantizer):
         self.follow_bits = True
         # the training grid of the current parameters, computed once per update (`grid_values`)
         self._grid_values: Optional[GridValues] = None
-        self._grid_constants_by_numel: Dict[int, GridConstants] = {}
 
     def __getstate__(self) -> Dict[str, Any]:
         # a copy or a pickle computes its grid afresh (no arrays pickled for nothing)
@@ -166,9 +165,8 @@ class LearnableQuantizer(Quantizer):
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
-        # a quantizer pickled by an older fxquant has no caches
+        # a quantizer pickled by an older fxquant has no cached grid
         state.setdefault("_grid_values", None)
-        state.setdefault("_grid_constants_by_numel", {})
         super().__setstate__(state)
 
     @property
@@ -517,16 +515,9 @@ class LearnableQuantizer(Quantizer):
         `1 / sqrt(elements per group * Qp)` at the top of the bit range, on every clamp parameter alike (the
         step's and the clip's gradients keep their ratio; scaling only the step's part turned the clamps'
         gradient direction by 70-80 degrees and stalled W2A2 training)."""
-        found = self._grid_constants_by_numel.get(x.numel())
-        key = (self.min_bits, self.max_bits, self.symmetric)
-        if found is None or (found.min_bits, found.min_bits + found.span, found.symmetric) != key:
-            numel = max(x.numel() // max(math.prod(self.param_shape), 1), 1)
-            scale = 1.0 / math.sqrt(numel * float(2 ** (self.max_bits - (1 if self.symmetric else 0))))
-            found = GridConstants(float(self.min_bits), float(self.max_bits - self.min_bits), self.symmetric, scale)
-            if len(self._grid_constants_by_numel) >= 64:  # inputs of many sizes (sequence lengths): keep it small
-                self._grid_constants_by_numel.clear()
-            self._grid_constants_by_numel[x.numel()] = found
-        return found
+        numel = max(x.numel() // max(math.prod(self.param_shape), 1), 1)
+        scale = 1.0 / math.sqrt(numel * float(2 ** (self.max_bits - (1 if self.symmetric else 0))))
+        return GridConstants(float(self.min_bits), float(self.max_bits - self.min_bits), self.symmetric, scale)
 
     def _eval_forward(self, x: Tensor) -> Tensor:
         g = self.integer_grid()

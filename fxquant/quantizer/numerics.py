@@ -154,6 +154,13 @@ def _sum_of_products(a: Tensor, b: Tensor, shape: torch.Size) -> Tensor:
     return reduce_to_shape(a * b, shape)
 
 
+def dither_draws_signs(grad_in: Tensor, shape: torch.Size) -> bool:
+    """Whether the dither of `grad_in`'s groups (one per element of `shape`) draws every sign (groups under
+    `DITHER_EXACT_BELOW` elements) rather than one Gaussian per group: the choice every dither path makes alike, so
+    that they draw the same random stream."""
+    return grad_in.numel() // max(math.prod(shape), 1) < DITHER_EXACT_BELOW
+
+
 def dither_of_groups(grad_in: Tensor, shape: torch.Size) -> Tensor:
     """GDNSQ's dither term of the step gradient, `sum_i g_i r_i / sqrt(3)` per group, `r_i` i.i.d. in {-1/2, 1/2}.
 
@@ -162,8 +169,7 @@ def dither_of_groups(grad_in: Tensor, shape: torch.Size) -> Tensor:
     variance `sum_i g_i^2 / 12` (one random number per group instead of one per element; docs/decisions.md,
     "Dither drawn per group"); smaller groups draw every sign.
     """
-    numel_per_group = grad_in.numel() // max(math.prod(shape), 1)
-    if numel_per_group < DITHER_EXACT_BELOW:
+    if dither_draws_signs(grad_in, shape):
         r = torch.randint(0, 2, grad_in.shape, device=grad_in.device).to(grad_in.dtype) - 0.5
         return reduce_to_shape(grad_in * r, shape) / math.sqrt(3.0)
     return dither_from_square_sum(_sum_of_products(grad_in, grad_in, shape), shape)
@@ -178,7 +184,7 @@ def dither_from_square_sum(square_sum: Tensor, shape: torch.Size) -> Tensor:
 def dither_with_square_sum(grad_in: Tensor, square_sum: Tensor, shape: torch.Size) -> Tensor:
     """`dither_of_groups(grad_in, shape)` when a fused kernel has already summed `g^2` per group (`square_sum`,
     one value per group): the same draws from the same generator, without a pass over `grad_in` for large groups."""
-    if grad_in.numel() // max(math.prod(shape), 1) < DITHER_EXACT_BELOW:
+    if dither_draws_signs(grad_in, shape):
         return dither_of_groups(grad_in, shape)
     return dither_from_square_sum(square_sum.reshape(shape), shape)
 
@@ -281,28 +287,6 @@ def integer_bits_number(bits_param: Tensor, min_bits: float, span: float) -> np.
     return np.round(f32(min_bits) + f32(span) * p)
 
 
-def levels_number(bits: float, symmetric: bool) -> np.float32:
-    """`L = 2^(B-1) - 1` (symmetric) or `2^B - 1` of integer bits `B` as a float32 number (`_TrainingGrid`'s
-    `levels`)."""
-    return np.float32(2.0 ** (bits - 1.0) - 1.0) if symmetric else np.float32(2.0 ** bits - 1.0)
-
-
-def grid_step_values(hi: np.ndarray, lo: Optional[np.ndarray], levels: np.float32
-                     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`(lo_v, ratio, step)` of clamps `hi` and `lo` (float32 arrays; `lo` None: symmetric) at `levels`, in
-    float32 as `_TrainingGrid` and `LearnableQuantizer._step_of` compute them: `lo_v = min(lo, 0)` (zeros when
-    symmetric), `ratio = (max(hi, 0) - lo_v) / levels` (`max(hi, 0) / levels` symmetric),
-    `step = max(ratio, MIN_STEP)`."""
-    f32 = np.float32
-    hi_v = np.maximum(hi, f32(0.0))
-    if lo is None:
-        lo_v, ratio = np.zeros_like(hi_v), hi_v / levels
-    else:
-        lo_v = np.minimum(lo, f32(0.0))
-        ratio = (hi_v - lo_v) / levels
-    return lo_v, ratio, np.maximum(ratio, f32(MIN_STEP))
-
-
 @dataclass(frozen=True)
 class GridValues:
     """A rounding estimator's training grid at the integer bits, as float32 numpy arrays (one value for the
@@ -318,15 +302,15 @@ class GridValues:
 
     @property
     def step(self) -> np.ndarray:
-        return self.arrays[2]
+        return self.arrays[fused_cpu.GRID_ARRAYS.index("step")]
 
     @property
     def lo_grid(self) -> np.ndarray:
-        return self.arrays[4]
+        return self.arrays[fused_cpu.GRID_ARRAYS.index("lo_grid")]
 
     @property
     def hi_grid(self) -> np.ndarray:
-        return self.arrays[5]
+        return self.arrays[fused_cpu.GRID_ARRAYS.index("hi_grid")]
 
 
 def grid_values(bits_param: Tensor, lo: Optional[Tensor], hi: Tensor, k: GridConstants,
@@ -399,7 +383,7 @@ class _FusedRounding(torch.autograd.Function):
         if ctx.dither and any(ctx.needs_input_grad[1:4]):
             # the step's gradient feeds the bits' and the clamps' (the torch path draws only when it is needed); the
             # same draws as `dither_of_groups`
-            if grad_in.numel() // max(hi.numel(), 1) < DITHER_EXACT_BELOW:
+            if dither_draws_signs(grad_in, hi.shape):
                 extra = dither_of_groups(grad_in, hi.shape).double().numpy().reshape(-1)
             else:
                 draws = torch.randn(hi.shape, device=grad_in.device, dtype=grad_in.dtype)
