@@ -49,7 +49,7 @@ NATIVE_FLAGS = ("-march=native",)
 """Tried first: this CPU's widest vectors (AVX-512 halves the backward's time against SSE2's on an Intel Xeon).
 The cache key holds the CPU's identity, so a home directory shared by different machines keeps one library
 per CPU; a compiler that rejects the flag builds without it."""
-ABI_VERSION = 6
+ABI_VERSION = 7
 MIN_ELEMENTS = 4096
 """Smaller tensors take the torch path in `numerics._RoundClamp` (the call's fixed cost is larger than the
 passes it saves there); `numerics.fused_rounding`, which also replaces the grid's ops, takes any size."""
@@ -143,15 +143,16 @@ def _load(path: str) -> ctypes.CDLL:
     lib.fxq_round_clamp_forward.restype = None
     lib.fxq_round_clamp_backward.argtypes = [ptr, ptr, ptr, i64, f32, f32, f32, ptr, c_int]
     lib.fxq_round_clamp_backward.restype = None
-    lib.fxq_round_clamp_rows_forward.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, c_int]
-    lib.fxq_round_clamp_rows_forward.restype = None
-    lib.fxq_round_clamp_rows_backward.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, c_int]
-    lib.fxq_round_clamp_rows_backward.restype = None
     lib.fxq_grid_rows.argtypes = [ptr, ptr, i64, ptr, f32, f32, f32, c_int, ptr, ptr, ptr, ptr]
     lib.fxq_grid_rows.restype = c_int
     lib.fxq_grid_rows_backward.argtypes = [ptr, ptr, ptr, ptr, i64, f32, f32, c_int, ctypes.c_double, ptr, ptr]
     lib.fxq_grid_rows_backward.restype = ctypes.c_double
     lib.fxq_round_bias.argtypes = [ptr, i64, f32, ptr, i64, ptr]
+    lib.fxq_quantize_forward.argtypes = [ptr, ptr, i64, i64, ptr, c_int]
+    lib.fxq_quantize_forward.restype = None
+    lib.fxq_quantize_backward.argtypes = [ptr, ptr, ptr, i64, i64, ptr, f32, f32, c_int, ctypes.c_double, ptr, ptr, ptr,
+                                          ptr, c_int, c_int]
+    lib.fxq_quantize_backward.restype = ctypes.c_double
     lib.fxq_round_bias.restype = c_int
     return lib
 
@@ -235,70 +236,83 @@ def round_clamp_backward(grad: Tensor, x: Tensor, step: float, lo: float, hi: fl
     return grad_in, sums
 
 
-def _pointer(values: np.ndarray) -> int:
-    assert values.dtype == np.float32 and values.flags.c_contiguous
-    return int(values.ctypes.data)
-
-
-def round_clamp_rows_forward(x: Tensor, step: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> Tensor:
-    """`round_clamp_forward` with one step and clamp pair per row of `x` (its first axis), given as float32
-    arrays of `x.shape[0]` values, or of one value for the whole tensor; `x` must pass `applies`."""
-    if step.size == 1:
-        return round_clamp_forward(x, float(step[0]), float(lo[0]), float(hi[0]))
-    lib = library()
-    assert lib is not None and step.size == lo.size == hi.size == x.shape[0]
-    out = torch.empty_like(x)
-    lib.fxq_round_clamp_rows_forward(x.data_ptr(), out.data_ptr(), step.size, x.numel() // step.size,
-                                     _pointer(step), _pointer(lo), _pointer(hi), torch.get_num_threads())
-    return out
-
-
-def round_clamp_rows_backward(grad: Tensor, x: Tensor, step: np.ndarray, lo: np.ndarray, hi: np.ndarray
-                              ) -> Tuple[Tensor, np.ndarray]:
-    """`(grad_in, sums)` of `round_clamp_rows_forward`: as `round_clamp_backward`, with the four float64 sums of
-    each row in `sums` (shape `(rows, 4)`)."""
-    if step.size == 1:
-        grad_in, one_row = round_clamp_backward(grad, x, float(step[0]), float(lo[0]), float(hi[0]))
-        return grad_in, one_row.numpy().reshape(1, 4)
-    lib = library()
-    assert lib is not None and step.size == lo.size == hi.size == x.shape[0]
-    grad = grad.contiguous()
-    grad_in = torch.empty_like(x)
-    sums = np.empty((step.size, 4), dtype=np.float64)
-    lib.fxq_round_clamp_rows_backward(
-        grad.data_ptr(), x.data_ptr(), grad_in.data_ptr(), step.size, x.numel() // step.size, _pointer(step),
-        _pointer(lo), _pointer(hi), int(sums.ctypes.data), torch.get_num_threads(),
-    )
-    return grad_in, sums
-
-
 GRID_ARRAYS = ("lo_v", "ratio", "step", "zero_point", "lo_grid", "hi_grid", "hi_free", "lo_free")
 """The rows of `grid_rows`' array, in order (round_clamp.c's enum)."""
 
 
+class GridScratch:
+    """The buffers `grid_rows` writes into for one quantizer (a copy of the parameters' values, the grid, B and L),
+    allocated once with their addresses, so that a call that finds the parameters unchanged allocates nothing.
+    Copies and pickles make their own buffers (the addresses are this object's)."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self.values = np.empty(1 + 2 * rows, dtype=np.float32)
+        self.grid = np.empty((len(GRID_ARRAYS), rows), dtype=np.float32)
+        self.bits_levels = np.empty(2, dtype=np.float32)
+        self.addresses = (int(self.values.ctypes.data), int(self.grid.ctypes.data), int(self.bits_levels.ctypes.data))
+
+    def __reduce__(self) -> Tuple[type, Tuple[int]]:
+        return (GridScratch, (self.rows,))
+
+
 def grid_rows(hi: Tensor, lo: Optional[Tensor], bits_param: Tensor, min_bits: float, span: float, min_step: float,
-              symmetric: bool, previous: Optional[np.ndarray]) -> Optional[Tuple[np.ndarray, np.ndarray, float, float]]:
+              symmetric: bool, previous: Optional[int], scratch: Optional[GridScratch] = None,
+              ) -> Optional[Tuple[np.ndarray, np.ndarray, float, float]]:
     """`(grid, values, B, L)`: the training grid of clamps `hi` and `lo` (one value per row or for the tensor; `lo`
     None when symmetric) at the integer bits of the one-element `bits_param`, as round_clamp.c's `fxq_grid_rows`
     computes it (`grid` holds the `GRID_ARRAYS`, one float32 row each), and a copy of the parameters' values; or None
-    when they are bit for bit `previous` (the `values` of an earlier call with as many rows): its grid still holds.
+    when they are bit for bit those at address `previous` (the `values` of an earlier call with as many rows, kept
+    alive by the caller): its grid still holds.
+    `scratch` (as many rows) holds the buffers the call writes into; the arrays returned are new.
     The tensors must be contiguous float32 on the CPU (`numerics.applies_grid_values`; they are read in place) and
     the library loaded."""
     lib = library()
     if lib is None or (lo is None) != symmetric:
         raise ValueError("grid_rows needs the fused kernel library and lo exactly when the grid is asymmetric")
     rows = hi.numel()
-    values = np.empty(1 + 2 * rows, dtype=np.float32)
-    grid = np.empty((len(GRID_ARRAYS), rows), dtype=np.float32)
-    bits_levels = np.empty(2, dtype=np.float32)
+    if scratch is None or scratch.rows != rows:
+        scratch = GridScratch(rows)
+    values_address, grid_address, bits_levels_address = scratch.addresses
     changed = lib.fxq_grid_rows(
         hi.data_ptr(), None if lo is None else lo.data_ptr(), rows, bits_param.data_ptr(), min_bits, span, min_step,
-        int(symmetric), None if previous is None else previous.ctypes.data, values.ctypes.data, grid.ctypes.data,
-        bits_levels.ctypes.data,
+        int(symmetric), previous, values_address, grid_address,
+        bits_levels_address,
     )
     if not changed:
         return None
-    return grid, values, float(bits_levels[0]), float(bits_levels[1])
+    return scratch.grid.copy(), scratch.values.copy(), float(scratch.bits_levels[0]), float(scratch.bits_levels[1])
+
+
+def quantize_forward(x: Tensor, grid_address: int, rows: int) -> Tensor:
+    """round_clamp.c's `fxq_quantize_forward`: `x` (which must pass `applies`, with `rows` dividing its elements
+    along its first axis) rounded and clamped on the grid at `grid_address` (`grid_rows`' array of `rows` columns,
+    kept alive by the caller): one step and clamp pair for the tensor when `rows` is 1, else one per row."""
+    lib = library()
+    assert lib is not None
+    out = torch.empty_like(x)
+    lib.fxq_quantize_forward(x.data_ptr(), out.data_ptr(), rows, x.numel() // rows, grid_address, torch.get_num_threads())
+    return out
+
+
+def quantize_backward(grad: Tensor, x: Tensor, grid_address: int, rows: int, levels: float, min_step: float,
+                      symmetric: bool, clamp_grad_scale: float, draws: Optional[Tensor], d_hi: Tensor,
+                      d_lo: Optional[Tensor], chain: bool) -> Tuple[Tensor, float, Optional[np.ndarray]]:
+    """round_clamp.c's `fxq_quantize_backward` of `quantize_forward(x, grid_address, rows)`: `(grad_in, d_levels,
+    sums)`. With `chain` the kernel's sums go through the grid in the same call (`grid_rows_backward` with `draws`),
+    writing `d_hi`/`d_lo` and giving `d_levels`, and `sums` is None; without it `d_levels` is 0 and `sums` (float64,
+    shape `(rows, 4)`) is for the caller to chain."""
+    lib = library()
+    assert lib is not None
+    grad = grad.contiguous()
+    grad_in = torch.empty_like(x)
+    sums = torch.empty((rows, 4), dtype=torch.float64)
+    d_levels: float = lib.fxq_quantize_backward(
+        grad.data_ptr(), x.data_ptr(), grad_in.data_ptr(), rows, x.numel() // rows, grid_address, levels, min_step,
+        int(symmetric), clamp_grad_scale, None if draws is None else draws.data_ptr(), d_hi.data_ptr(),
+        None if d_lo is None else d_lo.data_ptr(), sums.data_ptr(), int(chain), torch.get_num_threads(),
+    )
+    return grad_in, d_levels, None if chain else sums.numpy()
 
 
 def grid_rows_backward(sums: np.ndarray, draws: Optional[Tensor], extra: Optional[np.ndarray], grid: np.ndarray,

@@ -36,6 +36,8 @@ from torch import Tensor, nn
 from fxquant.errors import ConfigError, StateError
 from fxquant.quantizer.base import IntegerGrid, Quantizer
 from fxquant.quantizer.estimators import Estimator, make_estimator
+from fxquant.quantizer import fused_cpu
+from fxquant.quantizer.fused_cpu import GridScratch
 from fxquant.quantizer.numerics import (
     FOLLOW_COLUMNS,
     FOLLOW_RATIOS,
@@ -59,6 +61,10 @@ from fxquant.quantizer.numerics import (
     round_ste,
     training_grid,
 )
+
+GridCheck = Tuple[Tuple[Tensor, Tensor, Optional[Tensor]], Tuple[Any, ...], GridConstants, GridScratch]
+"""What `LearnableQuantizer.grid_values` found applicable: the parameter objects, their storage addresses and the bit
+range, the grid's constants, and the buffers of `fused_cpu.grid_rows`."""
 
 
 class LearnableQuantizer(Quantizer):
@@ -155,18 +161,26 @@ class LearnableQuantizer(Quantizer):
         # the same as a number when there is one bit-width on the CPU (`_one_integer_bits`), else None
         self.trained_bits_number: Optional[float] = None
         self.follow_bits = True
-        # the training grid of the current parameters, computed once per update (`grid_values`)
+        # the training grid of the current parameters, computed once per update (`grid_values`), and what
+        # `grid_values` checked of the parameters (their objects and storage, the grid's constants, the buffers its
+        # computation writes into)
         self._grid_values: Optional[GridValues] = None
+        self._grid_checked: Optional[GridCheck] = None
+        self._constants_of: Optional[Tuple[Tuple[Any, ...], GridConstants]] = None  # `_grid_constants`' last
 
     def __getstate__(self) -> Dict[str, Any]:
         # a copy or a pickle computes its grid afresh (no arrays pickled for nothing)
         state: Dict[str, Any] = super().__getstate__()
         state["_grid_values"] = None
+        state["_grid_checked"] = None
+        state["_constants_of"] = None
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         # a quantizer pickled by an older fxquant has no cached grid
         state.setdefault("_grid_values", None)
+        state.setdefault("_grid_checked", None)
+        state.setdefault("_constants_of", None)
         super().__setstate__(state)
 
     @property
@@ -277,11 +291,26 @@ class LearnableQuantizer(Quantizer):
         that reads it."""
         lo = None if self.symmetric else self.lo
         bits_param, hi = self.bits_param, self.hi
-        if not applies_grid_values(bits_param, lo, hi):
+        # `applies_grid_values` and the grid's constants hold for as long as the same parameter objects keep the same
+        # storage (a device or dtype change, FSDP2's swaps and `.data` assignments all change one or the other)
+        parameters = (bits_param, hi, lo)
+        addresses = (bits_param.data_ptr(), hi.data_ptr(), None if lo is None else lo.data_ptr(), self.min_bits,
+                     self.max_bits)
+        checked = self._grid_checked
+        if fused_cpu.library() is None:  # turned off since (FXQ_FUSED_KERNELS=0)
             return None
-        k = GridConstants(float(self.min_bits), float(self.max_bits - self.min_bits), self.symmetric, 1.0)
-        self._grid_values = grid_values(bits_param, lo, hi, k, self._grid_values)
-        return self._grid_values
+        if checked is None or checked[1] != addresses or any(a is not b for a, b in zip(checked[0], parameters)):
+            if not applies_grid_values(bits_param, lo, hi):
+                self.__dict__["_grid_checked"] = None
+                return None
+            constants = GridConstants(float(self.min_bits), float(self.max_bits - self.min_bits), self.symmetric, 1.0)
+            checked = (parameters, addresses, constants, GridScratch(hi.numel()))
+            self.__dict__["_grid_checked"] = checked
+        previous = self._grid_values
+        found = grid_values(bits_param, lo, hi, checked[2], previous, checked[3])
+        if found is not previous:
+            self.__dict__["_grid_values"] = found  # a plain attribute (nn.Module's __setattr__ costs microseconds)
+        return found
 
     def _split_blocks(self, x: Tensor) -> Tuple[Tensor, Tuple[int, ...]]:
         """`x` with its block axis split into `(blocks, group_size)`, and the group shape in that view (a 1
@@ -514,10 +543,16 @@ class LearnableQuantizer(Quantizer):
         """The constants of the training grid for a tensor like `x`: LSQ's gradient scale
         `1 / sqrt(elements per group * Qp)` at the top of the bit range, on every clamp parameter alike (the
         step's and the clip's gradients keep their ratio; scaling only the step's part turned the clamps'
-        gradient direction by 70-80 degrees and stalled W2A2 training)."""
+        gradient direction by 70-80 degrees and stalled W2A2 training). Kept for the last tensor size."""
+        key = (x.numel(), self.min_bits, self.max_bits, self.symmetric, self.param_shape)
+        cached = self._constants_of
+        if cached is not None and cached[0] == key:
+            return cached[1]
         numel = max(x.numel() // max(math.prod(self.param_shape), 1), 1)
         scale = 1.0 / math.sqrt(numel * float(2 ** (self.max_bits - (1 if self.symmetric else 0))))
-        return GridConstants(float(self.min_bits), float(self.max_bits - self.min_bits), self.symmetric, scale)
+        constants = GridConstants(float(self.min_bits), float(self.max_bits - self.min_bits), self.symmetric, scale)
+        self.__dict__["_constants_of"] = (key, constants)
+        return constants
 
     def _eval_forward(self, x: Tensor) -> Tensor:
         g = self.integer_grid()

@@ -299,6 +299,12 @@ class GridValues:
     bits: float  # the integer bits B
     levels: float  # L = 2^(B-1) - 1 (symmetric) or 2^B - 1
     arrays: np.ndarray  # `fused_cpu.GRID_ARRAYS`, one float32 row each
+    address: int  # of `arrays`' data, which the one-node kernels read (`fused_cpu.quantize_forward`)
+    values_address: int  # of `values`' data, which the next `grid_values` compares with
+
+    @property
+    def rows(self) -> int:
+        return int(self.arrays.shape[1])
 
     @property
     def step(self) -> np.ndarray:
@@ -314,21 +320,22 @@ class GridValues:
 
 
 def grid_values(bits_param: Tensor, lo: Optional[Tensor], hi: Tensor, k: GridConstants,
-                previous: Optional[GridValues] = None) -> GridValues:
+                previous: Optional[GridValues] = None, scratch: Optional[fused_cpu.GridScratch] = None) -> GridValues:
     """`GridValues` of a one-element bits parameter and clamps where `applies_grid_values` holds (`lo` None:
     symmetric), in the float32 arithmetic of `_TrainingGrid` and `LearnableQuantizer._grid` (the values eval and
     freeze use), by round_clamp.c's `fxq_grid_rows`; `previous` itself when the parameters still hold its values bit
-    for bit (a comparison, not a version counter: fused optimizers and collectives write without bumping it)."""
+    for bit (a comparison, not a version counter: fused optimizers and collectives write without bumping it);
+    `scratch`: the buffers the comparison writes into (`fused_cpu.GridScratch`, kept by the quantizer)."""
     constants = (k.min_bits, k.span, k.symmetric)
     if previous is not None and (previous.constants != constants or previous.arrays.shape[1] != hi.numel()):
         previous = None
     found = fused_cpu.grid_rows(hi, lo, bits_param, k.min_bits, k.span, MIN_STEP, k.symmetric,
-                                None if previous is None else previous.values)
+                                None if previous is None else previous.values_address, scratch)
     if found is None:
         assert previous is not None
         return previous
     arrays, values, bits, levels = found
-    return GridValues(constants, values, bits, levels, arrays)
+    return GridValues(constants, values, bits, levels, arrays, int(arrays.ctypes.data), int(values.ctypes.data))
 
 
 class _FusedRounding(torch.autograd.Function):
@@ -347,7 +354,7 @@ class _FusedRounding(torch.autograd.Function):
                 dither: bool, grid: GridValues) -> Tensor:
         ctx.k, ctx.dither, ctx.grid, ctx.lo_given = k, dither, grid, lo is not None
         ctx.save_for_backward(x, bits_param, lo if lo is not None else bits_param.new_empty(0), hi)
-        return fused_cpu.round_clamp_rows_forward(x, grid.step, grid.lo_grid, grid.hi_grid)
+        return fused_cpu.quantize_forward(x, grid.address, grid.rows)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
@@ -377,22 +384,23 @@ class _FusedRounding(torch.autograd.Function):
         x, bits_param, lo, hi = ctx.saved_tensors
         k: GridConstants = ctx.k
         g: GridValues = ctx.grid
-        grad_in, sums = fused_cpu.round_clamp_rows_backward(grad, x, g.step, g.lo_grid, g.hi_grid)
-        draws: Optional[Tensor] = None
-        extra: Optional[np.ndarray] = None
-        if ctx.dither and any(ctx.needs_input_grad[1:4]):
-            # the step's gradient feeds the bits' and the clamps' (the torch path draws only when it is needed); the
-            # same draws as `dither_of_groups`
-            if dither_draws_signs(grad_in, hi.shape):
-                extra = dither_of_groups(grad_in, hi.shape).double().numpy().reshape(-1)
-            else:
-                draws = torch.randn(hi.shape, device=grad_in.device, dtype=grad_in.dtype)
+        dithers = ctx.dither and any(ctx.needs_input_grad[1:4])
+        # the step's gradient feeds the bits' and the clamps' (the torch path draws only when it is needed); the same
+        # draws as `dither_of_groups`: one Gaussian per group, drawn here, or every sign, drawn once grad_in exists
+        draws_signs = dithers and dither_draws_signs(x, hi.shape)
+        draws = torch.randn(hi.shape, dtype=x.dtype) if dithers and not draws_signs else None
         # gradients with torch's own storage: autograd may keep them as the parameters' `.grad`, whose storage FSDP2
         # resizes (a numpy-backed one cannot be)
         grad_hi = torch.empty(hi.shape, dtype=hi.dtype)
         grad_lo = torch.empty(lo.shape, dtype=lo.dtype) if ctx.needs_input_grad[2] else None
-        d_levels = fused_cpu.grid_rows_backward(sums, draws, extra, g.arrays, g.levels, MIN_STEP, k.symmetric,
-                                                k.clamp_grad_scale, grad_hi, grad_lo)
+        grad_in, d_levels, sums = fused_cpu.quantize_backward(
+            grad, x, g.address, g.rows, g.levels, MIN_STEP, k.symmetric, k.clamp_grad_scale, draws, grad_hi, grad_lo,
+            chain=not draws_signs,
+        )
+        if sums is not None:
+            extra = dither_of_groups(grad_in, hi.shape).double().numpy().reshape(-1)
+            d_levels = fused_cpu.grid_rows_backward(sums, None, extra, g.arrays, g.levels, MIN_STEP, k.symmetric,
+                                                    k.clamp_grad_scale, grad_hi, grad_lo)
         grad_bits = None
         if ctx.needs_input_grad[1]:
             grad_bits = torch.full_like(bits_param, d_levels * (g.levels + 1.0) * math.log(2.0) * k.span)

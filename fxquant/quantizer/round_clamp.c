@@ -41,7 +41,7 @@ static inline float fxq_round_half_even(float u) {
     return copysignf(magnitude < 0x1p23f ? rounded : magnitude, u);
 }
 
-int fxq_abi_version(void) { return 6; }
+int fxq_abi_version(void) { return 7; }
 
 /* the clamped element divided by the step, as the forward computes it (NaN stays NaN, as torch.clamp) */
 static inline float fxq_scaled(float v, float step, float lo, float hi) {
@@ -278,4 +278,36 @@ int fxq_round_bias(const float *bias, int64_t n, float input_scale, const float 
         }
     }
     return fits;
+}
+
+/* One quantizer's training forward on its grid (`numerics._FusedRounding`): the round-clamp of x, one step and clamp
+ * pair for the tensor (rows == 1: the element loop, on several threads) or one per row, read from `grid`
+ * (fxq_grid_rows' arrays of `rows` floats each). One call instead of a Python wrapper's per-row or per-tensor choice. */
+void fxq_quantize_forward(const float *x, float *out, int64_t rows, int64_t row_len, const float *grid, int threads) {
+    const float *step = grid + FXQ_STEP * rows, *lo = grid + FXQ_LO_GRID * rows, *hi = grid + FXQ_HI_GRID * rows;
+    if (rows == 1) {
+        fxq_round_clamp_forward(x, out, row_len, step[0], lo[0], hi[0], threads);
+    } else {
+        fxq_round_clamp_rows_forward(x, out, rows, row_len, step, lo, hi, threads);
+    }
+}
+
+/* Its backward: grad_in and the four sums of each row into `sums` (as fxq_round_clamp_backward / _rows_backward);
+ * then, when `chain` is set, the sums chained through the grid (fxq_grid_rows_backward with `draws`, NULL without
+ * dither), writing d_hi and d_lo and returning the gradient of L summed over the rows; without `chain` (a dither
+ * that draws every sign needs grad_in first) it returns 0 and the caller chains the sums. */
+double fxq_quantize_backward(const float *grad, const float *x, float *grad_in, int64_t rows, int64_t row_len,
+                             const float *grid, float levels, float min_step, int symmetric, double clamp_grad_scale,
+                             const float *draws, float *d_hi, float *d_lo, double *sums, int chain, int threads) {
+    const float *step = grid + FXQ_STEP * rows, *lo = grid + FXQ_LO_GRID * rows, *hi = grid + FXQ_HI_GRID * rows;
+    if (rows == 1) {
+        fxq_round_clamp_backward(grad, x, grad_in, row_len, step[0], lo[0], hi[0], sums, threads);
+    } else {
+        fxq_round_clamp_rows_backward(grad, x, grad_in, rows, row_len, step, lo, hi, sums, threads);
+    }
+    if (!chain) {
+        return 0.0;
+    }
+    return fxq_grid_rows_backward(sums, draws, NULL, grid, rows, levels, min_step, symmetric, clamp_grad_scale, d_hi,
+                                  d_lo);
 }
