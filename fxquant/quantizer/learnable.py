@@ -34,9 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from fxquant.errors import ConfigError, StateError
+from fxquant.quantizer import fused_cpu
 from fxquant.quantizer.base import IntegerGrid, Quantizer
 from fxquant.quantizer.estimators import Estimator, make_estimator
-from fxquant.quantizer import fused_cpu
 from fxquant.quantizer.fused_cpu import GridScratch
 from fxquant.quantizer.numerics import (
     FOLLOW_COLUMNS,
