@@ -41,7 +41,7 @@ class BiasQuantizer(Quantizer):
     def active(self) -> bool:
         """Whether the bias is rounded now (both quantizers on, not observing, and calibrated)."""
         sources = (self.input_quantizer, self.weight_quantizer)
-        return all(q.enabled and not q.observing and bool(q.initialized) for q in sources)
+        return all(q.enabled and not q.observing and q.is_initialized() for q in sources)
 
     @torch.no_grad()
     def _step(self, channels: int) -> Tensor:

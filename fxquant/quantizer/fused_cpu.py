@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shlex
@@ -151,7 +152,7 @@ def _load(path: str) -> ctypes.CDLL:
     lib.fxq_quantize_forward.argtypes = [ptr, ptr, i64, i64, ptr, c_int]
     lib.fxq_quantize_forward.restype = None
     lib.fxq_quantize_backward.argtypes = [ptr, ptr, ptr, i64, i64, ptr, f32, f32, c_int, ctypes.c_double, ptr, ptr, ptr,
-                                          ptr, c_int, c_int]
+                                          ptr, ctypes.c_double, ctypes.c_double, ptr, c_int, c_int]
     lib.fxq_quantize_backward.restype = ctypes.c_double
     lib.fxq_round_bias.restype = c_int
     return lib
@@ -297,11 +298,13 @@ def quantize_forward(x: Tensor, grid_address: int, rows: int) -> Tensor:
 
 def quantize_backward(grad: Tensor, x: Tensor, grid_address: int, rows: int, levels: float, min_step: float,
                       symmetric: bool, clamp_grad_scale: float, draws: Optional[Tensor], d_hi: Tensor,
-                      d_lo: Optional[Tensor], chain: bool) -> Tuple[Tensor, float, Optional[np.ndarray]]:
+                      d_lo: Optional[Tensor], d_bits: Optional[Tensor], span: float, chain: bool,
+                      ) -> Tuple[Tensor, float, Optional[np.ndarray]]:
     """round_clamp.c's `fxq_quantize_backward` of `quantize_forward(x, grid_address, rows)`: `(grad_in, d_levels,
     sums)`. With `chain` the kernel's sums go through the grid in the same call (`grid_rows_backward` with `draws`),
-    writing `d_hi`/`d_lo` and giving `d_levels`, and `sums` is None; without it `d_levels` is 0 and `sums` (float64,
-    shape `(rows, 4)`) is for the caller to chain."""
+    writing `d_hi`, `d_lo` and the one-element `d_bits` (each None: not wanted; `span`: the bit range, max - min) and
+    giving `d_levels`, and `sums` is None; without it nothing is written but `grad_in`, `d_levels` is 0 and `sums`
+    (float64, shape `(rows, 4)`) is for the caller to chain."""
     lib = library()
     assert lib is not None
     grad = grad.contiguous()
@@ -310,9 +313,14 @@ def quantize_backward(grad: Tensor, x: Tensor, grid_address: int, rows: int, lev
     d_levels: float = lib.fxq_quantize_backward(
         grad.data_ptr(), x.data_ptr(), grad_in.data_ptr(), rows, x.numel() // rows, grid_address, levels, min_step,
         int(symmetric), clamp_grad_scale, None if draws is None else draws.data_ptr(), d_hi.data_ptr(),
-        None if d_lo is None else d_lo.data_ptr(), sums.data_ptr(), int(chain), torch.get_num_threads(),
+        None if d_lo is None else d_lo.data_ptr(), None if d_bits is None else d_bits.data_ptr(), LN2, span,
+        sums.data_ptr(), int(chain), torch.get_num_threads(),
     )
     return grad_in, d_levels, None if chain else sums.numpy()
+
+
+LN2 = math.log(2.0)
+"""ln 2 as Python computes it, for the bits' gradient in C (the same double as `math.log(2.0)` there)."""
 
 
 def grid_rows_backward(sums: np.ndarray, draws: Optional[Tensor], extra: Optional[np.ndarray], grid: np.ndarray,

@@ -167,6 +167,20 @@ class LearnableQuantizer(Quantizer):
         self._grid_values: Optional[GridValues] = None
         self._grid_checked: Optional[GridCheck] = None
         self._constants_of: Optional[Tuple[Tuple[Any, ...], GridConstants]] = None  # `_grid_constants`' last
+        self._initialized_seen = False  # `is_initialized`
+
+    def is_initialized(self) -> bool:
+        """`bool(self.initialized)`, read from the tensor until it is True (it is set only by `init_from_tensor`, and
+        unset only by loading a state dict, which resets this)."""
+        if self._initialized_seen:
+            return True
+        seen = bool(self.initialized)
+        self.__dict__["_initialized_seen"] = seen
+        return seen
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.__dict__["_initialized_seen"] = False  # the loaded `initialized` may be False
+        super()._load_from_state_dict(*args, **kwargs)
 
     def __getstate__(self) -> Dict[str, Any]:
         # a copy or a pickle computes its grid afresh (no arrays pickled for nothing)
@@ -181,6 +195,7 @@ class LearnableQuantizer(Quantizer):
         state.setdefault("_grid_values", None)
         state.setdefault("_grid_checked", None)
         state.setdefault("_constants_of", None)
+        state.setdefault("_initialized_seen", False)
         super().__setstate__(state)
 
     @property
@@ -494,7 +509,7 @@ class LearnableQuantizer(Quantizer):
         if self.observing:
             self.observe(x)
             return x
-        if not bool(self.initialized):
+        if not self.is_initialized():
             if self.kind == KIND_WEIGHT or self.training:
                 self.init_from_tensor(x)
             else:

@@ -294,11 +294,14 @@ void fxq_quantize_forward(const float *x, float *out, int64_t rows, int64_t row_
 
 /* Its backward: grad_in and the four sums of each row into `sums` (as fxq_round_clamp_backward / _rows_backward);
  * then, when `chain` is set, the sums chained through the grid (fxq_grid_rows_backward with `draws`, NULL without
- * dither), writing d_hi and d_lo and returning the gradient of L summed over the rows; without `chain` (a dither
- * that draws every sign needs grad_in first) it returns 0 and the caller chains the sums. */
+ * dither), writing d_hi and d_lo (NULL: not wanted) and d_bits (NULL: not wanted; the one bits parameter's gradient,
+ * ((d_levels (L + 1)) ln2) span in double, the order `numerics._FusedRounding` has it) and returning the gradient of
+ * L summed over the rows; without `chain` (a dither that draws every sign needs grad_in first) it returns 0 and the
+ * caller chains the sums. */
 double fxq_quantize_backward(const float *grad, const float *x, float *grad_in, int64_t rows, int64_t row_len,
                              const float *grid, float levels, float min_step, int symmetric, double clamp_grad_scale,
-                             const float *draws, float *d_hi, float *d_lo, double *sums, int chain, int threads) {
+                             const float *draws, float *d_hi, float *d_lo, float *d_bits, double ln2, double span,
+                             double *sums, int chain, int threads) {
     const float *step = grid + FXQ_STEP * rows, *lo = grid + FXQ_LO_GRID * rows, *hi = grid + FXQ_HI_GRID * rows;
     if (rows == 1) {
         fxq_round_clamp_backward(grad, x, grad_in, row_len, step[0], lo[0], hi[0], sums, threads);
@@ -308,6 +311,13 @@ double fxq_quantize_backward(const float *grad, const float *x, float *grad_in, 
     if (!chain) {
         return 0.0;
     }
-    return fxq_grid_rows_backward(sums, draws, NULL, grid, rows, levels, min_step, symmetric, clamp_grad_scale, d_hi,
-                                  d_lo);
+    double d_levels = fxq_grid_rows_backward(sums, draws, NULL, grid, rows, levels, min_step, symmetric,
+                                             clamp_grad_scale, d_hi, d_lo);
+    if (d_bits != NULL) {
+        double value = d_levels * ((double)levels + 1.0);
+        value = value * ln2;
+        value = value * span;
+        d_bits[0] = (float)value;
+    }
+    return d_levels;
 }
