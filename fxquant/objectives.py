@@ -15,13 +15,14 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from fxquant.distributed import is_dtensor
 from fxquant.errors import ConfigError
 from fxquant.graph import is_quantizer_path
-from fxquant.losses import exterior_hinge, model_size_mb
+from fxquant.losses import HINGE_MARGIN, exterior_hinge, model_size_mb
 from fxquant.quantizer import KIND_ACTIVATION, KIND_WEIGHT, LearnableQuantizer, clamp_ste, iter_learnable
 
 FLOOR_MARGIN = 0.25
@@ -221,7 +222,13 @@ class LearnedBits:
         if not quantizers:
             return {}
         params = [q.bits_param for q in quantizers]
-        if self._one_device:
+        on_cpu = self._on_cpu_values(quantizers)
+        if on_cpu is not None:
+            # the same float32 arithmetic as `integer_bits`, element by element, in numpy (no tensor op per step)
+            values, low_values, high_values = on_cpu
+            flat = np.clip(np.round(values), low_values, high_values).tolist()
+            sizes = [p.numel() for p in params]
+        elif self._one_device:
             # all quantizers at once (a handful of ops per step instead of ~8 per quantizer): the same float32
             # arithmetic as `integer_bits`, element by element
             lows, spans, highs, _ = self._bit_bounds(quantizers, params[0].device)
@@ -238,6 +245,43 @@ class LearnedBits:
             out[id(q)] = flat[at : at + n]
             at += n
         return out
+
+    def _on_cpu_values(self, quantizers: List[LearnableQuantizer]) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """`(continuous bits, min_bits, max_bits)` of every element of the quantizers' bits parameters as float32 numpy
+        arrays, the continuous bits `min + (max - min) * clamp(p, 0, 1)` in the float32 operations of
+        `_continuous_bits`, when they are all float32 on the CPU (one tensor op per call), else None."""
+        if not quantizers or not self._one_device:
+            return None
+        params = [q.bits_param for q in quantizers]
+        if params[0].device.type != "cpu" or any(p.dtype != torch.float32 for p in params):
+            return None
+        lows, spans, highs, _ = (t.numpy() for t in self._bit_bounds(quantizers, params[0].device))
+        p_all = torch.cat([p.detach().reshape(-1) for p in params]).numpy()
+        return lows + spans * np.clip(p_all, np.float32(0.0), np.float32(1.0)), lows, highs
+
+    def active_constraints(self) -> Optional[int]:
+        """How many constraints `exterior_hinge(*constraints())` counts active, from the same float32 operations in
+        numpy (no tensor ops), or None where that does not hold: a size-weighted average weight target (its mean is
+        summed in another order), parameters that are not all float32 on the CPU."""
+        t = self.target
+        if t is None:
+            return 0
+        if t.weight is not None and self.learn_weights and t.weight_average:
+            return None
+        groups = [(self.learn_weights, t.weight), (self.learn_activations, t.activation)]
+        active = 0
+        for quantizers, target in groups:
+            if target is None or not quantizers:
+                continue
+            found = self._on_cpu_values(quantizers)
+            if found is None:
+                return None
+            bits = found[0]
+            targets = np.float32(target)
+            excess = (np.maximum(bits - (targets - np.float32(HINGE_MARGIN)), np.float32(0.0))
+                      + np.maximum(np.round(bits) - targets, np.float32(0.0)))
+            active += int((excess > 0).sum())
+        return active
 
     def _bit_bounds(self, quantizers: List[LearnableQuantizer], device: torch.device
                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -371,11 +415,14 @@ class ExteriorPenalty:
             # the penalty passes no gradient before it starts, nor when no constraint is active (the hinge's gradient
             # is zero where nothing exceeds its target): then no graph is recorded for it, which leaves the
             # gradients as they were and saves a dozen small ops forward and backward per step
-            with torch.no_grad():
-                cons = bits.constraints()
-                if cons is None:
-                    return base.new_zeros(()), 0
-                hinge, active = exterior_hinge(*cons)
+            active_now = bits.active_constraints()
+            if active_now is None:
+                with torch.no_grad():
+                    cons = bits.constraints()
+                    if cons is None:
+                        return base.new_zeros(()), 0
+                    active_now = exterior_hinge(*cons)[1]
+            active = active_now
             if coefficient == 0.0 or active == 0:
                 self.last_active = active
                 return base.new_zeros(()), active

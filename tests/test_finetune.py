@@ -546,3 +546,58 @@ def test_integer_bits_of_all_quantizers_at_once_equal_each_quantizers_own() -> N
     for q in (holder.a, holder.b, holder.c):
         assert found[id(q)] == q.integer_bits().reshape(-1).tolist()
     assert found[id(holder.b)] == [4.0] and found[id(holder.c)] == [4.0]
+
+
+def test_active_constraints_counted_in_numpy_equal_the_hinges_count() -> None:
+    """`LearnedBits.active_constraints` (numpy, what the penalty reads to skip its graph) counts what
+    `exterior_hinge(*constraints())` counts, at random bits and at the edges: exactly the target minus the margin,
+    one float32 step around it, rounding ties; and the size-weighted average target is left to the torch ops."""
+    from fxquant.losses import HINGE_MARGIN
+    from fxquant.objectives import LearnedBits
+    from fxquant.quantizer import LearnableQuantizer
+
+    holder = torch.nn.Module()
+    holder.w = LearnableQuantizer(kind="weight", tensor_shape=(6, 4), bits=8, min_bits=2, max_bits=8,
+                                  granularity="per_channel", channel_axis=0, per_group_bits=True, symmetric=True)
+    holder.a = LearnableQuantizer(kind="activation", tensor_shape=(2, 4), bits=5, min_bits=2, max_bits=8)
+    bits = LearnedBits(holder, BitTarget(weight=4, activation=3))
+    edge = torch.tensor((4 - HINGE_MARGIN - 2) / 6, dtype=torch.float32)
+    special = [edge, torch.nextafter(edge, torch.tensor(1.0)), torch.nextafter(edge, torch.tensor(0.0)),
+               torch.tensor(2.5 / 6), torch.tensor(0.5), torch.tensor(-0.2), torch.tensor(1.3)]
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        with torch.no_grad():
+            values = torch.rand(7, generator=generator) * 1.4 - 0.2
+            if trial < len(special):
+                values[trial % 7] = special[trial]
+            holder.w.bits_param.copy_(values[:6].reshape(holder.w.bits_param.shape))
+            holder.a.bits_param.fill_(float(values[6]))
+        cons = bits.constraints()
+        assert cons is not None
+        assert bits.active_constraints() == exterior_hinge(*cons)[1]
+    assert LearnedBits(holder, BitTarget(weight=4, weight_average=True)).active_constraints() is None
+
+
+def test_the_penalty_without_a_graph_leaves_the_gradients_as_with_it() -> None:
+    """While no constraint is active (or before the penalty starts) the exterior penalty records no graph; the
+    gradients of a backward through base loss plus penalty are those of the penalty computed with its graph."""
+    from fxquant.objectives import ExteriorPenalty, LearnedBits
+    from fxquant.quantizer import LearnableQuantizer
+
+    holder = torch.nn.Module()
+    holder.a = LearnableQuantizer(kind="activation", tensor_shape=(2, 4), bits=8, min_bits=2, max_bits=8)
+    bits = LearnedBits(holder, BitTarget(activation=4))
+    x = torch.randn(8, 4)
+    for p_value, step in ((0.9, 50), (0.1, 50), (0.9, 0)):  # active; inactive; before the penalty starts
+        grads = []
+        for skip in (False, True):
+            penalty = ExteriorPenalty(Schedule(), steps=100)
+            penalty.last_active = 0 if skip else None
+            with torch.no_grad():
+                holder.a.bits_param.fill_(p_value)
+            holder.a.bits_param.grad = None
+            base = holder.a.bits_param.sum() * 0.5 + x.sum() * 0.0
+            pen, active = penalty(bits, base, step)
+            (base + pen).backward()
+            grads.append((holder.a.bits_param.grad.clone(), active, float(pen)))
+        assert torch.equal(grads[0][0], grads[1][0]) and grads[0][1:] == grads[1][1:]

@@ -94,7 +94,7 @@ class BiasQuantizer(Quantizer):
         None."""
         if bias.dtype != torch.float32 or bias.device.type != "cpu" or not bias.is_contiguous():
             return None
-        input_scale, weight_scale = self.input_quantizer.integer_scale_values(), self.weight_quantizer.integer_scale_values()
-        if input_scale is None or weight_scale is None or input_scale.size != 1 or weight_scale.size not in (1, bias.numel()):
+        input_grid, weight_grid = self.input_quantizer.grid_values(), self.weight_quantizer.grid_values()
+        if input_grid is None or weight_grid is None or input_grid.rows != 1 or weight_grid.rows not in (1, bias.numel()):
             return None
-        return fused_cpu.round_bias(bias.detach(), float(input_scale[0]), weight_scale)
+        return fused_cpu.round_bias(bias.detach(), float(input_grid.step[0]), weight_grid.step_address, weight_grid.rows)

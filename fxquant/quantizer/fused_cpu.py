@@ -340,13 +340,13 @@ def grid_rows_backward(sums: np.ndarray, draws: Optional[Tensor], extra: Optiona
     return value
 
 
-def round_bias(bias: Tensor, input_scale: float, weight_scale: np.ndarray) -> Tensor:
+def round_bias(bias: Tensor, input_scale: float, weight_scale_address: int, weight_scales: int) -> Tensor:
     """round_clamp.c's `fxq_round_bias`: the float32 bias (contiguous, on the CPU) rounded to the int32 grid of
-    `input_scale * weight_scale` (one float32 weight scale, or one per element), or the bias itself when a code would
-    not fit in int32. The library must be loaded."""
+    `input_scale * weight_scale` (`weight_scales` float32 weight scales at `weight_scale_address`, kept alive by the
+    caller: one, or one per element), or the bias itself when a code would not fit in int32. The library must be
+    loaded."""
     lib = library()
-    assert lib is not None and weight_scale.dtype == np.float32 and weight_scale.flags.c_contiguous
+    assert lib is not None
     out = torch.empty_like(bias)
-    lib.fxq_round_bias(bias.data_ptr(), bias.numel(), input_scale, weight_scale.ctypes.data, weight_scale.size,
-                       out.data_ptr())
+    lib.fxq_round_bias(bias.data_ptr(), bias.numel(), input_scale, weight_scale_address, weight_scales, out.data_ptr())
     return out

@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -291,13 +290,6 @@ class LearnableQuantizer(Quantizer):
         """The scale of `integer_grid()` alone (what the int32 bias reads every training step)."""
         lo, hi = self.clamp_bounds()
         return self._step_of(lo, hi, self._levels(self.integer_bits()))
-
-    def integer_scale_values(self) -> Optional[np.ndarray]:
-        """`integer_scale()` as a flat float32 array computed without tensor ops (the same float32 arithmetic)
-        when `grid_values` applies, else None: the int32 bias reads two scales every training step
-        (`BiasQuantizer`), after the quantizers' own forwards computed them."""
-        grid = self.grid_values()
-        return None if grid is None else grid.step
 
     def grid_values(self) -> Optional[GridValues]:
         """The training (and eval) grid of the current parameters as float32 arrays where `applies_grid_values` (one

@@ -307,6 +307,11 @@ class GridValues:
         return int(self.arrays.shape[1])
 
     @property
+    def step_address(self) -> int:
+        """The address of `step`'s first value (the row of `arrays` the int32 bias reads)."""
+        return self.address + fused_cpu.GRID_ARRAYS.index("step") * self.rows * self.arrays.itemsize
+
+    @property
     def step(self) -> np.ndarray:
         return self.arrays[fused_cpu.GRID_ARRAYS.index("step")]
 
