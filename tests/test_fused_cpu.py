@@ -392,7 +392,7 @@ def test_per_row_node_trains_on_the_values_eval_computes() -> None:
 def test_the_grid_is_computed_once_per_parameter_update() -> None:
     """`grid_values` is kept while the parameters hold the same values and computed again after every kind of
     update: an in-place write, a fused optimizer step (which bumps no version counter) without the projection, a
-    write through `.data`, `load_state_dict`, `set_bits`, new storage."""
+    write through `.data`, `load_state_dict`, `set_bits`, a new parameter, new storage or dtype through `.data`."""
     from fxquant.quantizer import LearnableQuantizer
 
     q = LearnableQuantizer(kind="activation", tensor_shape=(4, 64), bits=8, min_bits=2, max_bits=8)
@@ -427,7 +427,13 @@ def test_the_grid_is_computed_once_per_parameter_update() -> None:
     grid = changed(grid)
     assert grid.bits == 4.0
     q.hi = torch.nn.Parameter(q.hi.detach().clone() * 2)
+    grid = changed(grid)
+    q.hi.data = q.hi.data.clone() * 3  # the same parameter object on new storage
     changed(grid)
+    q.lo.data = q.lo.data.double()  # a dtype change through `.data`: checked again, not read as float32
+    assert q.grid_values() is None
+    q.lo.data = q.lo.data.float()
+    assert q.grid_values() is not None
     assert q.double().grid_values() is None  # not float32: the torch ops compute it
 
 

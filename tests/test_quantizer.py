@@ -276,6 +276,13 @@ def test_disabled_is_identity_and_uncalibrated_eval_is_refused() -> None:
     q.train()
     q(x)  # the first training-mode pass initialises the clamps from data
     assert bool(q.initialized)
+    # loading the state of an uncalibrated quantizer makes it uncalibrated again (the flag is read from the tensor)
+    fresh = LearnableQuantizer(kind="activation", tensor_shape=(4,), bits=8, min_bits=2, max_bits=8)
+    q.eval()
+    q(x)
+    q.load_state_dict(fresh.state_dict())
+    with pytest.raises(StateError, match=r"has no clamps yet"):
+        q(x)
 
 
 def test_zero_point_snapped_to_the_grid_in_training() -> None:
