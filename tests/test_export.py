@@ -737,3 +737,43 @@ def test_a_cnn_head_pools_the_codes_and_its_last_residual_add_is_integer(tmp_pat
     assert not {"Add", "Relu", "GlobalAveragePool", "ReduceMean", "Conv"} & set(ops), ops
     result = fxq.verify(frozen, path, [x], raise_on_failure=False)
     assert max(r.relative_error for r in result.results) < 1e-5, str(result)
+
+
+class _BucketBias(nn.Module):
+    """A relative-position-style bias: a small table (8 buckets x 4 heads) looked up for every pair of positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Embedding(8, 4)
+        self.emb = nn.Embedding(50, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        buckets = (positions[None, :] - positions[:, None]).abs().clamp(max=7)
+        return self.emb(ids).sum(-1, keepdim=True) + self.bias(buckets).sum(-1)
+
+
+def test_a_small_table_looked_up_per_pair_is_dequantized_then_gathered(tmp_path) -> None:  # noqa: ANN001
+    """A small table the example looks up at least once per row (8 rows, 12 x 12 lookups) is exported as
+    DequantizeLinear then a float Gather (no Gather of codes, Cast and Mul per call); the vocabulary table (50 rows,
+    24 lookups) still gathers its codes; the output is the frozen module's, at another length too."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2, 12))
+    qm = fxq.prepare(_BucketBias(), ids, fxq.QuantConfig(first_last_bits=None))
+    fxq.calibrate(qm, [ids])
+    frozen = fxq.freeze(qm)
+    path = tmp_path / "bias.onnx"
+    model = fxq.export_onnx(frozen, ids, path)
+    inits = {i.name: i for i in model.graph.initializer}
+    dq_outputs = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    gathers = [n for n in model.graph.node if n.op_type == "Gather"]
+    small = [n for n in gathers if n.input[0] in dq_outputs and inits.get(dq_outputs[n.input[0]]) is not None
+             and list(inits[dq_outputs[n.input[0]]].dims) == [8, 4]]
+    codes = [n for n in gathers if n.input[0] in inits and list(inits[n.input[0]].dims) == [50, 4]]
+    assert len(small) == 1 and len(codes) == 1
+    assert not any(n.input[0] in inits and list(inits[n.input[0]].dims) == [8, 4] for n in gathers)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for x in (ids, torch.randint(0, 50, (3, 5))):
+        out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        with torch.no_grad():
+            np.testing.assert_allclose(out, frozen(x).numpy(), rtol=1e-6, atol=1e-6)

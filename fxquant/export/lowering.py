@@ -3,7 +3,8 @@
 `export_copy(frozen, plans)` copies the frozen module (sharing its tensors) and runs, through
 `fxquant.passes.run_passes`:
 
-- `gather_embeddings`: `embedding(dequantize(table), ids)` -> `gather_dequantize(ids)` for 8/16-bit tables;
+- `gather_embeddings`: `embedding(dequantize(table), ids)` -> `gather_dequantize(ids)` for 8/16-bit tables (but
+  small tables looked up once per row or more per call, which stay a DequantizeLinear and a float Gather);
 - `linears_to_matmul`: `linear(x, W, b)` -> `matmul(x, W^T) + b` with the codes stored transposed (the
   pattern onnxruntime turns into MatMulNBits / QLinearMatMul / MatMulIntegerToFloat);
 - `hard_sigmoid_gates`: `quantize(hardsigmoid(x), s)` -> `quantize(x + 3, 6 s)` read back with `s` (QLinearAdd);
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from typing import Dict
 
 import onnx
@@ -149,10 +151,29 @@ class _ExportGatherDequantize(nn.Module):
 _GATHERED_TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT8)
 """Containers an embedding's codes are gathered in (onnxruntime's Gather has no 2- or 4-bit types)."""
 
+SMALL_TABLE = 65536
+"""A table of at most this many values that the example looks up at least once per row is dequantized whole and
+gathered in float (`dequantizes_first`)."""
+
+
+def dequantizes_first(codes: torch.Tensor, ids: object) -> bool:
+    """Whether a table's lookups gather the dequantized table rather than its codes: a small table (at most
+    `SMALL_TABLE` values) that the example's call looks up at least as many times as it has rows (a relative
+    position bias: 32 rows read 16384 times per call), judged from the ids' shape in the example (`tensor_meta`;
+    without it, no). There onnxruntime's Gather of the codes, Gather of the row scales, Cast and broadcast Mul cost
+    more than one DequantizeLinear of the table and a float Gather (T5-style model, hidden 256, 128 tokens: 0.25 ms of
+    3.4 ms; docs/decisions.md, "Small tables are dequantized, then gathered"); the values are the same."""
+    meta = ids.meta.get("tensor_meta") if isinstance(ids, fx.Node) else None
+    shape = getattr(meta, "shape", None)
+    if shape is None or codes.dim() != 2:
+        return False
+    return codes.numel() <= SMALL_TABLE and math.prod(shape) >= codes.shape[0]
+
 
 @graph_pass(requires=(FROZEN,))
 def gather_embeddings(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan]) -> fx.GraphModule:
-    """`embedding(dequantize(table), ids)` -> `gather_dequantize(ids)` for 8/16-bit tables.
+    """`embedding(dequantize(table), ids)` -> `gather_dequantize(ids)` for 8/16-bit tables but small ones looked up
+    once per row or more per call (`dequantizes_first`).
 
     A table also read by other ops (tied with a linear head) keeps its DequantizeLinear for them, and its
     lookups call a second name of the quantizer (`plan.lookup_alias`) whose stand-in gathers the same codes:
@@ -178,7 +199,7 @@ def gather_embeddings(gm: fx.GraphModule, *, plans: Dict[str, QuantizerPlan]) ->
         qp = q.qparams()
         if q.codes.dim() != 2 or not (qp.layout == "per_tensor" or (qp.layout == "per_axis" and qp.axis in (0, 1))):
             continue
-        if facts.argument(node, "max_norm") is not None:
+        if facts.argument(node, "max_norm") is not None or dequantizes_first(q.codes, ids):
             continue
         target = str(w.target)
         if any(facts_of(u) is not facts for u in readers[target]):
