@@ -218,3 +218,11 @@ def test_gradient_norm_scales_only_when_it_exceeds_the_maximum() -> None:
     assert all(torch.allclose(p.grad, r.grad) for p, r in zip(params, reference))
     params[2].grad = torch.tensor([float("nan")])
     assert not math.isfinite(clip_grad_norm(params, float("inf")))
+    # small gradients normed together, a large one on its own: the same norm to float rounding, infinities seen
+    large = torch.nn.Parameter(torch.zeros(5000))
+    large.grad = torch.full((5000,), 0.01)
+    params[2].grad = torch.tensor([1.0])
+    expected = math.sqrt(sum(float(p.grad.double().square().sum()) for p in params) + 5000 * 0.01 ** 2)
+    assert clip_grad_norm(params + [large], float("inf")) == pytest.approx(expected, rel=1e-6)
+    large.grad[7] = float("inf")
+    assert not math.isfinite(clip_grad_norm(params + [large], float("inf")))
