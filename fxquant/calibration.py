@@ -8,6 +8,8 @@ error at the quantizer's current integer bits (`LearnableQuantizer.fit_clamps_ms
 or on a sample of the observed activations): min/max is near-optimal at 8 bits and poor at 2-4, so a
 quantizer that starts at low bits starts from a grid fit for them. Bits stay where they are (the initial,
 high precision after `prepare`) unless `bits` is given; fine-tuning then descends to the target.
+The batches run through `observed_only(qm)`: the prepared graph without what no quantizer reads (a language
+model's logits: as large as a small model's weights, and its largest matmul).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import fx
+from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from fxquant.batches import Batch, call_batch, check_batches
@@ -102,12 +105,13 @@ def calibrate(
             reservoirs[name] = reservoirs[owner]
     seen = 0
     qm.eval()
+    observer = observed_only(qm) if isinstance(qm, fx.GraphModule) else qm
     try:
         with torch.no_grad():
             bar = tqdm(itertools.islice(batches, num_batches), total=_length(batches, num_batches),
                        desc="calibrate: batches", unit="batch", leave=False, disable=None if progress else True)
             for batch in bar:
-                call_batch(qm, batch, who="module returned by fxq.prepare")
+                call_batch(observer, batch, who="module returned by fxq.prepare")
                 seen += 1
     finally:
         for h in hooks:
@@ -140,6 +144,44 @@ def calibrate(
             elif q.kind != KIND_WEIGHT and name in reservoirs and reservoirs[name].seen:
                 q.fit_clamps_mse(reservoirs[name].values())
     return qm
+
+
+def _keeps(node: fx.Node) -> bool:
+    """Whether `observed_only` keeps `node` though nothing reads it: placeholders and the output, every module call
+    (the quantizers observe; other modules are not inspected), and any op that may write a tensor (FX's own impure
+    ops, in-place methods and functions, mutable ATen schemas)."""
+    if node.op in ("placeholder", "output", "call_module") or node.is_impure():
+        return True
+    target = node.target
+    if node.op == "call_method":
+        return str(target).endswith("_")
+    if node.op == "call_function":
+        schema = getattr(target, "_schema", None)
+        if schema is not None:
+            return bool(schema.is_mutable)
+        return getattr(target, "__name__", "").endswith("_")
+    return False
+
+
+def observed_only(qm: fx.GraphModule) -> fx.GraphModule:
+    """A module that runs only what `qm`'s quantizers read: its graph with every output value replaced by None
+    (the output's structure kept, for the input/output spec of a `torch.export` capture) and then every node that
+    nothing reads and `_keeps` does not keep removed, sharing `qm`'s submodules and tensors. A language model's
+    calibration then never computes its logits (4 x 128 tokens x a 32000-token vocabulary are as large as a 19M
+    model's weights). `qm` itself is not changed."""
+    graph = fx.Graph()
+    graph._codegen = qm.graph._codegen  # the same input/output handling (a torch.export capture's pytree specs)
+    values: Dict[fx.Node, fx.Node] = {}
+    output = graph.graph_copy(qm.graph, values, return_output_node=True)
+    assert isinstance(output, tuple) and isinstance(output[1], fx.Node)
+    graph.output(tree_map(lambda _: None, output[0]), type_expr=output[1].type)
+    graph.eliminate_dead_code(is_impure_node=_keeps)
+    pruned = fx.GraphModule(qm, graph, class_name=type(qm).__name__)
+    pruned.training = qm.training
+    for attribute in ("fxquant_capture_notes",):
+        if hasattr(qm, attribute):
+            setattr(pruned, attribute, getattr(qm, attribute))
+    return pruned
 
 
 def _sample_owners(qm: fx.GraphModule) -> Dict[str, str]:

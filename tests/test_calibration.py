@@ -252,3 +252,65 @@ def test_quantizers_of_one_tensor_share_its_sample_and_export_without_a_requanti
     requantized = [n.name for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] in producer
                    and producer[n.input[0]].op_type == "DequantizeLinear"]
     assert requantized == []
+
+
+@pytest.mark.parametrize("name", ["llama", "resnet"])
+def test_calibration_runs_only_what_the_quantizers_read(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`calibrate` runs the batches through `observed_only(qm)`: the graph without the nodes no quantizer reads (a
+    language model's LM head and its logits, a CNN's last linear), in place ops and module calls kept; the clamps
+    are those of running the whole prepared module, and the prepared module keeps its graph."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import models_zoo
+
+    from fxquant import calibration
+
+    model, example, batches = models_zoo.ZOO[name]()
+    states = []
+    for prune in (True, False):
+        torch.manual_seed(0)
+        qm = fxq.prepare(model, example)
+        nodes = len(qm.graph.nodes)
+        if not prune:
+            monkeypatch.setattr(calibration, "observed_only", lambda m: m)
+        pruned = calibration.observed_only(qm)
+        if prune:
+            output = next(n for n in qm.graph.nodes if n.op == "output")
+            last = output.all_input_nodes  # what computes the model's outputs
+            assert last and all(n.name not in {m.name for m in pruned.graph.nodes} for n in last)
+        torch.manual_seed(1)
+        fxq.calibrate(qm, batches, progress=False)
+        assert len(qm.graph.nodes) == nodes
+        states.append(qm.state_dict())
+        monkeypatch.undo()
+    assert states[0].keys() == states[1].keys()
+    for k, v in states[0].items():
+        assert torch.equal(v, states[1][k]) if isinstance(v, torch.Tensor) else v == states[1][k], k
+
+
+def test_observed_only_keeps_in_place_ops_and_module_calls() -> None:
+    """An in-place op whose result nothing reads still writes a tensor others read; a module call may observe: both
+    stay in `observed_only`'s graph, a pure op nothing reads does not."""
+    from fxquant.calibration import observed_only
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(4, 4))
+            self.side = torch.nn.Identity()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = x * 2
+            y.add_(1)
+            self.side(y)
+            unused = torch.sin(y)  # noqa: F841
+            return y @ self.w
+
+    gm = torch.fx.symbolic_trace(Net())
+    pruned = observed_only(gm)
+    kinds = [(n.op, str(n.target)) for n in pruned.graph.nodes]
+    assert ("call_method", "add_") in kinds and ("call_module", "side") in kinds
+    assert not any("sin" in t or "matmul" in t or t == "w" for _, t in kinds) and gm(torch.ones(1, 4)).shape == (1, 4)
+    assert pruned(torch.ones(1, 4)) is None
