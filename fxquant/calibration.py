@@ -114,6 +114,8 @@ def calibrate(
                 call_batch(observer, batch, who="module returned by fxq.prepare")
                 seen += 1
     finally:
+        if observer is not qm:
+            _release(observer)
         for h in hooks:
             h.remove()
         for _, q in quantizers:
@@ -182,6 +184,15 @@ def observed_only(qm: fx.GraphModule) -> fx.GraphModule:
         if hasattr(qm, attribute):
             setattr(pruned, attribute, getattr(qm, attribute))
     return pruned
+
+
+def _release(module: fx.GraphModule) -> None:
+    """Drop the submodules, parameters and buffers a temporary `GraphModule` shares with the prepared module: it sits in
+    a reference cycle until the garbage collector runs, and meanwhile it would keep alive the float weights that
+    `freeze(qm, inplace=True)` releases one by one."""
+    module._modules.clear()
+    module._parameters.clear()
+    module._buffers.clear()
 
 
 def _sample_owners(qm: fx.GraphModule) -> Dict[str, str]:

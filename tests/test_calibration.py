@@ -269,6 +269,14 @@ def test_calibration_runs_only_what_the_quantizers_read(name: str, monkeypatch: 
 
     model, example, batches = models_zoo.ZOO[name]()
     states = []
+    made = []
+    monkeypatch.setattr(calibration, "observed_only", lambda m, _f=calibration.observed_only: made.append(_f(m)) or made[-1])
+    qm = fxq.prepare(model, example)
+    fxq.calibrate(qm, batches[:1], progress=False)
+    # the observer holds nothing of the prepared module's once calibrate returns (it would keep alive, until a
+    # garbage collection, the float weights an in-place freeze releases)
+    assert made and not list(made[0].parameters()) and not list(made[0].buffers()) and not list(made[0].children())
+    monkeypatch.undo()
     for prune in (True, False):
         torch.manual_seed(0)
         qm = fxq.prepare(model, example)
