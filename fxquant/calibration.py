@@ -180,9 +180,8 @@ def observed_only(qm: fx.GraphModule) -> fx.GraphModule:
     graph.eliminate_dead_code(is_impure_node=_keeps)
     pruned = fx.GraphModule(qm, graph, class_name=type(qm).__name__)
     pruned.training = qm.training
-    for attribute in ("fxquant_capture_notes",):
-        if hasattr(qm, attribute):
-            setattr(pruned, attribute, getattr(qm, attribute))
+    if hasattr(qm, "fxquant_capture_notes"):  # read by call_batch's error on a batch the capture does not fit
+        pruned.fxquant_capture_notes = qm.fxquant_capture_notes
     return pruned
 
 

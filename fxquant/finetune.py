@@ -262,7 +262,7 @@ def finetune(
     if teacher is not None:
         teacher.eval()
     was_training = inner.training
-    modes = [(q, q.mode) for q in bits.weights + bits.activations]
+    modes = [(q, q.mode) for q in bits.all_quantizers]
     if mode is not None:
         for q, _ in modes:
             q.mode = mode
@@ -276,7 +276,7 @@ def finetune(
             _dry_run(inner, teacher, val_list[0], n_required, None)
         result = FinetuneResult(target=target, penalty=penalty, size_lambda=size_lambda if penalty == "size" else None)
         prefetched = [first]
-        if not all(bool(q.initialized) for q in bits.weights + bits.activations):
+        if not all(bool(q.initialized) for q in bits.all_quantizers):
             prefetched += list(itertools.islice(stream, 7))
             calibrate(inner, prefetched, num_batches=len(prefetched))
             result.calibrated = True
@@ -342,7 +342,7 @@ class _Training:
         groups = param_groups(run.inner, run.schedule, run.steps, learn_bits=run.target is not None or run.penalty == "size")
         self.opt = run.optimizer_factory(groups) if run.optimizer_factory is not None else default_optimizer(groups)
         self.params = [p for g in groups for p in g["params"]]
-        self.quantizers = run.bits.weights + run.bits.activations
+        self.quantizers = run.bits.all_quantizers
         self.device = model_device(run.inner)
         self.selector = StateSelector(run.inner, run.teacher, run.val_batches, run.n_required, run.distill, run.loss_fn)
         result.metric = self.selector.metric_name

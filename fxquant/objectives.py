@@ -173,9 +173,8 @@ class LearnedBits:
         params = {id(p): p for n, p in module.named_parameters() if not is_quantizer_path(n)}
         self.float_numel = max(sum(p.numel() for p in params.values()) - quantized, 0)
         self._bit_bounds_cache: Dict[Tuple[Any, ...], Tuple[Tensor, Tensor, Tensor, Tensor]] = {}
-        self._bit_bound_arrays_cache: Dict[int, Tuple[List[LearnableQuantizer], Tuple[np.ndarray, ...]]] = {}
         # whether every bits parameter is a plain tensor on one device: then all are read at once
-        bits_params = [q.bits_param for q in self.weights + self.activations]
+        bits_params = [q.bits_param for q in self.all_quantizers]
         self._one_device = len({p.device for p in bits_params}) <= 1 and not any(is_dtensor(p) for p in bits_params)
 
     def constraints(self) -> Optional[Tuple[Tensor, Tensor]]:
@@ -257,19 +256,10 @@ class LearnedBits:
         params = [q.bits_param for q in quantizers]
         if params[0].device.type != "cpu" or any(p.dtype != torch.float32 for p in params):
             return None
-        lows, spans, highs, _ = self._bit_bound_arrays(quantizers)
+        lows, spans, highs, _ = (t.numpy() for t in self._bit_bounds(quantizers, params[0].device))
         p_all = torch.cat([p.detach().reshape(-1) for p in params]).numpy()
         # clamp(p, 0, 1) as torch.clamp: max, then min (np.clip costs several microseconds more)
         return lows + spans * np.minimum(np.maximum(p_all, np.float32(0.0)), np.float32(1.0)), lows, highs
-
-    def _bit_bound_arrays(self, quantizers: List[LearnableQuantizer]) -> Tuple[np.ndarray, ...]:
-        """`_bit_bounds` on the CPU as numpy arrays (views of the same tensors), kept per list of quantizers."""
-        key = id(quantizers)
-        cached = self._bit_bound_arrays_cache.get(key)
-        if cached is None or cached[0] is not quantizers:
-            arrays = tuple(t.numpy() for t in self._bit_bounds(quantizers, torch.device("cpu")))
-            cached = self._bit_bound_arrays_cache[key] = (quantizers, arrays)
-        return cached[1]
 
     def active_constraints(self) -> Optional[int]:
         """How many constraints `exterior_hinge(*constraints())` counts active, from the same float32 operations in
@@ -427,14 +417,11 @@ class ExteriorPenalty:
             # the penalty passes no gradient before it starts, nor when no constraint is active (the hinge's gradient
             # is zero where nothing exceeds its target): then no graph is recorded for it, which leaves the
             # gradients as they were and saves a dozen small ops forward and backward per step
-            active_now = bits.active_constraints()
-            if active_now is None:
+            active = bits.active_constraints()
+            if active is None:
                 with torch.no_grad():
                     cons = bits.constraints()
-                    if cons is None:
-                        return base.new_zeros(()), 0
-                    active_now = exterior_hinge(*cons)[1]
-            active = active_now
+                    active = 0 if cons is None else exterior_hinge(*cons)[1]
             if coefficient == 0.0 or active == 0:
                 self.last_active = active
                 return base.new_zeros(()), active

@@ -157,15 +157,15 @@ gathered in float (`dequantizes_first`)."""
 
 
 def dequantizes_first(codes: torch.Tensor, ids: object) -> bool:
-    """Whether a table's lookups gather the dequantized table rather than its codes: a small table (at most
-    `SMALL_TABLE` values) that the example's call looks up at least as many times as it has rows (a relative
-    position bias: 32 rows read 16384 times per call), judged from the ids' shape in the example (`tensor_meta`;
-    without it, no). There onnxruntime's Gather of the codes, Gather of the row scales, Cast and broadcast Mul cost
+    """Whether the lookups of a 2-D table (`codes`) gather the dequantized table rather than its codes: a small
+    table (at most `SMALL_TABLE` values) that the example's call looks up at least as many times as it has rows (a
+    relative position bias: 32 rows read 16384 times per call), judged from the ids' shape in the example
+    (`tensor_meta`; without it, no). There onnxruntime's Gather of the codes, Gather of the row scales, Cast and broadcast Mul cost
     more than one DequantizeLinear of the table and a float Gather (T5-style model, hidden 256, 128 tokens: 0.25 ms of
     3.4 ms; docs/decisions.md, "Small tables are dequantized, then gathered"); the values are the same."""
     meta = ids.meta.get("tensor_meta") if isinstance(ids, fx.Node) else None
     shape = getattr(meta, "shape", None)
-    if shape is None or codes.dim() != 2:
+    if shape is None:
         return False
     return codes.numel() <= SMALL_TABLE and math.prod(shape) >= codes.shape[0]
 

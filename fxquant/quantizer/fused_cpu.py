@@ -50,7 +50,7 @@ NATIVE_FLAGS = ("-march=native",)
 """Tried first: this CPU's widest vectors (AVX-512 halves the backward's time against SSE2's on an Intel Xeon).
 The cache key holds the CPU's identity, so a home directory shared by different machines keeps one library
 per CPU; a compiler that rejects the flag builds without it."""
-ABI_VERSION = 7
+ABI_VERSION = 8
 MIN_ELEMENTS = 4096
 """Smaller tensors take the torch path in `numerics._RoundClamp` (the call's fixed cost is larger than the
 passes it saves there); `numerics.fused_rounding`, which also replaces the grid's ops, takes any size."""
@@ -146,14 +146,15 @@ def _load(path: str) -> ctypes.CDLL:
     lib.fxq_round_clamp_backward.restype = None
     lib.fxq_grid_rows.argtypes = [ptr, ptr, i64, ptr, f32, f32, f32, c_int, ptr, ptr, ptr, ptr]
     lib.fxq_grid_rows.restype = c_int
-    lib.fxq_grid_rows_backward.argtypes = [ptr, ptr, ptr, ptr, i64, f32, f32, c_int, ctypes.c_double, ptr, ptr]
+    lib.fxq_grid_rows_backward.argtypes = [ptr, ptr, ptr, ptr, i64, f32, f32, c_int, ctypes.c_double, ptr, ptr, ptr,
+                                           ctypes.c_double, ctypes.c_double]
     lib.fxq_grid_rows_backward.restype = ctypes.c_double
     lib.fxq_round_bias.argtypes = [ptr, i64, f32, ptr, i64, ptr]
     lib.fxq_quantize_forward.argtypes = [ptr, ptr, i64, i64, ptr, c_int]
     lib.fxq_quantize_forward.restype = None
     lib.fxq_quantize_backward.argtypes = [ptr, ptr, ptr, i64, i64, ptr, f32, f32, c_int, ctypes.c_double, ptr, ptr, ptr,
                                           ptr, ctypes.c_double, ctypes.c_double, ptr, c_int, c_int]
-    lib.fxq_quantize_backward.restype = ctypes.c_double
+    lib.fxq_quantize_backward.restype = None
     lib.fxq_round_bias.restype = c_int
     return lib
 
@@ -299,24 +300,23 @@ def quantize_forward(x: Tensor, grid_address: int, rows: int) -> Tensor:
 def quantize_backward(grad: Tensor, x: Tensor, grid_address: int, rows: int, levels: float, min_step: float,
                       symmetric: bool, clamp_grad_scale: float, draws: Optional[Tensor], d_hi: Tensor,
                       d_lo: Optional[Tensor], d_bits: Optional[Tensor], span: float, chain: bool,
-                      ) -> Tuple[Tensor, float, Optional[np.ndarray]]:
-    """round_clamp.c's `fxq_quantize_backward` of `quantize_forward(x, grid_address, rows)`: `(grad_in, d_levels,
-    sums)`. With `chain` the kernel's sums go through the grid in the same call (`grid_rows_backward` with `draws`),
-    writing `d_hi`, `d_lo` and the one-element `d_bits` (each None: not wanted; `span`: the bit range, max - min) and
-    giving `d_levels`, and `sums` is None; without it nothing is written but `grad_in`, `d_levels` is 0 and `sums`
-    (float64, shape `(rows, 4)`) is for the caller to chain."""
+                      ) -> Tuple[Tensor, Optional[np.ndarray]]:
+    """round_clamp.c's `fxq_quantize_backward` of `quantize_forward(x, grid_address, rows)`: `(grad_in, sums)`. With
+    `chain` the kernel's sums go through the grid in the same call (`grid_rows_backward` with `draws`, writing `d_hi`,
+    `d_lo` and `d_bits`) and `sums` is None; without it nothing is written but `grad_in`, and `sums` (float64, shape
+    `(rows, 4)`) is for the caller to chain."""
     lib = library()
     assert lib is not None
     grad = grad.contiguous()
     grad_in = torch.empty_like(x)
     sums = torch.empty((rows, 4), dtype=torch.float64)
-    d_levels: float = lib.fxq_quantize_backward(
+    lib.fxq_quantize_backward(
         grad.data_ptr(), x.data_ptr(), grad_in.data_ptr(), rows, x.numel() // rows, grid_address, levels, min_step,
         int(symmetric), clamp_grad_scale, None if draws is None else draws.data_ptr(), d_hi.data_ptr(),
         None if d_lo is None else d_lo.data_ptr(), None if d_bits is None else d_bits.data_ptr(), LN2, span,
         sums.data_ptr(), int(chain), torch.get_num_threads(),
     )
-    return grad_in, d_levels, None if chain else sums.numpy()
+    return grad_in, None if chain else sums.numpy()
 
 
 LN2 = math.log(2.0)
@@ -325,17 +325,18 @@ LN2 = math.log(2.0)
 
 def grid_rows_backward(sums: np.ndarray, draws: Optional[Tensor], extra: Optional[np.ndarray], grid: np.ndarray,
                        levels: float, min_step: float, symmetric: bool, clamp_grad_scale: float, d_hi: Tensor,
-                       d_lo: Optional[Tensor]) -> float:
+                       d_lo: Optional[Tensor], d_bits: Optional[Tensor], span: float) -> float:
     """round_clamp.c's `fxq_grid_rows_backward`: writes the clamps' gradients into `d_hi` and `d_lo` (float32,
-    contiguous, one value per row of `grid`) from the round-clamp backward's `sums` (float64, 4 per row) and the
-    dither (`draws`: a float32 Gaussian per row; or `extra`: the dither per row in float64; neither: none); returns
-    the gradient of the levels summed over the rows."""
+    contiguous, one value per row of `grid`; `d_lo` None: not wanted) and the one-element bits parameter's into
+    `d_bits` (None: not wanted; `span`: the bit range, max - min) from the round-clamp backward's `sums` (float64, 4
+    per row) and the dither (`draws`: a float32 Gaussian per row; or `extra`: the dither per row in float64; neither:
+    none); returns the gradient of the levels summed over the rows."""
     lib = library()
     assert lib is not None and sums.dtype == np.float64 and sums.flags.c_contiguous
     value: float = lib.fxq_grid_rows_backward(
         sums.ctypes.data, None if draws is None else draws.data_ptr(), None if extra is None else extra.ctypes.data,
         grid.ctypes.data, grid.shape[1], levels, min_step, int(symmetric), clamp_grad_scale, d_hi.data_ptr(),
-        None if d_lo is None else d_lo.data_ptr(),
+        None if d_lo is None else d_lo.data_ptr(), None if d_bits is None else d_bits.data_ptr(), LN2, span,
     )
     return value
 

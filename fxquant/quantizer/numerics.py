@@ -315,13 +315,6 @@ class GridValues:
     def step(self) -> np.ndarray:
         return self.arrays[fused_cpu.GRID_ARRAYS.index("step")]
 
-    @property
-    def lo_grid(self) -> np.ndarray:
-        return self.arrays[fused_cpu.GRID_ARRAYS.index("lo_grid")]
-
-    @property
-    def hi_grid(self) -> np.ndarray:
-        return self.arrays[fused_cpu.GRID_ARRAYS.index("hi_grid")]
 
 
 def grid_values(bits_param: Tensor, lo: Optional[Tensor], hi: Tensor, k: GridConstants,
@@ -399,16 +392,14 @@ class _FusedRounding(torch.autograd.Function):
         grad_hi = torch.empty(hi.shape, dtype=hi.dtype)
         grad_lo = torch.empty(lo.shape, dtype=lo.dtype) if ctx.needs_input_grad[2] else None
         grad_bits = torch.empty_like(bits_param) if ctx.needs_input_grad[1] else None
-        grad_in, d_levels, sums = fused_cpu.quantize_backward(
+        grad_in, sums = fused_cpu.quantize_backward(
             grad, x, g.address, g.rows, g.levels, MIN_STEP, k.symmetric, k.clamp_grad_scale, draws, grad_hi, grad_lo,
             grad_bits, k.span, chain=not draws_signs,
         )
         if sums is not None:
             extra = dither_of_groups(grad_in, hi.shape).double().numpy().reshape(-1)
-            d_levels = fused_cpu.grid_rows_backward(sums, None, extra, g.arrays, g.levels, MIN_STEP, k.symmetric,
-                                                    k.clamp_grad_scale, grad_hi, grad_lo)
-            if grad_bits is not None:
-                grad_bits.fill_(d_levels * (g.levels + 1.0) * math.log(2.0) * k.span)
+            fused_cpu.grid_rows_backward(sums, None, extra, g.arrays, g.levels, MIN_STEP, k.symmetric,
+                                         k.clamp_grad_scale, grad_hi, grad_lo, grad_bits, k.span)
         return grad_in, grad_bits, grad_lo, grad_hi if ctx.needs_input_grad[3] else None, None, None, None
 
 

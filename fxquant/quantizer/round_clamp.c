@@ -41,7 +41,7 @@ static inline float fxq_round_half_even(float u) {
     return copysignf(magnitude < 0x1p23f ? rounded : magnitude, u);
 }
 
-int fxq_abi_version(void) { return 7; }
+int fxq_abi_version(void) { return 8; }
 
 /* the clamped element divided by the step, as the forward computes it (NaN stays NaN, as torch.clamp) */
 static inline float fxq_scaled(float v, float step, float lo, float hi) {
@@ -203,11 +203,12 @@ int fxq_grid_rows(const float *hi, const float *lo, int64_t rows, const float *p
  * dither (draws: one float32 Gaussian per row, scaled by sqrt(square / 12) in float32, the correctly rounded square
  * root, which torch's vectorised one matches but for an ulp in <1% of values; or extra: a dither already computed,
  * per row; both NULL without dither), chained through the grid with straight-through
- * roundings and the clamps' gradient scale. Writes d_hi and d_lo (float32, per row; d_lo NULL when not wanted)
- * and returns the sum over rows of the gradient of L (the bits' gradient is that times (L + 1) ln 2 span). */
+ * roundings and the clamps' gradient scale. Writes d_hi and d_lo (float32, per row; d_lo NULL when not wanted) and
+ * d_bits (NULL when not wanted): the one bits parameter's gradient, ((d_levels (L + 1)) ln2) span in double, with
+ * d_levels the gradient of L summed over the rows, which is returned. */
 double fxq_grid_rows_backward(const double *sums, const float *draws, const double *extra, const float *grid,
                               int64_t rows, float levels_f, float min_step, int symmetric, double clamp_grad_scale,
-                              float *d_hi, float *d_lo) {
+                              float *d_hi, float *d_lo, float *d_bits, double ln2, double span) {
     double levels = (double)levels_f, d_levels_sum = 0.0;
     for (int64_t r = 0; r < rows; ++r) {
         double g_lo = sums[4 * r], g_hi = sums[4 * r + 1], dot = sums[4 * r + 2], square = sums[4 * r + 3];
@@ -255,6 +256,12 @@ double fxq_grid_rows_backward(const double *sums, const float *draws, const doub
             d_lo[r] = grid[FXQ_LO_FREE * rows + r] != 0.0f ? (float)scaled_lo : 0.0f;
         }
     }
+    if (d_bits != NULL) {
+        double value = d_levels_sum * (levels + 1.0);
+        value = value * ln2;
+        value = value * span;
+        d_bits[0] = (float)value;
+    }
     return d_levels_sum;
 }
 
@@ -293,31 +300,21 @@ void fxq_quantize_forward(const float *x, float *out, int64_t rows, int64_t row_
 }
 
 /* Its backward: grad_in and the four sums of each row into `sums` (as fxq_round_clamp_backward / _rows_backward);
- * then, when `chain` is set, the sums chained through the grid (fxq_grid_rows_backward with `draws`, NULL without
- * dither), writing d_hi and d_lo (NULL: not wanted) and d_bits (NULL: not wanted; the one bits parameter's gradient,
- * ((d_levels (L + 1)) ln2) span in double, the order `numerics._FusedRounding` has it) and returning the gradient of
- * L summed over the rows; without `chain` (a dither that draws every sign needs grad_in first) it returns 0 and the
- * caller chains the sums. */
-double fxq_quantize_backward(const float *grad, const float *x, float *grad_in, int64_t rows, int64_t row_len,
-                             const float *grid, float levels, float min_step, int symmetric, double clamp_grad_scale,
-                             const float *draws, float *d_hi, float *d_lo, float *d_bits, double ln2, double span,
-                             double *sums, int chain, int threads) {
+ * then, when `chain` is set, the sums chained through the grid by fxq_grid_rows_backward (`draws`: NULL without
+ * dither), which writes d_hi, d_lo and d_bits; without `chain` (a dither that draws every sign needs grad_in first)
+ * the caller chains the sums. */
+void fxq_quantize_backward(const float *grad, const float *x, float *grad_in, int64_t rows, int64_t row_len,
+                           const float *grid, float levels, float min_step, int symmetric, double clamp_grad_scale,
+                           const float *draws, float *d_hi, float *d_lo, float *d_bits, double ln2, double span,
+                           double *sums, int chain, int threads) {
     const float *step = grid + FXQ_STEP * rows, *lo = grid + FXQ_LO_GRID * rows, *hi = grid + FXQ_HI_GRID * rows;
     if (rows == 1) {
         fxq_round_clamp_backward(grad, x, grad_in, row_len, step[0], lo[0], hi[0], sums, threads);
     } else {
         fxq_round_clamp_rows_backward(grad, x, grad_in, rows, row_len, step, lo, hi, sums, threads);
     }
-    if (!chain) {
-        return 0.0;
+    if (chain) {
+        fxq_grid_rows_backward(sums, draws, NULL, grid, rows, levels, min_step, symmetric, clamp_grad_scale, d_hi, d_lo,
+                               d_bits, ln2, span);
     }
-    double d_levels = fxq_grid_rows_backward(sums, draws, NULL, grid, rows, levels, min_step, symmetric,
-                                             clamp_grad_scale, d_hi, d_lo);
-    if (d_bits != NULL) {
-        double value = d_levels * ((double)levels + 1.0);
-        value = value * ln2;
-        value = value * span;
-        d_bits[0] = (float)value;
-    }
-    return d_levels;
 }
