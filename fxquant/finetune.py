@@ -32,7 +32,6 @@ the quantizers are `fxquant.quantizer`; the losses are `fxquant.losses`.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 import warnings
@@ -79,7 +78,7 @@ from fxquant.objectives import (
 )
 from fxquant.optimization import OptimizerFactory, default_optimizer, param_groups
 from fxquant.quantizer import make_estimator, project_parameters
-from fxquant.state_selection import StateSelector, snapshot
+from fxquant.state_selection import StateSelector, copied, snapshot
 from fxquant.utils import quantizers_enabled
 
 PENALTIES = ("exterior", "size")
@@ -353,7 +352,7 @@ class _Training:
             self.penalty = ExteriorPenalty(run.schedule, run.steps)
         elif run.penalty == "size":
             self.penalty = SizePenalty(run.size_lambda)
-        self.good_state, self.good_opt = snapshot(run.inner), copy.deepcopy(self.opt.state_dict())
+        self.good_state, self.good_opt = snapshot(run.inner), copied(self.opt.state_dict())
         self.bad_in_a_row = 0
         self.updated = False  # an optimizer step was taken
 
@@ -396,7 +395,7 @@ class _Training:
         self.result.nonfinite_steps.append(step)
         self.bad_in_a_row += 1
         run.inner.load_state_dict(self.good_state)
-        self.opt.load_state_dict(copy.deepcopy(self.good_opt))
+        self.opt.load_state_dict(copied(self.good_opt))
         self.opt.zero_grad(set_to_none=True)
         warnings.warn(
             f"finetune step {step}: non-finite loss or gradient (loss={base_value}); skipped the step and "
@@ -465,7 +464,7 @@ class _Training:
         elif finite:
             self.selector.window.clear()
         if finite and step % run.eval_every == 0:
-            self.good_state, self.good_opt = snapshot(run.inner), copy.deepcopy(self.opt.state_dict())
+            self.good_state, self.good_opt = snapshot(run.inner), copied(self.opt.state_dict())
         if eligible and (step % run.eval_every == 0 or step == run.steps):
             self.selector.consider(step, run.eval_every)
         return base_value, stats, met, False

@@ -20,10 +20,25 @@ from fxquant.quantizer import mean_over_ranks
 LossFn = Callable[[Any, Any], Tensor]
 
 
+def copied(state: Any) -> Any:
+    """A copy of a state tree (an optimizer's or a module's `state_dict()`): tensors cloned (detached), dicts, lists
+    and tuples rebuilt, anything else deep-copied. `copy.deepcopy` gives the same copy at ~20 us per tensor in its
+    Python protocol: for an optimizer's state taken every `eval_every` steps that was ~1.5% of a small model's step."""
+    if isinstance(state, Tensor):
+        return state.detach().clone()
+    if isinstance(state, dict):
+        return {k: copied(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        items = [copied(v) for v in state]
+        return items if isinstance(state, list) else tuple(items)
+    return copy.deepcopy(state)
+
+
 def snapshot(module: nn.Module) -> Dict[str, Tensor]:
-    """A copy of `module.state_dict()` (tensors cloned, detached)."""
-    # non-tensor entries (the checkpoint identity in `_extra_state`) are copied as they are
-    return {k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in module.state_dict().items()}
+    """A copy of `module.state_dict()` (tensors cloned, detached; non-tensor entries such as the checkpoint identity
+    in `_extra_state` deep-copied)."""
+    out: Dict[str, Tensor] = copied(module.state_dict())
+    return out
 
 
 class StateSelector:

@@ -1,18 +1,30 @@
-"""Fixtures shared by every test file: a fixed seed, and each tiny model of `small_models` with its inputs."""
+"""Fixtures shared by every test file: a fixed seed, the fused kernel's setting restored after a test that changed
+it, and each tiny model of `small_models` with its inputs."""
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Iterator, Tuple
 
 import pytest
 import torch
 from small_models import MODEL_FACTORIES
 from torch import nn
 
+from fxquant.quantizer import fused_cpu
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fused_setting() -> Iterator[None]:
+    """`FXQ_FUSED_KERNELS` is read once per process: a test that set it (and called `fused_cpu.reset()`) leaves the
+    next test the setting of the restored environment."""
+    yield
+    if fused_cpu._enabled is not None and fused_cpu._enabled != fused_cpu.enabled_in_environment():
+        fused_cpu.reset()
 
 
 @pytest.fixture(params=sorted(MODEL_FACTORIES))

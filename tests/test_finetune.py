@@ -3,6 +3,7 @@ eval after fine-tuning, and bad input fails before any training with a clear mes
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import tempfile
@@ -601,3 +602,25 @@ def test_the_penalty_without_a_graph_leaves_the_gradients_as_with_it() -> None:
             (base + pen).backward()
             grads.append((holder.a.bits_param.grad.clone(), active, float(pen)))
         assert torch.equal(grads[0][0], grads[1][0]) and grads[0][1:] == grads[1][1:]
+
+
+def test_the_state_copy_matches_deepcopy_and_owns_its_tensors() -> None:
+    """`state_selection.copied` (the last good optimizer state, kept every `eval_every` steps) gives deepcopy's
+    tree with tensors of its own: a later optimizer step does not reach into it, and it loads back."""
+    from fxquant.state_selection import copied
+
+    w = torch.nn.Parameter(torch.randn(3, 2))
+    opt = torch.optim.Adam([w], lr=0.1)
+    w.grad = torch.ones_like(w)
+    opt.step()
+    state = opt.state_dict()
+    ours, reference = copied(state), copy.deepcopy(state)
+    assert ours["param_groups"] == reference["param_groups"]
+    assert ours["state"].keys() == reference["state"].keys()
+    for key, value in reference["state"][0].items():
+        assert torch.equal(ours["state"][0][key], value)
+        assert ours["state"][0][key].data_ptr() != state["state"][0][key].data_ptr()
+    opt.step()
+    assert torch.equal(ours["state"][0]["exp_avg_sq"], reference["state"][0]["exp_avg_sq"])
+    opt.load_state_dict(ours)
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg_sq"], reference["state"][0]["exp_avg_sq"])

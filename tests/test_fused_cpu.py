@@ -31,6 +31,7 @@ def _quantize(fused: bool, x0: torch.Tensor, dither: bool, monkeypatch) -> Tuple
     """Output and gradients of `round_clamp` on `x0` with the fused kernel or the torch ops; one seed for the
     dither's draw."""
     monkeypatch.setenv("FXQ_FUSED_KERNELS", "1" if fused else "0")
+    fused_cpu.reset()  # the setting is read once per process
     x = x0.clone().requires_grad_(True)
     step = torch.tensor(0.1, requires_grad=True)
     lo, hi = torch.tensor(-0.4, requires_grad=True), torch.tensor(1.5, requires_grad=True)
@@ -66,6 +67,7 @@ def test_fused_kernel_applies_only_where_it_can(monkeypatch) -> None:  # noqa: A
     assert not fused_cpu.applies(torch.zeros(fused_cpu.MIN_ELEMENTS - 1))
     assert not fused_cpu.applies(torch.zeros(2, fused_cpu.MIN_ELEMENTS).t())
     monkeypatch.setenv("FXQ_FUSED_KERNELS", "0")
+    fused_cpu.reset()  # the setting is read once per process
     assert not fused_cpu.applies(big) and fused_cpu.library() is None
 
 
@@ -323,6 +325,7 @@ def test_a_second_derivative_through_a_per_channel_weight_quantizer(fused: bool,
     from fxquant.quantizer import LearnableQuantizer
 
     monkeypatch.setenv("FXQ_FUSED_KERNELS", "1" if fused else "0")
+    fused_cpu.reset()  # the setting is read once per process
     torch.manual_seed(0)
     q = LearnableQuantizer(kind="weight", tensor_shape=(8, 30), bits=4, min_bits=2, max_bits=8, symmetric=True,
                            granularity="per_channel", channel_axis=0, mode="ste")
@@ -335,6 +338,7 @@ def test_a_second_derivative_through_a_per_channel_weight_quantizer(fused: bool,
     assert a.grad is not None and q.hi.grad is not None and w.grad is not None
     if fused:
         monkeypatch.setenv("FXQ_FUSED_KERNELS", "0")
+        fused_cpu.reset()  # the setting is read once per process
         w2, a2 = w.detach().clone().requires_grad_(True), a.detach().clone().requires_grad_(True)
         hi = q.hi.grad.clone()
         q.hi.grad = None

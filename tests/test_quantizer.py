@@ -140,6 +140,7 @@ def _use_path(path: str, monkeypatch) -> None:  # noqa: ANN001
         assert fused_cpu.library() is not None, "the fused kernel did not build on this machine"
     else:
         monkeypatch.setenv("FXQ_FUSED_KERNELS", "0")
+        fused_cpu.reset()  # the setting is read once per process
     if path == PATHS[2]:
         monkeypatch.setattr(numerics, "bounds_as_numbers", lambda x, lo, hi: None)
 

@@ -13,7 +13,8 @@ no dependency and builds in well under a second. Where it cannot be used (no C c
 dtype, a non-contiguous tensor, `FXQ_FUSED_KERNELS=0`), the torch ops compute the same values: the forward
 is bitwise the same, the gradients the same up to the order of float sums.
 
-Environment: `FXQ_FUSED_KERNELS=0` turns the kernel off; `CC` names the compiler (default: see `compilers`);
+Environment: `FXQ_FUSED_KERNELS=0` turns the kernel off (read on the first use in a process, and again after
+`reset()`: a training step asks for the library ~100 times); `CC` names the compiler (default: see `compilers`);
 `FXQ_CACHE_DIR` moves the cache (default `~/.cache/fxquant`).
 """
 
@@ -57,10 +58,20 @@ passes it saves there); `numerics.fused_rounding`, which also replaces the grid'
 
 _library: Optional[ctypes.CDLL] = None
 _tried = False
+_enabled: Optional[bool] = None
 
 
 def enabled() -> bool:
-    """Whether the environment allows the fused kernel (`FXQ_FUSED_KERNELS=0` turns it off)."""
+    """Whether the environment allows the fused kernel (`FXQ_FUSED_KERNELS=0` turns it off), as it was on the first
+    call after import or `reset()` (reading the environment costs ~2 us, on the path of every quantizer call)."""
+    global _enabled
+    if _enabled is None:
+        _enabled = enabled_in_environment()
+    return _enabled
+
+
+def enabled_in_environment() -> bool:
+    """Whether `FXQ_FUSED_KERNELS` in the environment now allows the fused kernel."""
     return os.environ.get("FXQ_FUSED_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
@@ -198,9 +209,10 @@ def library() -> Optional[ctypes.CDLL]:
 
 
 def reset() -> None:
-    """Forget the loaded library so the next `library()` call looks again (tests change the environment)."""
-    global _library, _tried
-    _library, _tried = None, False
+    """Forget the loaded library and the environment's setting, so the next `library()` call reads
+    `FXQ_FUSED_KERNELS` and looks again (after a change of the environment)."""
+    global _library, _tried, _enabled
+    _library, _tried, _enabled = None, False, None
 
 
 def applies(x: Tensor, smallest: Optional[int] = None) -> bool:

@@ -430,7 +430,9 @@ def fits_fused_rounding(x: Tensor, hi: Tensor) -> bool:
     """Whether `x` suits the fused kernel with clamps shaped like `hi`: one clamp pair for the tensor or one per row
     of its first axis (a per-channel weight: clamps shaped `(rows, 1, ..., 1)`), and `fused_cpu.applies(x)`."""
     rows = hi.numel()
-    if rows != 1 and (x.dim() == 0 or hi.shape != (x.shape[0],) + (1,) * (x.dim() - 1)):
+    # clamps shaped (rows, 1, ..., 1): as many dimensions as x, the first x's, all others 1 (integer comparisons: a
+    # torch.Size compared with a tuple goes through symbolic-shape helpers, ~5 us on every quantizer call)
+    if rows != 1 and (x.dim() == 0 or hi.dim() != x.dim() or hi.shape[0] != x.shape[0] or rows != x.shape[0]):
         return False
     return fused_cpu.applies(x, smallest=1)
 
