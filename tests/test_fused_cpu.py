@@ -71,6 +71,16 @@ def test_fused_kernel_applies_only_where_it_can(monkeypatch) -> None:  # noqa: A
     assert not fused_cpu.applies(big) and fused_cpu.library() is None
 
 
+
+def test_the_kernel_setting_is_read_once_per_process_and_again_after_reset(monkeypatch) -> None:  # noqa: ANN001
+    """`FXQ_FUSED_KERNELS` is read on the first use (a training step asks ~100 times), and again after `reset()`."""
+    monkeypatch.setenv("FXQ_FUSED_KERNELS", "1")
+    assert fused_cpu.enabled()
+    monkeypatch.setenv("FXQ_FUSED_KERNELS", "off")
+    assert fused_cpu.enabled() and not fused_cpu.enabled_in_environment()
+    fused_cpu.reset()
+    assert not fused_cpu.enabled() and fused_cpu.library() is None
+
 @needs_compiler
 def test_fused_kernel_is_built_once_and_cached(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     monkeypatch.setenv("FXQ_CACHE_DIR", str(tmp_path))

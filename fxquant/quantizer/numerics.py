@@ -536,7 +536,9 @@ def _fused_backward(ctx, grad: Tensor) -> Tuple[Tensor, Optional[Tensor], Option
     if torch.is_grad_enabled():
         raise RuntimeError(
             "a second derivative through fxquant's fused CPU quantizer kernel is not supported (its backward is "
-            "one C pass, not recorded); set FXQ_FUSED_KERNELS=0 to train through torch ops for double backward."
+            "one C pass, not recorded); set FXQ_FUSED_KERNELS=0 in the environment before the process first quantizes "
+            "(or call fxquant.quantizer.fused_cpu.reset() after setting it) to train through torch ops for double "
+            "backward."
         )
     x, lo, hi = ctx.saved_tensors
     grad_in, sums = fused_cpu.round_clamp_backward(grad, x, ctx.step_value, *ctx.bounds)
