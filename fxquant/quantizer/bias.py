@@ -68,24 +68,25 @@ class BiasQuantizer(Quantizer):
         if not self.active():
             return bias
         if self.training:
-            return bias + (self._rounded(bias) - bias).detach()
+            # straight through: the rounding's difference is a constant (no node recorded for the subtraction)
+            return bias + (self._rounded(bias) - bias.detach())
         found = self.integer_bias(bias)
         if found is None:
             return bias
         codes, scale = found
         return codes.to(scale.dtype) * scale
 
-    @torch.no_grad()
     def _rounded(self, bias: Tensor) -> Tensor:
         """The values `integer_bias` gives, computed in float without a host sync (a training step on CUDA
         must not wait on every bias): `round(b / s) * s`, or `b` when a code would not fit in int32. Equal
-        to eval's: the rounded codes are float32 integers, which int32 holds exactly."""
-        on_cpu = self._rounded_on_cpu(bias)
+        to eval's: the rounded codes are float32 integers, which int32 holds exactly. Records no graph."""
+        on_cpu = self._rounded_on_cpu(bias)  # C on a detached bias: nothing to record
         if on_cpu is not None:
             return on_cpu
-        scale = self._step(bias.numel()).reshape(bias.shape)
-        codes = torch.round(bias / scale)
-        return torch.where(fits_int32(codes), codes * scale, bias)
+        with torch.no_grad():
+            scale = self._step(bias.numel()).reshape(bias.shape)
+            codes = torch.round(bias / scale)
+            return torch.where(fits_int32(codes), codes * scale, bias)
 
     def _rounded_on_cpu(self, bias: Tensor) -> Optional[Tensor]:
         """`_rounded`'s values by round_clamp.c's `fxq_round_bias` (the same float32 arithmetic, one call instead of
