@@ -77,12 +77,12 @@ def is_fused_activation(node: fx.Node) -> bool:
 
 
 def is_layout(node: fx.Node) -> bool:
-    """Ops that runtimes move a QuantizeLinear across: shape-only functions and methods (reshape, transpose,
-    ...; not modules), and max pooling (functions or modules: it selects values, `OpFacts.selects_values`)."""
+    """Ops that runtimes move a QuantizeLinear across: shape-only functions, methods and modules (reshape,
+    transpose, `nn.Flatten`, ...), and max pooling (it selects values, `OpFacts.selects_values`)."""
     facts = facts_of(node)
     if facts is None:
         return False
-    return facts.selects_values or (node.op != "call_module" and facts.layout_only)
+    return facts.selects_values or facts.layout_only
 
 
 def through_layout(node: fx.Node) -> fx.Node:

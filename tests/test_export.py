@@ -708,25 +708,32 @@ def test_a_hard_sigmoid_gate_whose_range_grew_past_one_stays_a_float_hard_sigmoi
 
 
 class _ResidualHead(nn.Module):
-    """A residual block's last add and ReLU, then the global average pool and linear head of a CNN."""
+    """A residual block's last add and ReLU, then the global average pool and linear head of a CNN: functions, or
+    modules (`nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(...))`, as many model definitions
+    write it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, module_head: bool = False) -> None:
         super().__init__()
         self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
         self.fc = nn.Linear(8, 4)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), self.fc) if module_head else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.relu(self.conv1(x))
         y = torch.relu(y + self.conv2(y))
+        if self.head is not None:
+            return self.head(y)
         return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(y, 1), 1))
 
 
-def test_a_cnn_head_pools_the_codes_and_its_last_residual_add_is_integer(tmp_path) -> None:  # noqa: ANN001
-    """The head's average pool reads a quantized input when its output is quantized (the linear's input), so
-    onnxruntime runs it as QLinearGlobalAveragePool and the residual add before it as QLinearAdd (with the ReLU):
-    no float op between the integer kernels; the file computes what the frozen module does."""
+@pytest.mark.parametrize("module_head", [False, True], ids=["functions", "modules"])
+def test_a_cnn_head_pools_the_codes_and_its_last_residual_add_is_integer(tmp_path, module_head: bool) -> None:  # noqa: ANN001
+    """The head's average pool reads a quantized input when its output is quantized (the linear's input, also
+    through an `nn.Flatten` module), so onnxruntime runs it as QLinearGlobalAveragePool and the residual add before
+    it as QLinearAdd (with the ReLU): no float op between the integer kernels; the file computes what the frozen
+    module does."""
     torch.manual_seed(0)
-    model, x = _ResidualHead().eval(), torch.randn(2, 3, 12, 12)
+    model, x = _ResidualHead(module_head).eval(), torch.randn(2, 3, 12, 12)
     qm = fxq.prepare(model, x, fxq.QuantConfig(first_last_bits=None))
     fxq.calibrate(qm, [x, torch.randn_like(x)])
     frozen = fxq.freeze(qm)
