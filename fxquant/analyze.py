@@ -65,6 +65,7 @@ from fxquant.op_registry import (
     quantizable_info,
 )
 from fxquant.passes import ANALYZED, FUNCTIONAL, SHAPES, graph_pass
+from fxquant.passes.fold_bn import AFFINE_OF_BATCHNORM
 from fxquant.quantizer_names import name_quantizers
 from fxquant.tracing import FLOAT_MODULES_ATTR
 
@@ -301,6 +302,10 @@ def analyze(gm: fx.GraphModule, number_format: NumberFormat, placement: Placemen
             input_spec=None,
         )
 
+    # a BatchNorm's affine as a depthwise conv (`fold_bn.AFFINE_OF_BATCHNORM`) is not a layer of the model: it is
+    # never the first or last layer, and it is quantized for the integer kernel alone (kernel-only specs below)
+    affines = {n.name for n in nodes if n.name in ops and AFFINE_OF_BATCHNORM in n.meta}
+    weighted = [n for n in weighted if n not in affines]
     weighted_set = set(weighted)
     firsts = {n for n in weighted if not (nx.ancestors(graph, n) & weighted_set)}
     lasts = {n for n in weighted if not (nx.descendants(graph, n) & weighted_set)}
@@ -315,6 +320,14 @@ def analyze(gm: fx.GraphModule, number_format: NumberFormat, placement: Placemen
         if matched:
             weight_spec = None if spec is None else _weight_spec_from(spec, f"override for {op.name!r}")
             input_spec = None if spec is None else _act_spec_from(spec)
+        elif node.name in affines:
+            # one weight per channel, exact on a per-channel grid at any width; its input quantizer exists for the
+            # integer kernel alone, as a join's
+            weight_spec = kernel_only(placement, number_format.weight)
+            input_spec = kernel_only(placement, number_format.activation)
+            reason = f"BatchNorm {node.meta[AFFINE_OF_BATCHNORM]} as a depthwise conv (kernel only)"
+            if weight_spec is not None and weight_spec.granularity is None:
+                weight_spec = weight_spec.replace(granularity="per_channel")
         else:
             weight_spec = number_format.weight
             input_spec = number_format.activation

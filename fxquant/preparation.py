@@ -254,7 +254,10 @@ def prepare(
     run_passes(
         gm,
         (
-            shapes, functionalize_modules, decompose_attention, fold_batchnorm,
+            shapes, functionalize_modules, decompose_attention,
+            # an unfoldable BatchNorm becomes a depthwise conv only where integer kernels can run it (both quantized)
+            functools.partial(fold_batchnorm, affine_as_conv=(
+                config.number_format.weight is not None and config.number_format.activation is not None)),
             functools.partial(decompose_gated_activations, number_format=config.number_format), shapes,
             functools.partial(analyze, number_format=config.number_format, placement=config.placement),
         ),

@@ -59,7 +59,9 @@ EXPECTED_WEIGHT_QUANTIZERS = {
     "vit": 1 + 2 * 6 + 1,  # patch conv, 6 linears per layer, classifier
     "distilbert": 2 + 2 * 6 + 2,  # 2 embeddings, 6 linears per layer, pre_classifier, classifier
     "llama": 1 + 2 * 7 + 1,  # embedding, 7 linears per layer, lm_head
-    "densenet": 1 + 3 * 2 + 1 + 2 * 2 + 1,  # stem, 2 convs per dense layer, transition conv, fc
+    # stem, 2 convs per dense layer, transition conv, fc; and the 7 BatchNorms no conv feeds (each dense layer's
+    # first, after its concat; the transition's; the last) as depthwise convs of their affine
+    "densenet": 1 + 3 * 2 + 1 + 2 * 2 + 1 + 7,
     "convnext": 1 + 3 * 3 + 1 + 1,  # stem, (dwconv, pwconv1, pwconv2) per block, downsampling conv, head
     "swin": 1 + 2 * 4 + 1,  # patch conv, (qkv, proj, 2 MLP linears) per block, head; bias tables stay float
     "mha_vit": 1 + 2 * 4 + 1,  # patch conv, (MHA in/out projections, 2 MLP linears) per block, head

@@ -16,6 +16,7 @@ from torch import nn
 
 import fxquant as fxq
 from fxquant.export import integer_initializer_bytes, onnx_report
+from fxquant.graph import quantizers_of
 
 T = onnx.TensorProto
 
@@ -784,3 +785,66 @@ def test_a_small_table_looked_up_per_pair_is_dequantized_then_gathered(tmp_path)
         out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
         with torch.no_grad():
             np.testing.assert_allclose(out, frozen(x).numpy(), rtol=1e-6, atol=1e-6)
+
+
+class _PreActivation(nn.Module):
+    """DenseNet's pattern: a concat, then BatchNorm -> ReLU -> conv (no conv feeds the BatchNorm, so it cannot be
+    folded), a pooled linear head; and, with `input_norm`, a BatchNorm on the input image before the first conv."""
+
+    def __init__(self, input_norm: bool = False) -> None:
+        super().__init__()
+        self.norm_in = nn.BatchNorm2d(3) if input_norm else None
+        self.conv1, self.bn = nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.fc = nn.Conv2d(8, 6, 3, padding=1), nn.Linear(6, 4)
+        for bn in (self.bn, self.norm_in):
+            if bn is not None:  # statistics of a trained network, not the identity
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.data.uniform_(0.5, 1.5)
+                bn.bias.data.uniform_(-0.2, 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm_in is not None:
+            x = self.norm_in(x)
+        y = torch.cat([x, torch.relu(self.conv1(x))], dim=1)
+        y = self.conv2(torch.relu(self.bn(y)))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(torch.relu(y), 1), 1))
+
+
+def test_a_batchnorm_no_conv_feeds_runs_as_an_integer_depthwise_conv(tmp_path) -> None:  # noqa: ANN001
+    """An unfoldable BatchNorm (after a concat) becomes the depthwise 1x1 conv of its affine, quantized for the
+    integer kernel alone (8-bit input and weight, one exact weight per channel), so onnxruntime runs the block
+    without a float BatchNormalization, DequantizeLinear or concat between the integer kernels; the file computes
+    what the frozen module does, which is the float model up to the activations' rounding; the user's BatchNorm
+    is left as it was."""
+    torch.manual_seed(0)
+    model, x = _PreActivation().eval(), torch.randn(2, 3, 10, 10)
+    qm = fxq.prepare(model, x, fxq.QuantConfig(first_last_bits=None))
+    assert not hasattr(model.bn, "fxquant_affine_weight")
+    affine = [q for name, q in quantizers_of(qm).items() if "fxquant_affine_weight" in name and q.kind == "weight"]
+    assert len(affine) == 1 and affine[0].bits_param.requires_grad is False
+    fxq.calibrate(qm, [x, torch.randn_like(x)])
+    frozen = fxq.freeze(qm)
+    path = str(tmp_path / "preact.onnx")
+    fxq.export_onnx(frozen, x, path)
+    ops = _optimized_ops(path, tmp_path)
+    assert not {"BatchNormalization", "DequantizeLinear", "Concat", "Conv", "Relu"} & set(ops), ops
+    assert ops["QLinearConv"] == 3 and ops["QLinearConcat"] == 1, ops
+    result = fxq.verify(frozen, path, [x], raise_on_failure=False)
+    assert max(r.relative_error for r in result.results) < 1e-5, str(result)
+    with torch.no_grad():
+        assert torch.allclose(frozen(x), model(x), rtol=0, atol=0.05 * float(model(x).abs().max()))
+
+
+def test_a_batchnorm_on_the_input_leaves_the_first_conv_the_first_layer() -> None:
+    """The depthwise conv of a BatchNorm on the input image is not the model's first layer: `first_last_bits` still
+    keeps the first conv at 8 bits; weights-only quantization keeps the BatchNorm float (no integer kernel to feed)."""
+    torch.manual_seed(0)
+    model, x = _PreActivation(input_norm=True).eval(), torch.randn(2, 3, 10, 10)
+    spec = fxq.QuantSpec(bits=4, learn_bits=False)
+    qm = fxq.prepare(model, x, fxq.QuantConfig(weight=spec, activation=spec, first_last_bits=8))
+    weights = {name: q for name, q in quantizers_of(qm).items() if q.kind == "weight"}
+    assert int(weights["conv1_weight"].integer_bits().max()) == 8 and int(weights["conv2_weight"].integer_bits().max()) == 4
+    assert sum("fxquant_affine_weight" in name for name in weights) == 2
+    weights_only = fxq.prepare(model, x, fxq.QuantConfig(activation=None))
+    assert not any("fxquant_affine" in name for name in quantizers_of(weights_only))

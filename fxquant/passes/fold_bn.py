@@ -5,9 +5,16 @@ torch.export graphs) whose only user is a BatchNorm in eval form: a BatchNorm mo
 `F.batch_norm(..., training=False)` call, `aten.batch_norm(..., training=False)` or
 `aten._native_batch_norm_legit_no_training` (through its `getitem(0)`). The folded weight and bias replace
 the layer's parameters (in fxquant's own copy of the model), so the weight quantizer sees the folded
-weight: what fine-tuning optimises is what is exported. A BatchNorm with no foldable producer (or in
-training form, or with statistics that are not stored buffers) stays float. Uses torch's own fusion
-formulas.
+weight: what fine-tuning optimises is what is exported. Uses torch's own fusion formulas.
+
+A BatchNorm with no foldable producer (after a concat, an add or an activation: DenseNet's and pre-activation
+ResNets' BN -> ReLU -> conv) becomes, with `affine_as_conv`, the per-channel affine it computes in eval form, as a
+depthwise 1x1 conv (`y = x * s + t`, `s = gamma / sqrt(var + eps)`, `t = beta - mean * s`, one weight per channel)
+marked `AFFINE_OF_BATCHNORM` in its node's meta: analysis quantizes it as a kernel-only op (its one weight per
+channel is exact on a per-channel grid) so that onnxruntime runs it as a QLinearConv with the ReLU fused, between
+the integer kernels around it, instead of a float BatchNormalization between a DequantizeLinear, a QuantizeLinear
+and layout transposes (docs/decisions.md, "A BatchNorm that cannot be folded becomes a depthwise conv"). Without
+it (or in training form, with statistics that are not stored buffers, or over a rank-2 input) it stays float.
 """
 
 from __future__ import annotations
@@ -17,12 +24,18 @@ from dataclasses import dataclass
 from typing import Any, List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from fxquant.graph import stored_tensor
 from fxquant.op_registry import facts_of
 from fxquant.passes import ANALYZED, BN_FOLDED, FUNCTIONAL, SHAPES, graph_pass
+
+AFFINE_OF_BATCHNORM = "fxquant_affine_of_batchnorm"
+"""Node meta key of a depthwise conv that replaced an unfoldable BatchNorm (the value: the BatchNorm's name)."""
+_DEPTHWISE = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+"""The depthwise conv of a BatchNorm's affine, by the rank of its input."""
 
 
 @dataclass
@@ -84,19 +97,76 @@ def _uses_of_target(gm: fx.GraphModule, target: str) -> int:
     return sum(len(n.users) for n in gm.graph.nodes if n.op == "get_attr" and n.target == target)
 
 
+def _statistics_owner(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
+    """The module that holds a BatchNorm's running statistics: the BatchNorm module of a module call, else the owner
+    of the `running_mean` buffer a functional call reads (None when that is not a stored attribute)."""
+    if node.op == "call_module":
+        return gm.get_submodule(str(node.target))
+    facts = facts_of(node)
+    mean = facts.argument(node, "running_mean") if facts is not None else None
+    if not isinstance(mean, fx.Node) or mean.op != "get_attr":
+        return None
+    owner_path = str(mean.target).rpartition(".")[0]
+    return gm.get_submodule(owner_path) if owner_path else gm
+
+
+def _as_depthwise_conv(gm: fx.GraphModule, bn: _BatchNorm) -> bool:
+    """Replace `bn` by the depthwise 1x1 conv of its affine (see the module docstring); False when its input is not
+    a tensor of rank 3-5 with `mean.numel()` channels or its statistics have no owner module."""
+    x = bn.input
+    meta = x.meta.get("tensor_meta") if isinstance(x, fx.Node) else None
+    shape = tuple(getattr(meta, "shape", ()))
+    conv = _DEPTHWISE.get(len(shape))
+    channels = bn.mean.numel()
+    owner = _statistics_owner(gm, bn.erase[-1])
+    if conv is None or shape[1] != channels or owner is None or not bn.mean.is_floating_point():
+        return False
+    with torch.no_grad():
+        gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.mean)
+        beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.mean)
+        scale = gamma / torch.sqrt(bn.var + bn.eps)
+        shift = beta - bn.mean * scale
+    rank = len(shape)
+    # one pair of names per BatchNorm, also where several share an owner (buffers of a torch.export graph's root)
+    suffix = next(f"_{k}" if k else "" for k in range(len(gm.graph.nodes) + 1)
+                  if not hasattr(owner, f"fxquant_affine_weight{'_' + str(k) if k else ''}"))
+    weight_name, bias_name = f"fxquant_affine_weight{suffix}", f"fxquant_affine_bias{suffix}"
+    owner.register_parameter(weight_name, nn.Parameter(scale.detach().reshape((channels, 1) + (1,) * (rank - 2)).clone()))
+    owner.register_parameter(bias_name, nn.Parameter(shift.detach().clone()))
+    prefix = next(name for name, m in gm.named_modules() if m is owner)
+    path = f"{prefix}." if prefix else ""
+    with gm.graph.inserting_before(bn.output):
+        weight = gm.graph.get_attr(f"{path}{weight_name}")
+        bias = gm.graph.get_attr(f"{path}{bias_name}")
+        ones, zeros = [1] * (rank - 2), [0] * (rank - 2)
+        affine = gm.graph.call_function(conv, (x, weight, bias, ones, zeros, ones, channels))
+    affine.meta[AFFINE_OF_BATCHNORM] = bn.erase[-1].name
+    affine.meta["tensor_meta"] = bn.output.meta.get("tensor_meta")
+    bn.output.replace_all_uses_with(affine)
+    for dead in bn.erase:
+        gm.graph.erase_node(dead)
+    return True
+
+
 @graph_pass(requires=(FUNCTIONAL,), ensures=(BN_FOLDED,), invalidates=(SHAPES, ANALYZED))
-def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
-    """Fold `layer -> BatchNorm` pairs into the layer's weight and bias (eval-mode statistics)."""
+def fold_batchnorm(gm: fx.GraphModule, *, affine_as_conv: bool = False) -> fx.GraphModule:
+    """Fold `layer -> BatchNorm` pairs into the layer's weight and bias (eval-mode statistics); with
+    `affine_as_conv`, a BatchNorm with no foldable producer becomes a depthwise 1x1 conv of its affine."""
     for node in list(gm.graph.nodes):
         bn = _as_batchnorm(gm, node)
         if bn is None:
             continue
         producer = bn.input
-        if not isinstance(producer, fx.Node) or producer.op != "call_function" or len(producer.users) != 1:
+        facts = facts_of(producer) if isinstance(producer, fx.Node) else None
+        foldable = (
+            isinstance(producer, fx.Node) and producer.op == "call_function" and len(producer.users) == 1
+            and facts is not None and facts.absorbs_batchnorm
+        )
+        if not foldable:
+            if affine_as_conv:
+                _as_depthwise_conv(gm, bn)
             continue
-        facts = facts_of(producer)
-        if facts is None or not facts.absorbs_batchnorm:
-            continue
+        assert isinstance(producer, fx.Node) and facts is not None
         is_linear = facts.kind == "linear"
         # A decomposed convolution (no kind) is one op for both directions, told apart by `transposed`.
         is_conv_t = facts.kind == "conv_transpose" or bool(facts.argument(producer, "transposed", False))
