@@ -811,15 +811,17 @@ class _PreActivation(nn.Module):
         return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(torch.relu(y), 1), 1))
 
 
-def test_a_batchnorm_no_conv_feeds_runs_as_an_integer_depthwise_conv(tmp_path) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("capture", ["symbolic_trace", "export"])
+def test_a_batchnorm_no_conv_feeds_runs_as_an_integer_depthwise_conv(tmp_path, capture: str) -> None:  # noqa: ANN001
     """An unfoldable BatchNorm (after a concat) becomes the depthwise 1x1 conv of its affine, quantized for the
     integer kernel alone (8-bit input and weight, one exact weight per channel), so onnxruntime runs the block
     without a float BatchNormalization, DequantizeLinear or concat between the integer kernels; the file computes
     what the frozen module does, which is the float model up to the activations' rounding; the user's BatchNorm
-    is left as it was."""
+    is left as it was. Both front ends (a module call; torch.export's aten BatchNorm)."""
     torch.manual_seed(0)
     model, x = _PreActivation().eval(), torch.randn(2, 3, 10, 10)
-    qm = fxq.prepare(model, x, fxq.QuantConfig(first_last_bits=None))
+    qm = fxq.prepare(model, x, fxq.QuantConfig(first_last_bits=None), capture=capture)
+    assert qm.fxquant_capture == capture
     assert not hasattr(model.bn, "fxquant_affine_weight")
     affine = [q for name, q in quantizers_of(qm).items() if "fxquant_affine_weight" in name and q.kind == "weight"]
     assert len(affine) == 1 and affine[0].bits_param.requires_grad is False
