@@ -26,7 +26,7 @@ from fxquant.graph import STATE_ATTR, module_state, quantizers_of, tensors_read_
 from fxquant.op_registry import quantized_kinds
 from fxquant.passes import run_passes
 from fxquant.passes.attention import decompose_attention
-from fxquant.passes.fold_bn import fold_batchnorm
+from fxquant.passes.fold_bn import fold_batchnorm, fold_channel_scales
 from fxquant.passes.freeze import freeze_quantizers
 from fxquant.passes.functionalize import functionalize_modules
 from fxquant.passes.gated_activations import decompose_gated_activations
@@ -258,6 +258,7 @@ def prepare(
             # an unfoldable BatchNorm becomes a depthwise conv only where integer kernels can run it (both quantized)
             functools.partial(fold_batchnorm, affine_as_conv=(
                 config.number_format.weight is not None and config.number_format.activation is not None)),
+            fold_channel_scales,
             functools.partial(decompose_gated_activations, number_format=config.number_format), shapes,
             functools.partial(analyze, number_format=config.number_format, placement=config.placement),
         ),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import operator
 import os
 
 import numpy as np
@@ -850,3 +851,41 @@ def test_a_batchnorm_on_the_input_leaves_the_first_conv_the_first_layer() -> Non
     assert sum("fxquant_affine_weight" in name for name in weights) == 2
     weights_only = fxq.prepare(model, x, fxq.QuantConfig(activation=None))
     assert not any("fxquant_affine" in name for name in quantizers_of(weights_only))
+
+
+class _LayerScale(nn.Module):
+    """ConvNeXt's layer scale: a linear's output times a learned per-channel `gamma` (channels last), and a conv's
+    output times `(C, 1, 1)` scales; `spatial` is a scale per position, which is not a layer's per-channel scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc1, self.fc2 = nn.Conv2d(3, 6, 3, padding=1), nn.Linear(6, 8), nn.Linear(8, 6)
+        self.gamma = nn.Parameter(torch.linspace(0.2, 1.5, 6))
+        self.conv_scale = nn.Parameter(torch.linspace(-1.0, 1.0, 6).reshape(6, 1, 1))
+        self.spatial = nn.Parameter(torch.rand(8, 8) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x) * self.conv_scale) * self.spatial
+        z = y.permute(0, 2, 3, 1)
+        return (z + self.gamma * self.fc2(torch.relu(self.fc1(z)))).mean(dim=(1, 2))
+
+
+def test_a_per_channel_scale_after_a_layer_folds_into_its_weights(tmp_path) -> None:  # noqa: ANN001
+    """`gamma * linear(y)` and `conv(x) * scale` (one stored value per output channel) fold into the layer's weight
+    and bias, so no float Mul follows the integer kernel; a per-position scale stays a multiply; the prepared module
+    computes the float model's function before quantization, and the user's parameters are unchanged."""
+    torch.manual_seed(0)
+    model, x = _LayerScale().eval(), torch.randn(2, 3, 8, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    qm = fxq.prepare(model, x, fxq.QuantConfig(first_last_bits=None))
+    muls = [n for n in qm.graph.nodes if n.op == "call_function" and n.target in (operator.mul, torch.mul)]
+    assert len(muls) == 1 and "spatial" in str(muls[0].args), [str(n.args) for n in muls]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with fxq.quantizers_enabled(qm, False), torch.no_grad():
+        assert torch.allclose(qm(x), model(x), atol=1e-5)
+    fxq.calibrate(qm, [x, torch.randn_like(x)])
+    frozen = fxq.freeze(qm)
+    path = str(tmp_path / "scale.onnx")
+    fxq.export_onnx(frozen, x, path)
+    result = fxq.verify(frozen, path, [x], raise_on_failure=False)
+    assert max(r.relative_error for r in result.results) < 1e-5, str(result)

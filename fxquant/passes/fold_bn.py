@@ -15,13 +15,17 @@ channel is exact on a per-channel grid) so that onnxruntime runs it as a QLinear
 the integer kernels around it, instead of a float BatchNormalization between a DequantizeLinear, a QuantizeLinear
 and layout transposes (docs/decisions.md, "A BatchNorm that cannot be folded becomes a depthwise conv"). Without
 it (or in training form, with statistics that are not stored buffers, or over a rank-2 input) it stays float.
+
+Pass `fold_channel_scales`: a multiply of a conv's or linear's output by a stored per-output-channel tensor (a
+ConvNeXt block's layer scale `gamma * pwconv2(y)`) folds into that layer's weight and bias the same way, in
+fxquant's copy: the product stops being a float Mul after an integer kernel.
 """
 
 from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -214,5 +218,74 @@ def fold_batchnorm(gm: fx.GraphModule, *, affine_as_conv: bool = False) -> fx.Gr
         bn.output.replace_all_uses_with(producer)
         for dead in bn.erase:
             gm.graph.erase_node(dead)
+    gm.delete_all_unused_submodules()
+    return gm
+
+
+def _channel_scale(gm: fx.GraphModule, node: fx.Node) -> Optional[Tuple[fx.Node, torch.Tensor]]:
+    """`(layer, scale)` when `node` multiplies the output of a conv or linear (its only reader, unshared weights)
+    by a stored tensor holding one value per output channel (shape `(C, 1, ..., 1)` or `(1, C, 1, ...)` after a
+    conv, `(C,)` or `(1, ..., C)` after a linear), else None; `scale` flattened to `(C,)`."""
+    facts = facts_of(node)
+    if facts is None or facts.name != "mul" or len(node.args) != 2 or node.kwargs:
+        return None
+    for layer, other in (node.args, tuple(reversed(node.args))):
+        scale = stored_tensor(gm, other)
+        if not isinstance(layer, fx.Node) or scale is None or not scale.is_floating_point():
+            continue
+        layer_facts = facts_of(layer)
+        if (layer_facts is None or layer_facts.kind not in ("conv", "linear") or layer.op != "call_function"
+                or len(layer.users) != 1 or bool(layer_facts.argument(layer, "transposed", False))):
+            continue
+        weight = layer.args[1] if len(layer.args) > 1 else None
+        bias = layer.args[2] if len(layer.args) > 2 else None
+        if not isinstance(weight, fx.Node) or weight.op != "get_attr" or _uses_of_target(gm, str(weight.target)) != 1:
+            continue
+        if bias is not None and (not isinstance(bias, fx.Node) or bias.op != "get_attr"
+                                 or _uses_of_target(gm, str(bias.target)) != 1):
+            continue
+        meta = layer.meta.get("tensor_meta")
+        shape = tuple(getattr(meta, "shape", ()))
+        w = stored_tensor(gm, weight)
+        if w is None or not shape:
+            continue
+        channels = w.shape[0]
+        axis = len(shape) - 1 if layer_facts.kind == "linear" else 1
+        dims = tuple(scale.shape)
+        padded = (1,) * (len(shape) - len(dims)) + dims  # the scale's shape broadcast against the output's
+        if len(dims) > len(shape) or padded[axis] != channels or any(n != 1 for i, n in enumerate(padded) if i != axis):
+            continue
+        return layer, scale.detach().reshape(channels)
+    return None
+
+
+@graph_pass(requires=(FUNCTIONAL, BN_FOLDED), invalidates=(SHAPES, ANALYZED))
+def fold_channel_scales(gm: fx.GraphModule) -> fx.GraphModule:
+    """Fold `layer(x) * scale` (one stored value per output channel) into the layer's weight and bias."""
+    for node in list(gm.graph.nodes):
+        found = _channel_scale(gm, node)
+        if found is None:
+            continue
+        layer, scale = found
+        weight, bias = layer.args[1], layer.args[2] if len(layer.args) > 2 else None
+        assert isinstance(weight, fx.Node)
+        owner_path, _, name = str(weight.target).rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        w = getattr(owner, name)
+        with torch.no_grad():
+            new_w = w * scale.to(w.dtype).reshape((-1,) + (1,) * (w.dim() - 1))
+        setattr(owner, name, nn.Parameter(new_w.detach().clone()))
+        if isinstance(bias, fx.Node):
+            b_owner_path, _, b_name = str(bias.target).rpartition(".")
+            b_owner = gm.get_submodule(b_owner_path) if b_owner_path else gm
+            with torch.no_grad():
+                new_b = getattr(b_owner, b_name) * scale.to(w.dtype)
+            setattr(b_owner, b_name, nn.Parameter(new_b.detach().clone()))
+        scale_nodes = [a for a in node.args if isinstance(a, fx.Node) and a is not layer]
+        node.replace_all_uses_with(layer)
+        gm.graph.erase_node(node)
+        for dead in scale_nodes:
+            if not dead.users:
+                gm.graph.erase_node(dead)
     gm.delete_all_unused_submodules()
     return gm
