@@ -6,6 +6,7 @@ import collections
 import json
 import operator
 import os
+from typing import List
 
 import numpy as np
 import onnx
@@ -853,27 +854,43 @@ def test_a_batchnorm_on_the_input_leaves_the_first_conv_the_first_layer() -> Non
     assert not any("fxquant_affine" in name for name in quantizers_of(weights_only))
 
 
+class _Permute(nn.Module):
+    """torchvision's `ops.misc.Permute`."""
+
+    def __init__(self, dims: List[int]) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.permute(x, self.dims)
+
+
 class _LayerScale(nn.Module):
-    """ConvNeXt's layer scale: a linear's output times a learned per-channel `gamma` (channels last), and a conv's
-    output times `(C, 1, 1)` scales; `spatial` is a scale per position, which is not a layer's per-channel scale."""
+    """ConvNeXt's layer scale: a linear's output times a learned per-channel `gamma` (channels last), the same
+    permuted back to channels first times a `(C, 1, 1)` scale (torchvision's CNBlock), and a conv's output times
+    `(C, 1, 1)` scales; `spatial` is a scale per position, which is not a layer's per-channel scale."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv, self.fc1, self.fc2 = nn.Conv2d(3, 6, 3, padding=1), nn.Linear(6, 8), nn.Linear(8, 6)
+        self.fc3, self.back = nn.Linear(6, 6), _Permute([0, 3, 1, 2])
         self.gamma = nn.Parameter(torch.linspace(0.2, 1.5, 6))
+        self.layer_scale = nn.Parameter(torch.linspace(0.3, 0.9, 6).reshape(6, 1, 1))
         self.conv_scale = nn.Parameter(torch.linspace(-1.0, 1.0, 6).reshape(6, 1, 1))
         self.spatial = nn.Parameter(torch.rand(8, 8) + 0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.relu(self.conv(x) * self.conv_scale) * self.spatial
         z = y.permute(0, 2, 3, 1)
-        return (z + self.gamma * self.fc2(torch.relu(self.fc1(z)))).mean(dim=(1, 2))
+        z = z + self.gamma * self.fc2(torch.relu(self.fc1(z)))
+        return (y + self.layer_scale * self.back(self.fc3(z))).mean(dim=(2, 3))
 
 
 def test_a_per_channel_scale_after_a_layer_folds_into_its_weights(tmp_path) -> None:  # noqa: ANN001
-    """`gamma * linear(y)` and `conv(x) * scale` (one stored value per output channel) fold into the layer's weight
-    and bias, so no float Mul follows the integer kernel; a per-position scale stays a multiply; the prepared module
-    computes the float model's function before quantization, and the user's parameters are unchanged."""
+    """`gamma * linear(y)`, `scale * permute(linear(y))` and `conv(x) * scale` (one stored value per output channel)
+    fold into the layer's weight and bias, so no float Mul follows the integer kernel; a per-position scale stays a
+    multiply; the prepared module computes the float model's function before quantization, and the user's
+    parameters are unchanged."""
     torch.manual_seed(0)
     model, x = _LayerScale().eval(), torch.randn(2, 3, 8, 8)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -16,9 +16,10 @@ the integer kernels around it, instead of a float BatchNormalization between a D
 and layout transposes (docs/decisions.md, "A BatchNorm that cannot be folded becomes a depthwise conv"). Without
 it (or in training form, with statistics that are not stored buffers, or over a rank-2 input) it stays float.
 
-Pass `fold_channel_scales`: a multiply of a conv's or linear's output by a stored per-output-channel tensor (a
-ConvNeXt block's layer scale `gamma * pwconv2(y)`) folds into that layer's weight and bias the same way, in
-fxquant's copy: the product stops being a float Mul after an integer kernel.
+Pass `fold_channel_scales`: a multiply of a conv's or linear's output (or of that output permuted, as torchvision's
+ConvNeXt block does) by a stored per-output-channel tensor (a ConvNeXt block's layer scale `gamma * pwconv2(y)`)
+folds into that layer's weight and bias the same way, in fxquant's copy: the product stops being a float Mul after
+an integer kernel.
 """
 
 from __future__ import annotations
@@ -222,16 +223,38 @@ def fold_batchnorm(gm: fx.GraphModule, *, affine_as_conv: bool = False) -> fx.Gr
     return gm
 
 
-def _channel_scale(gm: fx.GraphModule, node: fx.Node) -> Optional[Tuple[fx.Node, torch.Tensor]]:
-    """`(layer, scale)` when `node` multiplies the output of a conv or linear (its only reader, unshared weights)
-    by a stored tensor holding one value per output channel (shape `(C, 1, ..., 1)` or `(1, C, 1, ...)` after a
-    conv, `(C,)` or `(1, ..., C)` after a linear), else None; `scale` flattened to `(C,)`."""
+_PERMUTES = (torch.permute, torch.ops.aten.permute.default)
+
+
+def _permutation(node: fx.Node) -> Optional[Tuple[int, ...]]:
+    """The dims of a permute node (`torch.permute(x, dims)`, `x.permute(*dims)`, aten's), else None."""
+    if node.op == "call_function" and node.target in _PERMUTES and len(node.args) == 2:
+        dims = node.args[1]
+    elif node.op == "call_method" and node.target == "permute" and len(node.args) >= 2:
+        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+    else:
+        return None
+    if not isinstance(dims, (list, tuple)) or not all(isinstance(d, int) for d in dims):
+        return None
+    return tuple(int(d) % len(dims) for d in dims)
+
+
+def _channel_scale(gm: fx.GraphModule, node: fx.Node) -> Optional[Tuple[fx.Node, torch.Tensor, fx.Node]]:
+    """`(layer, scale, product)` when `node` multiplies the output of a conv or linear (its only reader, unshared
+    weights), or that output permuted (its only reader; torchvision's ConvNeXt block permutes a linear's output back
+    to channels first before its `(C, 1, 1)` layer scale), by a stored tensor holding one value per output channel
+    along the channel axis (the conv's axis 1, the linear's last, where the permute puts it), else None; `scale`
+    flattened to `(C,)`, `product` the node whose value replaces the multiply (the layer, or the permute)."""
     facts = facts_of(node)
     if facts is None or facts.name != "mul" or len(node.args) != 2 or node.kwargs:
         return None
-    for layer, other in (node.args, tuple(reversed(node.args))):
+    for operand, other in (node.args, tuple(reversed(node.args))):
         scale = stored_tensor(gm, other)
-        if not isinstance(layer, fx.Node) or scale is None or not scale.is_floating_point():
+        if not isinstance(operand, fx.Node) or scale is None or not scale.is_floating_point():
+            continue
+        dims = _permutation(operand)
+        layer = operand.args[0] if dims is not None and len(operand.users) == 1 else operand
+        if not isinstance(layer, fx.Node):
             continue
         layer_facts = facts_of(layer)
         if (layer_facts is None or layer_facts.kind not in ("conv", "linear") or layer.op != "call_function"
@@ -247,15 +270,17 @@ def _channel_scale(gm: fx.GraphModule, node: fx.Node) -> Optional[Tuple[fx.Node,
         meta = layer.meta.get("tensor_meta")
         shape = tuple(getattr(meta, "shape", ()))
         w = stored_tensor(gm, weight)
-        if w is None or not shape:
+        if w is None or not shape or (dims is not None and len(dims) != len(shape)):
             continue
         channels = w.shape[0]
         axis = len(shape) - 1 if layer_facts.kind == "linear" else 1
-        dims = tuple(scale.shape)
-        padded = (1,) * (len(shape) - len(dims)) + dims  # the scale's shape broadcast against the output's
-        if len(dims) > len(shape) or padded[axis] != channels or any(n != 1 for i, n in enumerate(padded) if i != axis):
+        if dims is not None:
+            axis = dims.index(axis)  # where the permute puts the layer's channel axis
+        sizes = tuple(scale.shape)
+        padded = (1,) * (len(shape) - len(sizes)) + sizes  # the scale's shape broadcast against the output's
+        if len(sizes) > len(shape) or padded[axis] != channels or any(n != 1 for i, n in enumerate(padded) if i != axis):
             continue
-        return layer, scale.detach().reshape(channels)
+        return layer, scale.detach().reshape(channels), operand
     return None
 
 
@@ -266,7 +291,7 @@ def fold_channel_scales(gm: fx.GraphModule) -> fx.GraphModule:
         found = _channel_scale(gm, node)
         if found is None:
             continue
-        layer, scale = found
+        layer, scale, product = found
         weight, bias = layer.args[1], layer.args[2] if len(layer.args) > 2 else None
         assert isinstance(weight, fx.Node)
         owner_path, _, name = str(weight.target).rpartition(".")
@@ -281,8 +306,8 @@ def fold_channel_scales(gm: fx.GraphModule) -> fx.GraphModule:
             with torch.no_grad():
                 new_b = getattr(b_owner, b_name) * scale.to(w.dtype)
             setattr(b_owner, b_name, nn.Parameter(new_b.detach().clone()))
-        scale_nodes = [a for a in node.args if isinstance(a, fx.Node) and a is not layer]
-        node.replace_all_uses_with(layer)
+        scale_nodes = [a for a in node.args if isinstance(a, fx.Node) and a is not product]
+        node.replace_all_uses_with(product)
         gm.graph.erase_node(node)
         for dead in scale_nodes:
             if not dead.users:
