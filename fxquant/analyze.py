@@ -326,8 +326,6 @@ def analyze(gm: fx.GraphModule, number_format: NumberFormat, placement: Placemen
             weight_spec = kernel_only(placement, number_format.weight)
             input_spec = kernel_only(placement, number_format.activation)
             reason = f"BatchNorm {node.meta[AFFINE_OF_BATCHNORM]} as a depthwise conv (kernel only)"
-            if weight_spec is not None and weight_spec.granularity is None:
-                weight_spec = weight_spec.replace(granularity="per_channel")
         else:
             weight_spec = number_format.weight
             input_spec = number_format.activation
@@ -337,8 +335,8 @@ def analyze(gm: fx.GraphModule, number_format: NumberFormat, placement: Placemen
                 weight_spec = None if weight_spec is None else fixed_bits(weight_spec, bits)
                 input_spec = None if input_spec is None else fixed_bits(input_spec, bits)
                 reason = "first layer" if op.is_first else "last layer"
-            if weight_spec is not None and weight_spec.granularity is None:
-                weight_spec = weight_spec.replace(granularity="per_channel")
+        if not matched and weight_spec is not None and weight_spec.granularity is None:  # the format's default
+            weight_spec = weight_spec.replace(granularity="per_channel")
         if op.weight_index is not None and weight_spec is not None:
             if op.channel_axis is None:  # a weight without an output-channel axis has one scale
                 weight_spec = weight_spec.replace(granularity="per_tensor", group_size=None)

@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from fxquant.batches import Batch, model_device, run_batch, to_device
 from fxquant.losses import distillation_loss
@@ -21,17 +22,11 @@ LossFn = Callable[[Any, Any], Tensor]
 
 
 def copied(state: Any) -> Any:
-    """A copy of a state tree (an optimizer's or a module's `state_dict()`): tensors cloned (detached), dicts, lists
-    and tuples rebuilt, anything else deep-copied. `copy.deepcopy` gives the same copy at ~20 us per tensor in its
-    Python protocol: for an optimizer's state taken every `eval_every` steps that was ~1.5% of a small model's step."""
-    if isinstance(state, Tensor):
-        return state.detach().clone()
-    if isinstance(state, dict):
-        return {k: copied(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        items = [copied(v) for v in state]
-        return items if isinstance(state, list) else tuple(items)
-    return copy.deepcopy(state)
+    """A copy of a state tree (an optimizer's or a module's `state_dict()`): its containers rebuilt by torch's pytree,
+    tensors cloned (detached), other leaves deep-copied. `copy.deepcopy` gives the same copy at ~20 us per tensor in
+    its Python protocol: for an optimizer's state taken every `eval_every` steps that was ~1.5% of a small model's
+    step."""
+    return tree_map(lambda v: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v), state)
 
 
 def snapshot(module: nn.Module) -> Dict[str, Tensor]:

@@ -23,7 +23,7 @@ def _fused_setting() -> Iterator[None]:
     """`FXQ_FUSED_KERNELS` is read once per process: a test that set it (and called `fused_cpu.reset()`) leaves the
     next test the setting of the restored environment."""
     yield
-    if fused_cpu._enabled is not None and fused_cpu._enabled != fused_cpu.enabled_in_environment():
+    if fused_cpu.enabled() != fused_cpu.enabled_in_environment():
         fused_cpu.reset()
 
 

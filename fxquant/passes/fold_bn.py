@@ -24,6 +24,7 @@ an integer kernel.
 
 from __future__ import annotations
 
+import itertools
 import operator
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
@@ -102,17 +103,46 @@ def _uses_of_target(gm: fx.GraphModule, target: str) -> int:
     return sum(len(n.users) for n in gm.graph.nodes if n.op == "get_attr" and n.target == target)
 
 
-def _statistics_owner(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
-    """The module that holds a BatchNorm's running statistics: the BatchNorm module of a module call, else the owner
-    of the `running_mean` buffer a functional call reads (None when that is not a stored attribute)."""
+def _read_once(gm: fx.GraphModule, node: Any) -> bool:
+    """`node` is a `get_attr` whose attribute no other node reads."""
+    return isinstance(node, fx.Node) and node.op == "get_attr" and _uses_of_target(gm, str(node.target)) == 1
+
+
+def _own_weight_and_bias(gm: fx.GraphModule, layer: fx.Node) -> Optional[Tuple[fx.Node, Optional[fx.Node]]]:
+    """The `get_attr` nodes of a layer's weight and bias (None: no bias) when no other node reads them (folding
+    into a shared tensor would change the other reader too), else None."""
+    weight = layer.args[1] if len(layer.args) > 1 else None
+    bias = layer.args[2] if len(layer.args) > 2 else None
+    if not _read_once(gm, weight) or (bias is not None and not _read_once(gm, bias)):
+        return None
+    assert isinstance(weight, fx.Node) and (bias is None or isinstance(bias, fx.Node))
+    return weight, bias
+
+
+def _owner(gm: fx.GraphModule, target: str) -> Tuple[nn.Module, str, str]:
+    """`(module, its path, attribute name)` of a dotted attribute target of `gm`."""
+    path, _, name = target.rpartition(".")
+    return (gm.get_submodule(path) if path else gm), path, name
+
+
+def _replace_parameter(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
+    """Make the attribute at `target` a new parameter holding a copy of `value`."""
+    owner, _, name = _owner(gm, target)
+    setattr(owner, name, nn.Parameter(value.detach().clone()))
+
+
+def _statistics_owner(gm: fx.GraphModule, node: fx.Node) -> Optional[Tuple[nn.Module, str]]:
+    """`(module, its path)` of the module that holds a BatchNorm's running statistics: the BatchNorm module of a
+    module call, else the owner of the `running_mean` buffer a functional call reads (None when that is not a stored
+    attribute)."""
     if node.op == "call_module":
-        return gm.get_submodule(str(node.target))
+        return gm.get_submodule(str(node.target)), str(node.target)
     facts = facts_of(node)
     mean = facts.argument(node, "running_mean") if facts is not None else None
     if not isinstance(mean, fx.Node) or mean.op != "get_attr":
         return None
-    owner_path = str(mean.target).rpartition(".")[0]
-    return gm.get_submodule(owner_path) if owner_path else gm
+    owner, path, _ = _owner(gm, str(mean.target))
+    return owner, path
 
 
 def _as_depthwise_conv(gm: fx.GraphModule, bn: _BatchNorm) -> bool:
@@ -123,9 +153,10 @@ def _as_depthwise_conv(gm: fx.GraphModule, bn: _BatchNorm) -> bool:
     shape = tuple(getattr(meta, "shape", ()))
     conv = _DEPTHWISE.get(len(shape))
     channels = bn.mean.numel()
-    owner = _statistics_owner(gm, bn.erase[-1])
-    if conv is None or shape[1] != channels or owner is None or not bn.mean.is_floating_point():
+    found = _statistics_owner(gm, bn.erase[-1])
+    if conv is None or shape[1] != channels or found is None or not bn.mean.is_floating_point():
         return False
+    owner, prefix = found
     with torch.no_grad():
         gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.mean)
         beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.mean)
@@ -133,12 +164,11 @@ def _as_depthwise_conv(gm: fx.GraphModule, bn: _BatchNorm) -> bool:
         shift = beta - bn.mean * scale
     rank = len(shape)
     # one pair of names per BatchNorm, also where several share an owner (buffers of a torch.export graph's root)
-    suffix = next(f"_{k}" if k else "" for k in range(len(gm.graph.nodes) + 1)
-                  if not hasattr(owner, f"fxquant_affine_weight{'_' + str(k) if k else ''}"))
+    suffixes = itertools.chain([""], (f"_{k}" for k in itertools.count(1)))
+    suffix = next(s for s in suffixes if not hasattr(owner, f"fxquant_affine_weight{s}"))
     weight_name, bias_name = f"fxquant_affine_weight{suffix}", f"fxquant_affine_bias{suffix}"
     owner.register_parameter(weight_name, nn.Parameter(scale.detach().reshape((channels, 1) + (1,) * (rank - 2)).clone()))
     owner.register_parameter(bias_name, nn.Parameter(shift.detach().clone()))
-    prefix = next(name for name, m in gm.named_modules() if m is owner)
     path = f"{prefix}." if prefix else ""
     with gm.graph.inserting_before(bn.output):
         weight = gm.graph.get_attr(f"{path}{weight_name}")
@@ -175,22 +205,15 @@ def fold_batchnorm(gm: fx.GraphModule, *, affine_as_conv: bool = False) -> fx.Gr
         is_linear = facts.kind == "linear"
         # A decomposed convolution (no kind) is one op for both directions, told apart by `transposed`.
         is_conv_t = facts.kind == "conv_transpose" or bool(facts.argument(producer, "transposed", False))
-        weight_node = producer.args[1]
-        bias_node = producer.args[2] if len(producer.args) > 2 else None
-        if not isinstance(weight_node, fx.Node) or weight_node.op != "get_attr":
+        own = _own_weight_and_bias(gm, producer)
+        if own is None:
             continue
-        if _uses_of_target(gm, str(weight_node.target)) != 1:
-            continue  # the weight is shared with another layer: folding would change that layer too
-        if bias_node is not None and (
-            not isinstance(bias_node, fx.Node) or bias_node.op != "get_attr" or _uses_of_target(gm, str(bias_node.target)) != 1
-        ):
-            continue
+        weight_node, bias_node = own
         if is_linear:
             tm = producer.meta.get("tensor_meta")
             if tm is None or len(tm.shape) != 2:
                 continue  # BatchNorm1d over (N, C, L) after a linear normalizes another axis
-        owner_path, _, weight_name = str(weight_node.target).rpartition(".")
-        owner = gm.get_submodule(owner_path) if owner_path else gm
+        owner, owner_path, weight_name = _owner(gm, str(weight_node.target))
         weight = getattr(owner, weight_name)
         bias = gm.get_parameter(str(bias_node.target)) if bias_node is not None else None
         bn_weight = bn.weight if bn.weight is not None else torch.ones_like(bn.mean)
@@ -202,10 +225,9 @@ def fold_batchnorm(gm: fx.GraphModule, *, affine_as_conv: bool = False) -> fx.Gr
                 new_w, new_b = fuse_conv_bn_weights(
                     weight, bias, bn.mean, bn.var, bn.eps, bn_weight, bn_bias, transpose=is_conv_t
                 )
-        setattr(owner, weight_name, nn.Parameter(new_w.detach().clone()))
+        _replace_parameter(gm, str(weight_node.target), new_w)
         if bias_node is not None:
-            b_owner_path, _, b_name = str(bias_node.target).rpartition(".")
-            setattr(gm.get_submodule(b_owner_path) if b_owner_path else gm, b_name, nn.Parameter(new_b.detach().clone()))
+            _replace_parameter(gm, str(bias_node.target), new_b)
         else:
             bias_target = f"{owner_path}.fxquant_folded_bias" if owner_path else "fxquant_folded_bias"
             owner.register_parameter("fxquant_folded_bias", nn.Parameter(new_b.detach().clone()))
@@ -260,16 +282,12 @@ def _channel_scale(gm: fx.GraphModule, node: fx.Node) -> Optional[Tuple[fx.Node,
         if (layer_facts is None or layer_facts.kind not in ("conv", "linear") or layer.op != "call_function"
                 or len(layer.users) != 1 or bool(layer_facts.argument(layer, "transposed", False))):
             continue
-        weight = layer.args[1] if len(layer.args) > 1 else None
-        bias = layer.args[2] if len(layer.args) > 2 else None
-        if not isinstance(weight, fx.Node) or weight.op != "get_attr" or _uses_of_target(gm, str(weight.target)) != 1:
-            continue
-        if bias is not None and (not isinstance(bias, fx.Node) or bias.op != "get_attr"
-                                 or _uses_of_target(gm, str(bias.target)) != 1):
+        own = _own_weight_and_bias(gm, layer)
+        if own is None:
             continue
         meta = layer.meta.get("tensor_meta")
         shape = tuple(getattr(meta, "shape", ()))
-        w = stored_tensor(gm, weight)
+        w = stored_tensor(gm, own[0])
         if w is None or not shape or (dims is not None and len(dims) != len(shape)):
             continue
         channels = w.shape[0]
@@ -293,19 +311,13 @@ def fold_channel_scales(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         layer, scale, product = found
         weight, bias = layer.args[1], layer.args[2] if len(layer.args) > 2 else None
-        assert isinstance(weight, fx.Node)
-        owner_path, _, name = str(weight.target).rpartition(".")
-        owner = gm.get_submodule(owner_path) if owner_path else gm
-        w = getattr(owner, name)
-        with torch.no_grad():
-            new_w = w * scale.to(w.dtype).reshape((-1,) + (1,) * (w.dim() - 1))
-        setattr(owner, name, nn.Parameter(new_w.detach().clone()))
-        if isinstance(bias, fx.Node):
-            b_owner_path, _, b_name = str(bias.target).rpartition(".")
-            b_owner = gm.get_submodule(b_owner_path) if b_owner_path else gm
-            with torch.no_grad():
-                new_b = getattr(b_owner, b_name) * scale.to(w.dtype)
-            setattr(b_owner, b_name, nn.Parameter(new_b.detach().clone()))
+        for tensor in (weight, bias):  # both scaled along their first axis, the output channels
+            if isinstance(tensor, fx.Node):
+                owner, _, name = _owner(gm, str(tensor.target))
+                value = getattr(owner, name)
+                with torch.no_grad():
+                    folded = value * scale.to(value.dtype).reshape((-1,) + (1,) * (value.dim() - 1))
+                _replace_parameter(gm, str(tensor.target), folded)
         scale_nodes = [a for a in node.args if isinstance(a, fx.Node) and a is not product]
         node.replace_all_uses_with(product)
         gm.graph.erase_node(node)
