@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 from torch import fx
 
 from fxquant.batches import Batch, call_batch, split_batch
+from fxquant.export.onnx_file import save_model
 from fxquant.graph import quantizer_calls, quantizers_of
 from fxquant.ort_runs import open_session, run_session, session_feed
 from fxquant.quantizer import FrozenActivationQuantizer
@@ -183,7 +185,7 @@ def localize(
         if codes not in existing:
             model.graph.output.append(onnx.helper.make_tensor_value_info(codes, points[name][3], None))
     path = os.path.join(tmp, "localise.onnx")
-    onnx.save_model(model, path)
+    save_model(model, Path(path))
     sess = open_session(path, [provider], level, None)
     args, kwargs, _ = split_batch(batch, n_req)
     names = [o.name for o in sess.get_outputs()]

@@ -28,6 +28,7 @@ import os
 import tempfile
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -38,6 +39,7 @@ from torch import fx
 from fxquant.batches import Batch, call_batch, check_batches, required_inputs, split_batch
 from fxquant.divergence import PERTURBATION, SENSITIVITY_FACTOR, Divergence, localize, perturbed_quantizer_inputs
 from fxquant.errors import ConfigError, ParityError, PrepareError, StateError
+from fxquant.export.onnx_file import save_model
 from fxquant.export.onnx_report import read_onnx_file
 from fxquant.export.plan import u8s8_kernels_saturate
 from fxquant.graph import module_state, quantizer_name
@@ -298,7 +300,7 @@ def verify(
     with tempfile.TemporaryDirectory(prefix="fxq_verify_") as tmp:
         if isinstance(onnx_path_or_model, onnx.ModelProto):
             model_path = os.path.join(tmp, "model.onnx")
-            onnx.save_model(onnx_path_or_model, model_path)
+            save_model(onnx_path_or_model, Path(model_path))
         else:
             model_path = os.fspath(onnx_path_or_model)
         onnx.checker.check_model(model_path, full_check=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import io
 import json
 import operator
 import os
@@ -418,11 +419,51 @@ def test_write_failure_leaves_no_partial_file(tmp_path, monkeypatch) -> None:
 def test_the_file_is_the_returned_model_serialized(tmp_path) -> None:  # noqa: ANN001
     """The file is written one initializer at a time (no second copy of the weights in memory), and its bytes are
     exactly `SerializeToString()` of the model export returns."""
+    from fxquant.export import onnx_file
+
     frozen, x = _frozen("mlp", _spec(4), _spec(8))
     path = tmp_path / "m.onnx"
     model = fxq.export_onnx(frozen, x, path)
     assert len(model.graph.initializer) > 3
     assert path.read_bytes() == model.SerializeToString()
+    assert onnx_file.serialized_size(model) == model.ByteSize()
+
+
+def _tensor(name: str, data_type: int, dims: List[int], raw: bytes) -> onnx.TensorProto:
+    t = onnx.TensorProto(name=name, data_type=data_type, dims=dims, raw_data=raw, doc_string="after raw_data")
+    t.metadata_props.add(key="k", value="v")
+    return t
+
+
+def test_written_tensors_are_protobufs_bytes_for_every_type() -> None:
+    """Each initializer's raw data is written as one copy, its length computed from type and shape (packed sub-byte
+    types, odd counts), the fields after it too; tensors without raw data and types it cannot size go through
+    protobuf. The bytes and the size equal protobuf's own."""
+    from fxquant.export import onnx_file
+
+    T = onnx.TensorProto
+    inits = [
+        _tensor("f32", T.FLOAT, [2, 3], np.arange(6, dtype=np.float32).tobytes()),
+        _tensor("i4_odd", T.INT4, [5], bytes([0x12, 0x34, 0x05])),
+        _tensor("u2", T.UINT2, [3, 3], bytes([0xFF, 0x1B, 0x03])),
+        _tensor("bool", T.BOOL, [3], bytes([1, 0, 1])),
+        _tensor("f16", T.FLOAT16, [1, 2], np.ones(2, np.float16).tobytes()),
+        _tensor("scalar_i64", T.INT64, [], np.int64(7).tobytes()),
+        onnx.helper.make_tensor("not_raw", T.FLOAT, [2], [1.0, 2.0]),
+        onnx.helper.make_tensor("strings", T.STRING, [2], [b"a", b"bc"]),
+    ]
+    graph = onnx.helper.make_graph([], "g", [], [onnx.helper.make_tensor_value_info("f32", T.FLOAT, [2, 3])], inits)
+    model = onnx.helper.make_model(graph, doc_string="model")
+    model.metadata_props.add(key="after", value="graph")
+    buf = io.BytesIO()
+    onnx_file.write_model(model, buf)
+    assert buf.getvalue() == model.SerializeToString()
+    assert onnx_file.serialized_size(model) == model.ByteSize()
+    broken = onnx.ModelProto()
+    broken.CopyFrom(model)
+    broken.graph.initializer[0].raw_data = b"\x00" * 5  # a float32 [2, 3] needs 24 bytes
+    with pytest.raises(ValueError, match="'f32' holds 5 bytes of raw data where its type and shape \\[2, 3\\] need 24"):
+        onnx_file.write_model(broken, io.BytesIO())
 
 
 def test_cli_inspect_prints_every_quantizer(tmp_path, capsys) -> None:

@@ -9,10 +9,11 @@ What is written is `fxquant.export.qdq`'s business; this module only writes it.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import secrets
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Tuple
+from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple
 
 import onnx
 
@@ -73,7 +74,7 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
     data_existed = data_path.exists()
     done = False
     try:
-        if model.ByteSize() >= TWO_GB:
+        if serialized_size(model) >= TWO_GB:
             onnx.save_model(
                 model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data_path.name,
                 size_threshold=1024,
@@ -131,27 +132,112 @@ def _length_delimited(number: int, size: int) -> bytes:
     return _varint(number << 3 | 2) + _varint(size)
 
 
+RAW_DATA_NUMBER = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
+
+_T = onnx.TensorProto
+ELEMENT_BITS: Dict[int, int] = {
+    **{t: 8 for t in (_T.UINT8, _T.INT8, _T.BOOL, _T.FLOAT8E4M3FN, _T.FLOAT8E4M3FNUZ, _T.FLOAT8E5M2, _T.FLOAT8E5M2FNUZ)},
+    **{t: 16 for t in (_T.UINT16, _T.INT16, _T.FLOAT16, _T.BFLOAT16)},
+    **{t: 32 for t in (_T.FLOAT, _T.INT32, _T.UINT32)},
+    **{t: 64 for t in (_T.DOUBLE, _T.INT64, _T.UINT64)},
+    **{t: 4 for t in (_T.INT4, _T.UINT4, _T.FLOAT4E2M1)},
+    **{t: 2 for t in (_T.INT2, _T.UINT2)},
+}
+"""Bits per element of the ONNX types whose `raw_data` length follows from the shape (sub-byte types packed, the
+last byte padded); tensors of other types are measured by protobuf itself."""
+
+
+def _raw_data_length(tensor: onnx.TensorProto) -> Optional[int]:
+    """The length of `tensor.raw_data` from its type and dims, or None (not raw, or a type not in `ELEMENT_BITS`).
+    Reading the field, or protobuf's `ByteSize()` (upb encodes the whole message to measure it), would copy it."""
+    bits = ELEMENT_BITS.get(tensor.data_type)
+    if bits is None or not tensor.HasField("raw_data"):
+        return None
+    return (math.prod(tensor.dims) * bits + 7) // 8
+
+
+def _tensor_parts(tensor: onnx.TensorProto) -> Optional[Tuple[bytes, int, bytes]]:
+    """`(fields before raw_data, raw_data's length, fields after it)`, or None where `_raw_data_length` is."""
+    length = _raw_data_length(tensor)
+    if length is None:
+        return None
+    before = _serialized_fields(tensor, lambda n: n < RAW_DATA_NUMBER)
+    after = _serialized_fields(tensor, lambda n: n > RAW_DATA_NUMBER)
+    return before, length, after
+
+
+def _tensor_size(tensor: onnx.TensorProto) -> int:
+    """`tensor.ByteSize()` without encoding (or copying) its data where its type allows."""
+    parts = _tensor_parts(tensor)
+    if parts is None:
+        return int(tensor.ByteSize())
+    before, length, after = parts
+    return len(before) + len(_length_delimited(RAW_DATA_NUMBER, length)) + length + len(after)
+
+
+def _write_tensor(tensor: onnx.TensorProto, f: BinaryIO) -> None:
+    """Write the bytes of `tensor.SerializeToString()` to `f` holding one copy of its `raw_data` in memory.
+
+    `SerializeToString` holds two copies of the data at once (protobuf's encoding buffer and the Python bytes made
+    from it); here the fields before `raw_data`, the data itself (one copy: reading the field copies it) and the
+    fields after it are written in turn, in field-number order as protobuf writes them."""
+    parts = _tensor_parts(tensor)
+    if parts is None:
+        f.write(tensor.SerializeToString())
+        return
+    before, length, after = parts
+    raw = tensor.raw_data
+    if len(raw) != length:
+        raise ValueError(
+            f"initializer {tensor.name!r} holds {len(raw)} bytes of raw data where its type and shape {list(tensor.dims)} "
+            f"need {length} (a malformed tensor)"
+        )
+    f.write(before)
+    f.write(_length_delimited(RAW_DATA_NUMBER, length))
+    f.write(raw)
+    del raw
+    f.write(after)
+
+
+def _graph_parts(graph: onnx.GraphProto) -> Tuple[bytes, List[int], bytes]:
+    """`(the graph's fields before its initializers, each initializer's size, its fields after them)`."""
+    init_number = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+    head = _serialized_fields(graph, lambda n: n < init_number)
+    tail = _serialized_fields(graph, lambda n: n > init_number)
+    return head, [_tensor_size(init) for init in graph.initializer], tail
+
+
+def serialized_size(model: onnx.ModelProto) -> int:
+    """`model.ByteSize()` without encoding every weight (upb's `ByteSize` encodes the whole model to measure it)."""
+    graph_number = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+    init_number = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+    size = len(_serialized_fields(model, lambda n: n != graph_number))
+    if model.HasField("graph"):
+        head, sizes, tail = _graph_parts(model.graph)
+        graph_size = len(head) + len(tail) + sum(len(_length_delimited(init_number, k)) + k for k in sizes)
+        size += len(_length_delimited(graph_number, graph_size)) + graph_size
+    return size
+
+
 def write_model(model: onnx.ModelProto, f: BinaryIO) -> None:
     """Write the bytes of `model.SerializeToString()` to `f`, the graph's initializers one at a time.
 
     Protobuf writes fields in field-number order, so the model is its fields before `graph`, the graph (its
     fields before `initializer`, each initializer, its fields after), then the fields after `graph`. The
-    serialized model, a copy the size of every weight, is never held in memory: at most one initializer's
-    bytes are (docs/decisions.md, "Export writes the model one initializer at a time").
+    serialized model, a copy the size of every weight, is never held in memory: at most one copy of one
+    initializer's data is (docs/decisions.md, "Export writes the model one initializer at a time").
     """
     graph_number = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
     init_number = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
     f.write(_serialized_fields(model, lambda n: n < graph_number))
     if model.HasField("graph"):
         graph = model.graph
-        head = _serialized_fields(graph, lambda n: n < init_number)
-        tail = _serialized_fields(graph, lambda n: n > init_number)
-        sizes = [init.ByteSize() for init in graph.initializer]
+        head, sizes, tail = _graph_parts(graph)
         size = len(head) + len(tail) + sum(len(_length_delimited(init_number, k)) + k for k in sizes)
         f.write(_length_delimited(graph_number, size))
         f.write(head)
         for init, k in zip(graph.initializer, sizes):
             f.write(_length_delimited(init_number, k))
-            f.write(init.SerializeToString())
+            _write_tensor(init, f)
         f.write(tail)
     f.write(_serialized_fields(model, lambda n: n > graph_number))

@@ -19,6 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from fxquant.errors import InputError
+from fxquant.export.onnx_file import serialized_size
 from fxquant.export.plan import TYPE_BITS, TYPE_NAMES
 from fxquant.export.qdq import METADATA_PREFIX
 
@@ -153,7 +154,7 @@ def onnx_report(model: Union[str, os.PathLike, onnx.ModelProto, Any]) -> OnnxQua
         model = read_onnx_file(source)
         model_bytes = os.path.getsize(source)
     else:
-        model_bytes = model.ByteSize()
+        model_bytes = serialized_size(model)  # ByteSize() would encode every weight to measure it
     inits = {i.name: i for i in model.graph.initializer}
     for node in model.graph.node:  # Constant nodes hold tensors too
         if node.op_type == "Constant" and node.attribute and node.attribute[0].type == onnx.AttributeProto.TENSOR:
