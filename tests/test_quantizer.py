@@ -181,6 +181,44 @@ def test_round_clamp_clamp_and_step_gradients_match_plain_autograd(clamp_shape: 
         assert torch.allclose(ours.grad, reference.grad, atol=1e-5), (ours.grad, reference.grad)
 
 
+@pytest.mark.parametrize("distribution", ["uniform", "gaussian"])
+@pytest.mark.parametrize("clamp_shape", [(), (1, 3, 1), (5, 1, 7)], ids=["one clamp pair", "per channel", "two axes"])
+def test_noise_node_matches_plain_autograd(clamp_shape: tuple, distribution: str) -> None:
+    """DiffQ's `clamp(x) + step * eps` in one node: the same values as the torch expression on the same draws, and
+    its gradients (x, step, both clamps, per group) equal plain autograd's away from the clamps; an element equal
+    to a clamp (a ReLU's zeros at lo = 0) passes its whole gradient to x, as the rounding path does, and none to the
+    clamp (torch's `maximum` would split it); a NaN passes none."""
+    from fxquant.quantizer.numerics import clamp_with_noise, noise_draws
+
+    torch.manual_seed(0)
+    x = (torch.randn(5, 3, 7) * 2).requires_grad_(True)
+    step = torch.full(clamp_shape, 0.25, requires_grad=True)
+    lo = torch.full(clamp_shape, -1.0, requires_grad=True)
+    hi = torch.full(clamp_shape, 1.5, requires_grad=True)
+    g = torch.randn(5, 3, 7)
+    torch.manual_seed(1)
+    y = clamp_with_noise(x, step, lo, hi, distribution)
+    (y * g).sum().backward()
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, step, lo, hi)]
+    x2, s2, lo2, hi2 = leaves
+    torch.manual_seed(1)
+    eps = noise_draws(x2, distribution)
+    assert float(eps.abs().max()) > 0.3 and (distribution == "gaussian" or float(eps.abs().max()) <= 0.5)
+    y2 = torch.minimum(torch.maximum(x2, lo2), hi2) + s2 * eps
+    assert torch.allclose(y, y2, atol=1e-6)
+    (y2 * g).sum().backward()
+    assert bool((x2 > hi2).any()) and bool((x2 < lo2).any())
+    for ours, reference in zip((x, step, lo, hi), leaves):
+        assert ours.grad is not None and reference.grad is not None and ours.grad.shape == reference.grad.shape
+        assert torch.allclose(ours.grad, reference.grad, atol=1e-5), (ours.grad, reference.grad)
+
+    at_bounds = torch.tensor([-1.0, 0.0, 1.5, float("nan"), -2.0, 2.0], requires_grad=True)
+    lo_t, hi_t = torch.tensor(-1.0, requires_grad=True), torch.tensor(1.5, requires_grad=True)
+    clamp_with_noise(at_bounds, torch.tensor(0.25), lo_t, hi_t, distribution).backward(torch.arange(1.0, 7.0))
+    assert at_bounds.grad is not None and at_bounds.grad.tolist() == [1.0, 2.0, 3.0, 0.0, 0.0, 0.0]
+    assert lo_t.grad is not None and hi_t.grad is not None and float(lo_t.grad) == 5.0 and float(hi_t.grad) == 6.0
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_round_clamp_passes_the_gradient_at_the_bounds_themselves(path: str, monkeypatch) -> None:  # noqa: ANN001
     """The straight-through gradient reaches `x` on the closed interval `[lo, hi]` (elements equal to a bound,

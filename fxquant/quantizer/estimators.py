@@ -8,11 +8,10 @@ no state a checkpoint needs; eval mode never uses one.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from fxquant.errors import ConfigError
-from fxquant.quantizer.numerics import pseudo_quantization_noise, round_clamp
+from fxquant.quantizer.numerics import clamp_with_noise, round_clamp
 
 
 class Estimator:
@@ -65,8 +64,7 @@ class NoiseEstimator(Estimator):
         self.distribution = distribution
 
     def quantize(self, x: Tensor, step: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-        x_c = torch.minimum(torch.maximum(x, lo), hi)
-        return x_c + pseudo_quantization_noise(x_c, step, self.distribution)
+        return clamp_with_noise(x, step, lo, hi, self.distribution)
 
     def __repr__(self) -> str:
         return f"NoiseEstimator({self.distribution!r})"

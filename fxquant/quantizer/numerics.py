@@ -4,7 +4,7 @@ Rounding with straight-through gradients, ONNX QuantizeLinear/DequantizeLinear e
 `quantize_codes`, `dequantize_codes`: `q = clamp(round_half_even(x / s) + zp, qmin, qmax)`,
 `x_hat = (q - zp) * s`), the fused straight-through round-clamp autograd node the rounding estimators train
 through (`round_clamp`, GDNSQ's dither drawn per group by `dither_of_groups`), DiffQ's pseudo-quantization
-noise, the int32 bias grid `s_x * s_w` (`bias_scale`, `quantize_bias`), and the group layout (which elements
+noise (`clamp_with_noise`, one autograd node), the int32 bias grid `s_x * s_w` (`bias_scale`, `quantize_bias`), and the group layout (which elements
 share clamps, step and bits: `group_param_shape`, `expand_groups`, `reduce_to_groups`).
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -570,13 +570,48 @@ def round_clamp(x: Tensor, step: Tensor, lo: Tensor, hi: Tensor, dither: bool = 
     return _RoundClamp.apply(x, step, lo, hi, dither)
 
 
-def pseudo_quantization_noise(x: Tensor, step: Tensor, distribution: str) -> Tensor:
-    """DiffQ's additive noise `step * eps` with `eps ~ U[-1/2, 1/2]` or `N(0, 1/4)`."""
+def noise_draws(x: Tensor, distribution: str) -> Tensor:
+    """DiffQ's `eps ~ U[-1/2, 1/2]` (`"uniform"`) or `N(0, 1/4)` (`"gaussian"`), one per element of `x`."""
     if distribution == "uniform":
-        eps = torch.rand_like(x) - 0.5
-    else:
-        eps = torch.randn_like(x) * 0.5
-    return step * eps
+        return torch.rand_like(x).sub_(0.5)
+    return torch.randn_like(x).mul_(0.5)
+
+
+def pseudo_quantization_noise(x: Tensor, step: Tensor, distribution: str) -> Tensor:
+    """DiffQ's additive noise `step * eps` (`noise_draws`)."""
+    return step * noise_draws(x, distribution)
+
+
+class _ClampWithNoise(torch.autograd.Function):
+    """`clamp(x, lo, hi) + step * eps` in one autograd node: the gradient reaches `x` where `lo <= x <= hi` (a NaN
+    nowhere), `lo` from the elements below it, `hi` from those above it, `step` as `sum(grad * eps)`, each summed to
+    its own (broadcast) shape. The rounding path's convention at the clamps; torch's `maximum`/`minimum` would split
+    the gradient of an element equal to a clamp (a ReLU's zeros at `lo = 0`) between the two, and their backward
+    (masks, `where`, `masked_fill`) cost about as much as the convolutions of a small CNN (docs/decisions.md,
+    "The noise estimator in one node")."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, step: Tensor, lo: Tensor, hi: Tensor, eps: Tensor) -> Tensor:  # noqa: ANN401
+        ctx.save_for_backward(x, lo, hi, eps)
+        ctx.step_shape = step.shape
+        return torch.addcmul(torch.clamp(x, lo, hi), step, eps)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:  # noqa: ANN401
+        x, lo, hi, eps = ctx.saved_tensors
+        need_x, need_step, need_lo, need_hi, _ = ctx.needs_input_grad
+        zero = grad.new_zeros(())
+        grad_x = torch.where((x >= lo) & (x <= hi), grad, zero) if need_x else None
+        grad_step = (grad * eps).sum_to_size(ctx.step_shape) if need_step else None
+        grad_lo = torch.where(x < lo, grad, zero).sum_to_size(lo.shape) if need_lo else None
+        grad_hi = torch.where(x > hi, grad, zero).sum_to_size(hi.shape) if need_hi else None
+        return grad_x, grad_step, grad_lo, grad_hi, None
+
+
+def clamp_with_noise(x: Tensor, step: Tensor, lo: Tensor, hi: Tensor, distribution: str) -> Tensor:
+    """DiffQ's training forward on fxquant's clamps: `clamp(x, lo, hi) + step * eps` (`noise_draws`), one node."""
+    return _ClampWithNoise.apply(x, step, lo, hi, noise_draws(x, distribution))
 
 
 def mean_over_ranks(t: Tensor) -> Tensor:
