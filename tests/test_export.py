@@ -462,7 +462,7 @@ def test_written_tensors_are_protobufs_bytes_for_every_type() -> None:
     broken = onnx.ModelProto()
     broken.CopyFrom(model)
     broken.graph.initializer[0].raw_data = b"\x00" * 5  # a float32 [2, 3] needs 24 bytes
-    with pytest.raises(ValueError, match="'f32' holds 5 bytes of raw data where its type and shape \\[2, 3\\] need 24"):
+    with pytest.raises(fxq.ExportError, match="'f32' holds 5 bytes of raw data where its type and shape \\[2, 3\\] need 24: the model is malformed"):
         onnx_file.write_model(broken, io.BytesIO())
 
 

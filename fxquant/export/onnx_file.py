@@ -188,9 +188,10 @@ def _write_tensor(tensor: onnx.TensorProto, f: BinaryIO) -> None:
     before, length, after = parts
     raw = tensor.raw_data
     if len(raw) != length:
-        raise ValueError(
+        raise ExportError(
             f"initializer {tensor.name!r} holds {len(raw)} bytes of raw data where its type and shape {list(tensor.dims)} "
-            f"need {length} (a malformed tensor)"
+            f"need {length}: the model is malformed, so it is not written; check what built or edited that tensor "
+            "(onnx.checker.check_model names it too)."
         )
     f.write(before)
     f.write(_length_delimited(RAW_DATA_NUMBER, length))
