@@ -181,30 +181,47 @@ def test_round_clamp_clamp_and_step_gradients_match_plain_autograd(clamp_shape: 
         assert torch.allclose(ours.grad, reference.grad, atol=1e-5), (ours.grad, reference.grad)
 
 
-@pytest.mark.parametrize("distribution", ["uniform", "gaussian"])
-@pytest.mark.parametrize("clamp_shape", [(), (1, 3, 1), (5, 1, 7)], ids=["one clamp pair", "per channel", "two axes"])
-def test_noise_node_matches_plain_autograd(clamp_shape: tuple, distribution: str) -> None:
-    """DiffQ's `clamp(x) + step * eps` in one node: the same values as the torch expression on the same draws, and
-    its gradients (x, step, both clamps, per group) equal plain autograd's away from the clamps; an element equal
-    to a clamp (a ReLU's zeros at lo = 0) passes its whole gradient to x, as the rounding path does, and none to the
-    clamp (torch's `maximum` would split it); a NaN passes none."""
-    from fxquant.quantizer.numerics import clamp_with_noise, noise_draws
+NOISE_PATHS = ("fused CPU kernel", "torch ops")
 
+
+@pytest.mark.parametrize("path", NOISE_PATHS)
+@pytest.mark.parametrize("distribution", ["uniform", "gaussian"])
+@pytest.mark.parametrize("clamp_shape", [(), (5, 1, 1), (1, 3, 1), (5, 1, 7)],
+                         ids=["one clamp pair", "per row", "per channel", "two axes"])
+def test_noise_node_matches_plain_autograd(clamp_shape: tuple, distribution: str, path: str, monkeypatch) -> None:  # noqa: ANN001
+    """DiffQ's `clamp(x) + step * eps` in one node, drawn by the fused kernel (uniform noise, one clamp pair or one
+    per row) or by torch: values within half a step of the clamped input, and gradients (x, step, both clamps, per
+    group) equal to plain autograd's on the same draws away from the clamps; an element equal to a clamp (a ReLU's
+    zeros at lo = 0) passes its whole gradient to x, as the rounding path does, and none to the clamp (torch's
+    `maximum` would split it); a NaN passes none."""
+    from fxquant.quantizer.numerics import clamp_with_noise, noise_draws, noise_fits_kernel
+
+    _use_path(PATHS[0] if path == NOISE_PATHS[0] else PATHS[1], monkeypatch)
     torch.manual_seed(0)
     x = (torch.randn(5, 3, 7) * 2).requires_grad_(True)
     step = torch.full(clamp_shape, 0.25, requires_grad=True)
     lo = torch.full(clamp_shape, -1.0, requires_grad=True)
     hi = torch.full(clamp_shape, 1.5, requires_grad=True)
+    kernel = noise_fits_kernel(x, step, lo, hi, distribution)
+    assert kernel == (path == NOISE_PATHS[0] and distribution == "uniform" and clamp_shape in ((), (5, 1, 1)))
     g = torch.randn(5, 3, 7)
     torch.manual_seed(1)
     y = clamp_with_noise(x, step, lo, hi, distribution)
     (y * g).sum().backward()
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, step, lo, hi)]
     x2, s2, lo2, hi2 = leaves
-    torch.manual_seed(1)
-    eps = noise_draws(x2, distribution)
-    assert float(eps.abs().max()) > 0.3 and (distribution == "gaussian" or float(eps.abs().max()) <= 0.5)
-    y2 = torch.minimum(torch.maximum(x2, lo2), hi2) + s2 * eps
+    clamped = torch.minimum(torch.maximum(x2, lo2), hi2)
+    if kernel:  # the kernel's draws, read back from its output (multiples of 2^-24 in [-1/2, 1/2))
+        eps = ((y.detach() - clamped.detach()) / s2.detach()).detach()
+        torch.manual_seed(1)
+        again = clamp_with_noise(x.detach(), step.detach(), lo.detach(), hi.detach(), distribution)
+        assert torch.equal(again, y), "the same seed draws the same noise"
+        assert not torch.equal(clamp_with_noise(x.detach(), step.detach(), lo.detach(), hi.detach(), distribution), y)
+    else:
+        torch.manual_seed(1)
+        eps = noise_draws(x2, distribution)
+    assert float(eps.abs().max()) > 0.3 and (distribution == "gaussian" or float(eps.abs().max()) <= 0.5 + 1e-6)
+    y2 = clamped + s2 * eps
     assert torch.allclose(y, y2, atol=1e-6)
     (y2 * g).sum().backward()
     assert bool((x2 > hi2).any()) and bool((x2 < lo2).any())
@@ -214,9 +231,41 @@ def test_noise_node_matches_plain_autograd(clamp_shape: tuple, distribution: str
 
     at_bounds = torch.tensor([-1.0, 0.0, 1.5, float("nan"), -2.0, 2.0], requires_grad=True)
     lo_t, hi_t = torch.tensor(-1.0, requires_grad=True), torch.tensor(1.5, requires_grad=True)
-    clamp_with_noise(at_bounds, torch.tensor(0.25), lo_t, hi_t, distribution).backward(torch.arange(1.0, 7.0))
+    out = clamp_with_noise(at_bounds, torch.tensor(0.25), lo_t, hi_t, distribution)
+    assert bool(out.detach()[3].isnan()) and float(out.detach()[4]) <= -1.0 + 0.125 + 1e-6
+    out.backward(torch.arange(1.0, 7.0))
     assert at_bounds.grad is not None and at_bounds.grad.tolist() == [1.0, 2.0, 3.0, 0.0, 0.0, 0.0]
     assert lo_t.grad is not None and hi_t.grad is not None and float(lo_t.grad) == 5.0 and float(hi_t.grad) == 6.0
+
+
+def test_noise_kernel_draws_uniform_noise_on_any_number_of_threads(monkeypatch) -> None:  # noqa: ANN001
+    """The fused kernel's noise is uniform in [-1/2, 1/2) (mean, variance 1/12, both halves of every row), its
+    values the same on one thread as on several (drawn from the seed and the element's index), and its backward on
+    a large tensor equals the reduction in float64 of the same draws."""
+    from fxquant.quantizer.numerics import clamp_with_noise
+
+    _use_path(PATHS[0], monkeypatch)
+    x = torch.zeros(64, 4096, requires_grad=True)  # above the kernel's threading threshold
+    step, lo, hi = torch.tensor(1.0, requires_grad=True), torch.tensor(-10.0), torch.tensor(10.0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(3)
+        one = clamp_with_noise(x.detach(), step.detach(), lo, hi, "uniform")
+        torch.set_num_threads(max(threads, 2))
+        torch.manual_seed(3)
+        y = clamp_with_noise(x, step, lo, hi, "uniform")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, y)
+    eps = y.detach()
+    assert float(eps.min()) >= -0.5 and float(eps.max()) < 0.5
+    assert abs(float(eps.mean())) < 0.005 and abs(float(eps.var()) - 1 / 12) < 0.002
+    assert bool(((eps > 0).float().mean(dim=1) > 0.45).all()) and bool(((eps < 0).float().mean(dim=1) > 0.45).all())
+    g = torch.randn(64, 4096)
+    y.backward(g)
+    assert step.grad is not None and x.grad is not None and torch.equal(x.grad, g)
+    assert abs(float(step.grad) - float((g.double() * eps.double()).sum())) < 1e-3
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -51,7 +51,7 @@ NATIVE_FLAGS = ("-march=native",)
 """Tried first: this CPU's widest vectors (AVX-512 halves the backward's time against SSE2's on an Intel Xeon).
 The cache key holds the CPU's identity, so a home directory shared by different machines keeps one library
 per CPU; a compiler that rejects the flag builds without it."""
-ABI_VERSION = 8
+ABI_VERSION = 9
 MIN_ELEMENTS = 4096
 """Smaller tensors take the torch path in `numerics._RoundClamp` (the call's fixed cost is larger than the
 passes it saves there); `numerics.fused_rounding`, which also replaces the grid's ops, takes any size."""
@@ -167,6 +167,10 @@ def _load(path: str) -> ctypes.CDLL:
                                           ptr, ctypes.c_double, ctypes.c_double, ptr, c_int, c_int]
     lib.fxq_quantize_backward.restype = None
     lib.fxq_round_bias.restype = c_int
+    lib.fxq_noise_forward.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, ctypes.c_uint64, c_int]
+    lib.fxq_noise_forward.restype = None
+    lib.fxq_noise_backward.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ctypes.c_uint64, ptr, c_int]
+    lib.fxq_noise_backward.restype = None
     return lib
 
 
@@ -329,6 +333,34 @@ def quantize_backward(grad: Tensor, x: Tensor, grid_address: int, rows: int, lev
         sums.data_ptr(), int(chain), torch.get_num_threads(),
     )
     return grad_in, None if chain else sums.numpy()
+
+
+def noise_forward(x: Tensor, step: Tensor, lo: Tensor, hi: Tensor, seed: int) -> Tensor:
+    """round_clamp.c's `fxq_noise_forward`: `clamp(x, lo, hi) + step * eps`, `eps` uniform in [-1/2, 1/2) from
+    `seed` (0 <= seed < 2^64) and each element's index. `x` must pass `applies`; `step`, `lo` and `hi` are contiguous
+    float32 CPU tensors of `rows` values each (1: one pair for the tensor; else one per row of `x`'s first axis)."""
+    lib = library()
+    assert lib is not None
+    out = torch.empty_like(x)
+    rows = step.numel()
+    lib.fxq_noise_forward(x.data_ptr(), out.data_ptr(), rows, x.numel() // rows, step.data_ptr(), lo.data_ptr(),
+                          hi.data_ptr(), seed, torch.get_num_threads())
+    return out
+
+
+def noise_backward(grad: Tensor, x: Tensor, lo: Tensor, hi: Tensor, seed: int) -> Tuple[Tensor, Tensor]:
+    """The backward of `noise_forward` with the same `seed` (the draws made again): `(grad_in, sums)`, `grad_in`
+    being `grad` where `lo <= x <= hi` and `sums` (float64, `(rows, 3)`) each row's sums of `grad` below `lo`, above
+    `hi`, and of `grad * eps`."""
+    lib = library()
+    assert lib is not None
+    grad = grad.contiguous()
+    grad_in = torch.empty_like(x)
+    rows = lo.numel()
+    sums = torch.empty((rows, 3), dtype=torch.float64)
+    lib.fxq_noise_backward(grad.data_ptr(), x.data_ptr(), grad_in.data_ptr(), rows, x.numel() // rows, lo.data_ptr(),
+                           hi.data_ptr(), seed, sums.data_ptr(), torch.get_num_threads())
+    return grad_in, sums
 
 
 LN2 = math.log(2.0)

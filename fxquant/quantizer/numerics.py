@@ -588,30 +588,72 @@ class _ClampWithNoise(torch.autograd.Function):
     its own (broadcast) shape. The rounding path's convention at the clamps; torch's `maximum`/`minimum` would split
     the gradient of an element equal to a clamp (a ReLU's zeros at `lo = 0`) between the two, and their backward
     (masks, `where`, `masked_fill`) cost about as much as the convolutions of a small CNN (docs/decisions.md,
-    "The noise estimator in one node")."""
+    "The noise estimator in one node").
+
+    `eps` is either given (a tensor like `x`, kept for the backward) or, with `seed` (uniform draws on the CPU, see
+    `noise_fits_kernel`), drawn by the fused kernel from the seed and each element's index, forward and again
+    backward: one pass each way and no tensor of draws."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, step: Tensor, lo: Tensor, hi: Tensor, eps: Tensor) -> Tensor:  # noqa: ANN401
-        ctx.save_for_backward(x, lo, hi, eps)
+    def forward(ctx: Any, x: Tensor, step: Tensor, lo: Tensor, hi: Tensor, eps: Optional[Tensor],  # noqa: ANN401
+                seed: Optional[int]) -> Tensor:
         ctx.step_shape = step.shape
+        ctx.seed = seed
+        if seed is not None:
+            step_rows, lo_rows, hi_rows = (t.detach().reshape(-1).contiguous() for t in (step, lo, hi))
+            ctx.save_for_backward(x, lo, hi)
+            ctx.rows = (lo_rows, hi_rows)
+            return fused_cpu.noise_forward(x, step_rows, lo_rows, hi_rows, seed)
+        assert eps is not None
+        ctx.save_for_backward(x, lo, hi, eps)
         return torch.addcmul(torch.clamp(x, lo, hi), step, eps)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:  # noqa: ANN401
+        need_x, need_step, need_lo, need_hi = ctx.needs_input_grad[:4]
+        if ctx.seed is not None:
+            x, lo, hi = ctx.saved_tensors
+            grad_in, sums = fused_cpu.noise_backward(grad, x, ctx.rows[0], ctx.rows[1], ctx.seed)
+            return (
+                grad_in if need_x else None,
+                sums[:, 2].to(grad.dtype).reshape(ctx.step_shape) if need_step else None,
+                sums[:, 0].to(lo.dtype).reshape(lo.shape) if need_lo else None,
+                sums[:, 1].to(hi.dtype).reshape(hi.shape) if need_hi else None,
+                None, None,
+            )
         x, lo, hi, eps = ctx.saved_tensors
-        need_x, need_step, need_lo, need_hi, _ = ctx.needs_input_grad
         zero = grad.new_zeros(())
         grad_x = torch.where((x >= lo) & (x <= hi), grad, zero) if need_x else None
         grad_step = (grad * eps).sum_to_size(ctx.step_shape) if need_step else None
         grad_lo = torch.where(x < lo, grad, zero).sum_to_size(lo.shape) if need_lo else None
         grad_hi = torch.where(x > hi, grad, zero).sum_to_size(hi.shape) if need_hi else None
-        return grad_x, grad_step, grad_lo, grad_hi, None
+        return grad_x, grad_step, grad_lo, grad_hi, None, None
+
+
+def noise_fits_kernel(x: Tensor, step: Tensor, lo: Tensor, hi: Tensor, distribution: str) -> bool:
+    """Whether the fused CPU kernel draws the noise of `clamp_with_noise`: uniform noise, `x` passing
+    `fused_cpu.applies`, float32 `step`, `lo` and `hi` on the CPU, each one value for the tensor or one per row of
+    `x`'s first axis (shaped `(rows, 1, ..., 1)`)."""
+    if distribution != "uniform" or not fused_cpu.applies(x, smallest=1):
+        return False
+    rows = hi.numel()
+    for t in (step, lo, hi):
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.numel() != rows:
+            return False
+        if rows != 1 and (t.dim() != x.dim() or t.shape[0] != x.shape[0] or rows != x.shape[0]):
+            return False
+    return True
 
 
 def clamp_with_noise(x: Tensor, step: Tensor, lo: Tensor, hi: Tensor, distribution: str) -> Tensor:
-    """DiffQ's training forward on fxquant's clamps: `clamp(x, lo, hi) + step * eps` (`noise_draws`), one node."""
-    return _ClampWithNoise.apply(x, step, lo, hi, noise_draws(x, distribution))
+    """DiffQ's training forward on fxquant's clamps: `clamp(x, lo, hi) + step * eps` (`noise_draws`), one node; on
+    the CPU, uniform noise per tensor or per row is drawn inside the fused kernel from a seed that torch's generator
+    draws (reproducible under `torch.manual_seed`, a different stream from `noise_draws`')."""
+    if noise_fits_kernel(x, step, lo, hi, distribution):
+        seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)) % 2**64
+        return _ClampWithNoise.apply(x, step, lo, hi, None, seed)
+    return _ClampWithNoise.apply(x, step, lo, hi, noise_draws(x, distribution), None)
 
 
 def mean_over_ranks(t: Tensor) -> Tensor:

@@ -21,6 +21,11 @@
  * float operations per row, which as numpy calls cost ~2 us each and dominated the steps of small models.
  * Their float32 operations are numpy's, one by one (compiled with -ffp-contract=off: no fused multiply-adds).
  *
+ * `fxq_noise_forward` / `fxq_noise_backward` are DiffQ's pseudo-quantization noise on the same clamps
+ * (`numerics._ClampWithNoise`): out = clamp(x, lo, hi) + step * eps with eps uniform in [-1/2, 1/2), drawn from a
+ * counter-based generator (`fxq_noise_uniform`: a 64-bit seed and the element's index), so the backward draws the
+ * same eps again instead of storing them, and the values do not depend on the number of threads.
+ *
  * Built with OpenMP: inside a process that imported torch, the loader finds torch's own libgomp.so.1 already
  * loaded, so both share one thread pool. No -ffast-math: the rounding below relies on IEEE float arithmetic.
  */
@@ -41,7 +46,7 @@ static inline float fxq_round_half_even(float u) {
     return copysignf(magnitude < 0x1p23f ? rounded : magnitude, u);
 }
 
-int fxq_abi_version(void) { return 8; }
+int fxq_abi_version(void) { return 9; }
 
 /* the clamped element divided by the step, as the forward computes it (NaN stays NaN, as torch.clamp) */
 static inline float fxq_scaled(float v, float step, float lo, float hi) {
@@ -316,5 +321,105 @@ void fxq_quantize_backward(const float *grad, const float *x, float *grad_in, in
     if (chain) {
         fxq_grid_rows_backward(sums, draws, NULL, grid, rows, levels, min_step, symmetric, clamp_grad_scale, d_hi, d_lo,
                                d_bits, ln2, span);
+    }
+}
+
+/* ---- DiffQ's pseudo-quantization noise ------------------------------------------------------------------------- */
+
+/* splitmix64's finaliser (Steele, Lea and Flood, "Fast splittable pseudorandom number generators", 2014): a
+ * bijective mix of 64 bits, whose outputs for consecutive counters pass BigCrush */
+static inline uint64_t fxq_mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+/* eps for element i of a draw seeded `seed`: the top 24 bits of the mixed counter as a float in [0, 1), less 1/2
+ * (exact: every value is a multiple of 2^-24) */
+static inline float fxq_noise_uniform(uint64_t seed, int64_t i) {
+    uint64_t r = fxq_mix64(seed + (uint64_t)i * 0x9E3779B97F4A7C15ULL);
+    return (float)(r >> 40) * 0x1p-24f - 0.5f;
+}
+
+/* the clamped element (NaN stays NaN, as torch.clamp) */
+static inline float fxq_clamped(float v, float lo, float hi) {
+    float c = v < lo ? lo : v;
+    return c > hi ? hi : c;
+}
+
+/* out = clamp(x, lo, hi) + step * eps: one step and clamp pair for the tensor when rows == 1, else one per row of
+ * row_len elements */
+void fxq_noise_forward(const float *x, float *out, int64_t rows, int64_t row_len, const float *step, const float *lo,
+                       const float *hi, uint64_t seed, int threads) {
+    if (rows == 1) {
+        const float s = step[0], l = lo[0], h = hi[0];
+#pragma omp parallel for simd num_threads(threads) schedule(static) if (row_len >= FXQ_PARALLEL_MIN)
+        for (int64_t i = 0; i < row_len; ++i) {
+            out[i] = fxq_clamped(x[i], l, h) + s * fxq_noise_uniform(seed, i);
+        }
+        return;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * row_len >= FXQ_PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float s = step[r], l = lo[r], h = hi[r];
+        const int64_t start = r * row_len;
+#pragma omp simd
+        for (int64_t i = start; i < start + row_len; ++i) {
+            out[i] = fxq_clamped(x[i], l, h) + s * fxq_noise_uniform(seed, i);
+        }
+    }
+}
+
+/* elements [start, end): grad_in = grad where lo <= x <= hi (NaN: 0), and three float sums added to partial in
+ * double: grad where x < lo, grad where x > hi, grad * eps (the step's gradient) */
+static inline void fxq_noise_block(const float *grad, const float *x, float *grad_in, int64_t start, int64_t end,
+                                   float lo, float hi, uint64_t seed, double *partial) {
+    float block_below = 0.0f, block_above = 0.0f, block_dot = 0.0f;
+#pragma omp simd reduction(+ : block_below, block_above, block_dot)
+    for (int64_t i = start; i < end; ++i) {
+        float v = x[i], g = grad[i];
+        grad_in[i] = (v >= lo && v <= hi) ? g : 0.0f;
+        block_below += v < lo ? g : 0.0f;
+        block_above += v > hi ? g : 0.0f;
+        block_dot += g * fxq_noise_uniform(seed, i);
+    }
+    partial[0] += block_below;
+    partial[1] += block_above;
+    partial[2] += block_dot;
+}
+
+/* the backward of fxq_noise_forward (the same seed): grad_in, and per row (sums[3 * row + k]) the three sums */
+void fxq_noise_backward(const float *grad, const float *x, float *grad_in, int64_t rows, int64_t row_len,
+                        const float *lo, const float *hi, uint64_t seed, double *sums, int threads) {
+    if (rows == 1) {
+        double below = 0.0, above = 0.0, dot = 0.0;
+        int64_t blocks = (row_len + FXQ_BLOCK - 1) / FXQ_BLOCK;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : below, above, dot) \
+    if (row_len >= FXQ_PARALLEL_MIN)
+        for (int64_t b = 0; b < blocks; ++b) {
+            int64_t start = b * FXQ_BLOCK;
+            double partial[3] = {0.0, 0.0, 0.0};
+            fxq_noise_block(grad, x, grad_in, start, start + FXQ_BLOCK < row_len ? start + FXQ_BLOCK : row_len, lo[0],
+                            hi[0], seed, partial);
+            below += partial[0];
+            above += partial[1];
+            dot += partial[2];
+        }
+        sums[0] = below;
+        sums[1] = above;
+        sums[2] = dot;
+        return;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * row_len >= FXQ_PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; ++r) {
+        double partial[3] = {0.0, 0.0, 0.0};
+        int64_t row_end = (r + 1) * row_len;
+        for (int64_t start = r * row_len; start < row_end; start += FXQ_BLOCK) {
+            fxq_noise_block(grad, x, grad_in, start, start + FXQ_BLOCK < row_end ? start + FXQ_BLOCK : row_end, lo[r],
+                            hi[r], seed, partial);
+        }
+        for (int k = 0; k < 3; ++k) {
+            sums[3 * r + k] = partial[k];
+        }
     }
 }
