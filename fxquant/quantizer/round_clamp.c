@@ -85,25 +85,61 @@ static inline void fxq_backward_block(const float *grad, const float *x, float *
     partial[3] += block_square;
 }
 
+/* A backward's element pass in blocks of FXQ_BLOCK: `block(state, row, start, end, partial)` writes grad_in on
+ * [start, end) of row `row` and adds that block's float sums (at most FXQ_SUMS of them) to `partial` in double. One
+ * clamp pair for the tensor (rows == 1): the blocks on several threads, their sums reduced into sums[0..k); one per
+ * row: a row per iteration, its sums into sums[k * row + j]. Shared by the round-clamp and the noise backward. */
+#define FXQ_SUMS 4
+typedef void (*fxq_block_pass)(const void *state, int64_t row, int64_t start, int64_t end, double *partial);
+
+static void fxq_blocks_backward(fxq_block_pass block, const void *state, int64_t rows, int64_t row_len, int k,
+                                double *sums, int threads) {
+    if (rows == 1) {
+        double total[FXQ_SUMS] = {0.0, 0.0, 0.0, 0.0};
+        int64_t blocks = (row_len + FXQ_BLOCK - 1) / FXQ_BLOCK;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : total[:FXQ_SUMS]) \
+    if (row_len >= FXQ_PARALLEL_MIN)
+        for (int64_t b = 0; b < blocks; ++b) {
+            int64_t start = b * FXQ_BLOCK;
+            double partial[FXQ_SUMS] = {0.0, 0.0, 0.0, 0.0};
+            block(state, 0, start, start + FXQ_BLOCK < row_len ? start + FXQ_BLOCK : row_len, partial);
+            for (int j = 0; j < FXQ_SUMS; ++j) {
+                total[j] += partial[j];
+            }
+        }
+        for (int j = 0; j < k; ++j) {
+            sums[j] = total[j];
+        }
+        return;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * row_len >= FXQ_PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; ++r) {
+        double partial[FXQ_SUMS] = {0.0, 0.0, 0.0, 0.0};
+        int64_t row_end = (r + 1) * row_len;
+        for (int64_t start = r * row_len; start < row_end; start += FXQ_BLOCK) {
+            block(state, r, start, start + FXQ_BLOCK < row_end ? start + FXQ_BLOCK : row_end, partial);
+        }
+        for (int j = 0; j < k; ++j) {
+            sums[k * r + j] = partial[j];
+        }
+    }
+}
+
+/* the round-clamp backward's arrays: one step and clamp pair per row (one for the tensor when rows == 1) */
+struct fxq_round_state {
+    const float *grad, *x, *step, *lo, *hi;
+    float *grad_in;
+};
+
+static void fxq_round_block(const void *state, int64_t row, int64_t start, int64_t end, double *partial) {
+    const struct fxq_round_state *s = (const struct fxq_round_state *)state;
+    fxq_backward_block(s->grad, s->x, s->grad_in, start, end, s->step[row], s->lo[row], s->hi[row], partial);
+}
+
 void fxq_round_clamp_backward(const float *grad, const float *x, float *grad_in, int64_t n, float step, float lo,
                               float hi, double *sums, int threads) {
-    double below = 0.0, above = 0.0, dot = 0.0, square = 0.0;
-    int64_t blocks = (n + FXQ_BLOCK - 1) / FXQ_BLOCK;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : below, above, dot, square) \
-    if (n >= FXQ_PARALLEL_MIN)
-    for (int64_t b = 0; b < blocks; ++b) {
-        int64_t start = b * FXQ_BLOCK;
-        double partial[4] = {0.0, 0.0, 0.0, 0.0};
-        fxq_backward_block(grad, x, grad_in, start, start + FXQ_BLOCK < n ? start + FXQ_BLOCK : n, step, lo, hi, partial);
-        below += partial[0];
-        above += partial[1];
-        dot += partial[2];
-        square += partial[3];
-    }
-    sums[0] = below;
-    sums[1] = above;
-    sums[2] = dot;
-    sums[3] = square;
+    struct fxq_round_state state = {grad, x, &step, &lo, &hi, grad_in};
+    fxq_blocks_backward(fxq_round_block, &state, 1, n, 4, sums, threads);
 }
 
 void fxq_round_clamp_rows_forward(const float *x, float *out, int64_t rows, int64_t row_len, const float *step,
@@ -122,18 +158,8 @@ void fxq_round_clamp_rows_forward(const float *x, float *out, int64_t rows, int6
 
 void fxq_round_clamp_rows_backward(const float *grad, const float *x, float *grad_in, int64_t rows, int64_t row_len,
                                    const float *step, const float *lo, const float *hi, double *sums, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (rows * row_len >= FXQ_PARALLEL_MIN)
-    for (int64_t r = 0; r < rows; ++r) {
-        double partial[4] = {0.0, 0.0, 0.0, 0.0};
-        int64_t row_end = (r + 1) * row_len;
-        for (int64_t start = r * row_len; start < row_end; start += FXQ_BLOCK) {
-            fxq_backward_block(grad, x, grad_in, start, start + FXQ_BLOCK < row_end ? start + FXQ_BLOCK : row_end, step[r],
-                               lo[r], hi[r], partial);
-        }
-        for (int k = 0; k < 4; ++k) {
-            sums[4 * r + k] = partial[k];
-        }
-    }
+    struct fxq_round_state state = {grad, x, step, lo, hi, grad_in};
+    fxq_blocks_backward(fxq_round_block, &state, rows, row_len, 4, sums, threads);
 }
 
 /* NaN propagates, as through numpy's maximum and minimum (of two equal values the first is kept: the sign of a zero
@@ -388,38 +414,21 @@ static inline void fxq_noise_block(const float *grad, const float *x, float *gra
     partial[2] += block_dot;
 }
 
+/* the noise backward's arrays and seed */
+struct fxq_noise_state {
+    const float *grad, *x, *lo, *hi;
+    float *grad_in;
+    uint64_t seed;
+};
+
+static void fxq_noise_rows_block(const void *state, int64_t row, int64_t start, int64_t end, double *partial) {
+    const struct fxq_noise_state *s = (const struct fxq_noise_state *)state;
+    fxq_noise_block(s->grad, s->x, s->grad_in, start, end, s->lo[row], s->hi[row], s->seed, partial);
+}
+
 /* the backward of fxq_noise_forward (the same seed): grad_in, and per row (sums[3 * row + k]) the three sums */
 void fxq_noise_backward(const float *grad, const float *x, float *grad_in, int64_t rows, int64_t row_len,
                         const float *lo, const float *hi, uint64_t seed, double *sums, int threads) {
-    if (rows == 1) {
-        double below = 0.0, above = 0.0, dot = 0.0;
-        int64_t blocks = (row_len + FXQ_BLOCK - 1) / FXQ_BLOCK;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : below, above, dot) \
-    if (row_len >= FXQ_PARALLEL_MIN)
-        for (int64_t b = 0; b < blocks; ++b) {
-            int64_t start = b * FXQ_BLOCK;
-            double partial[3] = {0.0, 0.0, 0.0};
-            fxq_noise_block(grad, x, grad_in, start, start + FXQ_BLOCK < row_len ? start + FXQ_BLOCK : row_len, lo[0],
-                            hi[0], seed, partial);
-            below += partial[0];
-            above += partial[1];
-            dot += partial[2];
-        }
-        sums[0] = below;
-        sums[1] = above;
-        sums[2] = dot;
-        return;
-    }
-#pragma omp parallel for num_threads(threads) schedule(static) if (rows * row_len >= FXQ_PARALLEL_MIN)
-    for (int64_t r = 0; r < rows; ++r) {
-        double partial[3] = {0.0, 0.0, 0.0};
-        int64_t row_end = (r + 1) * row_len;
-        for (int64_t start = r * row_len; start < row_end; start += FXQ_BLOCK) {
-            fxq_noise_block(grad, x, grad_in, start, start + FXQ_BLOCK < row_end ? start + FXQ_BLOCK : row_end, lo[r],
-                            hi[r], seed, partial);
-        }
-        for (int k = 0; k < 3; ++k) {
-            sums[3 * r + k] = partial[k];
-        }
-    }
+    struct fxq_noise_state state = {grad, x, lo, hi, grad_in, seed};
+    fxq_blocks_backward(fxq_noise_rows_block, &state, rows, row_len, 3, sums, threads);
 }
