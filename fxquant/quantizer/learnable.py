@@ -347,18 +347,18 @@ class LearnableQuantizer(Quantizer):
         if xv.dim() == 0:
             xv = xv.reshape(1)
         candidates = torch.linspace(1.0, 0.2, ratios, dtype=hi0.dtype, device=hi0.device)
-        grids: List[Dict[str, Tensor]] = []  # the candidates' grids, as the in-place loop below indexes them
+        # the candidates' grids, as the in-place loop below indexes them, holding only what it reads: one code range for
+        # all groups (the bits are not per group) clamps with numbers (docs/decisions.md, "One code range in the clip
+        # search") and a symmetric grid has zero point 0, so a per-row table keeps one tensor per candidate, not four
+        grids: List[Dict[str, Tensor]] = []
+        scalar_range: List[Optional[Tuple[float, float]]] = []
         for r in candidates.tolist():
             candidate = self._grid(lo0 * r, hi0 * r, bits)
-            grids.append({k: getattr(candidate, k).reshape(view) for k in ("scale", "zero_point", "qmin", "qmax")})
-        # one code range for all groups (the bits are not per group) clamps with numbers (docs/decisions.md,
-        # "One code range in the clip search")
-        scalar_range: List[Optional[Tuple[float, float]]] = [
-            (float(g["qmin"].flatten()[0]), float(g["qmax"].flatten()[0]))
-            if bool((g["qmin"] == g["qmin"].flatten()[0]).all() and (g["qmax"] == g["qmax"].flatten()[0]).all())
-            else None
-            for g in grids
-        ]
+            qmin, qmax = candidate.qmin.flatten(), candidate.qmax.flatten()
+            one_range = bool((qmin == qmin[0]).all() and (qmax == qmax[0]).all())
+            scalar_range.append((float(qmin[0]), float(qmax[0])) if one_range else None)
+            kept = ("scale",) + (() if self.symmetric else ("zero_point",)) + (() if one_range else ("qmin", "qmax"))
+            grids.append({k: getattr(candidate, k).reshape(view) for k in kept})
         rows = xv.shape[0]
         sliced = bool(view) and view[0] == rows and rows > 1  # groups along the first axis: slice them too
         errors = torch.zeros((ratios, *view), dtype=hi0.dtype, device=hi0.device)
