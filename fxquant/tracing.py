@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
-import itertools
 import logging
 import os
 import traceback
@@ -454,42 +453,15 @@ def placeholder_args(gm: fx.GraphModule, example_inputs: Inputs) -> Tuple[Any, .
     return tuple(values)
 
 
-FAKE_SHAPES_FROM_BYTES = 2**26
-"""Models with at least this many bytes of parameters and buffers (64 MiB) get their shapes from fake tensors
-(`_propagate_fake_shapes`); smaller ones run the example, which costs them less than fake tensors' fixed ~0.1-0.3 s
-(and ~1.4 s on a process's first use)."""
-
-
-def _propagate_fake_shapes(gm: fx.GraphModule, args: Tuple[Any, ...]) -> bool:
-    """ShapeProp on fake tensors for a model of `FAKE_SHAPES_FROM_BYTES` or more: shapes and dtypes without computing
-    anything or allocating activations (a language model's example logits alone can be a quarter of its weights'
-    bytes; docs/decisions.md, "Shapes from fake tensors"). False for a smaller model, or when some op or module of `gm`
-    cannot run on fake tensors (data-dependent Python, numpy): then the real run overwrites `gm`'s metadata."""
-    size = sum(t.numel() * t.element_size() for t in itertools.chain(gm.parameters(), gm.buffers()))
-    if size < FAKE_SHAPES_FROM_BYTES:
-        return False
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    try:  # ShapeProp prints the traceback of a failing node before it raises: not for a fallback
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*args)
-    except Exception:  # noqa: BLE001 - any failure means: run it for real
-        return False
-    return True
-
-
 @graph_pass(ensures=(SHAPES,), analysis=True)
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Inputs) -> fx.GraphModule:
-    """Record `node.meta["tensor_meta"]` of `example_inputs` run through `gm` (fx ShapeProp), on fake tensors where
-    every op allows, else on the example itself; returns `gm`."""
+    """Run `example_inputs` through `gm`, recording `node.meta["tensor_meta"]` (fx ShapeProp); returns `gm`."""
     args = placeholder_args(gm, example_inputs)
     was_training = gm.training
     gm.eval()
     try:
         with torch.no_grad():
-            if not _propagate_fake_shapes(gm, args):
-                ShapeProp(gm).propagate(*args)
+            ShapeProp(gm).propagate(*args)
     except Exception as e:  # noqa: BLE001
         raise PrepareError(
             f"running example_inputs through the captured {type(gm).__name__} failed: {type(e).__name__}: {e}. "

@@ -358,34 +358,3 @@ def test_freeze_inplace_must_be_a_bool() -> None:
     with pytest.raises(fxq.ConfigError, match="inplace=1 is not a bool"):
         fxq.freeze(qm, inplace=1)  # type: ignore[arg-type]
     assert module_state(qm) == "prepared"
-
-
-def _shapes(qm: torch.fx.GraphModule) -> dict:
-    return {n.name: (tuple(n.meta["tensor_meta"].shape), n.meta["tensor_meta"].dtype)
-            for n in qm.graph.nodes if hasattr(n.meta.get("tensor_meta"), "shape")}
-
-
-@pytest.mark.parametrize("name", ["resnet", "llama", "control_flow"])
-def test_large_models_take_their_shapes_from_fake_tensors(name: str, monkeypatch, capsys) -> None:  # noqa: ANN001
-    """From `FAKE_SHAPES_FROM_BYTES` of weights up, prepare's shapes come from fake tensors (no activation is
-    computed): the same shapes and dtypes as running the example. A model with a module that cannot run on fake
-    tensors (data-dependent control flow in a leaf module) runs the example instead, printing nothing."""
-    from models_zoo import ZOO
-
-    import fxquant.tracing as tracing
-
-    model, example, _ = ZOO[name]()
-    real = _shapes(fxq.prepare(model, example))
-    fake_runs = []
-    propagate = tracing._propagate_fake_shapes
-
-    def spy(gm, args):  # noqa: ANN001, ANN202
-        fake_runs.append(propagate(gm, args))
-        return fake_runs[-1]
-
-    monkeypatch.setattr(tracing, "FAKE_SHAPES_FROM_BYTES", 0)
-    monkeypatch.setattr(tracing, "_propagate_fake_shapes", spy)
-    capsys.readouterr()
-    assert _shapes(fxq.prepare(model, example)) == real
-    assert fake_runs and all(fake_runs) == (name != "control_flow")
-    assert "Traceback" not in capsys.readouterr().err
