@@ -347,9 +347,10 @@ class LearnableQuantizer(Quantizer):
         if xv.dim() == 0:
             xv = xv.reshape(1)
         candidates = torch.linspace(1.0, 0.2, ratios, dtype=hi0.dtype, device=hi0.device)
-        # the candidates' grids, as the in-place loop below indexes them, holding only what it reads: one code range for
-        # all groups (the bits are not per group) clamps with numbers (docs/decisions.md, "One code range in the clip
-        # search") and a symmetric grid has zero point 0, so a per-row table keeps one tensor per candidate, not four
+        # the candidates' grids, as the in-place loop below indexes them, holding only what it reads: one code range
+        # for all groups (the bits are not per group) clamps with numbers (docs/decisions.md,
+        # "One code range in the clip search") and a symmetric grid has zero point 0, so a per-row table keeps one
+        # tensor per candidate, not four
         grids: List[Dict[str, Tensor]] = []
         scalar_range: List[Optional[Tuple[float, float]]] = []
         for r in candidates.tolist():
