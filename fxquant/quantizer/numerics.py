@@ -577,11 +577,6 @@ def noise_draws(x: Tensor, distribution: str) -> Tensor:
     return torch.randn_like(x).mul_(0.5)
 
 
-def pseudo_quantization_noise(x: Tensor, step: Tensor, distribution: str) -> Tensor:
-    """DiffQ's additive noise `step * eps` (`noise_draws`)."""
-    return step * noise_draws(x, distribution)
-
-
 class _ClampWithNoise(torch.autograd.Function):
     """`clamp(x, lo, hi) + step * eps` in one autograd node: the gradient reaches `x` where `lo <= x <= hi` (a NaN
     nowhere), `lo` from the elements below it, `hi` from those above it, `step` as `sum(grad * eps)`, each summed to
@@ -597,12 +592,11 @@ class _ClampWithNoise(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, step: Tensor, lo: Tensor, hi: Tensor, eps: Optional[Tensor],  # noqa: ANN401
                 seed: Optional[int]) -> Tensor:
-        ctx.step_shape = step.shape
+        ctx.shapes = (step.shape, lo.shape, hi.shape)
         ctx.seed = seed
         if seed is not None:
             step_rows, lo_rows, hi_rows = (t.detach().reshape(-1).contiguous() for t in (step, lo, hi))
-            ctx.save_for_backward(x, lo, hi)
-            ctx.rows = (lo_rows, hi_rows)
+            ctx.save_for_backward(x, lo_rows, hi_rows)
             return fused_cpu.noise_forward(x, step_rows, lo_rows, hi_rows, seed)
         assert eps is not None
         ctx.save_for_backward(x, lo, hi, eps)
@@ -612,38 +606,35 @@ class _ClampWithNoise(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:  # noqa: ANN401
         need_x, need_step, need_lo, need_hi = ctx.needs_input_grad[:4]
-        if ctx.seed is not None:
-            x, lo, hi = ctx.saved_tensors
-            grad_in, sums = fused_cpu.noise_backward(grad, x, ctx.rows[0], ctx.rows[1], ctx.seed)
+        step_shape, lo_shape, hi_shape = ctx.shapes
+        if ctx.seed is not None:  # every tensor float32 (`noise_fits_kernel`)
+            x, lo_rows, hi_rows = ctx.saved_tensors
+            grad_in, sums = fused_cpu.noise_backward(grad, x, lo_rows, hi_rows, ctx.seed)
+            sums = sums.to(torch.float32)
             return (
                 grad_in if need_x else None,
-                sums[:, 2].to(grad.dtype).reshape(ctx.step_shape) if need_step else None,
-                sums[:, 0].to(lo.dtype).reshape(lo.shape) if need_lo else None,
-                sums[:, 1].to(hi.dtype).reshape(hi.shape) if need_hi else None,
+                sums[:, 2].reshape(step_shape) if need_step else None,
+                sums[:, 0].reshape(lo_shape) if need_lo else None,
+                sums[:, 1].reshape(hi_shape) if need_hi else None,
                 None, None,
             )
         x, lo, hi, eps = ctx.saved_tensors
         zero = grad.new_zeros(())
         grad_x = torch.where((x >= lo) & (x <= hi), grad, zero) if need_x else None
-        grad_step = (grad * eps).sum_to_size(ctx.step_shape) if need_step else None
+        grad_step = (grad * eps).sum_to_size(step_shape) if need_step else None
         grad_lo = torch.where(x < lo, grad, zero).sum_to_size(lo.shape) if need_lo else None
         grad_hi = torch.where(x > hi, grad, zero).sum_to_size(hi.shape) if need_hi else None
         return grad_x, grad_step, grad_lo, grad_hi, None, None
 
 
 def noise_fits_kernel(x: Tensor, step: Tensor, lo: Tensor, hi: Tensor, distribution: str) -> bool:
-    """Whether the fused CPU kernel draws the noise of `clamp_with_noise`: uniform noise, `x` passing
-    `fused_cpu.applies`, float32 `step`, `lo` and `hi` on the CPU, each one value for the tensor or one per row of
-    `x`'s first axis (shaped `(rows, 1, ..., 1)`)."""
-    if distribution != "uniform" or not fused_cpu.applies(x, smallest=1):
+    """Whether the fused CPU kernel draws the noise of `clamp_with_noise`: uniform noise, and float32 `step`, `lo` and
+    `hi` on the CPU laid out as the rounding kernel takes clamps (`fits_fused_rounding`: one value for the tensor or
+    one per row of `x`'s first axis), all three alike."""
+    if distribution != "uniform":
         return False
-    rows = hi.numel()
-    for t in (step, lo, hi):
-        if t.dtype != torch.float32 or t.device.type != "cpu" or t.numel() != rows:
-            return False
-        if rows != 1 and (t.dim() != x.dim() or t.shape[0] != x.shape[0] or rows != x.shape[0]):
-            return False
-    return True
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.numel() == hi.numel()
+               and fits_fused_rounding(x, t) for t in (step, lo, hi))
 
 
 def clamp_with_noise(x: Tensor, step: Tensor, lo: Tensor, hi: Tensor, distribution: str) -> Tensor:
