@@ -200,23 +200,26 @@ def _write_tensor(tensor: onnx.TensorProto, f: BinaryIO) -> None:
     f.write(after)
 
 
-def _graph_parts(graph: onnx.GraphProto) -> Tuple[bytes, List[int], bytes]:
-    """`(the graph's fields before its initializers, each initializer's size, its fields after them)`."""
-    init_number = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
-    head = _serialized_fields(graph, lambda n: n < init_number)
-    tail = _serialized_fields(graph, lambda n: n > init_number)
-    return head, [_tensor_size(init) for init in graph.initializer], tail
+INIT_NUMBER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+GRAPH_NUMBER = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+
+
+def _graph_parts(graph: onnx.GraphProto) -> Tuple[bytes, List[int], bytes, int]:
+    """`(the graph's fields before its initializers, each initializer's size, its fields after them, the size of
+    the whole serialized graph)`."""
+    head = _serialized_fields(graph, lambda n: n < INIT_NUMBER)
+    tail = _serialized_fields(graph, lambda n: n > INIT_NUMBER)
+    sizes = [_tensor_size(init) for init in graph.initializer]
+    size = len(head) + len(tail) + sum(len(_length_delimited(INIT_NUMBER, k)) + k for k in sizes)
+    return head, sizes, tail, size
 
 
 def serialized_size(model: onnx.ModelProto) -> int:
     """`model.ByteSize()` without encoding every weight (upb's `ByteSize` encodes the whole model to measure it)."""
-    graph_number = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
-    init_number = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
-    size = len(_serialized_fields(model, lambda n: n != graph_number))
+    size = len(_serialized_fields(model, lambda n: n != GRAPH_NUMBER))
     if model.HasField("graph"):
-        head, sizes, tail = _graph_parts(model.graph)
-        graph_size = len(head) + len(tail) + sum(len(_length_delimited(init_number, k)) + k for k in sizes)
-        size += len(_length_delimited(graph_number, graph_size)) + graph_size
+        graph_size = _graph_parts(model.graph)[3]
+        size += len(_length_delimited(GRAPH_NUMBER, graph_size)) + graph_size
     return size
 
 
@@ -228,17 +231,14 @@ def write_model(model: onnx.ModelProto, f: BinaryIO) -> None:
     serialized model, a copy the size of every weight, is never held in memory: at most one copy of one
     initializer's data is (docs/decisions.md, "Export writes the model one initializer at a time").
     """
-    graph_number = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
-    init_number = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
-    f.write(_serialized_fields(model, lambda n: n < graph_number))
+    f.write(_serialized_fields(model, lambda n: n < GRAPH_NUMBER))
     if model.HasField("graph"):
         graph = model.graph
-        head, sizes, tail = _graph_parts(graph)
-        size = len(head) + len(tail) + sum(len(_length_delimited(init_number, k)) + k for k in sizes)
-        f.write(_length_delimited(graph_number, size))
+        head, sizes, tail, size = _graph_parts(graph)
+        f.write(_length_delimited(GRAPH_NUMBER, size))
         f.write(head)
         for init, k in zip(graph.initializer, sizes):
-            f.write(_length_delimited(init_number, k))
+            f.write(_length_delimited(INIT_NUMBER, k))
             _write_tensor(init, f)
         f.write(tail)
-    f.write(_serialized_fields(model, lambda n: n > graph_number))
+    f.write(_serialized_fields(model, lambda n: n > GRAPH_NUMBER))
