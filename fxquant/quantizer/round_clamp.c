@@ -48,12 +48,14 @@ static inline float fxq_round_half_even(float u) {
 
 int fxq_abi_version(void) { return 9; }
 
-/* the clamped element divided by the step, as the forward computes it (NaN stays NaN, as torch.clamp) */
-static inline float fxq_scaled(float v, float step, float lo, float hi) {
+/* the clamped element (NaN stays NaN, as torch.clamp) */
+static inline float fxq_clamped(float v, float lo, float hi) {
     float c = v < lo ? lo : v;
-    c = c > hi ? hi : c;
-    return c / step;
+    return c > hi ? hi : c;
 }
+
+/* the clamped element divided by the step, as the forward computes it */
+static inline float fxq_scaled(float v, float step, float lo, float hi) { return fxq_clamped(v, lo, hi) / step; }
 
 void fxq_round_clamp_forward(const float *x, float *out, int64_t n, float step, float lo, float hi, int threads) {
 #pragma omp parallel for simd num_threads(threads) schedule(static) if (n >= FXQ_PARALLEL_MIN)
@@ -365,12 +367,6 @@ static inline uint64_t fxq_mix64(uint64_t z) {
 static inline float fxq_noise_uniform(uint64_t seed, int64_t i) {
     uint64_t r = fxq_mix64(seed + (uint64_t)i * 0x9E3779B97F4A7C15ULL);
     return (float)(r >> 40) * 0x1p-24f - 0.5f;
-}
-
-/* the clamped element (NaN stays NaN, as torch.clamp) */
-static inline float fxq_clamped(float v, float lo, float hi) {
-    float c = v < lo ? lo : v;
-    return c > hi ? hi : c;
 }
 
 /* out = clamp(x, lo, hi) + step * eps: one step and clamp pair for the tensor when rows == 1, else one per row of
