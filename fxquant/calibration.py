@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from fxquant.batches import Batch, call_batch, check_batches
 from fxquant.errors import ConfigError, PrepareError, StateError
-from fxquant.graph import quantizer_calls, quantizer_name, tensors_read_by_quantizers
+from fxquant.graph import quantizer_calls, quantizer_container, quantizer_name, tensors_read_by_quantizers
 from fxquant.quantizer import KIND_WEIGHT, LearnableQuantizer, iter_learnable
 
 METHODS = ("mse", "minmax", "percentile")
@@ -203,13 +203,16 @@ def _sample_owners(qm: fx.GraphModule) -> Dict[str, str]:
     search then finds equal clamps, and the exported graph needs no requantization between them (a
     DequantizeLinear -> QuantizeLinear pair onnxruntime cannot fuse when the scales differ by the sample's
     randomness; docs/decisions.md, "One sample per tensor")."""
+    container = quantizer_container(qm)
     sources: Dict[str, List[str]] = {}
-    for node, _ in quantizer_calls(qm.graph):
+    for node, name in quantizer_calls(qm.graph):
+        relu = bool(getattr(container[name], "absorbed_relu", False))  # it sees the tensor's ReLU
         source = node.args[0] if node.args else None
         while isinstance(source, fx.Node) and quantizer_name(source) is not None and source.args:
+            relu = relu or bool(getattr(container[str(quantizer_name(source))], "absorbed_relu", False))
             source = source.args[0]  # a quantizer of another quantizer's output: both see the tensor here
         if isinstance(source, fx.Node) and source.op != "get_attr":
-            sources.setdefault(str(node.target), []).append(source.name)
+            sources.setdefault(str(node.target), []).append(source.name + (" (relu)" if relu else ""))
     owners: Dict[Tuple[str, ...], str] = {}
     return {name: owners.setdefault(tuple(sorted(set(read))), name) for name, read in sorted(sources.items())}
 
@@ -224,7 +227,7 @@ def _length(batches: Iterable[Batch], num_batches: int) -> Optional[int]:
 
 def _percentile_hook(store: List[torch.Tensor], percentile: float):  # noqa: ANN202 - torch hook signature
     def hook(module: LearnableQuantizer, args, output) -> None:  # noqa: ANN001
-        x = args[0].detach().float().flatten()
+        x = output.detach().float().flatten()  # observing, the quantizer passes its input (ReLU'd if it absorbed one)
         if x.numel() > 1_000_000:
             x = x[torch.randint(0, x.numel(), (1_000_000,), device=x.device)]
         q = torch.tensor([1.0 - percentile / 100.0, percentile / 100.0], device=x.device)
@@ -245,7 +248,7 @@ class _Reservoir:
         self.seen = 0
 
     def hook(self, module: LearnableQuantizer, args, output) -> None:  # noqa: ANN001 - torch hook signature
-        x = args[0].detach().flatten()
+        x = output.detach().flatten()  # observing, the quantizer passes its input (ReLU'd if it absorbed one)
         slot = self.seen if self.seen < len(self.lengths) else int(torch.randint(0, self.seen + 1, ()))
         self.seen += 1
         if slot >= len(self.lengths):

@@ -25,6 +25,7 @@ from fxquant.errors import ConfigError, PrepareError, StateError
 from fxquant.graph import STATE_ATTR, module_state, quantizers_of, tensors_read_by_quantizers
 from fxquant.op_registry import quantized_kinds
 from fxquant.passes import run_passes
+from fxquant.passes.absorb_relu import absorb_relus
 from fxquant.passes.attention import decompose_attention
 from fxquant.passes.fold_bn import fold_batchnorm, fold_channel_scales
 from fxquant.passes.freeze import freeze_quantizers
@@ -270,6 +271,7 @@ def prepare(
             functools.partial(insert_weight_quantizers, estimator=config.estimator),
             functools.partial(insert_activation_quantizers, estimator=config.estimator),
             *((insert_bias_quantizers,) if config.integer_bias else ()),
+            absorb_relus,
         ),
     )
     container = quantizers_of(gm)

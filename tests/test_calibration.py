@@ -192,10 +192,11 @@ def test_the_clip_search_keeps_samples_of_at_most_eight_batches_in_one_buffer() 
     reservoir = _Reservoir(SAMPLE_BATCHES, torch.device("cpu"))
     buffer = reservoir.buffer.data_ptr()
     small = torch.arange(10.0)
-    reservoir.hook(None, (small,), None)
+    reservoir.hook(None, (small,), small)  # an observing quantizer's output is what it observed
     small.fill_(-1.0)  # a copy was kept, not a view of the batch's tensor
     for b in range(1, 30):  # batch b holds the value b; the large ones are sampled
-        reservoir.hook(None, (torch.full((3 * SAMPLE_PER_BATCH,), float(b)),), None)
+        batch = torch.full((3 * SAMPLE_PER_BATCH,), float(b))
+        reservoir.hook(None, (batch,), batch)
     values = reservoir.values()
     assert reservoir.seen == 30 and reservoir.buffer.data_ptr() == buffer
     kept = set(values.unique().tolist())

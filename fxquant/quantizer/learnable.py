@@ -136,6 +136,9 @@ class LearnableQuantizer(Quantizer):
         self.nonnegative = nonnegative and not symmetric
         self.enabled = True
         self.observing = False
+        # `passes.absorb_relu`: the graph's ReLU in front of this (non-negative) quantizer is gone and it reads the
+        # ReLU's input; the lower clamp at 0 does the ReLU's work, and every path that does not clamp applies it
+        self.absorbed_relu = False
 
         self.param_shape = group_param_shape(
             self.tensor_shape, granularity, channel_axis, self.block_axis, self.group_size
@@ -195,6 +198,7 @@ class LearnableQuantizer(Quantizer):
         state.setdefault("_grid_checked", None)
         state.setdefault("_constants_of", None)
         state.setdefault("_initialized_seen", False)
+        state.setdefault("absorbed_relu", False)
         super().__setstate__(state)
 
     @property
@@ -441,6 +445,8 @@ class LearnableQuantizer(Quantizer):
         sample = x.detach().flatten() if self.kind != KIND_WEIGHT else x.detach()
         if sample.dim() == 1 and sample.numel() > FOLLOW_SAMPLE:
             sample = sample[torch.randint(0, sample.numel(), (FOLLOW_SAMPLE,), device=sample.device)]
+        if self.absorbed_relu:
+            sample = torch.relu(sample)  # what the absorbed ReLU would have given
         elif self.channel_axis == 0 and self.block_axis is None and sample.dim() > 1:
             # per-channel weights: the ratio is estimated on a few columns of each channel (a large layer's
             # full search at every bit change dominated the steps of a descent)
@@ -498,13 +504,15 @@ class LearnableQuantizer(Quantizer):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
-            return x
+            return torch.relu(x) if self.absorbed_relu else x
         if self.observing:
+            if self.absorbed_relu:
+                x = torch.relu(x)
             self.observe(x)
             return x
         if not self.is_initialized():
             if self.kind == KIND_WEIGHT or self.training:
-                self.init_from_tensor(x)
+                self.init_from_tensor(torch.relu(x) if self.absorbed_relu else x)
             else:
                 raise StateError(
                     f"activation quantizer for {', '.join(self.served)} has no clamps yet: "
@@ -589,7 +597,7 @@ class LearnableQuantizer(Quantizer):
         return (
             f"kind={self.kind}, shape={self.tensor_shape}, granularity={self.granularity}, "
             f"bits=[{self.min_bits},{self.max_bits}], mode={self.mode}, symmetric={self.symmetric}, "
-            f"nonnegative={self.nonnegative}"
+            f"nonnegative={self.nonnegative}" + (", absorbed_relu=True" if self.absorbed_relu else "")
         )
 
 
