@@ -295,7 +295,7 @@ def test_large_groups_draw_the_dither_sum_with_its_exact_variance() -> None:
 
     torch.manual_seed(0)
     g = torch.randn(3, 4096)
-    draws = torch.stack([dither_of_groups(g, torch.Size([3, 1])) for _ in range(2000)])
+    draws = torch.stack([dither_of_groups(g, torch.Size([3, 1]), g) for _ in range(2000)])
     expected = (g * g).sum(1) / 12.0
     assert torch.allclose(draws.var(0).reshape(-1), expected, rtol=0.1)
 
@@ -719,3 +719,34 @@ def test_projection_of_many_quantizers_clamps_each_one() -> None:
     for q, (bits, hi, lo) in zip(quantizers, expected):
         assert torch.equal(q.bits_param, bits) and torch.equal(q.hi, hi)
         assert (q.lo is None) == (lo is None) and (lo is None or torch.equal(q.lo, lo))
+
+
+@pytest.mark.parametrize("numel", [256, 8192])  # the torch path, and the fused CPU kernel (from 4096 elements)
+@pytest.mark.parametrize("nonnegative", [True, False])
+def test_exact_zeros_draw_no_dither(numel: int, nonnegative: bool) -> None:
+    """0 is on every grid (integer zero point): elements exactly 0 have no rounding error, and the dither of the step
+    leaves them out. Half the input exactly 0, the rest clipped above the clamps (outside: no dither either): the
+    dither adds nothing, and every parameter's gradient is the plain straight-through one."""
+    grads = {}
+    for mode in ("ste", "dither"):
+        q = act_quantizer(mode, bits=4, nonnegative=nonnegative).train()
+        x = torch.zeros(numel)
+        x[::2] = 10.0  # above hi = 1.5
+        torch.manual_seed(0)
+        (q(x) * torch.linspace(-1.0, 1.0, numel)).sum().backward()
+        grads[mode] = {n: p.grad.clone() for n, p in q.named_parameters() if p.grad is not None}
+    assert grads["ste"].keys() == grads["dither"].keys() and "hi" in grads["ste"]
+    for name, grad in grads["ste"].items():
+        assert torch.equal(grad, grads["dither"][name]), name
+
+
+def test_the_dither_of_a_group_leaves_its_exact_zeros_out() -> None:
+    from fxquant.quantizer import dither_of_groups
+
+    torch.manual_seed(0)
+    g = torch.randn(2, 4096)
+    x = torch.randn(2, 4096)
+    x[0, :2048] = 0.0  # half of row 0 exactly 0
+    draws = torch.stack([dither_of_groups(g, torch.Size([2, 1]), x) for _ in range(2000)])
+    expected = torch.stack([(g[0, 2048:] ** 2).sum(), (g[1] ** 2).sum()]) / 12.0
+    assert torch.allclose(draws.var(0).reshape(-1), expected, rtol=0.1)

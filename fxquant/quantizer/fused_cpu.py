@@ -51,7 +51,7 @@ NATIVE_FLAGS = ("-march=native",)
 """Tried first: this CPU's widest vectors (AVX-512 halves the backward's time against SSE2's on an Intel Xeon).
 The cache key holds the CPU's identity, so a home directory shared by different machines keeps one library
 per CPU; a compiler that rejects the flag builds without it."""
-ABI_VERSION = 9
+ABI_VERSION = 10
 MIN_ELEMENTS = 4096
 """Smaller tensors take the torch path in `numerics._RoundClamp` (the call's fixed cost is larger than the
 passes it saves there); `numerics.fused_rounding`, which also replaces the grid's ops, takes any size."""

@@ -161,18 +161,21 @@ def dither_draws_signs(grad_in: Tensor, shape: torch.Size) -> bool:
     return grad_in.numel() // max(math.prod(shape), 1) < DITHER_EXACT_BELOW
 
 
-def dither_of_groups(grad_in: Tensor, shape: torch.Size) -> Tensor:
+def dither_of_groups(grad_in: Tensor, shape: torch.Size, x: Tensor) -> Tensor:
     """GDNSQ's dither term of the step gradient, `sum_i g_i r_i / sqrt(3)` per group, `r_i` i.i.d. in {-1/2, 1/2}.
 
-    `grad_in` is the upstream gradient inside the clamps (zero outside). For groups of at least
+    `grad_in` is the upstream gradient inside the clamps (zero outside), `x` the quantized tensor: an element exactly 0
+    has no rounding error on any grid (the zero point is an integer), so it draws no dither (`r_i = 0`; a ReLU's
+    zeros, an image's background: docs/decisions.md, "No dither for exact zeros"). For groups of at least
     `DITHER_EXACT_BELOW` elements the sum of independent signs is drawn from its Gaussian limit with the exact
     variance `sum_i g_i^2 / 12` (one random number per group instead of one per element; docs/decisions.md,
     "Dither drawn per group"); smaller groups draw every sign.
     """
+    noisy = torch.where(x == 0, 0.0, grad_in)
     if dither_draws_signs(grad_in, shape):
         r = torch.randint(0, 2, grad_in.shape, device=grad_in.device).to(grad_in.dtype) - 0.5
-        return reduce_to_shape(grad_in * r, shape) / math.sqrt(3.0)
-    return dither_from_square_sum(_sum_of_products(grad_in, grad_in, shape), shape)
+        return reduce_to_shape(noisy * r, shape) / math.sqrt(3.0)
+    return dither_from_square_sum(_sum_of_products(noisy, noisy, shape), shape)
 
 
 def dither_from_square_sum(square_sum: Tensor, shape: torch.Size) -> Tensor:
@@ -181,11 +184,12 @@ def dither_from_square_sum(square_sum: Tensor, shape: torch.Size) -> Tensor:
     return torch.randn(shape, device=square_sum.device, dtype=square_sum.dtype) * (square_sum / 12.0).sqrt()
 
 
-def dither_with_square_sum(grad_in: Tensor, square_sum: Tensor, shape: torch.Size) -> Tensor:
-    """`dither_of_groups(grad_in, shape)` when a fused kernel has already summed `g^2` per group (`square_sum`,
-    one value per group): the same draws from the same generator, without a pass over `grad_in` for large groups."""
+def dither_with_square_sum(grad_in: Tensor, square_sum: Tensor, shape: torch.Size, x: Tensor) -> Tensor:
+    """`dither_of_groups(grad_in, shape, x)` when a fused kernel has already summed `g^2` per group over the nonzero
+    elements of `x` (`square_sum`, one value per group): the same draws from the same generator, without a pass over
+    `grad_in` for large groups."""
     if dither_draws_signs(grad_in, shape):
-        return dither_of_groups(grad_in, shape)
+        return dither_of_groups(grad_in, shape, x)
     return dither_from_square_sum(square_sum.reshape(shape), shape)
 
 
@@ -397,7 +401,7 @@ class _FusedRounding(torch.autograd.Function):
             grad_bits, k.span, chain=not draws_signs,
         )
         if sums is not None:
-            extra = dither_of_groups(grad_in, hi.shape).double().numpy().reshape(-1)
+            extra = dither_of_groups(grad_in, hi.shape, x).double().numpy().reshape(-1)
             fused_cpu.grid_rows_backward(sums, None, extra, g.arrays, g.levels, MIN_STEP, k.symmetric,
                                          k.clamp_grad_scale, grad_hi, grad_lo, grad_bits, k.span)
         return grad_in, grad_bits, grad_lo, grad_hi if ctx.needs_input_grad[3] else None, None, None, None
@@ -527,7 +531,7 @@ class _RoundClamp(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_step = -_sum_of_products(grad_in, minus_residual, ctx.step_shape)
             if ctx.dither:
-                grad_step = grad_step + dither_of_groups(grad_in, ctx.step_shape)
+                grad_step = grad_step + dither_of_groups(grad_in, ctx.step_shape, x)
         return grad_in, grad_step, grad_lo, grad_hi, None
 
 
@@ -549,7 +553,7 @@ def _fused_backward(ctx, grad: Tensor) -> Tuple[Tensor, Optional[Tensor], Option
     if ctx.needs_input_grad[1]:
         grad_step = (-sums[2]).reshape(ctx.step_shape)
         if ctx.dither:
-            grad_step = grad_step + dither_with_square_sum(grad_in, sums[3], ctx.step_shape)
+            grad_step = grad_step + dither_with_square_sum(grad_in, sums[3], ctx.step_shape, x)
     return grad_in, grad_step, grad_lo, grad_hi, None
 
 

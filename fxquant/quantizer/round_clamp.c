@@ -7,8 +7,8 @@
  *
  *   forward:  out = step * round_half_even(u)
  *   backward: grad_in = grad where lo <= x <= hi, 0 elsewhere (NaN included); and four sums: grad where x < lo,
- *             grad where x > hi, sum(grad_in * (u - round(u))) (the step's gradient is its negation), sum(grad_in^2) (the
- *             dither's variance). It reads x again and recomputes u - round(u) (the same arithmetic as the
+ *             grad where x > hi, sum(grad_in * (u - round(u))) (the step's gradient is its negation), sum(grad_in^2) where
+ *             x != 0 (the dither's variance: 0 is on every grid, its rounding error is exactly 0). It reads x again and recomputes u - round(u) (the same arithmetic as the
  *             forward): storing it would cost a write and a tensor of x's size, and x is kept for the backward
  *             anyway (by the op that made it, and by autograd here).
  *
@@ -46,7 +46,7 @@ static inline float fxq_round_half_even(float u) {
     return copysignf(magnitude < 0x1p23f ? rounded : magnitude, u);
 }
 
-int fxq_abi_version(void) { return 9; }
+int fxq_abi_version(void) { return 10; }
 
 /* the clamped element (NaN stays NaN, as torch.clamp) */
 static inline float fxq_clamped(float v, float lo, float hi) {
@@ -79,7 +79,7 @@ static inline void fxq_backward_block(const float *grad, const float *x, float *
         block_below += is_below ? g : 0.0f;
         block_above += is_above ? g : 0.0f;
         block_dot += inside * (u - fxq_round_half_even(u));
-        block_square += inside * inside;
+        block_square += v != 0.0f ? inside * inside : 0.0f; /* an exact 0 has no rounding error to dither */
     }
     partial[0] += block_below;
     partial[1] += block_above;
