@@ -445,8 +445,6 @@ class LearnableQuantizer(Quantizer):
         sample = x.detach().flatten() if self.kind != KIND_WEIGHT else x.detach()
         if sample.dim() == 1 and sample.numel() > FOLLOW_SAMPLE:
             sample = sample[torch.randint(0, sample.numel(), (FOLLOW_SAMPLE,), device=sample.device)]
-        if self.absorbed_relu:
-            sample = torch.relu(sample)  # what the absorbed ReLU would have given
         elif self.channel_axis == 0 and self.block_axis is None and sample.dim() > 1:
             # per-channel weights: the ratio is estimated on a few columns of each channel (a large layer's
             # full search at every bit change dominated the steps of a descent)
@@ -454,6 +452,7 @@ class LearnableQuantizer(Quantizer):
             if cols.shape[1] > FOLLOW_COLUMNS:
                 cols = cols[:, torch.randint(0, cols.shape[1], (FOLLOW_COLUMNS,), device=cols.device)]
             sample = cols.reshape(cols.shape[0], cols.shape[1], *([1] * (sample.dim() - 2)))
+        sample = self._as_read(sample)
         ratio = self.mse_clip_ratio(sample, bits, FOLLOW_RATIOS) / self.mse_clip_ratio(sample, last, FOLLOW_RATIOS)
         ratio = mean_over_ranks(ratio)  # each rank samples its own batch and columns: replicas stay equal
         self.scale_clamps_(ratio)
@@ -502,17 +501,21 @@ class LearnableQuantizer(Quantizer):
 
     # ---- forward ----------------------------------------------------------------------------------
 
+    def _as_read(self, x: Tensor) -> Tensor:
+        """`x` as the quantizer's paths that do not clamp must see it: through the ReLU the graph no longer computes
+        when this quantizer absorbed one (`passes.absorb_relu`), else `x` itself."""
+        return torch.relu(x) if self.absorbed_relu else x
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
-            return torch.relu(x) if self.absorbed_relu else x
+            return self._as_read(x)
         if self.observing:
-            if self.absorbed_relu:
-                x = torch.relu(x)
+            x = self._as_read(x)
             self.observe(x)
             return x
         if not self.is_initialized():
             if self.kind == KIND_WEIGHT or self.training:
-                self.init_from_tensor(torch.relu(x) if self.absorbed_relu else x)
+                self.init_from_tensor(self._as_read(x))
             else:
                 raise StateError(
                     f"activation quantizer for {', '.join(self.served)} has no clamps yet: "
