@@ -3,8 +3,9 @@
 Such a quantizer clamps at `lo = 0` with zero point 0 in training (both rounding estimators and the noise
 estimator), in eval and frozen (`clamp(round(x / s), 0, qmax)`, ONNX QuantizeLinear's saturation), so
 `quantizer(relu(x))` equals `quantizer(x)`: the ReLU's forward, its backward and the tensor it keeps for the
-backward are work for nothing (docs/decisions.md, "ReLUs absorbed by their quantizers"). The quantizers then read the ReLU's input and are marked `absorbed_relu`: every path of theirs
-that does not clamp (switched off, observing during calibration, the samples of `follow_bits_`) applies the ReLU
+backward are work for nothing (docs/decisions.md, "ReLUs absorbed by their quantizers"). The quantizers then
+read the ReLU's input and are marked `absorbed_relu`: every path of theirs that does not clamp (switched off,
+observing during calibration, the samples of `follow_bits_`: `LearnableQuantizer._as_read`) applies the ReLU
 itself, so the module computes the same values in every state. Gradients differ only for an input exactly 0 (the
 ReLU's derivative there is 0; a clamp passes an element equal to it).
 """
