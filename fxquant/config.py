@@ -55,6 +55,10 @@ class QuantSpec:
         learn_clamps: whether fine-tuning may change the clamp bounds (and so the step).
         per_group_bits: one bit-width per channel/group instead of one per tensor (mixed precision
             inside a tensor, as in DiffQ).
+        narrow_range: signed (weight) codes `-(2^(b-1) - 1)..2^(b-1) - 1`, symmetric about zero, for runtimes
+            that require it (TensorRT's int8 weights); the default is the full range `-2^(b-1)..2^(b-1) - 1`
+            of the integer type, one more code below zero (as LSQ, PyTorch and onnxruntime's quantizer use).
+            Activations have an integer zero point and always use all `2^b` codes.
 
     Example:
         >>> QuantSpec(bits=4, min_bits=2, max_bits=8, granularity="per_channel")
@@ -68,6 +72,7 @@ class QuantSpec:
     learn_bits: bool = True
     learn_clamps: bool = True
     per_group_bits: bool = False
+    narrow_range: bool = False
 
     def __post_init__(self) -> None:
         for name in ("bits", "min_bits", "max_bits"):

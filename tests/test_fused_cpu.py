@@ -129,8 +129,8 @@ def _params(shape: Tuple[int, ...], value: float, requires_grad: bool) -> torch.
 @needs_compiler
 @pytest.mark.parametrize("dither", [False, True], ids=["ste", "dither"])
 @pytest.mark.parametrize("bits_p", [0.41, 1.3, -0.2], ids=["4.46 bits", "above the range", "below the range"])
-@pytest.mark.parametrize("kind", ["asymmetric", "nonnegative", "symmetric", "lo above 0", "hi below 0",
-                                  "dead (hi = lo = 0)", "tiny (step at MIN_STEP)"])
+@pytest.mark.parametrize("kind", ["asymmetric", "nonnegative", "symmetric", "symmetric narrow", "lo above 0",
+                                  "hi below 0", "dead (hi = lo = 0)", "tiny (step at MIN_STEP)"])
 @pytest.mark.parametrize("shapes", list(SHAPES), ids=list(SHAPES))
 def test_one_node_equals_the_grid_and_round_clamp_nodes(shapes: str, kind: str, bits_p: float, dither: bool) -> None:
     """`fused_rounding` (the grid in float32 by round_clamp.c and the fused kernel in one node) gives the values and gradients
@@ -141,8 +141,8 @@ def test_one_node_equals_the_grid_and_round_clamp_nodes(shapes: str, kind: str, 
     x_shape, param_shape = SHAPES[shapes]
     torch.manual_seed(0)
     x0 = torch.randn(x_shape) * 1.3
-    symmetric = kind == "symmetric"
-    k = GridConstants(min_bits=2.0, span=6.0, symmetric=symmetric, clamp_grad_scale=0.01)
+    symmetric = kind.startswith("symmetric")
+    k = GridConstants(min_bits=2.0, span=6.0, symmetric=symmetric, clamp_grad_scale=0.01, full_range=kind == "symmetric")
     hi0, lo0 = {"dead (hi = lo = 0)": (0.0, 0.0), "lo above 0": (1.7, 0.3), "hi below 0": (-0.5, -0.9),
                 "tiny (step at MIN_STEP)": (2e-9, -1e-9)}.get(kind, (1.7, -0.9))
     if kind == "tiny (step at MIN_STEP)":

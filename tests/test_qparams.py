@@ -31,14 +31,17 @@ def _frozen(weight: fxq.QuantSpec) -> torch.fx.GraphModule:
     return fxq.freeze(qm)
 
 
+@pytest.mark.parametrize("narrow_range", [False, True], ids=["full range", "narrow range"])
 @pytest.mark.parametrize("granularity, layout", [("per_channel", "per_axis"), ("per_tensor", "per_tensor")])
-def test_weight_qparams_dequantize_to_the_frozen_weight(granularity: str, layout: str) -> None:
-    frozen = _frozen(fxq.QuantSpec(bits=4, granularity=granularity))
+def test_weight_qparams_dequantize_to_the_frozen_weight(granularity: str, layout: str, narrow_range: bool) -> None:
+    frozen = _frozen(fxq.QuantSpec(bits=4, granularity=granularity, narrow_range=narrow_range))
     weights = [q for q in frozen.fxq_quantizers.values() if isinstance(q, FrozenWeight)]
     assert weights
+    qmin = -7 if narrow_range else -8
     for q in weights:
         qp = q.qparams()
-        assert (qp.layout, qp.bits, qp.qmin, qp.qmax, qp.container) == (layout, 4, -7, 7, "int4")
+        assert (qp.layout, qp.bits, qp.qmin, qp.qmax, qp.container) == (layout, 4, qmin, 7, "int4")
+        assert int(q.codes.min()) >= qmin
         axis = -1 if qp.axis is None else qp.axis
         scale = broadcast_scale(q.codes, qp.scale, axis, 0)
         assert torch.equal(q.codes.to(scale.dtype) * scale, q())

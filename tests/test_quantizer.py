@@ -441,7 +441,7 @@ def test_ste_fine_tuning_matches_a_plain_lsq_forward_and_gradients() -> None:
     fxq.calibrate(qm, [x])
     q = qm.fxq_quantizers
     w_conv, w_fc = model.conv.weight.detach().clone(), model.fc.weight.detach().clone()
-    # LSQ steps: weights per channel (2 bits narrow: Qn = Qp = 1), activations unsigned (Qp = 3)
+    # LSQ steps: weights per channel (2 bits, full range as LSQ: Qn = 2, Qp = 1), activations unsigned (Qp = 3)
     s_wc = (2 * w_conv.abs().flatten(1).mean(1)).requires_grad_()
     s_wf = (2 * w_fc.abs().flatten(1).mean(1)).requires_grad_()
     s_x = torch.tensor([2 * float(x.mean()) / math.sqrt(3)], requires_grad=True)
@@ -454,8 +454,8 @@ def test_ste_fine_tuning_matches_a_plain_lsq_forward_and_gradients() -> None:
         q["act_x"].lo.zero_()
         q["act_mean"].hi.fill_(3 * float(s_h))
     wc, wf = w_conv.clone().requires_grad_(), w_fc.clone().requires_grad_()
-    h = F.relu(F.conv2d(lsq(x, s_x, 0, 3), lsq(wc, s_wc, 1, 1), model.conv.bias, padding=1)).mean((2, 3))
-    ref = F.linear(lsq(h, s_h, 0, 3), lsq(wf, s_wf, 1, 1), model.fc.bias)
+    h = F.relu(F.conv2d(lsq(x, s_x, 0, 3), lsq(wc, s_wc, 2, 1), model.conv.bias, padding=1)).mean((2, 3))
+    ref = F.linear(lsq(h, s_h, 0, 3), lsq(wf, s_wf, 2, 1), model.fc.bias)
     qm.train()
     out = qm(x)
     assert torch.allclose(out, ref, atol=1e-6)
@@ -618,7 +618,7 @@ def _reference_grid(p: torch.Tensor, lo: Optional[torch.Tensor], hi: torch.Tenso
     hi_v = grad_scale(torch.clamp(hi, min=0.0), k.clamp_grad_scale)
     if k.symmetric:
         step = torch.clamp(hi_v / levels, min=MIN_STEP)
-        return step, -step * levels, step * levels
+        return step, -step * (levels + (1.0 if k.full_range else 0.0)), step * levels
     lo_v = grad_scale(torch.clamp(lo, max=0.0), k.clamp_grad_scale)
     step = torch.clamp((hi_v - lo_v) / levels, min=MIN_STEP)
     zero_point = round_ste(-lo_v / step)
@@ -627,20 +627,23 @@ def _reference_grid(p: torch.Tensor, lo: Optional[torch.Tensor], hi: torch.Tenso
 
 
 @pytest.mark.parametrize(
-    "symmetric, bits, lo, hi",
+    "symmetric, full_range, bits, lo, hi",
     [
-        (True, [0.37], None, [0.8, -0.1, 1e-12, 2.5]),  # per channel, a negative and a tiny clamp
-        (False, [1.3], [-0.7], [1.9]),  # asymmetric per tensor, bits parameter above its bound
-        (False, [0.5], [0.2], [3.0]),  # a positive lo is clamped to 0
-        (False, [0.2, 0.9, -0.3], [-1.0, -0.01, 0.0], [1.0, 0.5, 2.0]),  # per-group bits
+        (True, False, [0.37], None, [0.8, -0.1, 1e-12, 2.5]),  # narrow, per channel, a negative and a tiny clamp
+        (True, True, [0.37], None, [0.8, -0.1, 1e-12, 2.5]),  # the same with full-range codes
+        (True, True, [0.0, 0.6], None, [0.3, 1.1]),  # full range at 2 bits (codes -2..1) and per-group bits
+        (False, False, [1.3], [-0.7], [1.9]),  # asymmetric per tensor, bits parameter above its bound
+        (False, False, [0.5], [0.2], [3.0]),  # a positive lo is clamped to 0
+        (False, False, [0.2, 0.9, -0.3], [-1.0, -0.01, 0.0], [1.0, 0.5, 2.0]),  # per-group bits
     ],
 )
-def test_training_grid_equals_the_op_by_op_chain(symmetric: bool, bits: list, lo: Optional[list], hi: list) -> None:
+def test_training_grid_equals_the_op_by_op_chain(symmetric: bool, full_range: bool, bits: list, lo: Optional[list],
+                                                 hi: list) -> None:
     """`training_grid` (one autograd node) gives the op-by-op chain's values (to an ulp: the chain's LSQ gradient
     scale `(x - x s) + x s` may move a value by one) and its gradients."""
     from fxquant.quantizer.numerics import training_grid
 
-    k = GridConstants(min_bits=2.0, span=6.0, symmetric=symmetric, clamp_grad_scale=0.037)
+    k = GridConstants(min_bits=2.0, span=6.0, symmetric=symmetric, clamp_grad_scale=0.037, full_range=full_range)
     leaves = [torch.tensor(bits), None if lo is None else torch.tensor(lo), torch.tensor(hi)]
     ours = [None if t is None else t.clone().requires_grad_(True) for t in leaves]
     theirs = [None if t is None else t.clone().requires_grad_(True) for t in leaves]
@@ -670,16 +673,17 @@ def test_one_integer_bit_width_read_as_a_number_equals_integer_bits() -> None:
     assert w._one_integer_bits() is None
 
 
-@pytest.mark.parametrize("symmetric", [False, True], ids=["asymmetric", "symmetric"])
-def test_training_grid_is_the_eval_grid_exactly(symmetric: bool) -> None:
+@pytest.mark.parametrize("symmetric, narrow_range", [(False, False), (True, False), (True, True)],
+                         ids=["asymmetric", "full range", "narrow range"])
+def test_training_grid_is_the_eval_grid_exactly(symmetric: bool, narrow_range: bool) -> None:
     """What the rounding estimators train on is, bit for bit, the grid eval and freeze use (`integer_grid`), for
     random clamps and bits (the LSQ gradient scale must not move a value by an ulp: it did for ~1 pair in 1,000)."""
     from fxquant.quantizer.numerics import training_grid
 
     gen = torch.Generator().manual_seed(0)
     q = LearnableQuantizer(kind="weight" if symmetric else "activation", tensor_shape=(2000, 4), bits=8,
-                           min_bits=2, max_bits=8, symmetric=symmetric, granularity="per_channel", channel_axis=0,
-                           per_group_bits=True)
+                           min_bits=2, max_bits=8, symmetric=symmetric, narrow_range=narrow_range,
+                           granularity="per_channel", channel_axis=0, per_group_bits=True)
     with torch.no_grad():
         q.hi.copy_(torch.rand(q.hi.shape, generator=gen) * 5)
         if not symmetric:
@@ -692,6 +696,8 @@ def test_training_grid_is_the_eval_grid_exactly(symmetric: bool) -> None:
     # the upper bound is `lo + step * levels` (float rounding may differ from `(qmax - zp) * step` in the last bit);
     # it lies on the same code, so the clipped values are eval's
     assert torch.equal(torch.round(hi / step), grid.qmax - grid.zero_point)
+    if symmetric:  # full range: 2^(B-1) codes below zero, 2^(B-1) - 1 above; narrow: as many on each side
+        assert torch.equal(grid.qmin, -grid.qmax - (0.0 if narrow_range else 1.0))
 
 
 def test_projection_of_many_quantizers_clamps_each_one() -> None:

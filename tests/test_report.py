@@ -19,7 +19,8 @@ def test_report_rows_and_totals() -> None:
     w = rep.rows[0]
     assert (w.kind, w.serves, w.granularity, w.bits, w.numel) == ("weight", "fc1", "per_channel", 4.0, 16 * 32)
     assert w.bytes_at_bits == 16 * 32 * 4 / 8
-    assert w.signed and w.lo == -w.hi and w.step_min <= w.step_max
+    # full-range 4-bit codes -8..7: the grid reaches one step further below zero than above
+    assert w.signed and w.lo == pytest.approx(-w.hi * 8 / 7) and w.step_min <= w.step_max
     assert not rep.rows[4].signed  # after ReLU
     n_weights = 16 * 32 + 32 * 32 + 32 * 10
     n_bias = 32 + 32 + 10

@@ -68,6 +68,7 @@ def _make_quantizer(
         mode=estimator.mode,
         noise=estimator.noise,
         symmetric=kind == KIND_WEIGHT,
+        narrow_range=spec.narrow_range,
         nonnegative=nonnegative,
         served=served,
     )

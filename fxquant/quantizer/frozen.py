@@ -7,7 +7,7 @@ quantizer by a `FrozenWeight` (int8/int16 codes and scales; it takes no input), 
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 from torch import Tensor
@@ -72,6 +72,7 @@ class FrozenWeight(Quantizer):
     codes: Tensor
     bits: Tensor
     scale: Tensor
+    qmin: Tensor
     qmax: Tensor
 
     def __init__(self, source: LearnableQuantizer, weight: Tensor) -> None:
@@ -88,29 +89,44 @@ class FrozenWeight(Quantizer):
         self.register_buffer("codes", codes)
         self.register_buffer("bits", p.bits.to(torch.int64))
         self.register_buffer("scale", p.scale.detach().clone())
+        self.register_buffer("qmin", p.qmin.to(torch.int64))
         self.register_buffer("qmax", p.qmax.to(torch.int64))
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # a frozen state dict of an fxquant before full-range codes has no qmin: its codes were narrow, -qmax..qmax
+        if prefix + "qmin" not in state_dict and prefix + "qmax" in state_dict:
+            state_dict[prefix + "qmin"] = -state_dict[prefix + "qmax"]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        # a frozen module pickled before full-range codes: narrow codes -qmax..qmax
+        buffers = state.get("_buffers", {})
+        if "qmin" not in buffers and "qmax" in buffers:
+            buffers["qmin"] = -buffers["qmax"]
+        super().__setstate__(state)
 
     def forward(self) -> Tensor:
         scale = expand_groups(self.scale, self.block_axis, self.group_size)
         return self.codes.to(scale.dtype) * scale
 
     def integer_grid(self) -> IntegerGrid:
-        qmax = self.qmax.to(self.scale.dtype)
-        return IntegerGrid(self.bits.to(self.scale.dtype), self.scale, torch.zeros_like(self.scale), -qmax, qmax)
+        dtype = self.scale.dtype
+        return IntegerGrid(self.bits.to(dtype), self.scale, torch.zeros_like(self.scale), self.qmin.to(dtype),
+                           self.qmax.to(dtype))
 
     def qparams(self) -> QParams:
         """The typed parameters export and verify read: symmetric, per tensor / per axis / blocked."""
         bits = int(self.bits.max())
-        qmax = int(self.qmax.max())
+        qmin, qmax = int(self.qmin.min()), int(self.qmax.max())
         container = container_for(self.kind, bits)
         if self.granularity == "per_group":
             assert self.block_axis is not None and self.group_size is not None
             scale = blocked_scale(self.scale, tuple(self.codes.shape), self.block_axis, self.group_size)
-            return QParams(self.kind, bits, scale, zeros_like_scale(scale), -qmax, qmax, "blocked", self.block_axis,
+            return QParams(self.kind, bits, scale, zeros_like_scale(scale), qmin, qmax, "blocked", self.block_axis,
                            int(self.group_size), container)
         axis = None if self.granularity == "per_tensor" else self.channel_axis
         scale, layout, axis = per_tensor_or_axis(self.scale, axis)
-        return QParams(self.kind, bits, scale, zeros_like_scale(scale), -qmax, qmax, layout, axis, None, container)
+        return QParams(self.kind, bits, scale, zeros_like_scale(scale), qmin, qmax, layout, axis, None, container)
 
 
 class FrozenBias(Quantizer):

@@ -51,7 +51,9 @@ NATIVE_FLAGS = ("-march=native",)
 """Tried first: this CPU's widest vectors (AVX-512 halves the backward's time against SSE2's on an Intel Xeon).
 The cache key holds the CPU's identity, so a home directory shared by different machines keeps one library
 per CPU; a compiler that rejects the flag builds without it."""
-ABI_VERSION = 10
+ABI_VERSION = 11
+ASYMMETRIC, NARROW, FULL_RANGE = 0, 1, 2
+"""The code ranges of a grid as round_clamp.c numbers them (`numerics.GridConstants.code_range`)."""
 MIN_ELEMENTS = 4096
 """Smaller tensors take the torch path in `numerics._RoundClamp` (the call's fixed cost is larger than the
 passes it saves there); `numerics.fused_rounding`, which also replaces the grid's ops, takes any size."""
@@ -275,10 +277,11 @@ class GridScratch:
 
 
 def grid_rows(hi: Tensor, lo: Optional[Tensor], bits_param: Tensor, min_bits: float, span: float, min_step: float,
-              symmetric: bool, previous: Optional[int], scratch: Optional[GridScratch] = None,
+              code_range: int, previous: Optional[int], scratch: Optional[GridScratch] = None,
               ) -> Optional[Tuple[np.ndarray, np.ndarray, float, float]]:
     """`(grid, values, B, L)`: the training grid of clamps `hi` and `lo` (one value per row or for the tensor; `lo`
-    None when symmetric) at the integer bits of the one-element `bits_param`, as round_clamp.c's `fxq_grid_rows`
+    None when symmetric; `code_range`: `numerics.GridConstants.code_range`) at the integer bits of the one-element
+    `bits_param`, as round_clamp.c's `fxq_grid_rows`
     computes it (`grid` holds the `GRID_ARRAYS`, one float32 row each), and a copy of the parameters' values; or None
     when they are bit for bit those at address `previous` (the `values` of an earlier call with as many rows, kept
     alive by the caller): its grid still holds.
@@ -286,7 +289,7 @@ def grid_rows(hi: Tensor, lo: Optional[Tensor], bits_param: Tensor, min_bits: fl
     The tensors must be contiguous float32 on the CPU (`numerics.applies_grid_values`; they are read in place) and
     the library loaded."""
     lib = library()
-    if lib is None or (lo is None) != symmetric:
+    if lib is None or (lo is None) != (code_range != ASYMMETRIC):
         raise ValueError("grid_rows needs the fused kernel library and lo exactly when the grid is asymmetric")
     rows = hi.numel()
     if scratch is None or scratch.rows != rows:
@@ -294,7 +297,7 @@ def grid_rows(hi: Tensor, lo: Optional[Tensor], bits_param: Tensor, min_bits: fl
     values_address, grid_address, bits_levels_address = scratch.addresses
     changed = lib.fxq_grid_rows(
         hi.data_ptr(), None if lo is None else lo.data_ptr(), rows, bits_param.data_ptr(), min_bits, span, min_step,
-        int(symmetric), previous, values_address, grid_address,
+        code_range, previous, values_address, grid_address,
         bits_levels_address,
     )
     if not changed:
@@ -314,7 +317,7 @@ def quantize_forward(x: Tensor, grid_address: int, rows: int) -> Tensor:
 
 
 def quantize_backward(grad: Tensor, x: Tensor, grid_address: int, rows: int, levels: float, min_step: float,
-                      symmetric: bool, clamp_grad_scale: float, draws: Optional[Tensor], d_hi: Tensor,
+                      code_range: int, clamp_grad_scale: float, draws: Optional[Tensor], d_hi: Tensor,
                       d_lo: Optional[Tensor], d_bits: Optional[Tensor], span: float, chain: bool,
                       ) -> Tuple[Tensor, Optional[np.ndarray]]:
     """round_clamp.c's `fxq_quantize_backward` of `quantize_forward(x, grid_address, rows)`: `(grad_in, sums)`. With
@@ -328,7 +331,7 @@ def quantize_backward(grad: Tensor, x: Tensor, grid_address: int, rows: int, lev
     sums = torch.empty((rows, 4), dtype=torch.float64)
     lib.fxq_quantize_backward(
         grad.data_ptr(), x.data_ptr(), grad_in.data_ptr(), rows, x.numel() // rows, grid_address, levels, min_step,
-        int(symmetric), clamp_grad_scale, None if draws is None else draws.data_ptr(), d_hi.data_ptr(),
+        code_range, clamp_grad_scale, None if draws is None else draws.data_ptr(), d_hi.data_ptr(),
         None if d_lo is None else d_lo.data_ptr(), None if d_bits is None else d_bits.data_ptr(), LN2, span,
         sums.data_ptr(), int(chain), torch.get_num_threads(),
     )
@@ -368,7 +371,7 @@ LN2 = math.log(2.0)
 
 
 def grid_rows_backward(sums: np.ndarray, draws: Optional[Tensor], extra: Optional[np.ndarray], grid: np.ndarray,
-                       levels: float, min_step: float, symmetric: bool, clamp_grad_scale: float, d_hi: Tensor,
+                       levels: float, min_step: float, code_range: int, clamp_grad_scale: float, d_hi: Tensor,
                        d_lo: Optional[Tensor], d_bits: Optional[Tensor], span: float) -> float:
     """round_clamp.c's `fxq_grid_rows_backward`: writes the clamps' gradients into `d_hi` and `d_lo` (float32,
     contiguous, one value per row of `grid`; `d_lo` None: not wanted) and the one-element bits parameter's into
@@ -379,7 +382,7 @@ def grid_rows_backward(sums: np.ndarray, draws: Optional[Tensor], extra: Optiona
     assert lib is not None and sums.dtype == np.float64 and sums.flags.c_contiguous
     value: float = lib.fxq_grid_rows_backward(
         sums.ctypes.data, None if draws is None else draws.data_ptr(), None if extra is None else extra.ctypes.data,
-        grid.ctypes.data, grid.shape[1], levels, min_step, int(symmetric), clamp_grad_scale, d_hi.data_ptr(),
+        grid.ctypes.data, grid.shape[1], levels, min_step, code_range, clamp_grad_scale, d_hi.data_ptr(),
         None if d_lo is None else d_lo.data_ptr(), None if d_bits is None else d_bits.data_ptr(), LN2, span,
     )
     return value

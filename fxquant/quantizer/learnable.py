@@ -10,8 +10,9 @@ Parametrisation (docs/algorithms.md, "The quantizer grid", "Learnable bit-widths
 - asymmetric (activations): learnable clamps `lo <= 0 <= hi` (lo pinned at 0 for provably non-negative
   tensors), step `s = (hi - lo) / (2^b - 1)`, integer zero point `zp = round(-lo / s)` snapped in training
   too (straight-through), codes `[0, 2^B - 1]`.
-- symmetric (weights): learnable clamp `hi` (= max |w| at init, `lo = -hi`), `s = hi / (2^(b-1) - 1)`,
-  zero point 0, narrow-range codes `[-(2^(B-1) - 1), 2^(B-1) - 1]`.
+- symmetric (weights): learnable clamp `hi` (= max |w| at init), `s = hi / (2^(b-1) - 1)`, zero point 0,
+  full-range codes `[-2^(B-1), 2^(B-1) - 1]` (the grid reaches `-hi - s` below zero, as LSQ's and the integer
+  types' ranges do), or narrow-range codes `[-(2^(B-1) - 1), 2^(B-1) - 1]` with `narrow_range=True` (`lo = -hi`).
 - the identity GDNSQ uses, `b = log2((hi - lo) / s + 1)`, holds by construction.
 
 The rounding estimators (dither, ste) compute the step from `B = round(b)` with a straight-through gradient
@@ -88,6 +89,7 @@ class LearnableQuantizer(Quantizer):
         mode: `"dither"`, `"noise"` or `"ste"`.
         noise: `"uniform"` or `"gaussian"` (noise mode).
         symmetric: signed symmetric codes with zero point 0 (weights).
+        narrow_range: symmetric codes `-(2^(B-1) - 1)..2^(B-1) - 1` instead of the full `-2^(B-1)..2^(B-1) - 1`.
         nonnegative: pin `lo` at 0 (activations after ReLU, sigmoid, softmax, ...).
         served: names of the graph nodes this quantizer serves (for reports).
     """
@@ -118,6 +120,7 @@ class LearnableQuantizer(Quantizer):
         mode: str = "dither",
         noise: str = "uniform",
         symmetric: bool = False,
+        narrow_range: bool = False,
         nonnegative: bool = False,
         served: Tuple[str, ...] = (),
     ) -> None:
@@ -133,6 +136,7 @@ class LearnableQuantizer(Quantizer):
         self.noise = noise
         self.estimator: Estimator = make_estimator(mode, noise)
         self.symmetric = symmetric
+        self.narrow_range = narrow_range
         self.nonnegative = nonnegative and not symmetric
         self.enabled = True
         self.observing = False
@@ -199,6 +203,7 @@ class LearnableQuantizer(Quantizer):
         state.setdefault("_constants_of", None)
         state.setdefault("_initialized_seen", False)
         state.setdefault("absorbed_relu", False)
+        state.setdefault("narrow_range", True)  # symmetric grids were narrow before full-range codes
         super().__setstate__(state)
 
     @property
@@ -248,6 +253,11 @@ class LearnableQuantizer(Quantizer):
         assert self.lo is not None
         return torch.clamp(self.lo, max=0.0), hi
 
+    @property
+    def full_range(self) -> bool:
+        """Whether the grid is symmetric with full-range codes: one more code below zero than above."""
+        return self.symmetric and not self.narrow_range
+
     def _levels(self, bits: Tensor) -> Tensor:
         """Number of steps between the clamps: `2^b - 1`, or `2^(b-1) - 1` on each side if symmetric."""
         if self.symmetric:
@@ -269,7 +279,7 @@ class LearnableQuantizer(Quantizer):
         levels = self._levels(bits)
         scale = self._step_of(lo, hi, levels)
         if self.symmetric:
-            qmin, zero_point = -levels, torch.zeros_like(scale)
+            qmin, zero_point = -levels - (1.0 if self.full_range else 0.0), torch.zeros_like(scale)
         else:
             qmin = torch.zeros_like(levels)
             zero_point = torch.minimum(torch.clamp(torch.round(-lo / scale), 0.0, None), levels.expand_as(scale))
@@ -306,7 +316,7 @@ class LearnableQuantizer(Quantizer):
         # storage (a device or dtype change, FSDP2's swaps and `.data` assignments all change one or the other)
         parameters = (bits_param, hi, lo)
         addresses = (bits_param.data_ptr(), hi.data_ptr(), None if lo is None else lo.data_ptr(), self.min_bits,
-                     self.max_bits)
+                     self.max_bits, self.full_range)
         checked = self._grid_checked
         if fused_cpu.library() is None:  # turned off since (FXQ_FUSED_KERNELS=0)
             return None
@@ -314,7 +324,8 @@ class LearnableQuantizer(Quantizer):
             if not applies_grid_values(bits_param, lo, hi):
                 self.__dict__["_grid_checked"] = None
                 return None
-            constants = GridConstants(float(self.min_bits), float(self.max_bits - self.min_bits), self.symmetric, 1.0)
+            constants = GridConstants(float(self.min_bits), float(self.max_bits - self.min_bits), self.symmetric, 1.0,
+                                      self.full_range)
             checked = (parameters, addresses, constants, GridScratch(hi.numel()))
             self.__dict__["_grid_checked"] = checked
         previous = self._grid_values
@@ -549,7 +560,7 @@ class LearnableQuantizer(Quantizer):
             lo, hi = self.clamp_bounds()
             step = self._step_of(lo, hi, levels)
             if self.symmetric:
-                lo_grid, hi_grid = -step * levels, step * levels
+                lo_grid, hi_grid = -step * (levels + (1.0 if self.full_range else 0.0)), step * levels
             else:
                 # the zero point lives on the integer grid in training too (straight-through rounding)
                 zero_point = round_ste(-lo / step)
@@ -563,13 +574,14 @@ class LearnableQuantizer(Quantizer):
         `1 / sqrt(elements per group * Qp)` at the top of the bit range, on every clamp parameter alike (the
         step's and the clip's gradients keep their ratio; scaling only the step's part turned the clamps'
         gradient direction by 70-80 degrees and stalled W2A2 training). Kept for the last tensor size."""
-        key = (x.numel(), self.min_bits, self.max_bits, self.symmetric, self.param_shape)
+        key = (x.numel(), self.min_bits, self.max_bits, self.symmetric, self.full_range, self.param_shape)
         cached = self._constants_of
         if cached is not None and cached[0] == key:
             return cached[1]
         numel = max(x.numel() // max(math.prod(self.param_shape), 1), 1)
         scale = 1.0 / math.sqrt(numel * float(2 ** (self.max_bits - (1 if self.symmetric else 0))))
-        constants = GridConstants(float(self.min_bits), float(self.max_bits - self.min_bits), self.symmetric, scale)
+        constants = GridConstants(float(self.min_bits), float(self.max_bits - self.min_bits), self.symmetric, scale,
+                                  self.full_range)
         self.__dict__["_constants_of"] = (key, constants)
         return constants
 
@@ -600,7 +612,8 @@ class LearnableQuantizer(Quantizer):
         return (
             f"kind={self.kind}, shape={self.tensor_shape}, granularity={self.granularity}, "
             f"bits=[{self.min_bits},{self.max_bits}], mode={self.mode}, symmetric={self.symmetric}, "
-            f"nonnegative={self.nonnegative}" + (", absorbed_relu=True" if self.absorbed_relu else "")
+            + (f"narrow_range={self.narrow_range}, " if self.symmetric else "")
+            + f"nonnegative={self.nonnegative}" + (", absorbed_relu=True" if self.absorbed_relu else "")
         )
 
 

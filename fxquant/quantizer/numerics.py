@@ -201,6 +201,19 @@ class GridConstants:
     span: float  # max_bits - min_bits
     symmetric: bool
     clamp_grad_scale: float  # LSQ's gradient scale on the clamp parameters
+    full_range: bool = False  # symmetric codes -(L + 1)..L (else narrow, -L..L)
+
+    @property
+    def code_range(self) -> int:
+        """The code range as round_clamp.c numbers it (`fused_cpu.ASYMMETRIC`, `NARROW`, `FULL_RANGE`)."""
+        if not self.symmetric:
+            return fused_cpu.ASYMMETRIC
+        return fused_cpu.FULL_RANGE if self.full_range else fused_cpu.NARROW
+
+    @property
+    def extra_negative(self) -> float:
+        """The codes a symmetric grid has below `-L`: 1 with full-range codes, else 0."""
+        return 1.0 if self.symmetric and self.full_range else 0.0
 
 
 class _TrainingGrid(torch.autograd.Function):
@@ -211,7 +224,8 @@ class _TrainingGrid(torch.autograd.Function):
 
     Forward, with `p` the bits parameter and the clamps `lo <= 0 <= hi` (`lo = -hi` if symmetric):
     `B = round(min_bits + span * clamp(p, 0, 1))`, `L = 2^(B-1) - 1` (symmetric) or `2^B - 1`,
-    `step = max((hi - lo) / L, MIN_STEP)` (`hi / L` symmetric); symmetric grid `[-step L, step L]`, else
+    `step = max((hi - lo) / L, MIN_STEP)` (`hi / L` symmetric); symmetric grid `[-step (L + e), step L]` (`e = 1`
+    for full-range codes, 0 for narrow ones), else
     `zp = round(-lo / step)` and `[-zp step, -zp step + step L]`. Backward: straight-through for both
     roundings and the clamp of `p`, LSQ's gradient scale on the clamps' gradients, torch's gradient of
     `clamp` elsewhere (passes at the bound itself).
@@ -228,7 +242,7 @@ class _TrainingGrid(torch.autograd.Function):
         if k.symmetric:
             ratio = hi_v / levels
             step = torch.clamp(ratio, min=MIN_STEP)
-            lo_grid, hi_grid = -step * levels, step * levels
+            lo_grid, hi_grid = -step * (levels + k.extra_negative), step * levels
             zero_point = lo_v = None
         else:
             assert lo is not None
@@ -247,7 +261,7 @@ class _TrainingGrid(torch.autograd.Function):
         bits_param, bits, levels, hi, lo, lo_v, ratio, step, zero_point = ctx.saved_tensors
         k: GridConstants = ctx.k
         if k.symmetric:
-            d_step = g_step + levels * (g_hi - g_lo)
+            d_step = g_step + (levels * (g_hi - g_lo) - k.extra_negative * g_lo)
             d_levels = step * (g_hi - g_lo)
             d_lo_v = None
         else:
@@ -298,7 +312,7 @@ class GridValues:
     what the int32 bias reads (`LearnableQuantizer.grid_values`: computed again only when a parameter's value
     changed)."""
 
-    constants: Tuple[float, float, bool]  # min_bits, span, symmetric of `GridConstants`
+    constants: Tuple[float, float, int]  # min_bits, span, code_range of `GridConstants`
     values: np.ndarray  # the bits parameter's, hi's and lo's values it was computed from (`fused_cpu.grid_rows`)
     bits: float  # the integer bits B
     levels: float  # L = 2^(B-1) - 1 (symmetric) or 2^B - 1
@@ -328,10 +342,10 @@ def grid_values(bits_param: Tensor, lo: Optional[Tensor], hi: Tensor, k: GridCon
     freeze use), by round_clamp.c's `fxq_grid_rows`; `previous` itself when the parameters still hold its values bit
     for bit (a comparison, not a version counter: fused optimizers and collectives write without bumping it);
     `scratch`: the buffers the comparison writes into (`fused_cpu.GridScratch`, kept by the quantizer)."""
-    constants = (k.min_bits, k.span, k.symmetric)
+    constants = (k.min_bits, k.span, k.code_range)
     if previous is not None and (previous.constants != constants or previous.arrays.shape[1] != hi.numel()):
         previous = None
-    found = fused_cpu.grid_rows(hi, lo, bits_param, k.min_bits, k.span, MIN_STEP, k.symmetric,
+    found = fused_cpu.grid_rows(hi, lo, bits_param, k.min_bits, k.span, MIN_STEP, k.code_range,
                                 None if previous is None else previous.values_address, scratch)
     if found is None:
         assert previous is not None
@@ -397,12 +411,12 @@ class _FusedRounding(torch.autograd.Function):
         grad_lo = torch.empty(lo.shape, dtype=lo.dtype) if ctx.needs_input_grad[2] else None
         grad_bits = torch.empty_like(bits_param) if ctx.needs_input_grad[1] else None
         grad_in, sums = fused_cpu.quantize_backward(
-            grad, x, g.address, g.rows, g.levels, MIN_STEP, k.symmetric, k.clamp_grad_scale, draws, grad_hi, grad_lo,
+            grad, x, g.address, g.rows, g.levels, MIN_STEP, k.code_range, k.clamp_grad_scale, draws, grad_hi, grad_lo,
             grad_bits, k.span, chain=not draws_signs,
         )
         if sums is not None:
             extra = dither_of_groups(grad_in, hi.shape, x).double().numpy().reshape(-1)
-            fused_cpu.grid_rows_backward(sums, None, extra, g.arrays, g.levels, MIN_STEP, k.symmetric,
+            fused_cpu.grid_rows_backward(sums, None, extra, g.arrays, g.levels, MIN_STEP, k.code_range,
                                          k.clamp_grad_scale, grad_hi, grad_lo, grad_bits, k.span)
         return grad_in, grad_bits, grad_lo, grad_hi if ctx.needs_input_grad[3] else None, None, None, None
 

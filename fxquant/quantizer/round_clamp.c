@@ -46,7 +46,7 @@ static inline float fxq_round_half_even(float u) {
     return copysignf(magnitude < 0x1p23f ? rounded : magnitude, u);
 }
 
-int fxq_abi_version(void) { return 10; }
+int fxq_abi_version(void) { return 11; }
 
 /* the clamped element (NaN stays NaN, as torch.clamp) */
 static inline float fxq_clamped(float v, float lo, float hi) {
@@ -169,20 +169,30 @@ void fxq_round_clamp_rows_backward(const float *grad, const float *x, float *gra
 static inline float fxq_maximum(float a, float b) { return (a >= b || isnan(a)) ? a : b; }
 static inline float fxq_minimum(float a, float b) { return (a <= b || isnan(a)) ? a : b; }
 
+/* The code range of a grid (`numerics.GridConstants.code_range`): an asymmetric grid with a zero point, or a symmetric
+ * one (zero point 0) with narrow codes -L..L or full-range codes -(L + 1)..L. */
+enum { FXQ_ASYMMETRIC = 0, FXQ_NARROW = 1, FXQ_FULL_RANGE = 2 };
+
+/* The codes a symmetric grid has below -L: 1 for full-range codes, else 0. */
+static inline float fxq_extra_negative(int code_range) { return code_range == FXQ_FULL_RANGE ? 1.0f : 0.0f; }
+
 enum { FXQ_LO_V, FXQ_RATIO, FXQ_STEP, FXQ_ZERO_POINT, FXQ_LO_GRID, FXQ_HI_GRID, FXQ_HI_FREE, FXQ_LO_FREE, FXQ_GRID_ROWS };
 
 /* The training grid of clamps hi (and lo; NULL when symmetric) per row, at the integer bits of the bits parameter
  * *p_value, as `numerics.grid_values` defines it: B = round(min_bits + span * clamp(p, 0, 1)) (Python's min/max: NaN
  * stays NaN), L = 2^(B-1) - 1 (symmetric) or 2^B - 1; lo_v = min(lo, 0) (0 symmetric), ratio = (max(hi, 0) - lo_v) / L,
- * step = max(ratio, min_step); symmetric: zero point 0, grid [-step L, step L]; else zp = round(-lo_v / step),
- * [-zp step, -zp step + step L]; hi_free = hi >= 0, lo_free = lo <= 0 (1 symmetric). grid holds FXQ_GRID_ROWS
+ * step = max(ratio, min_step); symmetric (FXQ_NARROW or FXQ_FULL_RANGE): zero point 0, grid [-step (L + e), step L]
+ * with e = 1 for full-range codes -(L + 1)..L and 0 for narrow ones -L..L; else (FXQ_ASYMMETRIC) zp = round(-lo_v /
+ * step), [-zp step, -zp step + step L]; hi_free = hi >= 0, lo_free = lo <= 0 (1 symmetric). grid holds FXQ_GRID_ROWS
  * arrays of `rows` floats in the enum's order; bits_levels receives B and L.
  * The parameters' values (p, then hi, then lo) are copied to `values` (1 + 2 rows floats); when `previous` (such a
  * copy from an earlier call, or NULL) holds the same bits, nothing else is written and 0 is returned (the grid of
  * that call still holds); else the grid is computed and 1 returned. */
 int fxq_grid_rows(const float *hi, const float *lo, int64_t rows, const float *p_value, float min_bits, float span,
-                  float min_step, int symmetric, const float *previous, float *values, float *grid,
+                  float min_step, int code_range, const float *previous, float *values, float *grid,
                   float *bits_levels) {
+    int symmetric = code_range != FXQ_ASYMMETRIC;
+    float below = fxq_extra_negative(code_range);
     values[0] = *p_value;
     memcpy(values + 1, hi, (size_t)rows * sizeof(float));
     if (symmetric) {
@@ -210,7 +220,7 @@ int fxq_grid_rows(const float *hi, const float *lo, int64_t rows, const float *p
         if (symmetric) {
             float span_grid = step * levels;
             zero_point = 0.0f;
-            lo_grid = -step * levels;
+            lo_grid = -step * (levels + below);
             hi_grid = span_grid;
         } else {
             float negated = -lo_v;
@@ -240,9 +250,11 @@ int fxq_grid_rows(const float *hi, const float *lo, int64_t rows, const float *p
  * d_bits (NULL when not wanted): the one bits parameter's gradient, ((d_levels (L + 1)) ln2) span in double, with
  * d_levels the gradient of L summed over the rows, which is returned. */
 double fxq_grid_rows_backward(const double *sums, const float *draws, const double *extra, const float *grid,
-                              int64_t rows, float levels_f, float min_step, int symmetric, double clamp_grad_scale,
+                              int64_t rows, float levels_f, float min_step, int code_range, double clamp_grad_scale,
                               float *d_hi, float *d_lo, float *d_bits, double ln2, double span) {
     double levels = (double)levels_f, d_levels_sum = 0.0;
+    int symmetric = code_range != FXQ_ASYMMETRIC;
+    double below = (double)fxq_extra_negative(code_range);
     for (int64_t r = 0; r < rows; ++r) {
         double g_lo = sums[4 * r], g_hi = sums[4 * r + 1], dot = sums[4 * r + 2], square = sums[4 * r + 3];
         double g_step = -dot;
@@ -256,8 +268,9 @@ double fxq_grid_rows_backward(const double *sums, const float *draws, const doub
         double step = (double)grid[FXQ_STEP * rows + r];
         double d_step, d_levels, d_lo_v;
         if (symmetric) {
+            /* hi_grid = step L, lo_grid = -step (L + e) */
             double difference = g_hi - g_lo;
-            double levels_part = levels * difference;
+            double levels_part = levels * difference - below * g_lo;
             d_step = g_step + levels_part;
             d_levels = step * difference;
             d_lo_v = 0.0;
@@ -337,7 +350,7 @@ void fxq_quantize_forward(const float *x, float *out, int64_t rows, int64_t row_
  * dither), which writes d_hi, d_lo and d_bits; without `chain` (a dither that draws every sign needs grad_in first)
  * the caller chains the sums. */
 void fxq_quantize_backward(const float *grad, const float *x, float *grad_in, int64_t rows, int64_t row_len,
-                           const float *grid, float levels, float min_step, int symmetric, double clamp_grad_scale,
+                           const float *grid, float levels, float min_step, int code_range, double clamp_grad_scale,
                            const float *draws, float *d_hi, float *d_lo, float *d_bits, double ln2, double span,
                            double *sums, int chain, int threads) {
     const float *step = grid + FXQ_STEP * rows, *lo = grid + FXQ_LO_GRID * rows, *hi = grid + FXQ_HI_GRID * rows;
@@ -347,7 +360,7 @@ void fxq_quantize_backward(const float *grad, const float *x, float *grad_in, in
         fxq_round_clamp_rows_backward(grad, x, grad_in, rows, row_len, step, lo, hi, sums, threads);
     }
     if (chain) {
-        fxq_grid_rows_backward(sums, draws, NULL, grid, rows, levels, min_step, symmetric, clamp_grad_scale, d_hi, d_lo,
+        fxq_grid_rows_backward(sums, draws, NULL, grid, rows, levels, min_step, code_range, clamp_grad_scale, d_hi, d_lo,
                                d_bits, ln2, span);
     }
 }
