@@ -342,8 +342,8 @@ def _check_activation_spec(where: str, spec: QuantSpec) -> None:
 def _check_weight_spec(where: str, spec: QuantSpec) -> None:
     if spec.min_bits < 2:
         raise ConfigError(
-            f"{where}.min_bits={spec.min_bits}: weights are symmetric signed with zero point 0, which needs "
-            "at least 2 bits (codes -1, 0, 1). Use min_bits >= 2 for weights."
+            f"{where}.min_bits={spec.min_bits}: weights are signed with zero point 0, which needs "
+            "at least 2 bits (codes -2..1, or -1, 0, 1 with narrow_range). Use min_bits >= 2 for weights."
         )
 
 

@@ -756,3 +756,68 @@ def test_the_dither_of_a_group_leaves_its_exact_zeros_out() -> None:
     draws = torch.stack([dither_of_groups(g, torch.Size([2, 1]), x) for _ in range(2000)])
     expected = torch.stack([(g[0, 2048:] ** 2).sum(), (g[1] ** 2).sum()]) / 12.0
     assert torch.allclose(draws.var(0).reshape(-1), expected, rtol=0.1)
+
+
+@pytest.mark.parametrize("narrow_range, lowest", [(False, -4), (True, -3)], ids=["full range", "narrow range"])
+def test_weight_codes_reach_one_code_below_minus_hi_unless_narrow(narrow_range: bool, lowest: int,
+                                                                  monkeypatch) -> None:  # noqa: ANN001
+    """Signed weights use all 2^B codes (3 bits: -4..3, one step beyond -hi) in training (the fused kernel and the
+    torch ops), eval and freeze alike; `narrow_range=True` keeps -3..3."""
+    from fxquant.quantizer import FrozenWeight, quantize_codes
+
+    w = torch.tensor([[-1.2, -1.0, 0.3, 1.0, 2.0]])
+    q = LearnableQuantizer(kind="weight", tensor_shape=(1, 5), bits=3, min_bits=2, max_bits=8, symmetric=True,
+                           narrow_range=narrow_range, granularity="per_channel", channel_axis=0, learn_bits=False)
+    q.init_from_tensor(w)
+    with torch.no_grad():
+        q.hi.fill_(1.0)  # step 1/3
+    g = q.integer_grid()
+    assert (float(g.qmin), float(g.qmax)) == (lowest, 3)
+    codes = quantize_codes(w, g.scale, g.zero_point, g.qmin, g.qmax)
+    assert codes.flatten().tolist() == [lowest, -3, 1, 3, 3]
+    expected = codes * g.scale
+    q.eval()
+    assert torch.equal(q(w), expected)
+    q.train()
+    from fxquant.quantizer import fused_cpu
+
+    try:
+        for kernel in ("1", "0"):  # the fused kernel's grid (where a compiler is found) and the torch ops'
+            monkeypatch.setenv("FXQ_FUSED_KERNELS", kernel)
+            fused_cpu.reset()
+            trained = q(w.clone().requires_grad_(True))
+            assert torch.allclose(trained, expected, rtol=0, atol=1e-6), kernel
+    finally:
+        monkeypatch.delenv("FXQ_FUSED_KERNELS")
+        fused_cpu.reset()
+    frozen = FrozenWeight(q, w)
+    assert frozen.codes.flatten().tolist() == [lowest, -3, 1, 3, 3] and torch.equal(frozen(), expected)
+    assert frozen.qparams().qmin == lowest
+
+
+def test_quantizers_saved_before_full_range_codes_load_with_narrow_codes() -> None:
+    """A weight quantizer pickled by an fxquant before full-range codes (no `narrow_range`) and a frozen weight's
+    state dict without `qmin` keep the narrow codes they were trained and frozen with."""
+    from fxquant.quantizer import FrozenWeight
+
+    w = torch.randn(4, 6)
+    q = LearnableQuantizer(kind="weight", tensor_shape=(4, 6), bits=4, min_bits=2, max_bits=8, symmetric=True,
+                           narrow_range=True, granularity="per_channel", channel_axis=0)
+    q.init_from_tensor(w)
+    state = q.__getstate__()
+    del state["narrow_range"]
+    old = LearnableQuantizer.__new__(LearnableQuantizer)
+    old.__setstate__(state)
+    assert old.narrow_range and torch.equal(old.integer_grid().qmin, -old.integer_grid().qmax)
+    frozen = FrozenWeight(q, w)
+    saved = frozen.state_dict()
+    del saved["qmin"]
+    full = FrozenWeight(LearnableQuantizer(kind="weight", tensor_shape=(4, 6), bits=4, min_bits=2, max_bits=8,
+                                           symmetric=True, granularity="per_channel", channel_axis=0), w)
+    full.load_state_dict(saved)
+    assert torch.equal(full.qmin, -full.qmax) and full.qparams().qmin == -7
+    pickled = dict(frozen.__getstate__())
+    pickled["_buffers"] = {k: v for k, v in pickled["_buffers"].items() if k != "qmin"}
+    unpickled = FrozenWeight.__new__(FrozenWeight)
+    unpickled.__setstate__(pickled)
+    assert unpickled.qparams().qmin == -7
