@@ -5,7 +5,8 @@ top-1, trained here and cached outside git). Every method fine-tunes it for the 
 the same seeded batches (batch 128), Adam lr 1e-3:
 
 - `lsq`: the independent plain LSQ of `plain_lsq.py` (BN kept, cross-entropy on the labels, cosine LR);
-  `lsq-narrow` the same with narrow-range signed weights (codes -(2^(b-1) - 1)..2^(b-1) - 1, as fxquant's);
+  `lsq-narrow` the same with narrow-range signed weights (codes -(2^(b-1) - 1)..2^(b-1) - 1, as fxquant's with
+  `QuantSpec(narrow_range=True)`, its variant `narrow_range=1`; both default to the full range);
 - `fxquant`: `prepare -> calibrate (2 batches = 256 images) -> finetune(teacher=float model)` with defaults:
   `learned` starts at 8 bits and descends to the target with the exterior penalty, `fixed` trains at the
   target bits from the start;
@@ -43,14 +44,14 @@ import fxquant as fxq  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "lowbit.jsonl")
 VARIANT_KEYS = ("mode", "quantize_joins", "quantize_outputs", "join_bits", "integer_bias", "calib_method", "lr",
                 "clamp_lr", "bits_lr", "penalty_growth", "warmup", "decay_start", "final_lr_ratio", "loss", "bits8",
-                "calib_batches", "reseed", "distill")
+                "calib_batches", "reseed", "distill", "narrow_range")
 SCHEDULE_KEYS = {"lr": "lr", "clamp_lr": "clamp_lr", "bits_lr": "bits_lr", "penalty_growth": "penalty_growth",
                  "warmup": "warmup", "decay_start": "decay_start", "final_lr_ratio": "final_lr_ratio"}
 
 
 def run_lsq(model: torch.nn.Module, bits: int, convention: str, seed: int, steps: int,
             weights_only: bool = False, narrow: bool = False) -> Dict[str, Any]:
-    """The plain LSQ; `narrow`: signed weight codes -(2^(b-1) - 1)..2^(b-1) - 1, as fxquant's (method `lsq-narrow`)."""
+    """The plain LSQ; `narrow`: signed weight codes -(2^(b-1) - 1)..2^(b-1) - 1 (method `lsq-narrow`)."""
     torch.manual_seed(seed)
     batches = finetune_batches(steps, 128, seed)
     qmodel = lsq_model(model, bits, None if weights_only else bits, first_last_bits=8 if convention == "fl8" else None,
@@ -71,7 +72,10 @@ def run_fxquant(model: torch.nn.Module, bits: int, convention: str, seed: int, s
         spec = fxq.QuantSpec(bits=8, min_bits=2, max_bits=8)
     else:
         spec = fxq.QuantSpec(bits=bits, min_bits=2, max_bits=8, learn_bits=False)
-    cfg_kwargs: Dict[str, Any] = {"weight": spec, "activation": None if weights_only else spec,
+    # narrow_range=1: the weights' codes -(2^(b-1) - 1)..2^(b-1) - 1 instead of the full range (the ablation of
+    # docs/decisions.md, "Full-range weight codes")
+    weight_spec = spec.replace(narrow_range=variant.get("narrow_range") == "1")
+    cfg_kwargs: Dict[str, Any] = {"weight": weight_spec, "activation": None if weights_only else spec,
                                   "first_last_bits": 8 if convention == "fl8" else None}
     for key in ("mode",):
         if key in variant:

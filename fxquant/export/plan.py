@@ -124,7 +124,7 @@ def can_saturate(
 
 
 UINT8_WEIGHT_ZERO_POINT = 128
-"""The zero point of 8-bit weights stored as UINT8 (`uint8_weights`): symmetric codes -127..127 -> 1..255."""
+"""The zero point of 8-bit weights stored as UINT8 (`uint8_weights`): signed codes -128..127 -> 0..255 (-127..127 -> 1..255 with `narrow_range`)."""
 
 
 def plan_quantizers(
