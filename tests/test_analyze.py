@@ -183,7 +183,7 @@ def test_override_that_matches_nothing_is_an_error_with_suggestions() -> None:
 def test_override_weight_spec_with_one_bit_is_refused() -> None:
     model, x = make("mlp")
     cfg = fxq.QuantConfig(overrides=[("fc2", fxq.QuantSpec(bits=1, min_bits=1))])
-    with pytest.raises(fxq.ConfigError, match=r"override for 'fc2'.min_bits=1: weights are symmetric"):
+    with pytest.raises(fxq.ConfigError, match=r"override for 'fc2'.min_bits=1: weights are signed"):
         fxq.prepare(model, x, cfg)
 
 

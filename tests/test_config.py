@@ -55,7 +55,7 @@ def test_config_errors_are_fxquant_errors() -> None:
             dict(activation=fxq.QuantSpec(granularity="per_channel")),
             r"activations are quantized per tensor",
         ),
-        (dict(weight=fxq.QuantSpec(bits=1, min_bits=1)), r"weights are symmetric signed .* at least 2 bits"),
+        (dict(weight=fxq.QuantSpec(bits=1, min_bits=1)), r"weights are signed .* at least 2 bits"),
     ],
 )
 def test_quant_config_rejects(kwargs: dict, message: str) -> None:
