@@ -461,6 +461,8 @@ class _Training:
             if result.converged_step is None and run.target is not None:
                 result.converged_step = step
                 self.lr_factor.start_decay(step)
+                if run.schedule.floor and run.penalty == "exterior":
+                    run.bits.fill_average_budget()  # a size-weighted average target: spend what rounding left
         elif finite:
             self.selector.window.clear()
         if finite and step % run.eval_every == 0:

@@ -115,7 +115,9 @@ class Schedule:
         loss_momentum: momentum of the running mean of the base loss that normalises the penalty.
         bits_beta1: Adam `beta1` of the bits group (0: no momentum to carry bits past the hinge).
         floor: with per-kind targets, keep continuous bits at or above `target - 0.25` so the rounded bits
-            land exactly on the target instead of undershooting it.
+            land exactly on the target instead of undershooting it; with a size-weighted average weight target,
+            once it is met raise layers into what the rounding left below it and hold that allocation
+            (`LearnedBits.fill_average_budget`).
         betas: Adam betas of the weights and clamps groups.
     """
 
@@ -173,6 +175,8 @@ class LearnedBits:
         params = {id(p): p for n, p in module.named_parameters() if not is_quantizer_path(n)}
         self.float_numel = max(sum(p.numel() for p in params.values()) - quantized, 0)
         self._bit_bounds_cache: Dict[Tuple[Any, ...], Tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        # the weight quantizers' integer bits held by `fill_average_budget` (None: not filled)
+        self.held: Optional[List[Tuple[LearnableQuantizer, float]]] = None
         # whether every bits parameter is a plain tensor on one device: then all are read at once
         bits_params = [q.bits_param for q in self.all_quantizers]
         self._one_device = len({p.device for p in bits_params}) <= 1 and not any(is_dtensor(p) for p in bits_params)
@@ -339,11 +343,50 @@ class LearnedBits:
         return True
 
     @torch.no_grad()
+    def fill_average_budget(self) -> List[LearnableQuantizer]:
+        """Once a size-weighted average weight target is met, spend what the rounding left of it, then hold the
+        allocation; returns the quantizers raised.
+
+        The exterior penalty drives the continuous average to the target, but each layer rounds on its own, so the
+        integer average lands below it (2.80-2.86 bits for a target of 3 on the benchmark's ResNet). Layers are raised
+        one bit each, those whose continuous bits are closest to rounding up first, while the integer average stays
+        within the target; then every one-bit-width weight quantizer is held within `FLOOR_MARGIN` of its integer
+        bits (`apply_floor`), so the allocation that met the target is the one trained for the rest of the budget.
+        Per-group bit-widths (`per_group_bits`) are neither raised nor held. The decisions read only the bits
+        parameters, which are the same on every rank, so every rank makes them alike. Nothing happens without a
+        size-weighted average target or once filled.
+        """
+        t = self.target
+        if t is None or t.weight is None or not t.weight_average or not self.learn_weights or self.held is not None:
+            return []
+        found = self.integer_bits_by_quantizer()
+        numel = sum(q.group_numel() * q.bits_param.numel() for q in self.learn_weights)
+        budget = t.weight * numel - sum(sum(found[id(q)]) * q.group_numel() for q in self.learn_weights)
+        single = [q for q in self.learn_weights if q.bits_param.numel() == 1]
+        bits = {id(q): found[id(q)][0] for q in single}
+        rounding_up = {id(q): float(q.bits().detach().reshape(-1)[0]) - bits[id(q)] for q in single}
+        raised: List[LearnableQuantizer] = []
+        for q in sorted(single, key=lambda q: rounding_up[id(q)], reverse=True):
+            if bits[id(q)] + 1 <= q.max_bits and q.group_numel() <= budget + 1e-6 * numel:
+                bits[id(q)] += 1
+                budget -= q.group_numel()
+                q.set_bits(bits[id(q)])
+                raised.append(q)
+        self.held = [(q, bits[id(q)]) for q in single]
+        return raised
+
+    @torch.no_grad()
     def apply_floor(self) -> None:
-        """Keep continuous bits at or above `target - 0.25` (per-kind targets only)."""
+        """Keep continuous bits at or above `target - 0.25` (per-kind targets), and within 0.25 of the bits
+        `fill_average_budget` holds (a size-weighted average target, once met)."""
         t = self.target
         if t is None:
             return
+        for q, held in self.held or ():
+            span = q.max_bits - q.min_bits
+            if span > 0:
+                q.bits_param.clamp_(min=(held - FLOOR_MARGIN - q.min_bits) / span,
+                                    max=(held + FLOOR_MARGIN - q.min_bits) / span)
         pairs: List[Tuple[List[LearnableQuantizer], Optional[float]]] = [(self.learn_activations, t.activation)]
         if not t.weight_average:
             pairs.append((self.learn_weights, t.weight))

@@ -22,7 +22,7 @@ from fxquant.finetune import FinetuneWarning
 from fxquant.losses import distillation_loss, exterior_hinge, jeffreys_divergence
 from fxquant.objectives import BitTarget, Schedule
 from fxquant.optimization import default_optimizer
-from fxquant.quantizer import iter_learnable
+from fxquant.quantizer import LearnableQuantizer, iter_learnable
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -133,9 +133,41 @@ def test_weight_average_target_gives_mixed_precision_at_or_below_target() -> Non
     result = fxq.finetune(qm, batches, teacher=model, steps=120,
                           target_bits=BitTarget(weight=3.5, weight_average=True), progress=False)
     assert result.met_target
-    assert result.bits_after["avg_learnable_weight_bits"] <= 3.5
+    average = result.bits_after["avg_learnable_weight_bits"]
+    assert average <= 3.5
     assert result.bits_after["avg_activation_bits"] == 8.0  # not constrained
     assert "W avg 3.5" in str(result)
+    # what the rounding left below the target was spent: no layer below 8 bits fits one more bit in it
+    weights = [q for _, q in iter_learnable(qm) if q.kind == "weight" and q.learn_bits]
+    total = sum(q.numel() for q in weights)
+    for q in weights:
+        if float(q.integer_bits()) < q.max_bits:
+            assert average * total + q.numel() > 3.5 * total + 1e-6
+
+
+def test_a_met_average_target_is_filled_to_its_budget_and_held() -> None:
+    """Once a size-weighted average target is met, the layers closest to rounding up are raised one bit each while
+    the integer average stays within the target; then every layer is held within 0.25 bits of its bits."""
+    from fxquant.objectives import LearnedBits
+
+    holder = torch.nn.Module()
+    for name, numel, bits in (("a", 10, 2.4), ("b", 20, 3.3), ("c", 40, 2.1)):
+        q = LearnableQuantizer(kind="weight", tensor_shape=(numel,), bits=8, min_bits=2, max_bits=8, symmetric=True)
+        q.set_bits(bits)
+        setattr(holder, name, q)
+    learned = LearnedBits(holder, BitTarget(weight=2.6, weight_average=True))
+    assert learned.stats()["avg_weight_bits"] == pytest.approx(160 / 70) and learned.met()
+    # budget 2.6 * 70 - 160 = 22 bits: `a` (closest to rounding up) takes 10, `b` (20) no longer fits, nor `c` (40)
+    assert learned.fill_average_budget() == [holder.a]
+    assert [float(q.integer_bits()) for q in (holder.a, holder.b, holder.c)] == [3.0, 3.0, 2.0]
+    assert learned.met() and learned.fill_average_budget() == []  # once only
+    with torch.no_grad():
+        holder.b.bits_param.fill_(1.0)
+        holder.c.bits_param.fill_(-0.5)
+    learned.apply_floor()
+    assert float(holder.b.bits().detach()) == pytest.approx(3.25) and float(holder.c.bits().detach()) == 2.0  # 1.75 < min
+    per_kind = LearnedBits(holder, BitTarget(weight=3))
+    assert per_kind.fill_average_budget() == [] and per_kind.held is None
 
 
 def test_first_last_fixed_bits_are_reported_but_not_constrained() -> None:
