@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -157,6 +158,7 @@ def _differences(module: nn.Module, state_dict: Mapping[str, Any], strict: bool,
                 {k: v for k, v in dict(info.get("config", {})).items() if k not in ESTIMATOR_FIELDS}
                 for info in (theirs, here)
             )
+            saved_cfg = {k: _with_narrow_range(v) for k, v in saved_cfg.items()}
             for name in list(dict.fromkeys(list(saved_cfg) + list(here_cfg))):
                 d = _diff(f"config.{name}", saved_cfg.get(name, "(absent)"), here_cfg.get(name, "(absent)"))
                 if d:
@@ -164,7 +166,8 @@ def _differences(module: nn.Module, state_dict: Mapping[str, Any], strict: bool,
     own = {k: v for k, v in module.state_dict().items() if k != INFO_KEY}
     given = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix) and k[len(prefix):] != INFO_KEY}
     if strict:
-        missing = [k for k in own if k not in given]
+        # a frozen weight saved before full-range codes has no `qmin` (its codes were -qmax..qmax: `FrozenWeight`)
+        missing = [k for k in own if k not in given and not (k.endswith(".qmin") and k[:-5] + ".qmax" in given)]
         unexpected = [k for k in given if k not in own]
         if missing:
             diffs.append(f"{len(missing)} key(s) of this module missing from the checkpoint: {_first(missing)}")
@@ -178,6 +181,14 @@ def _differences(module: nn.Module, state_dict: Mapping[str, Any], strict: bool,
     if shapes:
         diffs.append(f"{len(shapes)} shape mismatch(es): {'; '.join(shapes[:_SHOWN])}{' ...' if len(shapes) > _SHOWN else ''}")
     return diffs
+
+
+def _with_narrow_range(value: Any) -> Any:  # noqa: ANN401 - a saved config field, usually a string
+    """A saved config field as this fxquant writes it: a `QuantSpec` saved before `narrow_range` existed had narrow
+    weight codes, which is `narrow_range=True` now."""
+    if not isinstance(value, str) or "QuantSpec(" not in value or "narrow_range=" in value:
+        return value
+    return re.sub(r"(per_group_bits=(?:True|False))\)", r"\1, narrow_range=True)", value)
 
 
 def _first(keys: List[str]) -> str:

@@ -395,6 +395,8 @@ class _Training:
         self.result.nonfinite_steps.append(step)
         self.bad_in_a_row += 1
         run.inner.load_state_dict(self.good_state)
+        for q in self.quantizers:
+            q.forget_trained_bits()  # the restored clamps are fit for the restored bits: no rescale from the lost ones
         self.opt.load_state_dict(copied(self.good_opt))
         self.opt.zero_grad(set_to_none=True)
         warnings.warn(
@@ -461,8 +463,9 @@ class _Training:
             if result.converged_step is None and run.target is not None:
                 result.converged_step = step
                 self.lr_factor.start_decay(step)
-                if run.schedule.floor and run.penalty == "exterior":
-                    run.bits.fill_average_budget()  # a size-weighted average target: spend what rounding left
+                if run.schedule.floor and run.penalty == "exterior" and run.bits.fill_average_budget():
+                    # a size-weighted average target spent what rounding left: the losses so far are of other bits
+                    self.selector.window.clear()
         elif finite:
             self.selector.window.clear()
         if finite and step % run.eval_every == 0:

@@ -367,7 +367,8 @@ class LearnedBits:
         rounding_up = {id(q): float(q.bits().detach().reshape(-1)[0]) - bits[id(q)] for q in single}
         raised: List[LearnableQuantizer] = []
         for q in sorted(single, key=lambda q: rounding_up[id(q)], reverse=True):
-            if bits[id(q)] + 1 <= q.max_bits and q.group_numel() <= budget + 1e-6 * numel:
+            # the average after the raise must pass `met`'s own test (`<= target + 1e-9`)
+            if bits[id(q)] + 1 <= q.max_bits and q.group_numel() <= budget + 1e-9 * numel:
                 bits[id(q)] += 1
                 budget -= q.group_numel()
                 q.set_bits(bits[id(q)])

@@ -175,8 +175,8 @@ SATURATION_NOTE = (
 
 
 def _has_signed_8bit_weights(model: onnx.ModelProto, base_dir: str = "") -> bool:
-    """Whether the ONNX file has INT8 tensors that u8s8 kernels can overflow with: INT8 weight codes of more
-    than 7 bits (|code| >= 64) read by a DequantizeLinear, or an INT8 QuantizeLinear (a weight quantized in
+    """Whether the ONNX file has INT8 tensors that u8s8 kernels can overflow with: INT8 weight codes beyond 7-bit
+    ones (|code| > 64: 2 x 255 x 64 = 32640 still fits int16, 2 x 255 x 65 does not) read by a DequantizeLinear, or an INT8 QuantizeLinear (a weight quantized in
     the graph). fxquant's default export on a CPU whose kernels saturate has none (`uint8_weights`).
     `base_dir`: the folder of the file, where codes stored as external data are read one tensor at a time."""
     inits = {i.name: i for i in model.graph.initializer}
@@ -184,7 +184,7 @@ def _has_signed_8bit_weights(model: onnx.ModelProto, base_dir: str = "") -> bool
     for node in model.graph.node:
         if node.op_type == "DequantizeLinear" and node.input[0] in inits and inits[node.input[0]].data_type == int8:
             codes = onnx.numpy_helper.to_array(inits[node.input[0]], base_dir=base_dir)
-            if codes.size and int(np.abs(codes.astype(np.int16)).max()) >= 64:
+            if codes.size and int(np.abs(codes.astype(np.int16)).max()) > 64:
                 return True
         if node.op_type == "QuantizeLinear" and len(node.input) > 2 and node.input[2] in inits:
             if inits[node.input[2]].data_type == int8:

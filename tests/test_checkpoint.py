@@ -164,3 +164,29 @@ def test_other_capture_is_refused() -> None:
     other = fxq.prepare(model, x, capture="export")
     with pytest.raises(fxq.CheckpointError, match="capture front end: symbolic_trace in the checkpoint, export here"):
         fxq.load_state_dict(other, qm.state_dict())
+
+
+def test_a_frozen_checkpoint_from_before_full_range_codes_loads_as_narrow(tmp_path: Path) -> None:
+    """A frozen checkpoint saved before weights had full-range codes (no `qmin` buffers, `QuantSpec` without
+    `narrow_range`) loads into a module made with `narrow_range=True`, which is what it was trained with, and is
+    refused by a default (full-range) one with the difference named."""
+    model, x = make("mlp")
+    narrow = fxq.QuantConfig(weight=fxq.QuantSpec(bits=4, narrow_range=True), first_last_bits=None)
+
+    def frozen_of(config: fxq.QuantConfig) -> torch.fx.GraphModule:
+        qm = fxq.prepare(model, x, config)
+        fxq.calibrate(qm, [x])
+        return fxq.freeze(qm)
+
+    saved = frozen_of(narrow)
+    old = {k: v for k, v in _save_load(saved.state_dict(), tmp_path / "old.pt").items() if not k.endswith("_weight.qmin")}
+    info = old["fxq_checkpoint._extra_state"]
+    info["config"] = {k: v.replace(", narrow_range=True", "") for k, v in info["config"].items()}
+    assert any("QuantSpec(" in v for v in info["config"].values())
+    fresh = frozen_of(narrow)
+    fresh.load_state_dict(old)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), saved(x))
+    assert all(torch.equal(m.qmin, -m.qmax) for m in fresh.modules() if isinstance(m, fxq.FrozenWeight))
+    with pytest.raises(fxq.CheckpointError, match="narrow_range"):
+        frozen_of(fxq.QuantConfig(weight=fxq.QuantSpec(bits=4), first_last_bits=None)).load_state_dict(old)

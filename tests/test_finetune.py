@@ -170,6 +170,20 @@ def test_a_met_average_target_is_filled_to_its_budget_and_held() -> None:
     assert per_kind.fill_average_budget() == [] and per_kind.held is None
 
 
+def test_the_fill_never_breaks_a_met_target_by_rounding() -> None:
+    """A raise that would put the integer average a hair above the target (2 bits short of a million-element layer)
+    is not made: the fill keeps `met`'s own tolerance."""
+    from fxquant.objectives import LearnedBits
+
+    holder = torch.nn.Module()
+    for name, numel, bits in (("a", 1_000_000, 2.45), ("b", 1_000_000, 2.3), ("c", 1_000_002, 4.0)):
+        q = LearnableQuantizer(kind="weight", tensor_shape=(numel,), bits=8, min_bits=2, max_bits=8, symmetric=True)
+        q.set_bits(bits)
+        setattr(holder, name, q)
+    learned = LearnedBits(holder, BitTarget(weight=3, weight_average=True))
+    assert learned.met() and learned.fill_average_budget() == [] and learned.met()
+
+
 def test_first_last_fixed_bits_are_reported_but_not_constrained() -> None:
     model, qm, batches = _prepared(first_last_bits=8)
     result = fxq.finetune(qm, batches, teacher=model, steps=60, target_bits=4, progress=False)

@@ -821,3 +821,22 @@ def test_quantizers_saved_before_full_range_codes_load_with_narrow_codes() -> No
     unpickled = FrozenWeight.__new__(FrozenWeight)
     unpickled.__setstate__(pickled)
     assert unpickled.qparams().qmin == -7
+
+
+def test_forgotten_trained_bits_are_not_followed() -> None:
+    """After `forget_trained_bits` (a rollback restored clamps fit for the bits they were saved at), `follow_bits_`
+    starts from the current bits instead of rescaling the clamps from the forgotten ones."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    q = LearnableQuantizer(kind="weight", tensor_shape=(4, 16), bits=8, min_bits=2, max_bits=8, symmetric=True,
+                           granularity="per_channel", channel_axis=0)
+    q.init_from_tensor(x)
+    q.follow_bits_(x)  # remembers 8 bits
+    q.set_bits(3)
+    hi = q.hi.detach().clone()
+    q.forget_trained_bits()
+    q.follow_bits_(x)
+    assert torch.equal(q.hi.detach(), hi) and bool((q.trained_bits == 3).all())
+    q.set_bits(2)
+    q.follow_bits_(x)  # a later change is followed again
+    assert not torch.equal(q.hi.detach(), hi)

@@ -433,6 +433,13 @@ class LearnableQuantizer(Quantizer):
         return float(integer_bits_number(self.bits_param, self.min_bits, self.max_bits - self.min_bits))
 
     @torch.no_grad()
+    def forget_trained_bits(self) -> None:
+        """Forget the bits of the last training step, so `follow_bits_` starts again from the current ones (after the
+        clamps were restored from a state saved at other bits)."""
+        self.trained_bits.fill_(-1.0)
+        self.trained_bits_number = None
+
+    @torch.no_grad()
     def follow_bits_(self, x: Tensor) -> None:
         """When the integer bits changed since the last training step, move the clamps with them.
 
