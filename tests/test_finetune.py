@@ -145,16 +145,22 @@ def test_weight_average_target_gives_mixed_precision_at_or_below_target() -> Non
             assert average * total + q.numel() > 3.5 * total + 1e-6
 
 
+def _weights_at_bits(layers: Tuple[Tuple[str, int, float], ...]) -> nn.Module:
+    """A module holding per-tensor weight quantizers `(name, elements, continuous bits)`."""
+    holder = nn.Module()
+    for name, numel, bits in layers:
+        q = LearnableQuantizer(kind="weight", tensor_shape=(numel,), bits=8, min_bits=2, max_bits=8, symmetric=True)
+        q.set_bits(bits)
+        setattr(holder, name, q)
+    return holder
+
+
 def test_a_met_average_target_is_filled_to_its_budget_and_held() -> None:
     """Once a size-weighted average target is met, the layers closest to rounding up are raised one bit each while
     the integer average stays within the target; then every layer is held within 0.25 bits of its bits."""
     from fxquant.objectives import LearnedBits
 
-    holder = torch.nn.Module()
-    for name, numel, bits in (("a", 10, 2.4), ("b", 20, 3.3), ("c", 40, 2.1)):
-        q = LearnableQuantizer(kind="weight", tensor_shape=(numel,), bits=8, min_bits=2, max_bits=8, symmetric=True)
-        q.set_bits(bits)
-        setattr(holder, name, q)
+    holder = _weights_at_bits((("a", 10, 2.4), ("b", 20, 3.3), ("c", 40, 2.1)))
     learned = LearnedBits(holder, BitTarget(weight=2.6, weight_average=True))
     assert learned.stats()["avg_weight_bits"] == pytest.approx(160 / 70) and learned.met()
     # budget 2.6 * 70 - 160 = 22 bits: `a` (closest to rounding up) takes 10, `b` (20) no longer fits, nor `c` (40)
@@ -175,11 +181,7 @@ def test_the_fill_never_breaks_a_met_target_by_rounding() -> None:
     is not made: the fill keeps `met`'s own tolerance."""
     from fxquant.objectives import LearnedBits
 
-    holder = torch.nn.Module()
-    for name, numel, bits in (("a", 1_000_000, 2.45), ("b", 1_000_000, 2.3), ("c", 1_000_002, 4.0)):
-        q = LearnableQuantizer(kind="weight", tensor_shape=(numel,), bits=8, min_bits=2, max_bits=8, symmetric=True)
-        q.set_bits(bits)
-        setattr(holder, name, q)
+    holder = _weights_at_bits((("a", 1_000_000, 2.45), ("b", 1_000_000, 2.3), ("c", 1_000_002, 4.0)))
     learned = LearnedBits(holder, BitTarget(weight=3, weight_average=True))
     assert learned.met() and learned.fill_average_budget() == [] and learned.met()
 
