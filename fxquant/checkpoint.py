@@ -30,6 +30,7 @@ from torch import fx, nn
 from fxquant.config import EstimatorChoice, QuantConfig
 from fxquant.errors import CheckpointError
 from fxquant.graph import is_quantizer_path, module_state
+from fxquant.quantizer import FrozenWeight
 
 INFO_ATTR = "fxq_checkpoint"
 INFO_KEY = f"{INFO_ATTR}._extra_state"
@@ -166,8 +167,7 @@ def _differences(module: nn.Module, state_dict: Mapping[str, Any], strict: bool,
     own = {k: v for k, v in module.state_dict().items() if k != INFO_KEY}
     given = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix) and k[len(prefix):] != INFO_KEY}
     if strict:
-        # a frozen weight saved before full-range codes has no `qmin` (its codes were -qmax..qmax: `FrozenWeight`)
-        missing = [k for k in own if k not in given and not (k.endswith(".qmin") and k[:-5] + ".qmax" in given)]
+        missing = [k for k in own if k not in given and not _narrow_frozen_weight_qmin(module, k, given)]
         unexpected = [k for k in given if k not in own]
         if missing:
             diffs.append(f"{len(missing)} key(s) of this module missing from the checkpoint: {_first(missing)}")
@@ -181,6 +181,13 @@ def _differences(module: nn.Module, state_dict: Mapping[str, Any], strict: bool,
     if shapes:
         diffs.append(f"{len(shapes)} shape mismatch(es): {'; '.join(shapes[:_SHOWN])}{' ...' if len(shapes) > _SHOWN else ''}")
     return diffs
+
+
+def _narrow_frozen_weight_qmin(module: nn.Module, key: str, given: Mapping[str, Any]) -> bool:
+    """Whether `key` is the `qmin` of a `FrozenWeight` that a checkpoint from before full-range codes lacks: it has
+    the `qmax`, and its codes were -qmax..qmax (`FrozenWeight` loads it so)."""
+    owner, _, name = key.rpartition(".")
+    return name == "qmin" and owner + ".qmax" in given and isinstance(module.get_submodule(owner), FrozenWeight)
 
 
 def _with_narrow_range(value: Any) -> Any:  # noqa: ANN401 - a saved config field, usually a string

@@ -258,6 +258,11 @@ class LearnableQuantizer(Quantizer):
         """Whether the grid is symmetric with full-range codes: one more code below zero than above."""
         return self.symmetric and not self.narrow_range
 
+    @property
+    def extra_negative(self) -> float:
+        """The codes a symmetric grid has below `-L`: 1 with full-range codes, else 0 (`GridConstants.extra_negative`)."""
+        return 1.0 if self.full_range else 0.0
+
     def _levels(self, bits: Tensor) -> Tensor:
         """Number of steps between the clamps: `2^b - 1`, or `2^(b-1) - 1` on each side if symmetric."""
         if self.symmetric:
@@ -279,7 +284,7 @@ class LearnableQuantizer(Quantizer):
         levels = self._levels(bits)
         scale = self._step_of(lo, hi, levels)
         if self.symmetric:
-            qmin, zero_point = -levels - (1.0 if self.full_range else 0.0), torch.zeros_like(scale)
+            qmin, zero_point = -levels - self.extra_negative, torch.zeros_like(scale)
         else:
             qmin = torch.zeros_like(levels)
             zero_point = torch.minimum(torch.clamp(torch.round(-lo / scale), 0.0, None), levels.expand_as(scale))
@@ -567,7 +572,7 @@ class LearnableQuantizer(Quantizer):
             lo, hi = self.clamp_bounds()
             step = self._step_of(lo, hi, levels)
             if self.symmetric:
-                lo_grid, hi_grid = -step * (levels + (1.0 if self.full_range else 0.0)), step * levels
+                lo_grid, hi_grid = -step * (levels + self.extra_negative), step * levels
             else:
                 # the zero point lives on the integer grid in training too (straight-through rounding)
                 zero_point = round_ste(-lo / step)
